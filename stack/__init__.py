@@ -1,0 +1,1 @@
+"""Host-side logic of the stack scripts (standard library only)."""

@@ -1,0 +1,46 @@
+# shellcheck shell=bash
+# Shared by the stack scripts: strict mode, an error trap that names the
+# failing file:line and command, logging, and the Compose command line.
+
+set -Eeuo pipefail
+
+STACK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export STACK_ROOT
+
+on_error() {
+	local code=$? file="${BASH_SOURCE[1]:-?}" line="${BASH_LINENO[0]:-?}"
+	echo "error: ${file#"$STACK_ROOT"/}:$line: '$BASH_COMMAND' exited with $code" >&2
+	exit "$code"
+}
+trap on_error ERR
+
+log() { printf '==> %s\n' "$*" >&2; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+require_python() {
+	command -v python3 >/dev/null 2>&1 || die "python3 (3.9 or later) is needed to run this script: install it (e.g. apt-get install python3)"
+	python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "python3 is older than 3.9: install a newer one"
+}
+
+# stack_py ARGS: the Python side of the scripts (stack/).
+stack_py() { (cd "$STACK_ROOT" && python3 -m stack "$@"); }
+
+env_file() { echo "${STACK_ENV_FILE:-$STACK_ROOT/.env}"; }
+
+# compose ARGS: docker compose on this stack, whatever the current directory.
+compose() {
+	docker compose --project-directory "$STACK_ROOT" -f "$STACK_ROOT/docker-compose.yml" \
+		--env-file "$(env_file)" -p "${COMPOSE_PROJECT_NAME:-mlflow-stack}" "$@"
+}
+
+# confirm PROMPT: yes when ASSUME_YES=1; refuses without a terminal to ask on.
+confirm() {
+	[ "${ASSUME_YES:-0}" = 1 ] && return 0
+	if [ ! -t 0 ]; then
+		die "$1: no terminal to confirm on; re-run with --yes"
+	fi
+	local answer
+	read -r -p "$1 [y/N] " answer
+	[[ "$answer" =~ ^[Yy]([Ee][Ss])?$ ]]
+}

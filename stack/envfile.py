@@ -1,0 +1,206 @@
+"""The stack's .env: create it from .env.example, complete it, check it.
+
+Rules: an existing .env is never overwritten or reordered. Keys that a newer
+.env.example added are appended (secrets generated), and nothing else is
+touched, so re-running changes nothing once the file is complete. The file is
+private (mode 600). Values are never printed, except where the user asks for
+the client settings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GENERATED = "<generated>"
+SECRET_KEYS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD")
+MIN_SECRET_LENGTH = 16
+VARIANTS = {"pip": "Dockerfile", "conda": "Dockerfile-conda"}
+_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PG_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class EnvError(Exception):
+    """.env is missing, malformed or has bad values; the message says how to fix it."""
+
+
+def parse(text: str, source: str = ".env") -> dict[str, str]:
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _LINE.match(raw)
+        if not match:
+            raise EnvError(f"{source}:{number}: not a KEY=value line: {line[:40]!r}")
+        key, value = match.group(1), match.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key in values:
+            raise EnvError(f"{source}:{number}: {key} is set twice; keep one")
+        values[key] = value
+    return values
+
+
+def new_secret() -> str:
+    # URL-safe, so it can sit in a database URI or an S3 key unquoted.
+    return secrets.token_urlsafe(24)
+
+
+@dataclass
+class Plan:
+    """What ensure() would do, so --dry-run can show it without doing it."""
+
+    create: bool = False
+    added: list[str] = field(default_factory=list)
+    variant_change: tuple[str, str] | None = None
+    text: str = ""
+
+    @property
+    def changes(self) -> bool:
+        return self.create or bool(self.added) or self.variant_change is not None
+
+
+def plan(env_path: Path, example_path: Path, variant: str | None = None) -> Plan:
+    example_text = example_path.read_text()
+    example = parse(example_text, example_path.name)
+    result = Plan()
+    if not env_path.exists():
+        result.create = True
+        lines = []
+        for raw in example_text.splitlines():
+            match = _LINE.match(raw)
+            if match and match.group(2).strip() == GENERATED:
+                raw = f"{match.group(1)}={new_secret()}"
+            lines.append(raw)
+        text = "\n".join(lines) + "\n"
+    else:
+        text = env_path.read_text()
+        current = parse(text, str(env_path))
+        missing = [k for k in example if k not in current]
+        if missing:
+            result.added = missing
+            extra = ["", "# Added by ./stack_deploy.sh from a newer .env.example"]
+            for key in missing:
+                value = example[key]
+                extra.append(f"{key}={new_secret() if value == GENERATED else value}")
+            text = text.rstrip("\n") + "\n" + "\n".join(extra) + "\n"
+    if variant is not None:
+        if variant not in VARIANTS:
+            raise EnvError(f"--variant {variant}: use one of {', '.join(VARIANTS)}")
+        values = parse(text)
+        old = values.get("MLFLOW_VARIANT", "pip")
+        if old != variant:
+            result.variant_change = (old, variant)
+            text = re.sub(r"(?m)^MLFLOW_VARIANT=.*$", f"MLFLOW_VARIANT={variant}", text)
+    result.text = text
+    return result
+
+
+def write_private(path: Path, text: str) -> None:
+    """Atomic write with mode 600 from the first byte."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".env.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def ensure(env_path: Path, example_path: Path, variant: str | None = None) -> Plan:
+    result = plan(env_path, example_path, variant)
+    if result.changes:
+        write_private(env_path, result.text)
+    elif env_path.exists() and env_path.stat().st_mode & 0o077:
+        os.chmod(env_path, 0o600)
+    return result
+
+
+def _port(values: dict[str, str], key: str, errors: list[str]) -> int | None:
+    raw = values.get(key, "")
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        errors.append(f"{key}={raw!r}: use a port number between 1 and 65535")
+        return None
+    return int(raw)
+
+
+def validate(values: dict[str, str], example: dict[str, str]) -> list[str]:
+    """Every problem with .env, each with what to do; empty when all is well."""
+    errors: list[str] = []
+    for key in example:
+        if key not in values:
+            errors.append(f"{key} is missing: run ./stack_deploy.sh to add it, or copy it from .env.example")
+        elif values[key] == "":
+            errors.append(f"{key} is empty: set it (see .env.example)")
+    if errors:
+        return errors
+    for key in SECRET_KEYS:
+        value = values[key]
+        if value == GENERATED:
+            errors.append(f"{key} is still {GENERATED}: delete the line and run ./stack_deploy.sh to generate it")
+        elif len(value) < MIN_SECRET_LENGTH:
+            errors.append(f"{key} is shorter than {MIN_SECRET_LENGTH} characters: use a longer one")
+    if len(values["MINIO_ROOT_USER"]) < 3:
+        errors.append("MINIO_ROOT_USER must have at least 3 characters")
+    for key in ("POSTGRES_USER", "POSTGRES_DB"):
+        if not _PG_NAME.match(values[key]):
+            errors.append(f"{key}={values[key]!r}: use lower-case letters, digits and _ (start with a letter)")
+    if not _BUCKET.match(values["MLFLOW_BUCKET"]):
+        errors.append(f"MLFLOW_BUCKET={values['MLFLOW_BUCKET']!r}: use 3-63 lower-case letters, digits, '.' or '-'")
+    http, s3 = _port(values, "HTTP_PORT", errors), _port(values, "S3_PORT", errors)
+    if http is not None and http == s3:
+        errors.append("HTTP_PORT and S3_PORT are the same: give the S3 API its own port")
+    host = values["MLFLOW_PUBLIC_HOST"]
+    if not _valid_host(host):
+        errors.append(f"MLFLOW_PUBLIC_HOST={host!r}: use a host name (mlflow.example.com) or an IP address, without scheme or port")
+    try:
+        ipaddress.ip_address(values["BIND_ADDRESS"])
+    except ValueError:
+        errors.append(f"BIND_ADDRESS={values['BIND_ADDRESS']!r}: use an IP address (0.0.0.0 or 127.0.0.1)")
+    if values["MLFLOW_VARIANT"] not in VARIANTS:
+        errors.append(f"MLFLOW_VARIANT={values['MLFLOW_VARIANT']!r}: use pip or conda")
+    if values["MLFLOW_ARTIFACTS_MODE"] not in ("proxied", "direct"):
+        errors.append(f"MLFLOW_ARTIFACTS_MODE={values['MLFLOW_ARTIFACTS_MODE']!r}: use proxied or direct")
+    workers = values["MLFLOW_WORKERS"]
+    if not workers.isdigit() or not 1 <= int(workers) <= 64:
+        errors.append(f"MLFLOW_WORKERS={workers!r}: use a whole number from 1 to 64")
+    if values["MLFLOW_ENABLE_JOBS"] not in ("true", "false"):
+        errors.append(f"MLFLOW_ENABLE_JOBS={values['MLFLOW_ENABLE_JOBS']!r}: use true or false")
+    return errors
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return bool(_HOSTNAME.match(host))
+
+
+def effective(values: dict[str, str], environ=None) -> dict[str, str]:
+    """What Compose will use: a variable set in the shell wins over .env."""
+    environ = os.environ if environ is None else environ
+    return {key: environ.get(key, value) for key, value in values.items()}
+
+
+def load_checked(env_path: Path, example_path: Path) -> dict[str, str]:
+    if not env_path.exists():
+        raise EnvError(f"{env_path} does not exist: run ./stack_deploy.sh to create it")
+    values = effective(parse(env_path.read_text(), str(env_path)))
+    errors = validate(values, parse(example_path.read_text(), example_path.name))
+    if errors:
+        raise EnvError(f"{env_path} has problems:\n  - " + "\n  - ".join(errors))
+    return values

@@ -1,0 +1,126 @@
+"""What ./show_all.sh prints: the stack's state, as a person wants to read it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from . import paths
+
+_BUCKET_STATS = """
+import boto3, os
+from botocore.config import Config
+def secret(name):
+    return open(os.environ[name + "_FILE"]).read().strip()
+s3 = boto3.client("s3", endpoint_url=os.environ["S3_INTERNAL_ENDPOINT"],
+                  aws_access_key_id=secret("AWS_ACCESS_KEY_ID"),
+                  aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY"),
+                  region_name="us-east-1", config=Config(s3={"addressing_style": "path"}))
+count = size = 0
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=os.environ["MLFLOW_BUCKET"]):
+    for obj in page.get("Contents", []):
+        count += 1
+        size += obj["Size"]
+print(count, size)
+"""
+
+_COUNTS_SQL = ("SELECT (SELECT count(*) FROM experiments WHERE lifecycle_stage = 'active'), "
+               "(SELECT count(*) FROM runs WHERE lifecycle_stage = 'active'), "
+               "(SELECT count(*) FROM registered_models)")
+
+
+def _run(cmd: list[str], stdin: str | None = None, timeout: int = 60) -> tuple[int, str]:
+    try:
+        result = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                                timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return 124, ""
+    return result.returncode, result.stdout.strip()
+
+
+def _json_lines(text: str) -> list[dict]:
+    items: list[dict] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            parsed = json.loads(line)
+            items.extend(parsed if isinstance(parsed, list) else [parsed])
+    return items
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def services() -> list[dict]:
+    code, out = _run([*paths.compose_cmd(), "ps", "-a", "--format", "json"])
+    return _json_lines(out) if code == 0 else []
+
+
+def volumes(project: str) -> list[tuple[str, str]]:
+    code, out = _run(["docker", "system", "df", "-v", "--format", "{{json .Volumes}}"], timeout=120)
+    if code != 0 or not out:
+        return []
+    rows = []
+    for vol in json.loads(out):
+        if f"com.docker.compose.project={project}," in vol.get("Labels", "") + ",":
+            rows.append((vol["Name"], vol.get("Size", "?")))
+    return sorted(rows)
+
+
+def report(values: dict[str, str]) -> str:
+    project = paths.project_name()
+    compose = paths.compose_cmd()
+    lines = [f"MLflow stack '{project}' ({paths.env_path()})", ""]
+
+    svc = services()
+    running = {s["Service"] for s in svc if s.get("State") == "running"}
+    lines.append("Services:")
+    if not svc:
+        lines.append("  none: the stack is not deployed (run ./stack_deploy.sh)")
+    for s in sorted(svc, key=lambda s: s["Service"]):
+        state = s.get("State", "?")
+        if state == "exited":
+            state = f"exited ({s.get('ExitCode', '?')})"
+        health = s.get("Health") or "-"
+        lines.append(f"  {s['Service']:<12} {state:<12} health={health:<10} {s.get('Image', '')}")
+
+    host = values["MLFLOW_PUBLIC_HOST"]
+    lines += ["", "Published URLs:",
+              f"  MLflow UI/API  http://{host}:{values['HTTP_PORT']}  (bound to {values['BIND_ADDRESS']})",
+              f"  S3 API         http://{host}:{values['S3_PORT']}  (bucket {values['MLFLOW_BUCKET']})"]
+
+    lines += ["", "Volumes:"]
+    vols = volumes(project)
+    lines += [f"  {name:<40} {size}" for name, size in vols] or ["  none"]
+
+    lines += ["", "MLflow:"]
+    if "mlflow" in running:
+        code, out = _run([*compose, "exec", "-T", "mlflow", "python3", "-c",
+                          "import mlflow; print(mlflow.__version__)"])
+        lines.append(f"  version        {out if code == 0 else 'unknown'}")
+    else:
+        lines.append("  version        (server not running)")
+    if "db" in running:
+        code, out = _run([*compose, "exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"],
+                          "-d", values["POSTGRES_DB"], "-Atc", _COUNTS_SQL])
+        if code == 0 and out.count("|") == 2:
+            exps, runs, models = out.split("|")
+            lines.append(f"  experiments    {exps} active")
+            lines.append(f"  runs           {runs} active")
+            lines.append(f"  models         {models} registered")
+        else:
+            lines.append("  counts         unavailable (schema not created yet?)")
+    if "mlflow" in running:
+        code, out = _run([*compose, "exec", "-T", "mlflow", "python3", "-"], stdin=_BUCKET_STATS,
+                         timeout=300)
+        if code == 0 and len(out.split()) == 2:
+            count, size = out.split()
+            lines.append(f"  bucket         {count} objects, {human_bytes(int(size))}")
+        else:
+            lines.append("  bucket         unavailable")
+    return "\n".join(lines) + "\n"

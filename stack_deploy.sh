@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Deploys the MLflow stack (or re-deploys it: a re-run changes nothing).
+# Steps: .env -> preflight -> build -> start and wait until healthy -> client settings.
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
+
+usage() {
+	cat <<'USAGE'
+Usage: ./stack_deploy.sh [--variant pip|conda] [--yes] [--dry-run] [--help]
+
+Deploys the MLflow stack with Docker Compose and prints the settings clients
+need (as export lines).
+
+  --variant pip|conda  MLflow image variant; remembered in .env (default: pip)
+  --yes                do not ask for confirmation (e.g. switching variant on a
+                       running stack)
+  --dry-run            check everything and show what would be done; change nothing
+  --help               this text
+
+Environment: STACK_ENV_FILE (default ./.env), COMPOSE_PROJECT_NAME
+(default mlflow-stack), BUILD_CA_CERT (a CA certificate for image builds
+behind a TLS-intercepting proxy), DEPLOY_TIMEOUT (seconds, default 900),
+and any image override such as POSTGRES_IMAGE (see README).
+USAGE
+}
+
+VARIANT="" DRY_RUN=0 ASSUME_YES=0
+while [ $# -gt 0 ]; do
+	case "$1" in
+		--variant) [ $# -ge 2 ] || die "--variant needs a value: pip or conda"; VARIANT="$2"; shift 2 ;;
+		--variant=*) VARIANT="${1#*=}"; shift ;;
+		--yes|-y) ASSUME_YES=1; shift ;;
+		--dry-run) DRY_RUN=1; shift ;;
+		--help|-h) usage; exit 0 ;;
+		*) usage >&2; die "unknown option: $1" ;;
+	esac
+done
+case "$VARIANT" in ""|pip|conda) ;; *) die "--variant $VARIANT: use pip or conda" ;; esac
+export ASSUME_YES
+
+require_python
+
+step_env() {
+	log "Settings ($(env_file))"
+	local args=()
+	[ -n "$VARIANT" ] && args+=(--variant "$VARIANT")
+	[ "$DRY_RUN" = 1 ] && args+=(--dry-run)
+	if [ -n "$VARIANT" ] && [ "$DRY_RUN" = 0 ] && [ -f "$(env_file)" ]; then
+		local current
+		current="$(sed -n 's/^MLFLOW_VARIANT=//p' "$(env_file)")"
+		if [ -n "$current" ] && [ "$current" != "$VARIANT" ] && [ -n "$(compose ps -q mlflow 2>/dev/null)" ]; then
+			confirm "Switch the running server from the $current to the $VARIANT image?" || die "left as it is"
+		fi
+	fi
+	stack_py env "${args[@]}"
+}
+
+step_preflight() {
+	log "Preflight checks"
+	local args=()
+	[ "$DRY_RUN" = 1 ] && args+=(--dry-run)
+	stack_py preflight "${args[@]}"
+}
+
+step_build() {
+	if [ -n "${BUILD_CA_CERT:-}" ]; then
+		[ -r "$BUILD_CA_CERT" ] || die "BUILD_CA_CERT=$BUILD_CA_CERT cannot be read"
+		if ! cmp -s "$BUILD_CA_CERT" "$STACK_ROOT/mlflow/certs/build-ca.crt"; then
+			cp "$BUILD_CA_CERT" "$STACK_ROOT/mlflow/certs/build-ca.crt"
+		fi
+	fi
+	log "Building the MLflow image ($MLFLOW_DOCKERFILE; cached layers are reused)"
+	compose build mlflow
+}
+
+step_up() {
+	log "Starting services and waiting until all are healthy (up to ${DEPLOY_TIMEOUT:-900} s)"
+	if ! compose up -d --remove-orphans --wait --wait-timeout "${DEPLOY_TIMEOUT:-900}"; then
+		echo >&2
+		compose ps -a >&2 || true
+		echo >&2 "--- last log lines of each service ---"
+		compose logs --no-color --tail 30 >&2 || true
+		die "the stack did not become healthy; the logs above say why. Fix it and run ./stack_deploy.sh again (data volumes are kept)"
+	fi
+}
+
+step_client_env() {
+	log "Deployed. Clients connect with:"
+	stack_py client-env
+}
+
+main() {
+	step_env
+	step_preflight
+	eval "$(stack_py compose-env)"
+	if [ "$DRY_RUN" = 1 ]; then
+		[ -f "$(env_file)" ] && compose config --quiet
+		log "Dry run: would build mlflow-stack/mlflow ($MLFLOW_DOCKERFILE), then 'docker compose up -d --wait'; nothing was changed"
+		return 0
+	fi
+	step_build
+	step_up
+	step_client_env
+}
+
+main

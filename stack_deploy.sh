@@ -92,12 +92,16 @@ step_client_env() {
 main() {
 	step_env
 	step_preflight
-	eval "$(stack_py compose-env)"
 	if [ "$DRY_RUN" = 1 ]; then
-		[ -f "$(env_file)" ] && compose config --quiet
-		log "Dry run: would build mlflow-stack/mlflow ($MLFLOW_DOCKERFILE), then 'docker compose up -d --wait'; nothing was changed"
+		if [ -f "$(env_file)" ]; then
+			compose config --quiet
+		fi
+		log "Dry run: would build the MLflow image, then 'docker compose up -d --wait'; nothing was changed"
 		return 0
 	fi
+	local exports
+	exports="$(stack_py compose-env)"
+	eval "$exports"
 	step_build
 	step_up
 	step_client_env

@@ -23,8 +23,11 @@ require_python() {
 	python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "python3 is older than 3.9: install a newer one"
 }
 
-# stack_py ARGS: the Python side of the scripts (stack/).
-stack_py() { (cd "$STACK_ROOT" && python3 -m stack "$@"); }
+# stack_py ARGS: the Python side of the scripts (stack/). Its errors already
+# say what to do, so a failure exits with its status and no trap noise.
+stack_py() {
+	PYTHONPATH="$STACK_ROOT${PYTHONPATH:+:$PYTHONPATH}" python3 -m stack "$@" || exit $?
+}
 
 env_file() { echo "${STACK_ENV_FILE:-$STACK_ROOT/.env}"; }
 

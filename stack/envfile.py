@@ -145,40 +145,41 @@ def validate(values: dict[str, str], example: dict[str, str]) -> list[str]:
             errors.append(f"{key} is missing: run ./stack_deploy.sh to add it, or copy it from .env.example")
         elif values[key] == "":
             errors.append(f"{key} is empty: set it (see .env.example)")
-    if errors:
-        return errors
+    # Each check below runs only when its keys are there, so one run lists everything.
+    v = {k: val for k, val in values.items() if val != ""}
     for key in SECRET_KEYS:
-        value = values[key]
-        if value == GENERATED:
+        if key not in v:
+            continue
+        if v[key] == GENERATED:
             errors.append(f"{key} is still {GENERATED}: delete the line and run ./stack_deploy.sh to generate it")
-        elif len(value) < MIN_SECRET_LENGTH:
+        elif len(v[key]) < MIN_SECRET_LENGTH:
             errors.append(f"{key} is shorter than {MIN_SECRET_LENGTH} characters: use a longer one")
-    if len(values["MINIO_ROOT_USER"]) < 3:
+    if "MINIO_ROOT_USER" in v and len(v["MINIO_ROOT_USER"]) < 3:
         errors.append("MINIO_ROOT_USER must have at least 3 characters")
     for key in ("POSTGRES_USER", "POSTGRES_DB"):
-        if not _PG_NAME.match(values[key]):
-            errors.append(f"{key}={values[key]!r}: use lower-case letters, digits and _ (start with a letter)")
-    if not _BUCKET.match(values["MLFLOW_BUCKET"]):
-        errors.append(f"MLFLOW_BUCKET={values['MLFLOW_BUCKET']!r}: use 3-63 lower-case letters, digits, '.' or '-'")
-    http, s3 = _port(values, "HTTP_PORT", errors), _port(values, "S3_PORT", errors)
-    if http is not None and http == s3:
+        if key in v and not _PG_NAME.match(v[key]):
+            errors.append(f"{key}={v[key]!r}: use lower-case letters, digits and _ (start with a letter)")
+    if "MLFLOW_BUCKET" in v and not _BUCKET.match(v["MLFLOW_BUCKET"]):
+        errors.append(f"MLFLOW_BUCKET={v['MLFLOW_BUCKET']!r}: use 3-63 lower-case letters, digits, '.' or '-'")
+    ports = [_port(v, key, errors) if key in v else None for key in ("HTTP_PORT", "S3_PORT")]
+    if ports[0] is not None and ports[0] == ports[1]:
         errors.append("HTTP_PORT and S3_PORT are the same: give the S3 API its own port")
-    host = values["MLFLOW_PUBLIC_HOST"]
-    if not _valid_host(host):
-        errors.append(f"MLFLOW_PUBLIC_HOST={host!r}: use a host name (mlflow.example.com) or an IP address, without scheme or port")
-    try:
-        ipaddress.ip_address(values["BIND_ADDRESS"])
-    except ValueError:
-        errors.append(f"BIND_ADDRESS={values['BIND_ADDRESS']!r}: use an IP address (0.0.0.0 or 127.0.0.1)")
-    if values["MLFLOW_VARIANT"] not in VARIANTS:
-        errors.append(f"MLFLOW_VARIANT={values['MLFLOW_VARIANT']!r}: use pip or conda")
-    if values["MLFLOW_ARTIFACTS_MODE"] not in ("proxied", "direct"):
-        errors.append(f"MLFLOW_ARTIFACTS_MODE={values['MLFLOW_ARTIFACTS_MODE']!r}: use proxied or direct")
-    workers = values["MLFLOW_WORKERS"]
-    if not workers.isdigit() or not 1 <= int(workers) <= 64:
+    if "MLFLOW_PUBLIC_HOST" in v and not _valid_host(v["MLFLOW_PUBLIC_HOST"]):
+        errors.append(f"MLFLOW_PUBLIC_HOST={v['MLFLOW_PUBLIC_HOST']!r}: use a host name (mlflow.example.com) "
+                      "or an IP address, without scheme or port")
+    if "BIND_ADDRESS" in v:
+        try:
+            ipaddress.ip_address(v["BIND_ADDRESS"])
+        except ValueError:
+            errors.append(f"BIND_ADDRESS={v['BIND_ADDRESS']!r}: use an IP address (0.0.0.0 or 127.0.0.1)")
+    choices = {"MLFLOW_VARIANT": ("pip", "conda"), "MLFLOW_ARTIFACTS_MODE": ("proxied", "direct"),
+               "MLFLOW_ENABLE_JOBS": ("true", "false")}
+    for key, allowed in choices.items():
+        if key in v and v[key] not in allowed:
+            errors.append(f"{key}={v[key]!r}: use {' or '.join(allowed)}")
+    workers = v.get("MLFLOW_WORKERS")
+    if workers is not None and (not workers.isdigit() or not 1 <= int(workers) <= 64):
         errors.append(f"MLFLOW_WORKERS={workers!r}: use a whole number from 1 to 64")
-    if values["MLFLOW_ENABLE_JOBS"] not in ("true", "false"):
-        errors.append(f"MLFLOW_ENABLE_JOBS={values['MLFLOW_ENABLE_JOBS']!r}: use true or false")
     return errors
 
 

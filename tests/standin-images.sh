@@ -13,7 +13,7 @@ trap 'echo "standin-images.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STANDINS="$ROOT/tests/standins"
 CACHE="${STANDIN_CACHE:-$ROOT/.cache/standins}"
-# shellcheck source=tests/standins/versions.env
+# shellcheck source=standins/versions.env
 . "$STANDINS/versions.env"
 
 log() { echo "standin: $*" >&2; }

@@ -7,6 +7,8 @@ suffix="${NGINX_ENVSUBST_TEMPLATE_SUFFIX:-.template}"
 output_dir="${NGINX_ENVSUBST_OUTPUT_DIR:-/etc/nginx/conf.d}"
 filter="${NGINX_ENVSUBST_FILTER:-}"
 [ -d "$template_dir" ] || exit 0
+# Word splitting and the literal ${...} are the point: one ${NAME} per variable.
+# shellcheck disable=SC2016,SC2046
 defined_envs=$(printf '${%s} ' $(awk "END { for (name in ENVIRON) { print ( name ~ /${filter}/ ) ? name : \"\" } }" < /dev/null))
 find "$template_dir" -follow -type f -name "*$suffix" -print | while read -r template; do
 	relative_path="${template#"$template_dir/"}"

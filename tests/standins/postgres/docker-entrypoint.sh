@@ -51,6 +51,7 @@ init_database() {
 	fi
 	local f
 	for f in /docker-entrypoint-initdb.d/*; do
+		# shellcheck disable=SC1090 # init scripts are the user's
 		case "$f" in
 			*.sh) echo "running $f"; . "$f" ;;
 			*.sql) echo "running $f"; psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" -f "$f" ;;
@@ -69,7 +70,7 @@ main() {
 		mkdir -p "$PGDATA"
 		chown postgres:postgres "$PGDATA"
 		chmod 700 "$PGDATA"
-		exec setpriv --reuid=postgres --regid=postgres --init-groups "$BASH_SOURCE" "$@"
+		exec setpriv --reuid=postgres --regid=postgres --init-groups "${BASH_SOURCE[0]}" "$@"
 	fi
 	if [ "$1" = postgres ]; then
 		setup_env

@@ -1,0 +1,184 @@
+"""The end-to-end fixture: the shipped stack, deployed for real by its own script.
+
+A separate Compose project name, ports on 127.0.0.1 only, stand-ins for the
+images that cannot be pulled (tests/standin-images.sh), and on the way out the
+logs (when anything failed) and `./stack_remove.sh --purge --yes` always.
+Docker is required: without it these tests fail, they are never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from stack import envfile, paths
+
+ROOT = paths.ROOT
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+_failures: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        _failures.append(item.nodeid)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            values[key] = shlex.split(value)[0] if value else ""
+    return values
+
+
+@dataclass
+class Stack:
+    environ: dict[str, str]
+    workdir: Path
+    client_env: dict[str, str] = field(default_factory=dict)
+    deploy_output: str = ""
+
+    @property
+    def env_file(self) -> Path:
+        return Path(self.environ["STACK_ENV_FILE"])
+
+    @property
+    def project(self) -> str:
+        return self.environ["COMPOSE_PROJECT_NAME"]
+
+    def values(self) -> dict[str, str]:
+        return envfile.effective(envfile.parse(self.env_file.read_text()), self.environ)
+
+    def script(self, name: str, *args: str, check: bool = True, timeout: int = 1500,
+               extra: dict | None = None) -> subprocess.CompletedProcess:
+        started = time.monotonic()
+        result = subprocess.run([str(ROOT / name), *args], capture_output=True, text=True,
+                                env={**self.environ, **(extra or {})}, stdin=subprocess.DEVNULL,
+                                timeout=timeout, check=False)
+        print(f"{name} {' '.join(args)}: exit {result.returncode} in {time.monotonic() - started:.0f} s")
+        if check and result.returncode != 0:
+            raise AssertionError(f"{name} {' '.join(args)} exited {result.returncode}\n"
+                                 f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr[-8000:]}")
+        return result
+
+    def deploy(self, extra: dict | None = None) -> subprocess.CompletedProcess:
+        result = self.script("stack_deploy.sh", "--yes", extra=extra)
+        self.client_env = parse_exports(result.stdout)
+        self.deploy_output = result.stdout + result.stderr
+        return result
+
+    def compose(self, *args: str, check: bool = True, stdin: str | None = None,
+                timeout: int = 300) -> subprocess.CompletedProcess:
+        cmd = [*_compose_base(self), *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=self.environ,
+                                input=stdin, timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)}: {result.stderr[-4000:]}")
+        return result
+
+    def psql(self, sql: str) -> str:
+        values = self.values()
+        return self.compose("exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",
+                            values["POSTGRES_DB"], "-Atc", sql).stdout.strip()
+
+    def client(self, *args: str, extra: dict | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
+        """The remote client, in its own process, with only the printed settings."""
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("MLFLOW_", "AWS_", "STACK_", "COMPOSE_"))}
+        environ = {**base, **self.client_env, "MLFLOW_DISABLE_TELEMETRY": "true", **(extra or {})}
+        result = subprocess.run([sys.executable, str(Path(__file__).parent / "remote_client.py"), *args],
+                                capture_output=True, text=True, env=environ, timeout=timeout,
+                                check=False, cwd=self.workdir)
+        if result.returncode != 0:
+            raise AssertionError(f"remote client {args[0]} failed:\n{result.stdout}\n{result.stderr[-6000:]}")
+        return result
+
+    def container_ids(self) -> dict[str, str]:
+        out = self.compose("ps", "-a", "--format", "json").stdout
+        rows = []
+        for line in out.splitlines():
+            if line.strip():
+                parsed = json.loads(line)
+                rows.extend(parsed if isinstance(parsed, list) else [parsed])
+        return {r["Service"]: r["ID"] for r in rows}
+
+
+def _compose_base(stack: Stack) -> list[str]:
+    return ["docker", "compose", "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
+            "--env-file", str(stack.env_file), "-p", stack.project]
+
+
+def _require_docker() -> None:
+    if shutil.which("docker") is None:
+        pytest.fail("docker is not installed: the end-to-end suite needs a Docker engine "
+                    "(.ci/run installs one)", pytrace=False)
+    info = subprocess.run(["docker", "info"], capture_output=True, text=True, check=False)
+    if info.returncode != 0:
+        pytest.fail(f"the Docker engine is not reachable: {info.stderr.strip()[-300:]}", pytrace=False)
+    compose = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
+    if compose.returncode != 0:
+        pytest.fail("docker compose is not available (tests/run.sh links the pinned one)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def standins() -> dict[str, str]:
+    _require_docker()
+    started = time.monotonic()
+    result = subprocess.run([str(ROOT / "tests" / "standin-images.sh")], capture_output=True,
+                            text=True, timeout=1800, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"building stand-in images failed:\n{result.stderr[-6000:]}", pytrace=False)
+    images = parse_exports(result.stdout)
+    print(f"stand-ins ready in {time.monotonic() - started:.0f} s: {images}")
+    (ROOT / ".cache").mkdir(exist_ok=True)
+    # The README states which images the last run used as stand-ins.
+    (ROOT / ".cache" / "last-e2e-standins.txt").write_text(result.stderr)
+    return images
+
+
+@pytest.fixture(scope="session")
+def stack(standins, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("stack")
+    environ = {
+        **os.environ,
+        **standins,
+        "STACK_ENV_FILE": str(workdir / ".env"),
+        "COMPOSE_PROJECT_NAME": f"mlflowe2e{uuid.uuid4().hex[:8]}",
+        "BIND_ADDRESS": "127.0.0.1",
+        "HTTP_PORT": str(free_port()),
+        "S3_PORT": str(free_port()),
+        "MLFLOW_PUBLIC_HOST": "localhost",
+    }
+    if "BUILD_CA_CERT" not in environ and HOST_CA.exists():
+        environ["BUILD_CA_CERT"] = str(HOST_CA)
+    the_stack = Stack(environ=environ, workdir=workdir)
+    try:
+        the_stack.deploy()
+        yield the_stack
+    finally:
+        if _failures or sys.exc_info()[0] is not None:
+            ps = the_stack.compose("ps", "-a", check=False).stdout
+            logs = the_stack.compose("logs", "--no-color", "--tail", "80", check=False).stdout
+            sys.__stderr__.write(f"\n=== compose ps ===\n{ps}\n=== compose logs ===\n{logs}\n")
+        the_stack.script("stack_remove.sh", "--purge", "--yes", check=False)

@@ -1,0 +1,211 @@
+"""End to end: the deployed stack, used from outside as a remote team would.
+
+The tests run in file order and build on each other (one deployment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+
+import boto3
+import pytest
+from botocore.config import Config
+
+LONG_RUNNING = ("db", "minio", "mlflow", "nginx")
+MiB = 1 << 20
+
+
+def s3_client(stack):
+    """Straight to the bucket through nginx's S3 port, not through MLflow."""
+    values = stack.values()
+    return boto3.client(
+        "s3", endpoint_url=f"http://localhost:{values['S3_PORT']}",
+        aws_access_key_id=values["MINIO_ROOT_USER"], aws_secret_access_key=values["MINIO_ROOT_PASSWORD"],
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                      response_checksum_validation="when_required"))
+
+
+def object_sha256(client, bucket, key) -> str:
+    digest = hashlib.sha256()
+    body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    for chunk in iter(lambda: body.read(MiB), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inspect(stack, service):
+    cid = stack.container_ids()[service]
+    return json.loads(subprocess.run(["docker", "inspect", cid], capture_output=True, text=True,
+                                     check=True).stdout)[0]
+
+
+@pytest.fixture(scope="module")
+def logged(stack):
+    """One remote client process logs a run; its description drives the checks."""
+    out = stack.workdir / "run.json"
+    stack.client("write", str(out))
+    return json.loads(out.read_text())
+
+
+def test_deploy_printed_client_settings(stack):
+    values = stack.values()
+    assert stack.client_env == {"MLFLOW_TRACKING_URI": f"http://localhost:{values['HTTP_PORT']}"}
+    assert "Deployed." in stack.deploy_output
+
+
+def test_every_service_is_healthy(stack):
+    out = stack.compose("ps", "-a", "--format", "json").stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    states = {r["Service"]: (r["State"], r.get("Health"), r.get("ExitCode")) for r in rows}
+    for service in LONG_RUNNING:
+        assert states[service][:2] == ("running", "healthy"), states
+    for job in ("migrate", "bucket-init"):
+        assert states[job][0] == "exited" and states[job][2] == 0, states
+
+
+def test_only_nginx_publishes_and_only_on_loopback(stack):
+    for service in LONG_RUNNING:
+        bindings = inspect(stack, service)["HostConfig"]["PortBindings"] or {}
+        if service == "nginx":
+            assert bindings, "nginx publishes nothing"
+            for ports in bindings.values():
+                assert all(p["HostIp"] == "127.0.0.1" for p in ports), bindings
+        else:
+            assert not bindings, f"{service} publishes {bindings}"
+
+
+def test_database_and_object_store_are_on_an_internal_network_only(stack):
+    for service in ("db", "minio"):
+        networks = inspect(stack, service)["NetworkSettings"]["Networks"]
+        assert list(networks) == [f"{stack.project}_backend"], networks
+    net = json.loads(subprocess.run(["docker", "network", "inspect", f"{stack.project}_backend"],
+                                    capture_output=True, text=True, check=True).stdout)[0]
+    assert net["Internal"] is True
+
+
+def test_health_endpoints(stack):
+    import urllib.request
+
+    port = stack.values()["HTTP_PORT"]
+    with urllib.request.urlopen(f"http://localhost:{port}/health", timeout=10) as r:
+        assert r.status == 200 and r.read().strip() == b"OK"
+    with urllib.request.urlopen(f"http://localhost:{port}/nginx-health", timeout=10) as r:
+        assert r.status == 200
+
+
+def test_remote_client_rows_are_in_postgresql(stack, logged):
+    run_id = logged["run_id"]
+    assert stack.psql(f"SELECT count(*) FROM metrics WHERE run_uuid = '{run_id}' AND key = 'loss'") \
+        == str(len(logged["losses"]))
+    rows = stack.psql(f"SELECT key, value FROM params WHERE run_uuid = '{run_id}' ORDER BY key")
+    assert dict(line.split("|") for line in rows.splitlines()) == logged["params"]
+    last = stack.psql(f"SELECT value, step FROM latest_metrics WHERE run_uuid = '{run_id}' AND key = 'loss'")
+    assert last == f"{logged['losses'][-1]}|{len(logged['losses']) - 1}"
+    assert stack.psql(f"SELECT status FROM runs WHERE run_uuid = '{run_id}'") == "FINISHED"
+    assert stack.psql("SELECT count(*) FROM logged_models") == "1"
+
+
+def test_remote_client_artifacts_are_objects_in_the_bucket(stack, logged):
+    values = stack.values()
+    bucket = values["MLFLOW_BUCKET"]
+    prefix = f"artifacts/{logged['experiment_id']}/{logged['run_id']}/artifacts/"
+    client = s3_client(stack)
+    objects = {o["Key"][len(prefix):]: o["Size"]
+               for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+    assert objects.get("data/blob.bin") == logged["blob_bytes"] == 50 * MiB
+    for path, digest in logged["artifacts"].items():
+        assert object_sha256(client, bucket, prefix + path) == digest
+    models = client.list_objects_v2(Bucket=bucket, Prefix=f"artifacts/{logged['experiment_id']}/models/")
+    assert any(o["Key"].endswith("MLmodel") for o in models.get("Contents", []))
+
+
+def test_a_second_client_process_reads_everything_back(stack, logged):
+    result = stack.client("read", str(stack.workdir / "run.json"))
+    assert "sha256 match" in result.stdout
+
+
+def test_downloads_used_presigned_urls_through_nginx_s3_port(stack, logged):
+    logs = stack.compose("logs", "--no-color", "nginx").stdout
+    bucket = stack.values()["MLFLOW_BUCKET"]
+    key = f"/{bucket}/artifacts/{logged['experiment_id']}/{logged['run_id']}/artifacts/data/blob.bin"
+    assert re.search(rf'\ss3 "GET {re.escape(key)}" 20[06]', logs), "no presigned GET reached the S3 port"
+    assert "X-Amz-Signature" not in logs, "presigned signatures must not be logged"
+
+
+def test_secrets_are_not_in_inspect_top_or_logs(stack, logged):
+    values = stack.values()
+    secrets = [values["POSTGRES_PASSWORD"], values["MINIO_ROOT_PASSWORD"]]
+    ids = list(stack.container_ids().values())
+    inspected = subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True, check=True).stdout
+    logs = stack.compose("logs", "--no-color").stdout
+    tops = "".join(subprocess.run(["docker", "top", i, "-eo", "pid,args"], capture_output=True, text=True,
+                                  check=False).stdout for i in ids)
+    for secret in secrets:
+        assert secret not in inspected
+        assert secret not in logs
+        assert secret not in tops
+
+
+def test_redeploy_of_a_running_stack_changes_nothing(stack, logged):
+    before_ids = stack.container_ids()
+    started = {s: inspect(stack, s)["State"]["StartedAt"] for s in LONG_RUNNING}
+    env_before = stack.env_file.read_bytes()
+    runs_before = stack.psql("SELECT count(*) FROM runs")
+    stack.deploy()
+    assert stack.env_file.read_bytes() == env_before
+    after_ids = stack.container_ids()
+    for service in LONG_RUNNING:
+        assert after_ids[service] == before_ids[service], f"{service} was recreated"
+        assert inspect(stack, service)["State"]["StartedAt"] == started[service], f"{service} restarted"
+    assert stack.psql("SELECT count(*) FROM runs") == runs_before
+
+
+def test_remove_and_deploy_again_keeps_everything(stack, logged):
+    stack.script("stack_remove.sh")
+    assert stack.container_ids() == {}
+    volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter",
+                              f"label=com.docker.compose.project={stack.project}"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert len(volumes) == 2, volumes
+    stack.deploy()
+    stack.client("read", str(stack.workdir / "run.json"))
+
+
+def test_show_all_reports_state_counts_and_client_env(stack, logged):
+    out = stack.script("show_all.sh").stdout
+    for service in LONG_RUNNING:
+        assert re.search(rf"^\s+{service}\s+running\s+health=healthy", out, re.M), out
+    assert re.search(r"experiments\s+2 active", out), out  # Default + the e2e experiment
+    assert re.search(r"runs\s+1 active", out), out
+    assert re.search(r"bucket\s+\d+ objects, 50\.\d MiB", out), out
+    assert re.search(r"version\s+3\.\d+\.\d+", out), out
+    env = stack.script("show_all.sh", "--client-env").stdout
+    assert env.strip() == f"export MLFLOW_TRACKING_URI=http://localhost:{stack.values()['HTTP_PORT']}"
+
+
+def test_a_1_gib_artifact_round_trips_without_413_or_504(stack):
+    out = stack.workdir / "big.json"
+    stack.client("write", str(out), "--blob-mib", "1024", extra={"E2E_EXPERIMENT": "e2e-big"})
+    stack.client("read", str(out))
+    logs = stack.compose("logs", "--no-color", "nginx").stdout
+    assert not re.search(r'" (413|502|504) ', logs)
+
+
+def test_direct_mode_clients_write_to_s3_themselves(stack):
+    stack.deploy(extra={"MLFLOW_ARTIFACTS_MODE": "direct"})
+    try:
+        env = stack.client_env
+        assert env["MLFLOW_S3_ENDPOINT_URL"] == f"http://localhost:{stack.values()['S3_PORT']}"
+        assert env["AWS_SECRET_ACCESS_KEY"] == stack.values()["MINIO_ROOT_PASSWORD"]
+        out = stack.workdir / "direct.json"
+        stack.client("write", str(out), "--blob-mib", "5", extra={"E2E_EXPERIMENT": "e2e-direct"})
+        logged = json.loads(out.read_text())
+        assert logged["artifact_uri"].startswith(f"s3://{stack.values()['MLFLOW_BUCKET']}/artifacts/")
+        stack.client("read", str(out))
+    finally:
+        stack.deploy()
+    assert "MLFLOW_S3_ENDPOINT_URL" not in stack.client_env

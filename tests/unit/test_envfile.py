@@ -1,0 +1,152 @@
+"""The .env rules: generated secrets, never overwritten, clear errors."""
+
+import os
+import stat
+
+import pytest
+
+from stack import envfile, paths
+
+EXAMPLE = paths.EXAMPLE
+
+
+def make(tmp_path, variant=None):
+    env = tmp_path / ".env"
+    return env, envfile.ensure(env, EXAMPLE, variant)
+
+
+def test_first_run_creates_private_env_with_generated_secrets(tmp_path):
+    env, result = make(tmp_path)
+    assert result.create
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    values = envfile.parse(env.read_text())
+    example = envfile.parse(EXAMPLE.read_text())
+    assert set(values) == set(example)
+    for key in envfile.SECRET_KEYS:
+        assert values[key] != envfile.GENERATED
+        assert len(values[key]) >= envfile.MIN_SECRET_LENGTH
+    assert values["POSTGRES_PASSWORD"] != values["MINIO_ROOT_PASSWORD"]
+    assert envfile.validate(values, example) == []
+
+
+def test_secrets_differ_between_installations(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, _ = make(tmp_path / "a")
+    b, _ = make(tmp_path / "b")
+    assert envfile.parse(a.read_text())["POSTGRES_PASSWORD"] != envfile.parse(b.read_text())["POSTGRES_PASSWORD"]
+
+
+def test_rerun_changes_nothing(tmp_path):
+    env, _ = make(tmp_path)
+    before = env.read_bytes()
+    result = envfile.ensure(env, EXAMPLE)
+    assert not result.changes
+    assert env.read_bytes() == before
+
+
+def test_existing_values_are_never_overwritten_and_missing_keys_are_added(tmp_path):
+    env, _ = make(tmp_path)
+    text = env.read_text()
+    values = envfile.parse(text)
+    # A user-edited value, and a key that a newer .env.example added.
+    text = text.replace("HTTP_PORT=8080", "HTTP_PORT=18080")
+    text = "\n".join(l for l in text.splitlines() if not l.startswith("MINIO_ROOT_PASSWORD=")) + "\n"
+    env.write_text(text)
+    result = envfile.ensure(env, EXAMPLE)
+    assert result.added == ["MINIO_ROOT_PASSWORD"]
+    after = envfile.parse(env.read_text())
+    assert after["HTTP_PORT"] == "18080"
+    assert after["POSTGRES_PASSWORD"] == values["POSTGRES_PASSWORD"]
+    assert len(after["MINIO_ROOT_PASSWORD"]) >= envfile.MIN_SECRET_LENGTH
+    assert env.read_text().startswith(text.rstrip("\n"))
+
+
+def test_loose_permissions_are_tightened(tmp_path):
+    env, _ = make(tmp_path)
+    os.chmod(env, 0o644)
+    envfile.ensure(env, EXAMPLE)
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+
+
+def test_variant_switch_touches_only_that_line(tmp_path):
+    env, _ = make(tmp_path)
+    before = env.read_text()
+    result = envfile.ensure(env, EXAMPLE, "conda")
+    assert result.variant_change == ("pip", "conda")
+    after = env.read_text()
+    assert after == before.replace("MLFLOW_VARIANT=pip", "MLFLOW_VARIANT=conda")
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    with pytest.raises(envfile.EnvError, match="pip, conda"):
+        make(tmp_path, "docker")
+
+
+def test_dry_run_plan_writes_nothing(tmp_path):
+    env = tmp_path / ".env"
+    result = envfile.plan(env, EXAMPLE)
+    assert result.create and not env.exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("this is not a setting", "not a KEY=value line"),
+    ("HTTP_PORT=1\nHTTP_PORT=2", "set twice"),
+])
+def test_malformed_env_names_the_line(line, message):
+    with pytest.raises(envfile.EnvError, match=message) as info:
+        envfile.parse(line, "x.env")
+    assert "x.env:" in str(info.value)
+
+
+def _valid():
+    values = envfile.parse(EXAMPLE.read_text())
+    for key in envfile.SECRET_KEYS:
+        values[key] = "s" * 24
+    return values
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("POSTGRES_PASSWORD", "<generated>", "delete the line"),
+    ("MINIO_ROOT_PASSWORD", "short", "shorter than"),
+    ("HTTP_PORT", "eighty", "port number"),
+    ("S3_PORT", "70000", "port number"),
+    ("S3_PORT", "8080", "same"),
+    ("MLFLOW_BUCKET", "My_Bucket", "lower-case"),
+    ("MLFLOW_PUBLIC_HOST", "http://mlflow.example.com", "without scheme"),
+    ("BIND_ADDRESS", "everywhere", "IP address"),
+    ("MLFLOW_VARIANT", "docker", "pip or conda"),
+    ("MLFLOW_ARTIFACTS_MODE", "s3", "proxied or direct"),
+    ("MLFLOW_WORKERS", "0", "whole number"),
+    ("POSTGRES_USER", "Robert'); DROP", "lower-case"),
+    ("MLFLOW_ENABLE_JOBS", "yes", "true or false"),
+])
+def test_bad_values_get_errors_that_say_what_to_do(key, value, fragment):
+    values = _valid()
+    values[key] = value
+    errors = envfile.validate(values, envfile.parse(EXAMPLE.read_text()))
+    assert errors, f"{key}={value} was accepted"
+    assert any(fragment in e for e in errors), errors
+
+
+def test_missing_and_empty_keys_are_reported():
+    values = _valid()
+    del values["S3_PORT"]
+    values["MLFLOW_BUCKET"] = ""
+    errors = envfile.validate(values, envfile.parse(EXAMPLE.read_text()))
+    assert any("S3_PORT is missing" in e for e in errors)
+    assert any("MLFLOW_BUCKET is empty" in e for e in errors)
+
+
+def test_valid_example_values_pass():
+    assert envfile.validate(_valid(), envfile.parse(EXAMPLE.read_text())) == []
+
+
+def test_shell_environment_wins_like_compose():
+    values = {"HTTP_PORT": "8080", "S3_PORT": "9000"}
+    assert envfile.effective(values, {"HTTP_PORT": "1234"}) == {"HTTP_PORT": "1234", "S3_PORT": "9000"}
+
+
+def test_load_checked_explains_a_missing_file(tmp_path):
+    with pytest.raises(envfile.EnvError, match="run ./stack_deploy.sh"):
+        envfile.load_checked(tmp_path / "nope.env", EXAMPLE)

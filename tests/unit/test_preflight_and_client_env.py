@@ -1,0 +1,67 @@
+"""Preflight port checks and the client settings."""
+
+import socket
+
+import pytest
+
+from stack import client_env, preflight
+
+
+def test_port_in_use_fails_with_a_way_out(monkeypatch):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setattr(preflight, "stack_published_ports", lambda: set())
+        checks = preflight.check_ports({"BIND_ADDRESS": "127.0.0.1", "HTTP_PORT": str(port), "S3_PORT": "1"})
+    http = checks[0]
+    assert not http.ok
+    assert "in use" in http.detail and "HTTP_PORT" in http.detail and "ss -ltnp" in http.detail
+
+
+def test_ports_of_our_own_running_stack_are_fine(monkeypatch):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setattr(preflight, "stack_published_ports", lambda: {port})
+        checks = preflight.check_ports({"BIND_ADDRESS": "127.0.0.1", "HTTP_PORT": str(port), "S3_PORT": "1"})
+    assert checks[0].ok and "this stack" in checks[0].detail
+
+
+def test_foreign_bind_address_is_reported():
+    ok, why = preflight.port_free("192.0.2.77", 18080)
+    assert not ok and "not an address of this machine" in why
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("20.10.24+dfsg1", (20, 10, 24)),
+    ("v2.24.1", (2, 24, 1)),
+    ("5.6.1", (5, 6, 1)),
+    ("28.2.2-rc1", (28, 2, 2)),
+])
+def test_version_tuple(text, expected):
+    assert preflight.version_tuple(text) == expected
+
+
+def test_low_disk_is_a_clear_failure(monkeypatch):
+    monkeypatch.setattr(preflight, "free_gib", lambda path: 0.5)
+    monkeypatch.setattr(preflight, "_run", lambda cmd: type("R", (), {"stdout": "", "returncode": 0})())
+    checks = preflight.check_disk()
+    assert checks and not checks[0].ok and "free at least" in checks[0].detail
+
+
+def _values(mode):
+    return {"MLFLOW_PUBLIC_HOST": "mlflow.example.com", "HTTP_PORT": "8080", "S3_PORT": "9000",
+            "MLFLOW_ARTIFACTS_MODE": mode, "MINIO_ROOT_USER": "admin",
+            "MINIO_ROOT_PASSWORD": "it's secret"}
+
+
+def test_proxied_clients_need_only_the_uri():
+    assert client_env.render(_values("proxied")) == "export MLFLOW_TRACKING_URI=http://mlflow.example.com:8080\n"
+
+
+def test_direct_clients_get_s3_settings_shell_quoted():
+    text = client_env.render(_values("direct"))
+    assert "export MLFLOW_S3_ENDPOINT_URL=http://mlflow.example.com:9000" in text
+    assert "export AWS_SECRET_ACCESS_KEY='it'\"'\"'s secret'" in text

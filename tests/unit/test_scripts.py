@@ -1,0 +1,90 @@
+"""The stack scripts' own behaviour, without bringing the stack up."""
+
+import os
+import socket
+import subprocess
+import uuid
+
+import pytest
+
+from stack import envfile, paths
+
+ROOT = paths.ROOT
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(script, *args, env_file, extra=None):
+    environ = {**os.environ, "STACK_ENV_FILE": str(env_file),
+               "COMPOSE_PROJECT_NAME": f"mlflowunit{uuid.uuid4().hex[:8]}", **(extra or {})}
+    return subprocess.run([str(ROOT / script), *args], capture_output=True, text=True,
+                          env=environ, stdin=subprocess.DEVNULL, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("script", ["stack_deploy.sh", "stack_remove.sh", "show_all.sh"])
+def test_help_and_unknown_options(script, tmp_path):
+    assert "Usage:" in run(script, "--help", env_file=tmp_path / ".env").stdout
+    bad = run(script, "--frobnicate", env_file=tmp_path / ".env")
+    assert bad.returncode != 0 and "unknown option: --frobnicate" in bad.stderr
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    env = tmp_path / ".env"
+    result = run("stack_deploy.sh", "--dry-run", env_file=env,
+                 extra={"BIND_ADDRESS": "127.0.0.1", "HTTP_PORT": str(free_port()), "S3_PORT": str(free_port())})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "would create" in result.stdout, result.stdout + result.stderr
+    assert "Dry run" in result.stderr
+    assert not env.exists()
+
+
+def test_bad_env_stops_deploy_with_the_reasons_and_keeps_the_file(tmp_path):
+    env = tmp_path / ".env"
+    envfile.ensure(env, paths.EXAMPLE)
+    text = env.read_text().replace("HTTP_PORT=8080", "HTTP_PORT=eighty").replace("MLFLOW_BUCKET=mlflow", "MLFLOW_BUCKET=")
+    env.write_text(text)
+    result = run("stack_deploy.sh", "--yes", env_file=env)
+    assert result.returncode == 2
+    assert "HTTP_PORT='eighty'" in result.stderr and "MLFLOW_BUCKET is empty" in result.stderr
+    assert env.read_text() == text
+
+
+def test_wrong_variant_is_refused_before_anything_runs(tmp_path):
+    result = run("stack_deploy.sh", "--variant", "docker", env_file=tmp_path / ".env")
+    assert result.returncode != 0 and "use pip or conda" in result.stderr
+    assert not (tmp_path / ".env").exists()
+
+
+def test_port_in_use_stops_deploy_in_preflight(tmp_path):
+    env = tmp_path / ".env"
+    envfile.ensure(env, paths.EXAMPLE)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = run("stack_deploy.sh", "--yes", env_file=env,
+                     extra={"BIND_ADDRESS": "127.0.0.1", "HTTP_PORT": str(port), "S3_PORT": str(port + 1)})
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is in use" in result.stdout
+    assert "fix the failures above" in result.stderr
+
+
+def test_purge_without_a_terminal_needs_yes(tmp_path):
+    result = run("stack_remove.sh", "--purge", env_file=tmp_path / ".env")
+    assert result.returncode != 0 and "--yes" in result.stderr
+    assert "Removing" not in result.stderr
+
+
+def test_remove_of_an_absent_stack_works_even_without_env(tmp_path):
+    result = run("stack_remove.sh", env_file=tmp_path / ".env")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / ".env").exists()
+
+
+def test_show_all_without_env_says_how_to_create_it(tmp_path):
+    result = run("show_all.sh", env_file=tmp_path / ".env")
+    assert result.returncode == 2 and "run ./stack_deploy.sh" in result.stderr

@@ -1,0 +1,126 @@
+"""Static checks: the real compose file, Dockerfiles, shell scripts, pins."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stack import envfile, paths, pins
+
+ROOT = paths.ROOT
+SHELL_SCRIPTS = sorted(
+    [p for p in ROOT.rglob("*.sh") if ".venv" not in p.parts and ".cache" not in p.parts]
+    + [ROOT / ".ci" / "run", ROOT / "tests/standins/minio/minio", ROOT / "tests/standins/minio/mc"]
+)
+DOCKERFILES = sorted(p for p in ROOT.rglob("Dockerfile*") if ".venv" not in p.parts)
+
+
+def tool(name):
+    path = shutil.which(name)
+    assert path, f"{name} is not installed: tests/run.sh installs it from tests/requirements.txt"
+    return path
+
+
+def test_compose_file_is_valid_with_a_generated_env(tmp_path):
+    env = tmp_path / ".env"
+    envfile.ensure(env, paths.EXAMPLE)
+    result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"),
+                             "--env-file", str(env), "config", "-q"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_without_env_names_the_fix(tmp_path):
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"),
+                             "--env-file", str(empty), "config", "-q"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode != 0
+    assert "stack_deploy.sh" in result.stderr or ".env.example" in result.stderr
+
+
+def test_only_nginx_publishes_ports_and_stores_are_internal():
+    text = (ROOT / "docker-compose.yml").read_text()
+    services = [s.strip() for s in re.split(r"\n  (?=[a-z-]+:\n)", text.split("\nservices:\n", 1)[1].split("\nnetworks:\n", 1)[0])]
+    publishing = [s.split(":", 1)[0] for s in services if "\n    ports:" in s]
+    assert publishing == ["nginx"]
+    assert re.search(r"backend:\n    internal: true", text)
+    for name in ("db", "minio"):
+        block = next(s for s in services if s.startswith(name + ":"))
+        assert "networks: [backend]" in block
+
+
+def test_every_long_running_service_has_healthcheck_restart_and_log_rotation():
+    text = (ROOT / "docker-compose.yml").read_text()
+    body = text.split("\nservices:\n", 1)[1].split("\nnetworks:\n", 1)[0]
+    for block in (b.strip() for b in re.split(r"\n  (?=[a-z-]+:\n)", body)):
+        name = block.split(":", 1)[0].strip()
+        assert "logging: *logging" in block, name
+        assert "restart:" in block, name
+        if name not in ("bucket-init", "migrate"):
+            assert "healthcheck:" in block, name
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_hadolint(dockerfile):
+    result = subprocess.run([tool("hadolint"), "--failure-threshold", "warning", str(dockerfile)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shellcheck(script):
+    result = subprocess.run([tool("shellcheck"), "-x", "-P", "SCRIPTDIR", str(script)],
+                            capture_output=True, text=True, check=False, cwd=script.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_yamllint():
+    files = [ROOT / "docker-compose.yml", ROOT / "mlflow" / "conda.yml"]
+    result = subprocess.run([tool("yamllint"), "-d", "{extends: default, rules: {line-length: {max: 120}, document-start: disable, truthy: {check-keys: false}}}",
+                             *map(str, files)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout
+
+
+def test_every_image_is_pinned_to_a_version():
+    found = pins.image_pins()
+    assert set(found) == {"POSTGRES_IMAGE", "MINIO_IMAGE", "NGINX_IMAGE", "MLFLOW_BASE_IMAGE"}
+    for name, image in found.items():
+        tag = image.rsplit(":", 1)[-1]
+        assert ":" in image and tag != "latest" and re.search(r"\d", tag), f"{name}={image} is not pinned"
+    conda_base = re.search(r"^ARG MLFLOW_BASE_IMAGE=(\S+)$", (ROOT / "mlflow/Dockerfile-conda").read_text(), re.M)
+    assert conda_base and re.search(r":\d", conda_base.group(1))
+
+
+def test_conda_variant_uses_the_pip_variant_pins():
+    conda = (ROOT / "mlflow/conda.yml").read_text()
+    assert "- -r requirements.txt" in conda and "- -c constraints.txt" in conda
+    pip_python = re.search(r"python:(\d+\.\d+\.\d+)", pins.image_pins()["MLFLOW_BASE_IMAGE"]).group(1)
+    assert f"- python={pip_python}" in conda
+    assert "requirements.txt" in (ROOT / "mlflow/Dockerfile-conda").read_text()
+
+
+def test_constraints_lock_agrees_with_requirements():
+    locked = dict(l.split("==", 1) for l in (ROOT / "mlflow/constraints.txt").read_text().splitlines()
+                  if "==" in l and not l.startswith("#"))
+    locked = {k.lower(): v for k, v in locked.items()}
+    for line in (ROOT / "mlflow/requirements.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            name = re.sub(r"\[.*\]", "", name).lower()
+            assert locked.get(name) == version, f"{name}: requirements {version}, lock {locked.get(name)}"
+
+
+def test_python_sources_compile():
+    files = [*ROOT.glob("stack/*.py"), ROOT / "mlflow/entrypoint.py"]
+    for f in files:
+        compile(f.read_text(), str(f), "exec")
+
+
+def test_no_secret_files_tracked_by_git():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert ".env" not in tracked
+    assert not [t for t in tracked if t.startswith("mlflow/certs/") and t.endswith(".crt")]

@@ -71,6 +71,37 @@ step_build() {
 	fi
 	log "Building the MLflow image ($MLFLOW_DOCKERFILE; cached layers are reused)"
 	compose build mlflow
+	if [ "${COMPOSE_PROFILES:-}" = backup ] || grep -q '^COMPOSE_PROFILES=backup' "$(env_file)"; then
+		compose build backup
+	fi
+}
+
+# An existing database whose schema is older than the MLflow being deployed is
+# backed up before the migrate job upgrades it (MLflow has no downgrade).
+step_schema() {
+	UPGRADE_NOTE=""
+	docker volume inspect "${COMPOSE_PROJECT_NAME}_db-data" >/dev/null 2>&1 || return 0
+	log "Checking the database schema against MLflow in the new image"
+	compose up -d --wait db >&2
+	local status from to
+	read -r status from to < <(compose run --rm --no-deps -T migrate schema-status)
+	case "$status" in
+		empty|current) log "Schema: $status" ;;
+		outdated)
+			log "Schema upgrade needed ($from -> $to): taking a pre-upgrade backup first"
+			# shellcheck source=db/backup_lib.sh
+			. "$STACK_ROOT/db/backup_lib.sh"
+			backup_prepare
+			compose up -d --wait db minio >&2
+			local name
+			name="$(backup_job backup --kind pre-upgrade)"
+			UPGRADE_NOTE="Upgraded the MLflow schema from $from to $to. Pre-upgrade backup: $BACKUP_DIR/$name
+    To roll back: deploy the previous version, then db/db_volume_restore.sh $BACKUP_DIR/$name"
+			;;
+		newer)
+			die "the database schema ($from) is newer than this MLflow knows ($to): deploy the MLflow version that wrote it, or restore a backup made with this one (db/db_volume_restore.sh)" ;;
+		*) die "could not read the schema state (got: '$status $from $to')" ;;
+	esac
 }
 
 step_up() {
@@ -103,7 +134,9 @@ main() {
 	exports="$(stack_py compose-env)"
 	eval "$exports"
 	step_build
+	step_schema
 	step_up
+	[ -z "$UPGRADE_NOTE" ] || log "$UPGRADE_NOTE"
 	step_client_env
 }
 

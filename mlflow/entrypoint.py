@@ -5,6 +5,7 @@ Subcommands:
   server        run the tracking server (the default)
   migrate       bring the database schema up to date (`mlflow db upgrade`), then exit
   init-bucket   create the artifact bucket if it is missing, then exit
+  schema-status print "empty", "current", "outdated DB HEAD" or "newer DB HEAD" (exit 0)
   healthcheck   exit 0 when the server answers /health (and the S3 relay, if any, accepts)
   forward       internal: relay a loopback port to another host (see s3_relay_target)
 
@@ -234,6 +235,35 @@ def cmd_migrate(_args: list[str]) -> int:
     return 0
 
 
+def cmd_schema_status(_args: list[str]) -> int:
+    """How the database schema compares with this image's MLflow (for upgrades)."""
+    from alembic.script import ScriptDirectory
+
+    from mlflow.store.db.utils import (
+        _get_alembic_config,
+        _get_schema_version,
+        _is_empty_database,
+        create_sqlalchemy_engine_with_retry,
+    )
+
+    uri = database_uri()
+    engine = create_sqlalchemy_engine_with_retry(uri)
+    head = ScriptDirectory.from_config(_get_alembic_config(uri)).get_current_head()
+    if _is_empty_database(engine):
+        print("empty", head)
+        return 0
+    current = _get_schema_version(engine)
+    if current == head:
+        print("current", current)
+        return 0
+    try:
+        known = ScriptDirectory.from_config(_get_alembic_config(uri)).get_revision(current) is not None
+    except Exception:  # noqa: BLE001 - alembic raises several types for unknown revisions
+        known = False
+    print("outdated" if known else "newer", current, head)
+    return 0
+
+
 def _s3_client():
     import boto3
     from botocore.config import Config
@@ -301,6 +331,7 @@ COMMANDS = {
     "server": cmd_server,
     "migrate": cmd_migrate,
     "init-bucket": cmd_init_bucket,
+    "schema-status": cmd_schema_status,
     "healthcheck": cmd_healthcheck,
     "forward": cmd_forward,
 }

@@ -19,6 +19,7 @@ from pathlib import Path
 
 GENERATED = "<generated>"
 SECRET_KEYS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD")
+ALLOW_EMPTY = ("COMPOSE_PROFILES",)
 MIN_SECRET_LENGTH = 16
 VARIANTS = {"pip": "Dockerfile", "conda": "Dockerfile-conda"}
 _LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
@@ -143,7 +144,7 @@ def validate(values: dict[str, str], example: dict[str, str]) -> list[str]:
     for key in example:
         if key not in values:
             errors.append(f"{key} is missing: run ./stack_deploy.sh to add it, or copy it from .env.example")
-        elif values[key] == "":
+        elif values[key] == "" and key not in ALLOW_EMPTY:
             errors.append(f"{key} is empty: set it (see .env.example)")
     # Each check below runs only when its keys are there, so one run lists everything.
     v = {k: val for k, val in values.items() if val != ""}
@@ -177,6 +178,14 @@ def validate(values: dict[str, str], example: dict[str, str]) -> list[str]:
     for key, allowed in choices.items():
         if key in v and v[key] not in allowed:
             errors.append(f"{key}={v[key]!r}: use {' or '.join(allowed)}")
+    if v.get("COMPOSE_PROFILES", "") not in ("", "backup"):
+        errors.append(f"COMPOSE_PROFILES={v['COMPOSE_PROFILES']!r}: leave it empty, or set backup for scheduled backups")
+    hours = v.get("BACKUP_INTERVAL_HOURS")
+    if hours is not None and not (re.fullmatch(r"\d+(\.\d+)?", hours) and float(hours) > 0):
+        errors.append(f"BACKUP_INTERVAL_HOURS={hours!r}: use a positive number of hours")
+    keep = v.get("BACKUP_KEEP")
+    if keep is not None and (not keep.isdigit() or int(keep) < 1):
+        errors.append(f"BACKUP_KEEP={keep!r}: use a whole number of 1 or more")
     workers = v.get("MLFLOW_WORKERS")
     if workers is not None and (not workers.isdigit() or not 1 <= int(workers) <= 64):
         errors.append(f"MLFLOW_WORKERS={workers!r}: use a whole number from 1 to 64")

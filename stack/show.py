@@ -123,4 +123,31 @@ def report(values: dict[str, str]) -> str:
             lines.append(f"  bucket         {count} objects, {human_bytes(int(size))}")
         else:
             lines.append("  bucket         unavailable")
+    lines += ["", "Backups:"]
+    lines += backups(values, svc, compose)
     return "\n".join(lines) + "\n"
+
+
+def backups(values: dict[str, str], svc: list[dict], compose: list[str]) -> list[str]:
+    import os
+    import time
+    from pathlib import Path
+
+    root = Path(os.environ.get("BACKUP_DIR") or values.get("BACKUP_DIR", "./backups"))
+    if not root.is_absolute():
+        root = paths.ROOT / root
+    sets = sorted(p for p in root.glob("mlflow-backup-*") if (p / "manifest.json").exists()) if root.is_dir() else []
+    lines = []
+    if sets:
+        age = (time.time() - (sets[-1] / "manifest.json").stat().st_mtime) / 3600
+        lines.append(f"  latest set     {sets[-1].name} ({age:.1f} h ago), {len(sets)} sets in {root}")
+    else:
+        lines.append(f"  latest set     none in {root} (db/db_volume_backup.sh makes one)")
+    scheduler = next((s for s in svc if s["Service"] == "backup"), None)
+    if scheduler is None:
+        lines.append("  scheduled      off (set COMPOSE_PROFILES=backup in .env)")
+    else:
+        code, out = _run([*compose, "exec", "-T", "backup", "python3", "/usr/local/bin/mlflow-stack-backup", "health"])
+        lines.append(f"  scheduled      every {values.get('BACKUP_INTERVAL_HOURS', '24')} h, "
+                     f"health={scheduler.get('Health') or '-'}: {out or 'unknown'}")
+    return lines

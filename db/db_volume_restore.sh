@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Restores a backup set into the deployed stack, after checking it is whole.
+# shellcheck source=../scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
+# shellcheck source=backup_lib.sh
+. "$STACK_ROOT/db/backup_lib.sh"
+
+usage() {
+	cat <<'USAGE'
+Usage: db/db_volume_restore.sh SET [--yes] [--help]
+
+Restores the backup set in folder SET (as printed by db/db_volume_backup.sh)
+into the deployed stack:
+
+  1. checks the set against its manifest (a damaged or partial set stops here,
+     and nothing is touched);
+  2. asks for confirmation if the stack holds data (unless --yes);
+  3. takes a safety backup of the current data (kind pre-restore);
+  4. stops the MLflow server, replaces the database and the bucket, and checks
+     row counts and every object's sha256 against the manifest;
+  5. starts the server again (an older schema is upgraded on the way).
+
+Works into a freshly deployed, empty stack and into one with data. A cold set
+(--cold) is restored into the stopped stack's volumes instead.
+USAGE
+}
+
+SET="" ASSUME_YES=0
+while [ $# -gt 0 ]; do
+	case "$1" in
+		--yes|-y) ASSUME_YES=1; shift ;;
+		--help|-h) usage; exit 0 ;;
+		-*) usage >&2; die "unknown option: $1" ;;
+		*) [ -z "$SET" ] || die "one set at a time"; SET="$1"; shift ;;
+	esac
+done
+[ -n "$SET" ] || { usage >&2; die "which set? give its folder"; }
+[ -d "$SET" ] || die "$SET is not a folder: give the path db/db_volume_backup.sh printed"
+export ASSUME_YES
+
+SET="$(cd "$SET" && pwd)"
+NAME="$(basename "$SET")"
+backup_prepare
+BACKUP_MOUNTS=(-v "$(dirname "$SET"):/restore:ro")
+
+log "Checking $NAME against its manifest"
+summary="$(backup_job verify "/restore/$NAME")" || die "$NAME cannot be restored (see above); nothing was changed"
+log "The set is whole: $summary"
+
+if [[ "$summary" == kind=cold* ]]; then
+	confirm "Replace ALL data of the stack with the cold set $NAME? The stack is stopped meanwhile" \
+		|| die "nothing changed"
+	log "Safety copy of the current volumes first"
+	# shellcheck disable=SC2119 # no --keep: a safety set is never rotated
+	safety="$(backup_cold)"
+	log "Safety set: $BACKUP_DIR/$safety"
+	compose stop >&2
+	BACKUP_MOUNTS+=(-v "$(volume_name db-data):/volumes/db-data" -v "$(volume_name minio-data):/volumes/minio-data")
+	backup_job restore-cold "/restore/$NAME" || die "restoring the volumes failed; restore $BACKUP_DIR/$safety the same way"
+	compose up -d --wait >&2
+	log "Restored $NAME (cold)"
+	exit 0
+fi
+
+require_running db minio
+counts="$(backup_job counts)"
+runs="$(python3 -c 'import json,sys; c=json.loads(sys.argv[1]); print(c.get("runs", 0) + max(c.get("experiments", 0) - 1, 0))' "$counts")"
+if [ "$runs" -gt 0 ]; then
+	confirm "The stack holds data; replace it with $NAME? (a safety backup is taken first)" \
+		|| die "nothing changed"
+fi
+safety=""
+if [ "$counts" != "{}" ]; then
+	log "Safety backup of the current data"
+	safety="$(backup_job backup --kind pre-restore)"
+	log "Safety set: $BACKUP_DIR/$safety"
+fi
+
+log "Stopping the MLflow server during the restore"
+compose stop nginx mlflow >&2
+if ! backup_job restore "/restore/$NAME"; then
+	hint="the server stays stopped."
+	[ -n "$safety" ] && hint="$hint To go back: db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"
+	die "the restore failed (see above); $hint"
+fi
+log "Starting the server again"
+compose up -d --wait >&2
+log "Restored $NAME"

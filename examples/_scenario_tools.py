@@ -6,9 +6,10 @@
     python _scenario_tools.py show-dir DIR
     python _scenario_tools.py show-sqlite DBFILE
     python _scenario_tools.py show-run RUN_ID        (uses MLFLOW_TRACKING_URI)
+    python _scenario_tools.py run-json RUN_ID        (the same, as JSON)
     python _scenario_tools.py run-id OUTPUT_FILE
 
-Only show-run imports MLflow; everything else is the standard library, so the
+Only show-run and run-json import MLflow; the rest is the standard library, so the
 shell script gets quick, clear answers. Errors go to stderr as one line that
 says what to do, with exit status 1.
 """
@@ -16,6 +17,7 @@ says what to do, with exit status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sqlite3
@@ -161,32 +163,70 @@ def show_sqlite(db: Path) -> str:
     return "\n".join(lines)
 
 
-def show_run(run_id: str) -> str:
-    """Read a run back through the MLflow client, as any other process would."""
+def describe_run(run_id: str) -> dict:
+    """Everything about a run, read back through the MLflow client as any other
+    process would: params, full metric histories, and every artifact file
+    (downloaded, with size, sha256 and, for small text files, the text)."""
+    import hashlib
+    import tempfile
+
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     run = client.get_run(run_id)
     experiment = client.get_experiment(run.info.experiment_id)
-    lines = [
-        f"Read back through MlflowClient (tracking URI {client.tracking_uri}):",
-        f"  experiment    {experiment.name} (id {experiment.experiment_id})",
-        f"  artifact root {experiment.artifact_location}",
-        f"  run           {run.info.run_id} ({run.info.status})",
-        f"  artifact URI  {run.info.artifact_uri}",
-        f"  params        {dict(sorted(run.data.params.items()))}",
-    ]
+    metrics = {}
     for key in sorted(run.data.metrics):
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        lines.append(f"  metric {key:<6} " + ", ".join(f"step {m.step}: {m.value}" for m in history))
+        metrics[key] = [[m.step, m.value] for m in history]
 
     def walk(path: str | None) -> list[str]:
         found = []
         for info in client.list_artifacts(run_id, path):
-            found += walk(info.path) if info.is_dir else [f"{info.path} ({info.file_size} B)"]
+            found += walk(info.path) if info.is_dir else [info.path]
         return found
 
-    lines.append("  artifacts     " + (", ".join(walk(None)) or "(none)"))
+    artifacts = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in walk(None):
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                             dst_path=tmp))
+            data = local.read_bytes()
+            entry = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            if len(data) <= 4096:
+                try:
+                    entry["text"] = data.decode()
+                except UnicodeDecodeError:
+                    pass
+            artifacts[path] = entry
+    return {
+        "tracking_uri": client.tracking_uri,
+        "experiment": {"id": experiment.experiment_id, "name": experiment.name,
+                       "artifact_location": experiment.artifact_location},
+        "run_id": run.info.run_id,
+        "status": run.info.status,
+        "artifact_uri": run.info.artifact_uri,
+        "params": dict(sorted(run.data.params.items())),
+        "metrics": metrics,
+        "artifacts": artifacts,
+    }
+
+
+def show_run(run_id: str) -> str:
+    info = describe_run(run_id)
+    lines = [
+        f"Read back through MlflowClient (tracking URI {info['tracking_uri']}):",
+        f"  experiment    {info['experiment']['name']} (id {info['experiment']['id']})",
+        f"  artifact root {info['experiment']['artifact_location']}",
+        f"  run           {info['run_id']} ({info['status']})",
+        f"  artifact URI  {info['artifact_uri']}",
+        f"  params        {info['params']}",
+    ]
+    for key, history in info["metrics"].items():
+        lines.append(f"  metric {key:<6} " + ", ".join(f"step {s}: {v}" for s, v in history))
+    files = [f"{path} ({entry['size']} B)" for path, entry in info["artifacts"].items()]
+    lines.append("  artifacts     " + (", ".join(files) or "(none)"))
     return "\n".join(lines)
 
 
@@ -214,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("db", type=Path)
     p = sub.add_parser("show-run")
     p.add_argument("run_id")
+    p = sub.add_parser("run-json")
+    p.add_argument("run_id")
     p = sub.add_parser("run-id")
     p.add_argument("output", type=Path)
     args = parser.parse_args(argv)
@@ -230,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             print(show_sqlite(args.db))
         elif args.command == "show-run":
             print(show_run(args.run_id))
+        elif args.command == "run-json":
+            print(json.dumps(describe_run(args.run_id), indent=1))
         elif args.command == "run-id":
             print(run_id_from(args.output))
     except ToolError as exc:

@@ -1,6 +1,7 @@
 """Run the three notebooks headless, in order, as a reader would in Jupyter.
 
     python run_notebooks.py [--workdir DIR] [--save-executed DIR] [--timeout S] [NOTEBOOK ...]
+    python run_notebooks.py --summary     what the notebooks left in the store, as JSON
 
 Needs nbclient and ipykernel (pip install nbclient ipykernel). Settings come
 from the environment, as for the notebooks themselves: MLFLOW_TRACKING_URI,
@@ -16,6 +17,7 @@ executed copies, with outputs, into DIR.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -84,6 +86,71 @@ def run_all(workdir: Path, env: dict[str, str] | None = None, names: list[str] |
     return timings
 
 
+def summarize(experiment: str | None = None, model_name: str | None = None) -> dict:
+    """What the notebooks left in the tracking store (MLFLOW_TRACKING_URI), as plain data:
+    both experiments with every run (deleted ones too), and the registered model."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    experiment = experiment or os.environ.get("PENGUINS_EXPERIMENT", "palmer-penguins")
+    model_name = model_name or os.environ.get("PENGUINS_MODEL_NAME", "penguins-classifier")
+    client = MlflowClient()
+
+    def describe_model(uri: str) -> dict:
+        info = get_model_info(uri)
+        inputs = info.signature.inputs.input_names() if info.signature else []
+        return {"uri": uri, "flavors": sorted(info.flavors), "signature_inputs": inputs,
+                "input_example": info.saved_input_example_info is not None}
+
+    def artifact_paths(run_id: str, path: str | None = None) -> list[str]:
+        found = []
+        for info in client.list_artifacts(run_id, path):
+            found += artifact_paths(run_id, info.path) if info.is_dir else [info.path]
+        return found
+
+    summary: dict = {"tracking_uri": client.tracking_uri, "experiments": {}, "registered_model": None}
+    for name in (experiment, f"{experiment}-tips"):
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            continue
+        runs = []
+        for run in client.search_runs([found.experiment_id], run_view_type=ViewType.ALL,
+                                      order_by=["attributes.start_time ASC"], max_results=1000):
+            models = client.search_logged_models(
+                experiment_ids=[found.experiment_id],
+                filter_string=f"source_run_id = '{run.info.run_id}'")
+            runs.append({
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "status": run.info.status,
+                "lifecycle_stage": run.info.lifecycle_stage,
+                "params": run.data.params,
+                "metrics": run.data.metrics,
+                "tags": run.data.tags,
+                "datasets": [d.dataset.name for d in run.inputs.dataset_inputs],
+                "artifacts": artifact_paths(run.info.run_id),
+                "models": [describe_model(m.model_uri) for m in models],
+            })
+        summary["experiments"][name] = {"id": found.experiment_id, "tags": found.tags, "runs": runs}
+    try:
+        registered = client.get_registered_model(model_name)
+    except MlflowException:
+        registered = None
+    if registered is not None:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+        summary["registered_model"] = {
+            "name": registered.name,
+            "description": registered.description,
+            "aliases": {alias: str(version) for alias, version in registered.aliases.items()},
+            "versions": sorted(({"version": str(v.version), "source": v.source, "run_id": v.run_id,
+                                 "tags": v.tags, "description": v.description} for v in versions),
+                               key=lambda v: int(v["version"])),
+        }
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
@@ -92,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-executed", type=Path, metavar="DIR",
                         help="write the executed notebooks, with outputs, into DIR")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
+    parser.add_argument("--summary", action="store_true",
+                        help="run nothing; print what the notebooks left in the store as JSON")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(json.dumps(summarize(), indent=1, sort_keys=True))
+        return 0
     unknown = [n for n in args.notebooks if n not in NOTEBOOKS]
     if unknown:
         parser.error(f"unknown notebook {unknown[0]!r}: choose from {', '.join(NOTEBOOKS)}")

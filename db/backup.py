@@ -98,19 +98,33 @@ def psql(sql: str, db: str | None = None) -> str:
     return pg("psql", "-v", "ON_ERROR_STOP=1", "-Atc", sql, db=db)
 
 
-def table_counts() -> dict[str, int]:
+def table_counts(db: str | None = None) -> dict[str, int]:
     tables = psql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
-                  "AND table_type = 'BASE TABLE' ORDER BY 1").split()
+                  "AND table_type = 'BASE TABLE' ORDER BY 1", db=db).split()
     if not tables:
         return {}
     sql = " UNION ALL ".join(f"SELECT '{t}', count(*) FROM \"{t}\"" for t in tables)
-    return {name: int(n) for name, n in (row.split("|") for row in psql(sql).splitlines())}
+    return {name: int(n) for name, n in (row.split("|") for row in psql(sql, db=db).splitlines())}
 
 
-def alembic_version() -> str | None:
-    if psql("SELECT to_regclass('public.alembic_version') IS NOT NULL") != "t":
+def alembic_version(db: str | None = None) -> str | None:
+    if psql("SELECT to_regclass('public.alembic_version') IS NOT NULL", db=db) != "t":
         return None
-    return psql("SELECT version_num FROM alembic_version") or None
+    return psql("SELECT version_num FROM alembic_version", db=db) or None
+
+
+def inspect_dump(dump: Path) -> tuple[dict[str, int], str | None]:
+    """Restore the dump into a scratch database: proves it restores, and counts
+    exactly what it holds (the live database has moved on since the snapshot)."""
+    scratch = f"mlflow_backup_check_{os.getpid()}"
+    pg("dropdb", "--if-exists", scratch, db="postgres")
+    pg("createdb", scratch, db="postgres")
+    try:
+        with open(dump, "rb") as fh:
+            pg("pg_restore", "--no-owner", "--exit-on-error", "-d", scratch, stdin=fh)
+        return table_counts(scratch), alembic_version(scratch)
+    finally:
+        pg("dropdb", "--if-exists", "--force", scratch, db="postgres")
 
 
 # --- S3 --------------------------------------------------------------------
@@ -251,10 +265,10 @@ def create(kind: str | None = None, keep: int | None = None, root: Path = ROOT) 
     name, partial = _new_set(kind, root)
     try:
         log(f"dumping database {os.environ['POSTGRES_DB']} (pg_dump -Fc)")
-        revision = alembic_version()
         with open(partial / "db.dump", "wb") as fh:
             pg("pg_dump", "-Fc", stdout=fh)
-        tables = table_counts()
+        log("checking the dump by restoring it into a scratch database")
+        tables, revision = inspect_dump(partial / "db.dump")
         log(f"copying bucket {bucket()}")
         objects = export_bucket(s3(), partial / "bucket.tar")
         version = mlflow_version()

@@ -37,6 +37,6 @@ export PATH="$VENV/bin:$PATH"
 export MLFLOW_DISABLE_TELEMETRY=true
 started=$SECONDS
 status=0
-python -m pytest -p no:cacheprovider -ra "$@" tests/unit tests/e2e || status=$?
+python -m pytest "$@" || status=$?
 echo "==> test suite finished in $((SECONDS - started)) s (exit $status)"
 exit "$status"

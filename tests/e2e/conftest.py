@@ -29,6 +29,20 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 _failures: list[str] = []
 
 
+# The modules share one deployment and build on each other: the stack's own
+# checks (exact counts) first, then the tutorial, then backups (which wipe and
+# restore the data), then the upgrade test (a second, older stack).
+MODULE_ORDER = ["test_stack.py", "test_tutorial_stack.py", "test_backup.py", "test_upgrade.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = Path(str(item.fspath)).name
+        return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
+    # Unit tests first (quick feedback), then the e2e modules in order.
+    items.sort(key=lambda item: (Path(str(item.fspath)).parent.name != "unit", rank(item)))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -102,17 +116,25 @@ class Stack:
         return self.compose("exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",
                             values["POSTGRES_DB"], "-Atc", sql).stdout.strip()
 
-    def client(self, *args: str, extra: dict | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
-        """The remote client, in its own process, with only the printed settings."""
+    def client_environ(self, extra: dict | None = None) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items()
                 if not k.startswith(("MLFLOW_", "AWS_", "STACK_", "COMPOSE_"))}
-        environ = {**base, **self.client_env, "MLFLOW_DISABLE_TELEMETRY": "true", **(extra or {})}
-        result = subprocess.run([sys.executable, str(Path(__file__).parent / "remote_client.py"), *args],
-                                capture_output=True, text=True, env=environ, timeout=timeout,
-                                check=False, cwd=self.workdir)
-        if result.returncode != 0:
-            raise AssertionError(f"remote client {args[0]} failed:\n{result.stdout}\n{result.stderr[-6000:]}")
+        return {**base, **self.client_env, "MLFLOW_DISABLE_TELEMETRY": "true", **(extra or {})}
+
+    def client(self, *args: str, extra: dict | None = None, timeout: int = 1200,
+               script: str = "remote_client.py", check: bool = True) -> subprocess.CompletedProcess:
+        """A remote client, in its own process, with only the printed settings."""
+        result = subprocess.run([sys.executable, str(Path(__file__).parent / script), *args],
+                                capture_output=True, text=True, env=self.client_environ(extra),
+                                timeout=timeout, check=False, cwd=self.workdir)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{script} {args[0]} failed:\n{result.stdout}\n{result.stderr[-6000:]}")
         return result
+
+    def client_popen(self, *args: str, script: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(Path(__file__).parent / script), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.client_environ(), cwd=self.workdir)
 
     def container_ids(self) -> dict[str, str]:
         out = self.compose("ps", "-a", "--format", "json").stdout
@@ -169,6 +191,7 @@ def stack(standins, tmp_path_factory):
         "HTTP_PORT": str(free_port()),
         "S3_PORT": str(free_port()),
         "MLFLOW_PUBLIC_HOST": "localhost",
+        "BACKUP_DIR": str(workdir / "backups"),
     }
     if "BUILD_CA_CERT" not in environ and HOST_CA.exists():
         environ["BUILD_CA_CERT"] = str(HOST_CA)

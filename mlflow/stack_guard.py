@@ -1,0 +1,201 @@
+"""The tracking server's app in this stack: MLflow (with basic-auth when it is on)
+behind a check of what clients write.
+
+The stock server accepts some bad input silently or fails on it: malformed JSON
+to runs/log-batch gives a 500 (TypeError), a metric value "abc" is stored as
+0.0 at timestamp 0, an over-long param is truncated. Here such requests get a
+400 with an MLflow-style error body, and nothing is stored.
+
+Registered as the MLflow app "stack" (entry point group mlflow.app), run by
+`mlflow server --app-name stack` under uvicorn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ITEMS = 1000, 100, 100, 1000
+MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
+MAX_BODY = 1 << 20  # MLflow's own log-batch limit
+SPECIAL_FLOATS = {"NaN", "Infinity", "-Infinity"}
+API_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/", "/api/3.0/mlflow/", "/ajax-api/3.0/mlflow/")
+
+
+class Invalid(Exception):
+    def __init__(self, message: str, status: int = 400, code: str = "INVALID_PARAMETER_VALUE"):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def _int(value, name: str, minimum: int | None = None) -> int:
+    # Protobuf's JSON form allows int64 as a number or a decimal string.
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise Invalid(f"{name} must be an integer, got {json.dumps(value)[:40]}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise Invalid(f"{name} must be an integer, got {json.dumps(value)[:40]}") from None
+    if minimum is not None and number < minimum:
+        raise Invalid(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def _key(item: dict, what: str) -> str:
+    key = item.get("key")
+    if not isinstance(key, str) or not key:
+        raise Invalid(f"{what} key must be a non-empty string")
+    if len(key) > MAX_KEY:
+        raise Invalid(f"{what} key '{key[:40]}...' is longer than {MAX_KEY} characters")
+    return key
+
+
+def check_metric(item) -> None:
+    if not isinstance(item, dict):
+        raise Invalid("a metric must be an object")
+    key = _key(item, "metric")
+    value = item.get("value")
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or value in SPECIAL_FLOATS):
+        raise Invalid(f"metric '{key}' value must be a number, got {json.dumps(value)[:40]}")
+    if "timestamp" not in item:
+        raise Invalid(f"metric '{key}' has no timestamp")
+    _int(item["timestamp"], f"metric '{key}' timestamp", minimum=0)
+    if "step" in item:
+        _int(item["step"], f"metric '{key}' step")
+
+
+def _check_string(item, what: str, limit: int) -> None:
+    if not isinstance(item, dict):
+        raise Invalid(f"a {what} must be an object")
+    key = _key(item, what)
+    value = item.get("value", "")
+    if not isinstance(value, str):
+        raise Invalid(f"{what} '{key}' value must be a string")
+    if len(value) > limit:
+        raise Invalid(f"{what} '{key}' value has {len(value)} characters; the limit is {limit}. "
+                      "It is refused rather than truncated")
+
+
+def check_param(item) -> None:
+    _check_string(item, "param", MAX_PARAM_VALUE)
+
+
+def check_tag(item) -> None:
+    _check_string(item, "tag", MAX_TAG_VALUE)
+
+
+def _list(body: dict, name: str, limit: int) -> list:
+    items = body.get(name, [])
+    if not isinstance(items, list):
+        raise Invalid(f"'{name}' must be a list")
+    if len(items) > limit:
+        raise Invalid(f"a batch may hold at most {limit} {name}, got {len(items)}")
+    return items
+
+
+def check_log_batch(body: dict) -> None:
+    metrics = _list(body, "metrics", MAX_METRICS)
+    params = _list(body, "params", MAX_PARAMS)
+    tags = _list(body, "tags", MAX_TAGS)
+    if len(metrics) + len(params) + len(tags) > MAX_ITEMS:
+        raise Invalid(f"a batch may hold at most {MAX_ITEMS} items in all")
+    for m in metrics:
+        check_metric(m)
+    for p in params:
+        check_param(p)
+    for t in tags:
+        check_tag(t)
+
+
+CHECKS = {
+    "runs/log-batch": check_log_batch,
+    "runs/log-metric": check_metric,
+    "runs/log-parameter": check_param,
+    "runs/set-tag": check_tag,
+}
+
+
+def validate(path: str, content_type: str, body: bytes) -> None:
+    """Raise Invalid for a write MLflow would mishandle; return for anything else."""
+    endpoint = next((path[len(p):] for p in API_PREFIXES if path.startswith(p)), None)
+    if endpoint is None:
+        return
+    check = CHECKS.get(endpoint.rstrip("/"))
+    is_json = content_type.split(";")[0].strip().lower() == "application/json"
+    if check is not None and not is_json:
+        raise Invalid("Content-Type must be application/json", status=415, code="BAD_REQUEST")
+    if not is_json or not body.strip():
+        return
+    if len(body) > MAX_BODY and check is not None:
+        raise Invalid(f"request body over {MAX_BODY} bytes", status=413, code="BAD_REQUEST")
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Invalid(f"malformed JSON: {exc}", code="MALFORMED_REQUEST") from None
+    if not isinstance(parsed, dict):
+        raise Invalid("the request body must be a JSON object", code="MALFORMED_REQUEST")
+    if check is not None:
+        check(parsed)
+
+
+class Guard:
+    """ASGI middleware: buffer JSON write bodies, validate, then hand them on untouched."""
+
+    def __init__(self, app, auth: bool):
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") \
+                or not scope["path"].startswith(API_PREFIXES):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.auth and "authorization" not in headers:
+            # Let the auth layer answer 401 first; nothing reaches the store anyway.
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > 64 * MAX_BODY:
+                return await _error(send, Invalid("request body too large", 413, "BAD_REQUEST"))
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            validate(scope["path"], headers.get("content-type", ""), body)
+        except Invalid as exc:
+            return await _error(send, exc)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _error(send, exc: Invalid) -> None:
+    payload = json.dumps({"error_code": exc.code, "message": str(exc)}).encode()
+    await send({"type": "http.response.start", "status": exc.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def create_app():
+    auth = os.environ.get("MLFLOW_STACK_AUTH", "true") == "true"
+    if auth:
+        from mlflow.server.auth import create_app as create_auth_app
+
+        inner = create_auth_app()
+    else:
+        from mlflow.server.fastapi_app import app as inner
+    return Guard(inner, auth)

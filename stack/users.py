@@ -1,0 +1,133 @@
+"""User accounts of the stack's MLflow (basic-auth), through its REST API as the admin.
+
+    ./stack_users.sh add NAME [--admin] [--password-stdin]
+    ./stack_users.sh passwd NAME [--password-stdin]
+    ./stack_users.sh grant NAME EXPERIMENT READ|EDIT|MANAGE|NO_PERMISSIONS
+    ./stack_users.sh delete NAME
+
+Without --password-stdin a strong password is generated and printed once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import ssl
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from . import client_env
+
+PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
+
+
+class UserError(Exception):
+    pass
+
+
+class Api:
+    def __init__(self, values: dict[str, str]):
+        settings = dict(client_env.client_env(values))
+        self.base = settings["MLFLOW_TRACKING_URI"]
+        user, password = values["MLFLOW_ADMIN_USERNAME"], values["MLFLOW_ADMIN_PASSWORD"]
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.headers = {"Authorization": f"Basic {token}", "Content-Type": "application/json"}
+        ca = settings.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        self.context = ssl.create_default_context(cafile=ca) if ca else None
+
+    def call(self, method: str, path: str, body: dict | None = None, query: dict | None = None) -> dict:
+        url = f"{self.base}/api/2.0/mlflow/{path}"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=self.context) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            try:
+                detail = json.loads(detail).get("message", detail)
+            except json.JSONDecodeError:
+                pass
+            if exc.code == 401:
+                raise UserError("the server refused the admin credentials from .env "
+                                "(MLFLOW_ADMIN_USERNAME/MLFLOW_ADMIN_PASSWORD); if you changed the "
+                                "admin password through the API, put the new one in .env") from None
+            raise UserError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
+        except urllib.error.URLError as exc:
+            raise UserError(f"cannot reach {self.base} ({exc.reason}): is the stack deployed?") from None
+        return json.loads(text) if text.strip() else {}
+
+    def experiment_id(self, ref: str) -> str:
+        if ref.isdigit():
+            return ref
+        found = self.call("GET", "experiments/get-by-name", query={"experiment_name": ref})
+        return found["experiment"]["experiment_id"]
+
+
+def _password(from_stdin: bool) -> tuple[str, bool]:
+    if from_stdin:
+        value = sys.stdin.readline().rstrip("\n")
+        if len(value) < 12:
+            raise UserError("the password must have at least 12 characters")
+        return value, False
+    return secrets.token_urlsafe(18), True
+
+
+def run(values: dict[str, str], args) -> int:
+    if values.get("MLFLOW_AUTH", "true") != "true":
+        raise UserError("authentication is off (MLFLOW_AUTH=false in .env): there are no users to manage")
+    api = Api(values)
+    if args.action == "add":
+        password, generated = _password(args.password_stdin)
+        api.call("POST", "users/create", {"username": args.name, "password": password})
+        if args.admin:
+            api.call("PATCH", "users/update-admin", {"username": args.name, "is_admin": True})
+        print(f"users: created {args.name}{' (admin)' if args.admin else ''}")
+        if generated:
+            print(f"MLFLOW_TRACKING_USERNAME={args.name}\nMLFLOW_TRACKING_PASSWORD={password}")
+    elif args.action == "passwd":
+        password, generated = _password(args.password_stdin)
+        api.call("PATCH", "users/update-password", {"username": args.name, "password": password})
+        print(f"users: changed the password of {args.name}")
+        if generated:
+            print(f"MLFLOW_TRACKING_PASSWORD={password}")
+    elif args.action == "grant":
+        permission = args.permission.upper()
+        if permission not in PERMISSIONS:
+            raise UserError(f"permission {args.permission}: use one of {', '.join(PERMISSIONS)}")
+        exp_id = api.experiment_id(args.experiment)
+        body = {"experiment_id": exp_id, "username": args.name, "permission": permission}
+        try:
+            api.call("POST", "experiments/permissions/create", body)
+        except UserError as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                raise
+            api.call("PATCH", "experiments/permissions/update", body)
+        print(f"users: {args.name} has {permission} on experiment {exp_id}")
+    elif args.action == "delete":
+        api.call("DELETE", "users/delete", {"username": args.name})
+        print(f"users: deleted {args.name}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("users")
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("add")
+    a.add_argument("name")
+    a.add_argument("--admin", action="store_true")
+    a.add_argument("--password-stdin", action="store_true")
+    a = actions.add_parser("passwd")
+    a.add_argument("name")
+    a.add_argument("--password-stdin", action="store_true")
+    a = actions.add_parser("grant")
+    a.add_argument("name")
+    a.add_argument("experiment", help="experiment id or name")
+    a.add_argument("permission", help=" | ".join(PERMISSIONS))
+    a = actions.add_parser("delete")
+    a.add_argument("name")

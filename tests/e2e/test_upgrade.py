@@ -1,0 +1,67 @@
+"""Upgrade: data written by the previous MLflow minor release, then the pinned one.
+
+A second stack (own project, ports and volumes) is deployed with
+MLFLOW_VERSION set to the previous minor release, a client logs to it, and
+./stack_deploy.sh without the override must back up, migrate and keep all data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .conftest import Stack, free_port
+
+PREVIOUS = "3.16.1"  # the newest release of the previous minor line
+
+
+@pytest.fixture(scope="module")
+def old_stack(stack, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("upgrade")
+    environ = {**stack.environ,
+               "STACK_ENV_FILE": str(workdir / ".env"),
+               "COMPOSE_PROJECT_NAME": f"mlflowupg{uuid.uuid4().hex[:8]}",
+               "HTTP_PORT": str(free_port()), "S3_PORT": str(free_port()),
+               "BACKUP_DIR": str(workdir / "backups")}
+    the_stack = Stack(environ=environ, workdir=workdir)
+    try:
+        yield the_stack
+    finally:
+        the_stack.script("stack_remove.sh", "--purge", "--yes", check=False)
+
+
+def server_version(s: Stack) -> str:
+    with urllib.request.urlopen(f"http://localhost:{s.values()['HTTP_PORT']}/version", timeout=10) as r:
+        return r.read().decode().strip()
+
+
+def test_upgrade_from_the_previous_minor_keeps_all_data(old_stack):
+    old_stack.deploy(extra={"MLFLOW_VERSION": PREVIOUS})
+    assert server_version(old_stack) == PREVIOUS
+    out = old_stack.workdir / "old-run.json"
+    old_stack.client("write", str(out), "--blob-mib", "21", extra={"E2E_EXPERIMENT": "written-by-previous"})
+    runs_before = old_stack.psql("SELECT count(*) FROM runs")
+    revision_before = old_stack.psql("SELECT version_num FROM alembic_version")
+
+    result = old_stack.deploy()
+    assert server_version(old_stack) not in ("", PREVIOUS)
+    revision_after = old_stack.psql("SELECT version_num FROM alembic_version")
+    assert revision_after != revision_before, "the schema was not migrated"
+    assert f"Upgraded the MLflow schema from {revision_before} to {revision_after}" in result.stderr
+    pre = sorted(Path(old_stack.environ["BACKUP_DIR"]).glob("mlflow-backup-*-pre-upgrade"))
+    assert len(pre) == 1, "no pre-upgrade backup"
+    manifest = json.loads((pre[0] / "manifest.json").read_text())
+    assert manifest["mlflow_version"] == PREVIOUS and manifest["alembic_version"] == revision_before
+    assert re.search(r"db/db_volume_restore\.sh \S+-pre-upgrade", result.stderr)
+
+    assert old_stack.psql("SELECT count(*) FROM runs") == runs_before
+    old_stack.client("read", str(out))
+
+    again = old_stack.deploy()
+    assert "Schema: current" in again.stderr
+    assert len(sorted(Path(old_stack.environ["BACKUP_DIR"]).glob("*-pre-upgrade"))) == 1

@@ -1,0 +1,117 @@
+"""The server's input checks (mlflow/stack_guard.py), without a server."""
+
+import asyncio
+import importlib.util
+import json
+
+import pytest
+
+from stack.paths import ROOT
+
+_spec = importlib.util.spec_from_file_location("stack_guard", ROOT / "mlflow" / "stack_guard.py")
+guard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(guard)
+
+BATCH = "/api/2.0/mlflow/runs/log-batch"
+JSON = "application/json"
+
+
+def metric(value=1.0, ts=1, step=0, key="loss"):
+    return {"key": key, "value": value, "timestamp": ts, "step": step}
+
+
+def body(**kw):
+    return json.dumps({"run_id": "r", **kw}).encode()
+
+
+@pytest.mark.parametrize("payload", [
+    body(metrics=[metric(), metric(value="NaN"), metric(value=3, ts="1700000000000", step="-2")]),
+    body(params=[{"key": "p", "value": "x" * 6000}], tags=[{"key": "t", "value": "y" * 8000}]),
+    body(metrics=[metric(step=i) for i in range(1000)]),
+])
+def test_good_batches_pass(payload):
+    guard.validate(BATCH, JSON, payload)
+
+
+@pytest.mark.parametrize("payload, status, fragment", [
+    (b'{"run_id": "r", "metrics": [', 400, "malformed JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (body(metrics=[metric(value="abc")]), 400, "must be a number"),
+    (body(metrics=[metric(value=True)]), 400, "must be a number"),
+    (body(metrics=[metric(ts=-5)]), 400, "must be >= 0"),
+    (body(metrics=[{"key": "m", "value": 1}]), 400, "no timestamp"),
+    (body(metrics=[metric(step="one")]), 400, "must be an integer"),
+    (body(metrics=[metric(step=i) for i in range(1001)]), 400, "at most 1000 metrics"),
+    (body(params=[{"key": f"p{i}", "value": "v"} for i in range(101)]), 400, "at most 100 params"),
+    (body(params=[{"key": "p", "value": "x" * 6001}]), 400, "refused rather than truncated"),
+    (body(tags=[{"key": "t", "value": "x" * 8001}]), 400, "limit is 8000"),
+    (body(metrics=[metric(key="")]), 400, "non-empty"),
+    (body(metrics="lots"), 400, "must be a list"),
+])
+def test_bad_batches_are_refused(payload, status, fragment):
+    with pytest.raises(guard.Invalid) as info:
+        guard.validate(BATCH, JSON, payload)
+    assert info.value.status == status and fragment in str(info.value)
+
+
+def test_single_writes_are_checked_too():
+    with pytest.raises(guard.Invalid, match="must be a number"):
+        guard.validate("/ajax-api/2.0/mlflow/runs/log-metric", JSON, body(**metric(value="abc")))
+    with pytest.raises(guard.Invalid, match="6001 characters"):
+        guard.validate("/api/2.0/mlflow/runs/log-parameter", JSON, body(key="p", value="x" * 6001))
+
+
+def test_wrong_content_type_on_a_checked_endpoint_is_415():
+    with pytest.raises(guard.Invalid) as info:
+        guard.validate(BATCH, "text/plain", body(metrics=[metric()]))
+    assert info.value.status == 415
+
+
+def test_other_endpoints_only_need_well_formed_json():
+    guard.validate("/api/2.0/mlflow/experiments/create", JSON, b'{"name": "x"}')
+    guard.validate("/api/2.0/mlflow-artifacts/artifacts/x", "application/octet-stream", b"\x00\x01")
+    with pytest.raises(guard.Invalid, match="malformed"):
+        guard.validate("/api/2.0/mlflow/experiments/create", JSON, b"{nope")
+
+
+def _call(app, path, payload, headers=None, method="POST"):
+    sent = []
+    messages = [{"type": "http.request", "body": payload[:5], "more_body": True},
+                {"type": "http.request", "body": payload[5:], "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path,
+             "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()]}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_middleware_answers_mlflow_style_errors_and_replays_good_bodies():
+    seen = []
+
+    async def inner(scope, receive, send):
+        data, more = b"", True
+        while more:
+            message = await receive()
+            data, more = data + message.get("body", b""), message.get("more_body", False)
+        seen.append(data)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = guard.Guard(inner, auth=True)
+    auth = {"authorization": "Basic eDp5", "content-type": JSON}
+    good = body(metrics=[metric()])
+    assert _call(app, BATCH, good, auth)[0]["status"] == 200
+    assert seen == [good]
+    bad = _call(app, BATCH, body(metrics=[metric(value="abc")]), auth)
+    assert bad[0]["status"] == 400
+    assert json.loads(bad[1]["body"])["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert len(seen) == 1, "a refused request reached MLflow"
+    # Without credentials the auth layer answers first (401), whatever the body.
+    _call(app, BATCH, b"{broken", {"content-type": JSON})
+    assert seen[-1] == b"{broken"

@@ -63,7 +63,9 @@ def run_notebook(path: Path, env: dict[str, str] | None = None, timeout: int = 6
                             resources={"metadata": {"path": str(path.parent)}})
     started = time.monotonic()
     try:
-        client.execute(env=dict(os.environ if env is None else env))
+        kernel_env = dict(os.environ if env is None else env)
+        kernel_env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        client.execute(env=kernel_env)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
     return notebook, time.monotonic() - started

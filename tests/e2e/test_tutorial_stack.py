@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from stack import paths
+from stack import envfile, paths
 
 ROOT = paths.ROOT
 SCENARIOS = ROOT / "examples" / "scenarios.sh"
@@ -92,9 +92,12 @@ def test_quickstart_takes_the_settings_from_show_all(stack, tmp_path):
     """Without MLFLOW_TRACKING_URI the script asks ./show_all.sh --client-env."""
     experiment = f"quickstart-e2e-{uuid.uuid4().hex[:8]}"
     workdir = tmp_path / "work"
+    # The deploying shell's settings: its .env, plus what it overrode (ports, host).
+    settings = {key: stack.environ[key] for key in envfile.parse(stack.env_file.read_text())
+                if key in stack.environ}
     env = user_env(stack, with_client_env=False, MLFLOW_EXPERIMENT_NAME=experiment,
                    STACK_ENV_FILE=stack.environ["STACK_ENV_FILE"],
-                   COMPOSE_PROJECT_NAME=stack.environ["COMPOSE_PROJECT_NAME"])
+                   COMPOSE_PROJECT_NAME=stack.environ["COMPOSE_PROJECT_NAME"], **settings)
     result = run([str(SCENARIOS), "stack", "--workdir", str(workdir)], env=env, timeout=600)
     assert "settings from ./show_all.sh --client-env" in result.stderr, result.stderr[-3000:]
     check_quickstart(stack, result, workdir, experiment)

@@ -43,9 +43,9 @@ if [ "$PURGE" = 1 ]; then
 	confirm "Delete the stack '$project' AND its data volumes (all experiments, runs and artifacts)?" \
 		|| die "nothing removed"
 	log "Removing containers, networks and data volumes"
-	compose down --remove-orphans --volumes
+	compose --profile '*' down --remove-orphans --volumes
 else
 	log "Removing containers and networks (data volumes are kept)"
-	compose down --remove-orphans
+	compose --profile '*' down --remove-orphans
 fi
 log "Done."

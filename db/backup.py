@@ -16,6 +16,7 @@ to /backups (a bind mount of BACKUP_DIR on the host).
 
 A set is a folder mlflow-backup-<UTC time>[-<kind>] with:
   db.dump          pg_dump -Fc (a consistent snapshot while clients keep writing)
+  auth.dump        the same for the user store (<db>_auth), when authentication is on
   bucket.tar       every object of the artifact bucket, key = member name
   versions.json    MLflow version, schema revision, images
   manifest.json    row counts per table, objects (count, bytes, sha256 per key), sha256 per file
@@ -111,6 +112,13 @@ def alembic_version(db: str | None = None) -> str | None:
     if psql("SELECT to_regclass('public.alembic_version') IS NOT NULL", db=db) != "t":
         return None
     return psql("SELECT version_num FROM alembic_version", db=db) or None
+
+
+def auth_db() -> str | None:
+    """The basic-auth user store, if this stack has one."""
+    name = os.environ["POSTGRES_DB"] + "_auth"
+    exists = psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'", db="postgres")
+    return name if exists == "1" else None
 
 
 def inspect_dump(dump: Path) -> tuple[dict[str, int], str | None]:
@@ -269,6 +277,15 @@ def create(kind: str | None = None, keep: int | None = None, root: Path = ROOT) 
             pg("pg_dump", "-Fc", stdout=fh)
         log("checking the dump by restoring it into a scratch database")
         tables, revision = inspect_dump(partial / "db.dump")
+        files = list(DATA_FILES)
+        auth_tables = None
+        users_db = auth_db()
+        if users_db:
+            log(f"dumping the user database {users_db}")
+            with open(partial / "auth.dump", "wb") as fh:
+                pg("pg_dump", "-Fc", "-d", users_db, stdout=fh)
+            auth_tables, _ = inspect_dump(partial / "auth.dump")
+            files.append("auth.dump")
         log(f"copying bucket {bucket()}")
         objects = export_bucket(s3(), partial / "bucket.tar")
         version = mlflow_version()
@@ -283,8 +300,8 @@ def create(kind: str | None = None, keep: int | None = None, root: Path = ROOT) 
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "database": os.environ["POSTGRES_DB"], "bucket": bucket(),
             "mlflow_version": version, "alembic_version": revision,
-            "tables": tables, "objects": objects,
-            "files": {f: sha256_file(partial / f) for f in DATA_FILES},
+            "tables": tables, "auth_tables": auth_tables, "objects": objects,
+            "files": {f: sha256_file(partial / f) for f in files},
         }
         final = _finish(partial, manifest, root, name)
     except BaseException:
@@ -367,6 +384,15 @@ def restore(set_dir: Path) -> dict:
     pg("createdb", "-O", os.environ["POSTGRES_USER"], db, db="postgres")
     with open(set_dir / "db.dump", "rb") as fh:
         pg("pg_restore", "--no-owner", "--exit-on-error", "-d", db, stdin=fh)
+    if manifest.get("auth_tables") is not None:
+        users_db = db + "_auth"
+        log(f"restoring the user database {users_db}")
+        pg("dropdb", "--if-exists", "--force", users_db, db="postgres")
+        pg("createdb", "-O", os.environ["POSTGRES_USER"], users_db, db="postgres")
+        with open(set_dir / "auth.dump", "rb") as fh:
+            pg("pg_restore", "--no-owner", "--exit-on-error", "-d", users_db, stdin=fh)
+        if table_counts(users_db) != manifest["auth_tables"]:
+            raise BackupError("restored user database row counts differ from the manifest")
     log("restoring the bucket")
     client = s3()
     keys = [o["Key"] for o in list_objects(client)]

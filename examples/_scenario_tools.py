@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import socket
 import sqlite3
 import sys
@@ -40,8 +41,11 @@ def free_port() -> int:
 
 
 def _health(url: str, timeout: float = 2.0) -> tuple[bool, str]:
+    # The stack's local CA, as the printed client settings name it.
+    cafile = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout, context=context) as resp:
             body = resp.read(200).decode(errors="replace").strip()
             return resp.status == 200, f"HTTP {resp.status} {body}"
     except urllib.error.HTTPError as exc:

@@ -70,10 +70,23 @@ def database_uri(environ=None) -> str:
 
 
 def public_origin(environ=None) -> tuple[str, str, int]:
-    scheme = env("MLFLOW_PUBLIC_SCHEME", "http", environ=environ)
+    scheme = env("MLFLOW_PUBLIC_SCHEME", "https", environ=environ)
     host = env("MLFLOW_PUBLIC_HOST", environ=environ)
-    port = int(env("HTTP_PORT", environ=environ))
+    port = int(env("MLFLOW_PUBLIC_PORT", environ=environ))
     return scheme, host, port
+
+
+def auth_enabled(environ=None) -> bool:
+    value = env("MLFLOW_AUTH", "true", environ=environ)
+    if value not in ("true", "false"):
+        raise ConfigError(f"MLFLOW_AUTH={value!r}: use true or false")
+    return value == "true"
+
+
+def auth_database_uri(environ=None) -> str:
+    """The user store: its own database next to MLflow's, in the same server."""
+    base, _, db = database_uri(environ).rpartition("/")
+    return f"{base}/{db}_auth"
 
 
 def host_port(host: str, port: int, scheme: str) -> str:
@@ -130,6 +143,8 @@ def server_argv(environ=None) -> list[str]:
         "--host", "0.0.0.0",
         "--port", str(SERVER_PORT),
         "--workers", workers,
+        # The stack's app: MLflow (with basic-auth when on) behind input checks.
+        "--app-name", "stack",
         *artifact_args(environ),
     ]
 
@@ -142,13 +157,43 @@ def s3_environment(environ=None) -> dict[str, str]:
     }
 
 
-def server_environment(environ=None) -> dict[str, str]:
-    return {
+def server_environment(environ=None, runtime_dir: str = "/tmp/mlflow-stack") -> dict[str, str]:
+    result = {
         **s3_environment(environ),
         "MLFLOW_BACKEND_STORE_URI": database_uri(environ),
         "MLFLOW_SERVER_ALLOWED_HOSTS": allowed_hosts(environ),
         "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": cors_origins(environ),
+        "MLFLOW_STACK_AUTH": "true" if auth_enabled(environ) else "false",
     }
+    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+    trust = (environ or os.environ).get("STACK_TLS_TRUST", "")
+    if trust and os.path.isfile(trust):
+        # The server's own S3 calls go to the public (TLS) endpoint: trust the
+        # stack's certificate on top of the usual CAs.
+        import certifi
+
+        bundle = os.path.join(runtime_dir, "ca-bundle.pem")
+        with open(certifi.where(), encoding="utf-8") as system, open(trust, encoding="utf-8") as extra, \
+                open(bundle, "w", encoding="utf-8") as out:
+            out.write(system.read().rstrip("\n") + "\n" + extra.read())
+        result["AWS_CA_BUNDLE"] = bundle
+    if auth_enabled(environ):
+        permission = env("MLFLOW_DEFAULT_PERMISSION", "READ", environ=environ)
+        ini = os.path.join(runtime_dir, "basic_auth.ini")
+        fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("[mlflow]\n"
+                     f"default_permission = {permission}\n"
+                     f"database_uri = {auth_database_uri(environ).replace('%', '%%')}\n"
+                     f"admin_username = {env('MLFLOW_ADMIN_USERNAME', 'admin', environ=environ)}\n"
+                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        result.update({
+            "MLFLOW_AUTH_CONFIG_PATH": ini,
+            "MLFLOW_AUTH_ADMIN_USERNAME": env("MLFLOW_ADMIN_USERNAME", "admin", environ=environ),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": secret("MLFLOW_ADMIN_PASSWORD", environ=environ),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret("MLFLOW_FLASK_SECRET_KEY", environ=environ),
+        })
+    return result
 
 
 def is_loopback(host: str) -> bool:
@@ -212,6 +257,16 @@ def cmd_forward(args: list[str]) -> int:
 
 def cmd_server(_args: list[str]) -> int:
     os.environ.update(server_environment())
+    if auth_enabled():
+        # What `mlflow server --app-name basic-auth` does before starting
+        # workers; with the stack's own app name it is done here, once.
+        from mlflow.server.auth import bootstrap_admin_user, get_flask_server_secret_key
+
+        get_flask_server_secret_key()
+        bootstrap_admin_user()
+    else:
+        print("entrypoint: WARNING: authentication is OFF (MLFLOW_AUTH=false); anyone who can "
+              "reach the server can read and change everything", file=sys.stderr, flush=True)
     relay = s3_relay_target()
     if relay:
         subprocess.Popen(  # noqa: S603 - fixed argv, no shell
@@ -232,7 +287,34 @@ def cmd_migrate(_args: list[str]) -> int:
     print("migrate: bringing the MLflow schema up to date", flush=True)
     upgrade.callback(database_uri())
     print("migrate: schema is current", flush=True)
+    if auth_enabled():
+        ensure_auth_database()
     return 0
+
+
+def ensure_auth_database() -> None:
+    """Create the user store's database and schema before any server worker starts
+    (workers migrating it concurrently would race)."""
+    import psycopg2
+    from psycopg2 import sql
+
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    name = env("POSTGRES_DB") + "_auth"
+    conn = psycopg2.connect(host=env("POSTGRES_HOST", "db"), port=env("POSTGRES_PORT", "5432"),
+                            user=env("POSTGRES_USER"), password=secret("POSTGRES_PASSWORD"),
+                            dbname=env("POSTGRES_DB"))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                print(f"migrate: created the user database {name}", flush=True)
+    finally:
+        conn.close()
+    SqlAlchemyStore().init_db(auth_database_uri())
+    print(f"migrate: user database {name} is current", flush=True)
 
 
 def cmd_schema_status(_args: list[str]) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ITEMS = 1000, 100, 100, 1000
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
@@ -107,7 +108,27 @@ def check_log_batch(body: dict) -> None:
         check_tag(t)
 
 
+def check_experiment(body: dict) -> None:
+    """A client-chosen artifact_location must stay inside the stack's store: no
+    local paths, other buckets or hosts, no dot-segments or URL tricks."""
+    location = body.get("artifact_location")
+    if location in (None, ""):
+        return
+    if not isinstance(location, str):
+        raise Invalid("artifact_location must be a string")
+    decoded = urllib.parse.unquote(urllib.parse.unquote(location))
+    segments = decoded.replace("\\", "/").split("/")
+    if ".." in segments or "." in segments[1:] or any(ch in decoded for ch in "#?\x00"):
+        raise Invalid("artifact_location may not contain '..', '.', '#', '?' or encoded forms of them")
+    bucket = os.environ.get("MLFLOW_BUCKET", "")
+    allowed = ("mlflow-artifacts:/", f"s3://{bucket}/artifacts/") if bucket else ("mlflow-artifacts:/",)
+    if not decoded.startswith(allowed):
+        raise Invalid(f"artifact_location must be inside the stack's artifact store ({' or '.join(allowed)}); "
+                      "leave it empty to let the server choose")
+
+
 CHECKS = {
+    "experiments/create": check_experiment,
     "runs/log-batch": check_log_batch,
     "runs/log-metric": check_metric,
     "runs/log-parameter": check_param,

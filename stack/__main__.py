@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import client_env, envfile, paths, preflight, show
+from . import client_env, envfile, paths, preflight, show, tls, users
 
 
 def _values() -> dict[str, str]:
@@ -66,21 +66,42 @@ def cmd_preflight(args) -> int:
 
 
 def cmd_client_env(_args) -> int:
-    sys.stdout.write(client_env.render(_values()))
+    values = _values()
+    sys.stdout.write(client_env.render(values, tls.ensure(values, create=False)))
     return 0
 
 
 def cmd_compose_env(_args) -> int:
+    """What the scripts export for Compose; makes the TLS certificate if needed."""
     values = _values()
+    try:
+        material = tls.ensure(values)
+    except tls.TlsError as exc:
+        raise envfile.EnvError(str(exc)) from None
     print(f"export MLFLOW_DOCKERFILE={envfile.VARIANTS[values['MLFLOW_VARIANT']]}")
     print(f"export COMPOSE_PROJECT_NAME={paths.project_name()}")
+    print(f"export STACK_TLS_CERT={material['cert']}")
+    print(f"export STACK_TLS_KEY={material['key']}")
+    print(f"export STACK_TLS_TRUST={material['trust']}")
+    if values["MLFLOW_AUTH"] != "true":
+        print("WARNING: MLFLOW_AUTH=false: the server has NO authentication. Anyone who can reach "
+              f"ports {values['HTTPS_PORT']}/{values['S3_PORT']} can read, change and delete every "
+              "experiment. Only do this on a machine nobody else can reach.", file=sys.stderr)
     return 0
+
+
+def cmd_users(args) -> int:
+    try:
+        return users.run(_values(), args)
+    except users.UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_show(args) -> int:
     values = _values()
     if args.client_env:
-        sys.stdout.write(client_env.render(values))
+        sys.stdout.write(client_env.render(values, tls.ensure(values, create=False)))
         return 0
     sys.stdout.write(show.report(values))
     return 0
@@ -99,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_preflight)
     sub.add_parser("client-env").set_defaults(func=cmd_client_env)
     sub.add_parser("compose-env").set_defaults(func=cmd_compose_env)
+    users.add_parser(sub)
+    sub.choices["users"].set_defaults(func=cmd_users)
     p = sub.add_parser("show")
     p.add_argument("--client-env", action="store_true")
     p.set_defaults(func=cmd_show)

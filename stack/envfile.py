@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GENERATED = "<generated>"
-SECRET_KEYS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD")
-ALLOW_EMPTY = ("COMPOSE_PROFILES",)
+SECRET_KEYS = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY")
+ALLOW_EMPTY = ("COMPOSE_PROFILES", "TLS_CERT_FILE", "TLS_KEY_FILE")
 MIN_SECRET_LENGTH = 16
 VARIANTS = {"pip": "Dockerfile", "conda": "Dockerfile-conda"}
 _LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
@@ -162,9 +162,18 @@ def validate(values: dict[str, str], example: dict[str, str]) -> list[str]:
             errors.append(f"{key}={v[key]!r}: use lower-case letters, digits and _ (start with a letter)")
     if "MLFLOW_BUCKET" in v and not _BUCKET.match(v["MLFLOW_BUCKET"]):
         errors.append(f"MLFLOW_BUCKET={v['MLFLOW_BUCKET']!r}: use 3-63 lower-case letters, digits, '.' or '-'")
-    ports = [_port(v, key, errors) if key in v else None for key in ("HTTP_PORT", "S3_PORT")]
-    if ports[0] is not None and ports[0] == ports[1]:
-        errors.append("HTTP_PORT and S3_PORT are the same: give the S3 API its own port")
+    port_keys = ("HTTPS_PORT", "HTTP_PORT", "S3_PORT")
+    ports = {key: _port(v, key, errors) for key in port_keys if key in v}
+    seen: dict[int, str] = {}
+    for key, number in ports.items():
+        if number is not None and number in seen:
+            errors.append(f"{seen[number]} and {key} are the same port: each needs its own")
+        elif number is not None:
+            seen[number] = key
+    if bool(v.get("TLS_CERT_FILE")) != bool(v.get("TLS_KEY_FILE")):
+        errors.append("set both TLS_CERT_FILE and TLS_KEY_FILE (your certificate and its key), or neither")
+    if "MLFLOW_ADMIN_USERNAME" in v and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", v["MLFLOW_ADMIN_USERNAME"]):
+        errors.append(f"MLFLOW_ADMIN_USERNAME={v['MLFLOW_ADMIN_USERNAME']!r}: use letters, digits and _ . @ -")
     if "MLFLOW_PUBLIC_HOST" in v and not _valid_host(v["MLFLOW_PUBLIC_HOST"]):
         errors.append(f"MLFLOW_PUBLIC_HOST={v['MLFLOW_PUBLIC_HOST']!r}: use a host name (mlflow.example.com) "
                       "or an IP address, without scheme or port")
@@ -174,7 +183,8 @@ def validate(values: dict[str, str], example: dict[str, str]) -> list[str]:
         except ValueError:
             errors.append(f"BIND_ADDRESS={v['BIND_ADDRESS']!r}: use an IP address (0.0.0.0 or 127.0.0.1)")
     choices = {"MLFLOW_VARIANT": ("pip", "conda"), "MLFLOW_ARTIFACTS_MODE": ("proxied", "direct"),
-               "MLFLOW_ENABLE_JOBS": ("true", "false")}
+               "MLFLOW_ENABLE_JOBS": ("true", "false"), "MLFLOW_AUTH": ("true", "false"),
+               "MLFLOW_DEFAULT_PERMISSION": ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")}
     for key, allowed in choices.items():
         if key in v and v[key] not in allowed:
             errors.append(f"{key}={v[key]!r}: use {' or '.join(allowed)}")

@@ -111,7 +111,9 @@ def check_ports(values: dict[str, str]) -> list[Check]:
     address = values["BIND_ADDRESS"]
     ours = stack_published_ports()
     checks = []
-    for key in ("HTTP_PORT", "S3_PORT"):
+    for key in ("HTTPS_PORT", "HTTP_PORT", "S3_PORT"):
+        if key not in values:
+            continue
         port = int(values[key])
         if port in ours:
             checks.append(Check(f"port {port} ({key})", True, "held by this stack's nginx"))

@@ -91,8 +91,10 @@ def report(values: dict[str, str]) -> str:
 
     host = values["MLFLOW_PUBLIC_HOST"]
     lines += ["", "Published URLs:",
-              f"  MLflow UI/API  http://{host}:{values['HTTP_PORT']}  (bound to {values['BIND_ADDRESS']})",
-              f"  S3 API         http://{host}:{values['S3_PORT']}  (bucket {values['MLFLOW_BUCKET']})"]
+              f"  MLflow UI/API  https://{host}:{values['HTTPS_PORT']}  (bound to {values['BIND_ADDRESS']}; "
+              f"http://{host}:{values['HTTP_PORT']} redirects)",
+              f"  S3 API         https://{host}:{values['S3_PORT']}  (bucket {values['MLFLOW_BUCKET']})",
+              f"  login          {'on (./stack_users.sh manages accounts)' if values['MLFLOW_AUTH'] == 'true' else 'OFF: anyone who reaches the ports has full access'}"]
 
     lines += ["", "Volumes:"]
     vols = volumes(project)

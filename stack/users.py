@@ -19,7 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from . import client_env
+from . import client_env, tls
 
 PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
 
@@ -30,7 +30,7 @@ class UserError(Exception):
 
 class Api:
     def __init__(self, values: dict[str, str]):
-        settings = dict(client_env.client_env(values))
+        settings = dict(client_env.client_env(values, tls.ensure(values, create=False)))
         self.base = settings["MLFLOW_TRACKING_URI"]
         user, password = values["MLFLOW_ADMIN_USERNAME"], values["MLFLOW_ADMIN_PASSWORD"]
         token = base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -32,7 +32,7 @@ _failures: list[str] = []
 # The modules share one deployment and build on each other: the stack's own
 # checks (exact counts) first, then the tutorial, then backups (which wipe and
 # restore the data), then the upgrade test (a second, older stack).
-MODULE_ORDER = ["test_stack.py", "test_tutorial_stack.py", "test_backup.py", "test_upgrade.py"]
+MODULE_ORDER = ["test_stack.py", "test_tutorial_stack.py", "test_security.py", "test_backup.py", "test_upgrade.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -83,6 +83,26 @@ class Stack:
 
     def values(self) -> dict[str, str]:
         return envfile.effective(envfile.parse(self.env_file.read_text()), self.environ)
+
+    @property
+    def base_url(self) -> str:
+        return f"https://localhost:{self.values()['HTTPS_PORT']}"
+
+    @property
+    def ca_bundle(self) -> str:
+        return self.client_env["REQUESTS_CA_BUNDLE"]
+
+    def http(self, method: str, path: str, *, auth=None, base=None, **kw):
+        """A request as a browser or script would send it (requests, TLS verified)."""
+        import requests
+
+        values = self.values()
+        if auth is None:
+            auth = (values["MLFLOW_ADMIN_USERNAME"], values["MLFLOW_ADMIN_PASSWORD"])
+        elif auth is False:
+            auth = None
+        return requests.request(method, (base or self.base_url) + path, auth=auth,
+                                verify=self.ca_bundle, timeout=60, allow_redirects=False, **kw)
 
     def script(self, name: str, *args: str, check: bool = True, timeout: int = 1500,
                extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -189,7 +209,9 @@ def stack(standins, tmp_path_factory):
         "COMPOSE_PROJECT_NAME": f"mlflowe2e{uuid.uuid4().hex[:8]}",
         "BIND_ADDRESS": "127.0.0.1",
         "HTTP_PORT": str(free_port()),
+        "HTTPS_PORT": str(free_port()),
         "S3_PORT": str(free_port()),
+        "STACK_CERT_DIR": str(workdir / "certs"),
         "MLFLOW_PUBLIC_HOST": "localhost",
         "BACKUP_DIR": str(workdir / "backups"),
     }

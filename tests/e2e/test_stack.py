@@ -19,10 +19,10 @@ MiB = 1 << 20
 
 
 def s3_client(stack):
-    """Straight to the bucket through nginx's S3 port, not through MLflow."""
+    """Straight to the bucket through nginx's S3 port (TLS), not through MLflow."""
     values = stack.values()
     return boto3.client(
-        "s3", endpoint_url=f"http://localhost:{values['S3_PORT']}",
+        "s3", endpoint_url=f"https://localhost:{values['S3_PORT']}", verify=stack.ca_bundle,
         aws_access_key_id=values["MINIO_ROOT_USER"], aws_secret_access_key=values["MINIO_ROOT_PASSWORD"],
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
@@ -53,7 +53,14 @@ def logged(stack):
 
 def test_deploy_printed_client_settings(stack):
     values = stack.values()
-    assert stack.client_env == {"MLFLOW_TRACKING_URI": f"http://localhost:{values['HTTP_PORT']}"}
+    certs = stack.environ["STACK_CERT_DIR"]
+    assert stack.client_env == {
+        "MLFLOW_TRACKING_URI": f"https://localhost:{values['HTTPS_PORT']}",
+        "MLFLOW_TRACKING_USERNAME": values["MLFLOW_ADMIN_USERNAME"],
+        "MLFLOW_TRACKING_PASSWORD": values["MLFLOW_ADMIN_PASSWORD"],
+        "MLFLOW_TRACKING_SERVER_CERT_PATH": f"{certs}/ca.crt",
+        "REQUESTS_CA_BUNDLE": f"{certs}/ca-bundle.pem",
+    }
     assert "Deployed." in stack.deploy_output
 
 
@@ -87,14 +94,19 @@ def test_database_and_object_store_are_on_an_internal_network_only(stack):
     assert net["Internal"] is True
 
 
-def test_health_endpoints(stack):
-    import urllib.request
+def test_health_endpoints_answer_without_login_over_verified_tls(stack):
+    health = stack.http("GET", "/health", auth=False)
+    assert health.status_code == 200 and health.text.strip() == "OK"
+    assert stack.http("GET", "/nginx-health", auth=False).status_code == 200
 
-    port = stack.values()["HTTP_PORT"]
-    with urllib.request.urlopen(f"http://localhost:{port}/health", timeout=10) as r:
-        assert r.status == 200 and r.read().strip() == b"OK"
-    with urllib.request.urlopen(f"http://localhost:{port}/nginx-health", timeout=10) as r:
-        assert r.status == 200
+
+def test_plain_http_redirects_to_https(stack):
+    values = stack.values()
+    response = stack.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1", auth=False,
+                          base=f"http://localhost:{values['HTTP_PORT']}")
+    assert response.status_code == 301
+    assert response.headers["Location"] == \
+        f"https://localhost:{values['HTTPS_PORT']}/api/2.0/mlflow/experiments/search?max_results=1"
 
 
 def test_remote_client_rows_are_in_postgresql(stack, logged):
@@ -138,7 +150,8 @@ def test_downloads_used_presigned_urls_through_nginx_s3_port(stack, logged):
 
 def test_secrets_are_not_in_inspect_top_or_logs(stack, logged):
     values = stack.values()
-    secrets = [values["POSTGRES_PASSWORD"], values["MINIO_ROOT_PASSWORD"]]
+    secrets = [values[k] for k in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
+                                   "MLFLOW_FLASK_SECRET_KEY")]
     ids = list(stack.container_ids().values())
     inspected = subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True, check=True).stdout
     logs = stack.compose("logs", "--no-color").stdout
@@ -183,8 +196,10 @@ def test_show_all_reports_state_counts_and_client_env(stack, logged):
     assert re.search(r"runs\s+1 active", out), out
     assert re.search(r"bucket\s+\d+ objects, 50\.\d MiB", out), out
     assert re.search(r"version\s+3\.\d+\.\d+", out), out
+    from .conftest import parse_exports
+
     env = stack.script("show_all.sh", "--client-env").stdout
-    assert env.strip() == f"export MLFLOW_TRACKING_URI=http://localhost:{stack.values()['HTTP_PORT']}"
+    assert parse_exports(env) == stack.client_env
 
 
 def test_a_1_gib_artifact_round_trips_without_413_or_504(stack):
@@ -199,7 +214,8 @@ def test_direct_mode_clients_write_to_s3_themselves(stack):
     stack.deploy(extra={"MLFLOW_ARTIFACTS_MODE": "direct"})
     try:
         env = stack.client_env
-        assert env["MLFLOW_S3_ENDPOINT_URL"] == f"http://localhost:{stack.values()['S3_PORT']}"
+        assert env["MLFLOW_S3_ENDPOINT_URL"] == f"https://localhost:{stack.values()['S3_PORT']}"
+        assert env["AWS_CA_BUNDLE"] == stack.ca_bundle
         assert env["AWS_SECRET_ACCESS_KEY"] == stack.values()["MINIO_ROOT_PASSWORD"]
         out = stack.workdir / "direct.json"
         stack.client("write", str(out), "--blob-mib", "5", extra={"E2E_EXPERIMENT": "e2e-direct"})

@@ -97,7 +97,8 @@ def test_quickstart_takes_the_settings_from_show_all(stack, tmp_path):
                 if key in stack.environ}
     env = user_env(stack, with_client_env=False, MLFLOW_EXPERIMENT_NAME=experiment,
                    STACK_ENV_FILE=stack.environ["STACK_ENV_FILE"],
-                   COMPOSE_PROJECT_NAME=stack.environ["COMPOSE_PROJECT_NAME"], **settings)
+                   COMPOSE_PROJECT_NAME=stack.environ["COMPOSE_PROJECT_NAME"],
+                   STACK_CERT_DIR=stack.environ["STACK_CERT_DIR"], **settings)
     result = run([str(SCENARIOS), "stack", "--workdir", str(workdir)], env=env, timeout=600)
     assert "settings from ./show_all.sh --client-env" in result.stderr, result.stderr[-3000:]
     check_quickstart(stack, result, workdir, experiment)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -26,8 +25,8 @@ def old_stack(stack, tmp_path_factory):
     environ = {**stack.environ,
                "STACK_ENV_FILE": str(workdir / ".env"),
                "COMPOSE_PROJECT_NAME": f"mlflowupg{uuid.uuid4().hex[:8]}",
-               "HTTP_PORT": str(free_port()), "S3_PORT": str(free_port()),
-               "BACKUP_DIR": str(workdir / "backups")}
+               "HTTP_PORT": str(free_port()), "HTTPS_PORT": str(free_port()), "S3_PORT": str(free_port()),
+               "BACKUP_DIR": str(workdir / "backups"), "STACK_CERT_DIR": str(workdir / "certs")}
     the_stack = Stack(environ=environ, workdir=workdir)
     try:
         yield the_stack
@@ -36,8 +35,9 @@ def old_stack(stack, tmp_path_factory):
 
 
 def server_version(s: Stack) -> str:
-    with urllib.request.urlopen(f"http://localhost:{s.values()['HTTP_PORT']}/version", timeout=10) as r:
-        return r.read().decode().strip()
+    response = s.http("GET", "/version")
+    assert response.status_code == 200, response.text
+    return response.text.strip()
 
 
 def test_upgrade_from_the_previous_minor_keeps_all_data(old_stack):

@@ -24,7 +24,9 @@ def environ(tmp_path):
         "POSTGRES_USER": "mlflow", "POSTGRES_DB": "mlflow", "POSTGRES_PASSWORD_FILE": str(pw),
         "AWS_ACCESS_KEY_ID_FILE": str(key), "AWS_SECRET_ACCESS_KEY_FILE": str(secret),
         "MLFLOW_BUCKET": "mlflow", "MLFLOW_PUBLIC_HOST": "mlflow.example.com",
-        "MLFLOW_PUBLIC_SCHEME": "http", "HTTP_PORT": "8080", "S3_PORT": "9000",
+        "MLFLOW_PUBLIC_SCHEME": "https", "MLFLOW_PUBLIC_PORT": "8443", "S3_PORT": "9000",
+        "MLFLOW_AUTH": "true", "MLFLOW_ADMIN_USERNAME": "admin",
+        "MLFLOW_ADMIN_PASSWORD_FILE": str(secret), "MLFLOW_FLASK_SECRET_KEY_FILE": str(key),
     }
 
 
@@ -54,22 +56,22 @@ def test_missing_setting_names_it(environ):
 
 
 def test_public_names_drive_hosts_cors_and_s3(environ):
-    assert ep.s3_endpoint(environ) == "http://mlflow.example.com:9000"
-    assert ep.cors_origins(environ) == "http://mlflow.example.com:8080"
+    assert ep.s3_endpoint(environ) == "https://mlflow.example.com:9000"
+    assert ep.cors_origins(environ) == "https://mlflow.example.com:8443"
     hosts = ep.allowed_hosts(environ).split(",")
-    assert "mlflow.example.com:8080" in hosts
-    assert "localhost:8080" not in hosts
+    assert "mlflow.example.com:8443" in hosts
+    assert "localhost:8443" not in hosts
 
 
 def test_default_port_is_not_written(environ):
-    environ["HTTP_PORT"] = "80"
-    assert ep.cors_origins(environ) == "http://mlflow.example.com"
+    environ["MLFLOW_PUBLIC_PORT"] = "443"
+    assert ep.cors_origins(environ) == "https://mlflow.example.com"
 
 
 def test_loopback_public_host_allows_loopback_spellings_and_gets_a_relay(environ):
     environ["MLFLOW_PUBLIC_HOST"] = "localhost"
     hosts = ep.allowed_hosts(environ).split(",")
-    assert {"localhost:8080", "127.0.0.1:8080", "[::1]:8080"} <= set(hosts)
+    assert {"localhost:8443", "127.0.0.1:8443", "[::1]:8443"} <= set(hosts)
     assert ep.s3_relay_target(environ) == (9000, "nginx", 9000)
 
 
@@ -80,7 +82,7 @@ def test_real_host_name_needs_no_relay(environ):
 
 def test_ipv6_literal_is_bracketed(environ):
     environ["MLFLOW_PUBLIC_HOST"] = "fd00::5"
-    assert ep.s3_endpoint(environ) == "http://[fd00::5]:9000"
+    assert ep.s3_endpoint(environ) == "https://[fd00::5]:9000"
 
 
 @pytest.mark.parametrize("mode, expected", [
@@ -102,10 +104,42 @@ def test_bad_mode_and_workers_are_refused(environ):
         ep.server_argv(environ)
 
 
-def test_secrets_stay_off_the_command_line(environ):
+def test_secrets_stay_off_the_command_line(environ, tmp_path):
     argv = " ".join(ep.server_argv(environ))
-    env = ep.server_environment(environ)
+    env = ep.server_environment(environ, runtime_dir=str(tmp_path / "rt"))
     assert "p%40ss" in env["MLFLOW_BACKEND_STORE_URI"]
     assert env["AWS_SECRET_ACCESS_KEY"] == "s3-secret-value"
     for value in ("p@ss", "p%40ss", "s3-secret-value"):
         assert value not in argv
+
+
+def test_auth_on_writes_a_private_ini_for_its_own_database(environ, tmp_path):
+    environ["MLFLOW_DEFAULT_PERMISSION"] = "NO_PERMISSIONS"
+    env = ep.server_environment(environ, runtime_dir=str(tmp_path / "rt"))
+    ini = tmp_path / "rt" / "basic_auth.ini"
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == str(ini)
+    assert oct(ini.stat().st_mode & 0o777) == "0o600"
+    text = ini.read_text()
+    assert "default_permission = NO_PERMISSIONS" in text
+    assert "@db:5432/mlflow_auth" in text and "%%" in text  # configparser needs % doubled
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "s3-secret-value"
+    assert env["MLFLOW_STACK_AUTH"] == "true"
+    assert "--app-name stack" in " ".join(ep.server_argv(environ))
+
+
+def test_auth_off_sets_no_auth_config(environ, tmp_path):
+    environ["MLFLOW_AUTH"] = "false"
+    env = ep.server_environment(environ, runtime_dir=str(tmp_path / "rt"))
+    assert env["MLFLOW_STACK_AUTH"] == "false" and "MLFLOW_AUTH_CONFIG_PATH" not in env
+    environ["MLFLOW_AUTH"] = "maybe"
+    with pytest.raises(ep.ConfigError, match="true or false"):
+        ep.auth_enabled(environ)
+
+
+def test_stack_certificate_is_added_to_the_ca_bundle(environ, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nlocal\n-----END CERTIFICATE-----\n")
+    environ["STACK_TLS_TRUST"] = str(ca)
+    env = ep.server_environment(environ, runtime_dir=str(tmp_path / "rt"))
+    bundle = open(env["AWS_CA_BUNDLE"]).read()
+    assert bundle.endswith(ca.read_text()) and bundle.count("BEGIN CERTIFICATE") > 10

@@ -51,17 +51,31 @@ def test_low_disk_is_a_clear_failure(monkeypatch):
     assert checks and not checks[0].ok and "free at least" in checks[0].detail
 
 
-def _values(mode):
-    return {"MLFLOW_PUBLIC_HOST": "mlflow.example.com", "HTTP_PORT": "8080", "S3_PORT": "9000",
+def _values(mode, auth="true"):
+    return {"MLFLOW_PUBLIC_HOST": "mlflow.example.com", "HTTPS_PORT": "8443", "S3_PORT": "9000",
             "MLFLOW_ARTIFACTS_MODE": mode, "MINIO_ROOT_USER": "admin",
-            "MINIO_ROOT_PASSWORD": "it's secret"}
+            "MINIO_ROOT_PASSWORD": "it's secret", "MLFLOW_AUTH": auth,
+            "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_ADMIN_PASSWORD": "pw-123456789012"}
 
 
-def test_proxied_clients_need_only_the_uri():
-    assert client_env.render(_values("proxied")) == "export MLFLOW_TRACKING_URI=http://mlflow.example.com:8080\n"
+TLS = {"ca": "/s/certs/ca.crt", "bundle": "/s/certs/ca-bundle.pem"}
+
+
+def test_proxied_clients_get_uri_login_and_ca():
+    env = dict(client_env.client_env(_values("proxied"), TLS))
+    assert env == {"MLFLOW_TRACKING_URI": "https://mlflow.example.com:8443",
+                   "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw-123456789012",
+                   "MLFLOW_TRACKING_SERVER_CERT_PATH": "/s/certs/ca.crt",
+                   "REQUESTS_CA_BUNDLE": "/s/certs/ca-bundle.pem"}
+
+
+def test_without_auth_or_local_ca_only_the_uri():
+    assert client_env.client_env(_values("proxied", auth="false")) == [
+        ("MLFLOW_TRACKING_URI", "https://mlflow.example.com:8443")]
 
 
 def test_direct_clients_get_s3_settings_shell_quoted():
-    text = client_env.render(_values("direct"))
-    assert "export MLFLOW_S3_ENDPOINT_URL=http://mlflow.example.com:9000" in text
+    text = client_env.render(_values("direct"), TLS)
+    assert "export MLFLOW_S3_ENDPOINT_URL=https://mlflow.example.com:9000" in text
     assert "export AWS_SECRET_ACCESS_KEY='it'\"'\"'s secret'" in text
+    assert "export AWS_CA_BUNDLE=/s/certs/ca-bundle.pem" in text

@@ -115,3 +115,18 @@ def test_middleware_answers_mlflow_style_errors_and_replays_good_bodies():
     # Without credentials the auth layer answers first (401), whatever the body.
     _call(app, BATCH, b"{broken", {"content-type": JSON})
     assert seen[-1] == b"{broken"
+
+
+@pytest.mark.parametrize("location", ["file:///etc", "/etc", "s3://other-bucket/x", "s3://mlflow/artifacts/../../etc",
+                                      "mlflow-artifacts:/%2e%2e/%2e%2e/x", "mlflow-artifacts:/%252e%252e/x",
+                                      "mlflow-artifacts:/x#frag", "http://169.254.169.254/latest"])
+def test_artifact_locations_outside_the_store_are_refused(location, monkeypatch):
+    monkeypatch.setenv("MLFLOW_BUCKET", "mlflow")
+    with pytest.raises(guard.Invalid):
+        guard.validate("/api/2.0/mlflow/experiments/create", JSON, json.dumps({"name": "e", "artifact_location": location}).encode())
+
+
+@pytest.mark.parametrize("location", ["", "mlflow-artifacts:/team-a", "s3://mlflow/artifacts/team-a"])
+def test_artifact_locations_inside_the_store_pass(location, monkeypatch):
+    monkeypatch.setenv("MLFLOW_BUCKET", "mlflow")
+    guard.validate("/api/2.0/mlflow/experiments/create", JSON, json.dumps({"name": "e", "artifact_location": location}).encode())

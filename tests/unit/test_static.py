@@ -124,3 +124,23 @@ def test_no_secret_files_tracked_by_git():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert ".env" not in tracked
     assert not [t for t in tracked if t.startswith("mlflow/certs/") and t.endswith(".crt")]
+
+
+def test_every_service_is_hardened(tmp_path):
+    import json as _json
+
+    env = tmp_path / ".env"
+    envfile.ensure(env, paths.EXAMPLE)
+    result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "--env-file", str(env),
+                             "--profile", "*", "config", "--format", "json"],
+                            capture_output=True, text=True, check=True)
+    services = _json.loads(result.stdout)["services"]
+    assert set(services) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup"}
+    for name, svc in services.items():
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+        assert svc.get("cap_drop") == ["ALL"], name
+        assert svc.get("read_only") is True, name
+        assert svc.get("mem_limit"), name
+        # Secrets arrive as files, never as plain environment values.
+        for key, value in (svc.get("environment") or {}).items():
+            assert not (key.endswith(("PASSWORD", "SECRET_KEY", "SECRET_ACCESS_KEY")) and value), (name, key)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Manages MLflow user accounts (authentication is on by default).
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
+
+usage() {
+	cat <<'USAGE'
+Usage: ./stack_users.sh add NAME [--admin] [--password-stdin]
+       ./stack_users.sh passwd NAME [--password-stdin]
+       ./stack_users.sh grant NAME EXPERIMENT READ|EDIT|MANAGE|NO_PERMISSIONS
+       ./stack_users.sh delete NAME
+
+Manages the accounts of the stack's MLflow server, as its admin (credentials
+from .env). Without --password-stdin a strong password is generated and
+printed once. EXPERIMENT is an experiment id or name. Users get
+MLFLOW_DEFAULT_PERMISSION (from .env) on experiments they did not create and
+MANAGE on their own.
+USAGE
+}
+
+case "${1:-}" in
+	""|--help|-h) usage; exit 0 ;;
+esac
+require_python
+stack_py users "$@"

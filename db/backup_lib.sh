@@ -4,7 +4,10 @@
 
 backup_prepare() {
 	require_python
-	stack_py check-env >/dev/null
+	local exports
+	# Secret files, TLS paths and the project name, as ./stack_deploy.sh sets them.
+	exports="$(stack_py compose-env)"
+	eval "$exports"
 	local dir
 	dir="$(sed -n 's/^BACKUP_DIR=//p' "$(env_file)")"
 	dir="${BACKUP_DIR:-${dir:-./backups}}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import client_env, envfile, paths, preflight, show, tls, users
+from . import client_env, envfile, paths, preflight, secretfiles, show, tls, users
 
 
 def _values() -> dict[str, str]:
@@ -83,6 +83,7 @@ def cmd_compose_env(_args) -> int:
     print(f"export STACK_TLS_CERT={material['cert']}")
     print(f"export STACK_TLS_KEY={material['key']}")
     print(f"export STACK_TLS_TRUST={material['trust']}")
+    print(f"export STACK_SECRETS_DIR={secretfiles.write(values)}")
     if values["MLFLOW_AUTH"] != "true":
         print("WARNING: MLFLOW_AUTH=false: the server has NO authentication. Anyone who can reach "
               f"ports {values['HTTPS_PORT']}/{values['S3_PORT']} can read, change and delete every "

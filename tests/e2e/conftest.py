@@ -32,7 +32,8 @@ _failures: list[str] = []
 # The modules share one deployment and build on each other: the stack's own
 # checks (exact counts) first, then the tutorial, then backups (which wipe and
 # restore the data), then the upgrade test (a second, older stack).
-MODULE_ORDER = ["test_stack.py", "test_tutorial_stack.py", "test_security.py", "test_backup.py", "test_upgrade.py"]
+MODULE_ORDER = ["test_stack.py", "test_tutorial_stack.py", "test_security.py", "test_bench.py", "test_backup.py",
+                "test_upgrade.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,0 +1,54 @@
+"""Secrets as files for Compose: each secret of .env rendered into its own file.
+
+Compose can only give read-only containers secrets from files. .env stays the
+one place a secret is kept; these files are a copy made at each deploy, in a
+folder only the owner can enter (0700). The files themselves are 0644 because
+Compose bind-mounts them as they are and the services read them as their own
+non-root users; the folder is what keeps other users of the host out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import paths
+
+SECRETS = {
+    "postgres_password": "POSTGRES_PASSWORD",
+    "minio_root_user": "MINIO_ROOT_USER",
+    "minio_root_password": "MINIO_ROOT_PASSWORD",
+    "mlflow_admin_password": "MLFLOW_ADMIN_PASSWORD",
+    "mlflow_flask_secret_key": "MLFLOW_FLASK_SECRET_KEY",
+}
+
+
+def secrets_dir() -> Path:
+    default = paths.env_path().parent / ".stack-secrets" / paths.project_name()
+    return Path(os.environ.get("STACK_SECRETS_DIR", default)).resolve()
+
+
+def write(values: dict[str, str], folder: Path | None = None) -> Path:
+    folder = folder or secrets_dir()
+    folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(folder.parent, 0o700)
+    os.chmod(folder, 0o700)
+    for name, key in SECRETS.items():
+        path = folder / name
+        value = values[key]
+        if path.exists() and path.read_text() == value:
+            continue
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(value)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return folder
+
+
+def placeholders(folder: Path) -> Path:
+    """Empty stand-in files, so Compose can read the file to take a stack down."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SECRETS:
+        (folder / name).touch()
+    return folder

@@ -1,0 +1,96 @@
+"""Benchmarks of a deployed stack, as a client sees it: prints figures, asserts nothing.
+
+    eval "$(./show_all.sh --client-env)" && .venv/bin/python tests/bench.py [--artifact-mib 100]
+
+Measures single log_metric calls (requests/s, p50/p95), log_batch of 1000
+metrics (metrics/s), and an artifact upload and download through the server
+(MiB/s), each the median of three rounds. Bounded in count and time; talks
+only to MLFLOW_TRACKING_URI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+
+def _median_of(rounds: int, fn) -> float:
+    return statistics.median(fn() for _ in range(rounds))
+
+
+def bench(artifact_mib: int) -> dict[str, float]:
+    client = MlflowClient()
+    exp = client.create_experiment(f"bench-{int(time.time() * 1000)}")
+    run_id = client.create_run(exp).info.run_id
+    figures: dict[str, float] = {}
+
+    latencies: list[float] = []
+
+    def singles() -> float:
+        started = time.perf_counter()
+        for i in range(100):
+            t = time.perf_counter()
+            client.log_metric(run_id, "single", float(i), step=i)
+            latencies.append(time.perf_counter() - t)
+        return 100 / (time.perf_counter() - started)
+
+    figures["log_metric requests/s"] = _median_of(3, singles)
+    latencies.sort()
+    figures["log_metric p50 ms"] = latencies[len(latencies) // 2] * 1000
+    figures["log_metric p95 ms"] = latencies[int(len(latencies) * 0.95)] * 1000
+
+    def batches() -> float:
+        now = int(time.time() * 1000)
+        started = time.perf_counter()
+        for b in range(5):
+            client.log_batch(run_id, metrics=[Metric("batch", float(i), now, b * 1000 + i) for i in range(1000)])
+        return 5000 / (time.perf_counter() - started)
+
+    figures["log_batch metrics/s"] = _median_of(3, batches)
+
+    work = Path(tempfile.mkdtemp())
+    blob = work / "bench.bin"
+    with open(blob, "wb") as fh:
+        for _ in range(artifact_mib):
+            fh.write(os.urandom(1 << 20))
+
+    def upload() -> float:
+        started = time.perf_counter()
+        client.log_artifact(run_id, str(blob))
+        return artifact_mib / (time.perf_counter() - started)
+
+    def download() -> float:
+        dest = Path(tempfile.mkdtemp())
+        started = time.perf_counter()
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="bench.bin", dst_path=str(dest))
+        rate = artifact_mib / (time.perf_counter() - started)
+        (dest / "bench.bin").unlink()
+        return rate
+
+    figures[f"artifact upload MiB/s ({artifact_mib} MiB)"] = _median_of(3, upload)
+    figures[f"artifact download MiB/s ({artifact_mib} MiB)"] = _median_of(3, download)
+    blob.unlink()
+    client.set_terminated(run_id)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--artifact-mib", type=int, default=100)
+    args = parser.parse_args()
+    print(f"benchmark against {mlflow.get_tracking_uri()} (medians of 3 rounds)")
+    for name, value in bench(args.artifact_mib).items():
+        print(f"  {name:<42} {value:10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

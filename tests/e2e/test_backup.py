@@ -140,3 +140,23 @@ def test_cold_backup_and_restore_round_trip(stack, workload):
     after = stack.workdir / "after-cold.json"
     stack.client("snapshot", PREFIX, str(after), script="workload.py")
     assert json.loads(after.read_text()) == workload
+
+
+def test_scheduled_backups_run_and_show_their_age(stack, workload):
+    scheduled = {"COMPOSE_PROFILES": "backup", "BACKUP_INTERVAL_HOURS": "0.01", "BACKUP_KEEP": "5"}
+    stack.deploy(extra=scheduled)  # waits until the backup service is healthy: its first set exists
+    try:
+        first = sets(stack, "*-scheduled")
+        assert len(first) == 1, first
+        deadline = time.time() + 240
+        while time.time() < deadline and len(sets(stack, "*-scheduled")) < 2:
+            time.sleep(5)
+        made = sets(stack, "*-scheduled")
+        assert len(made) >= 2, "no second scheduled backup after one interval"
+        manifest = json.loads((Path(stack.environ["BACKUP_DIR"]) / made[-1] / "manifest.json").read_text())
+        assert manifest["kind"] == "scheduled" and manifest["tables"]["runs"] >= 7
+        out = stack.script("show_all.sh", extra=scheduled).stdout
+        assert re.search(r"scheduled\s+every 0\.01 h, health=healthy: last good backup 0\.\d h ago", out), out
+        assert re.search(r"latest set\s+mlflow-backup-\d{8}T\d{6}Z-scheduled", out), out
+    finally:
+        stack.compose("rm", "--stop", "--force", "backup", check=False)

@@ -183,7 +183,7 @@ def test_remove_and_deploy_again_keeps_everything(stack, logged):
     volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter",
                               f"label=com.docker.compose.project={stack.project}"],
                              capture_output=True, text=True, check=True).stdout.split()
-    assert len(volumes) == 2, volumes
+    assert sorted(volumes) == [f"{stack.project}_{v}" for v in ("db-data", "minio-data", "mlflow-tmp")], volumes
     stack.deploy()
     stack.client("read", str(stack.workdir / "run.json"))
 

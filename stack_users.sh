@@ -7,7 +7,7 @@ usage() {
 	cat <<'USAGE'
 Usage: ./stack_users.sh add NAME [--admin] [--password-stdin]
        ./stack_users.sh passwd NAME [--password-stdin]
-       ./stack_users.sh grant NAME EXPERIMENT READ|EDIT|MANAGE|NO_PERMISSIONS
+       ./stack_users.sh grant NAME EXPERIMENT READ|USE|EDIT|MANAGE|DENY
        ./stack_users.sh delete NAME
 
 Manages the accounts of the stack's MLflow server, as its admin (credentials

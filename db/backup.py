@@ -184,7 +184,19 @@ class _HashingReader:
         self.digest = hashlib.sha256()
 
     def read(self, size=-1):
-        data = self.raw.read(size)
+        # A network body may return fewer bytes than asked for; tarfile treats
+        # a short read as the end of data, so fill the request or reach EOF.
+        if size is None or size < 0:
+            data = self.raw.read()
+        else:
+            parts, missing = [], size
+            while missing > 0:
+                chunk = self.raw.read(missing)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                missing -= len(chunk)
+            data = b"".join(parts)
         self.digest.update(data)
         return data
 

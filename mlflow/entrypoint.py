@@ -179,6 +179,9 @@ def server_environment(environ=None, runtime_dir: str = "/tmp/mlflow-stack") -> 
         result["AWS_CA_BUNDLE"] = bundle
     if auth_enabled(environ):
         permission = env("MLFLOW_DEFAULT_PERMISSION", "READ", environ=environ)
+        cache = env("MLFLOW_AUTH_CACHE_SECONDS", "30", environ=environ)
+        if not cache.isdigit():
+            raise ConfigError(f"MLFLOW_AUTH_CACHE_SECONDS={cache!r}: use a whole number of seconds")
         ini = os.path.join(runtime_dir, "basic_auth.ini")
         fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -186,7 +189,9 @@ def server_environment(environ=None, runtime_dir: str = "/tmp/mlflow-stack") -> 
                      f"default_permission = {permission}\n"
                      f"database_uri = {auth_database_uri(environ).replace('%', '%%')}\n"
                      f"admin_username = {env('MLFLOW_ADMIN_USERNAME', 'admin', environ=environ)}\n"
-                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                     f"auth_cache_ttl_seconds = {cache}\n"
+                     "auth_cache_max_size = 10000\n")
         result.update({
             "MLFLOW_AUTH_CONFIG_PATH": ini,
             "MLFLOW_AUTH_ADMIN_USERNAME": env("MLFLOW_ADMIN_USERNAME", "admin", environ=environ),

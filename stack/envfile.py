@@ -184,7 +184,7 @@ def validate(values: dict[str, str], example: dict[str, str]) -> list[str]:
             errors.append(f"BIND_ADDRESS={v['BIND_ADDRESS']!r}: use an IP address (0.0.0.0 or 127.0.0.1)")
     choices = {"MLFLOW_VARIANT": ("pip", "conda"), "MLFLOW_ARTIFACTS_MODE": ("proxied", "direct"),
                "MLFLOW_ENABLE_JOBS": ("true", "false"), "MLFLOW_AUTH": ("true", "false"),
-               "MLFLOW_DEFAULT_PERMISSION": ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")}
+               "MLFLOW_DEFAULT_PERMISSION": ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")}
     for key, allowed in choices.items():
         if key in v and v[key] not in allowed:
             errors.append(f"{key}={v[key]!r}: use {' or '.join(allowed)}")
@@ -196,6 +196,9 @@ def validate(values: dict[str, str], example: dict[str, str]) -> list[str]:
     keep = v.get("BACKUP_KEEP")
     if keep is not None and (not keep.isdigit() or int(keep) < 1):
         errors.append(f"BACKUP_KEEP={keep!r}: use a whole number of 1 or more")
+    cache = v.get("MLFLOW_AUTH_CACHE_SECONDS")
+    if cache is not None and (not cache.isdigit() or int(cache) > 3600):
+        errors.append(f"MLFLOW_AUTH_CACHE_SECONDS={cache!r}: use a whole number of seconds from 0 to 3600")
     workers = v.get("MLFLOW_WORKERS")
     if workers is not None and (not workers.isdigit() or not 1 <= int(workers) <= 64):
         errors.append(f"MLFLOW_WORKERS={workers!r}: use a whole number from 1 to 64")

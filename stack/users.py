@@ -2,7 +2,7 @@
 
     ./stack_users.sh add NAME [--admin] [--password-stdin]
     ./stack_users.sh passwd NAME [--password-stdin]
-    ./stack_users.sh grant NAME EXPERIMENT READ|EDIT|MANAGE|NO_PERMISSIONS
+    ./stack_users.sh grant NAME EXPERIMENT READ|USE|EDIT|MANAGE|DENY
     ./stack_users.sh delete NAME
 
 Without --password-stdin a strong password is generated and printed once.
@@ -21,7 +21,8 @@ import urllib.request
 
 from . import client_env, tls
 
-PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
+# What MLflow 3.17 accepts for a grant on one experiment (DENY beats the default).
+PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "DENY")
 
 
 class UserError(Exception):
@@ -39,7 +40,7 @@ class Api:
         self.context = ssl.create_default_context(cafile=ca) if ca else None
 
     def call(self, method: str, path: str, body: dict | None = None, query: dict | None = None) -> dict:
-        url = f"{self.base}/api/2.0/mlflow/{path}"
+        url = f"{self.base}/api/{path}"
         if query:
             url += "?" + urllib.parse.urlencode(query)
         data = json.dumps(body).encode() if body is not None else None
@@ -65,7 +66,7 @@ class Api:
     def experiment_id(self, ref: str) -> str:
         if ref.isdigit():
             return ref
-        found = self.call("GET", "experiments/get-by-name", query={"experiment_name": ref})
+        found = self.call("GET", "2.0/mlflow/experiments/get-by-name", query={"experiment_name": ref})
         return found["experiment"]["experiment_id"]
 
 
@@ -84,15 +85,15 @@ def run(values: dict[str, str], args) -> int:
     api = Api(values)
     if args.action == "add":
         password, generated = _password(args.password_stdin)
-        api.call("POST", "users/create", {"username": args.name, "password": password})
+        api.call("POST", "2.0/mlflow/users/create", {"username": args.name, "password": password})
         if args.admin:
-            api.call("PATCH", "users/update-admin", {"username": args.name, "is_admin": True})
+            api.call("PATCH", "2.0/mlflow/users/update-admin", {"username": args.name, "is_admin": True})
         print(f"users: created {args.name}{' (admin)' if args.admin else ''}")
         if generated:
             print(f"MLFLOW_TRACKING_USERNAME={args.name}\nMLFLOW_TRACKING_PASSWORD={password}")
     elif args.action == "passwd":
         password, generated = _password(args.password_stdin)
-        api.call("PATCH", "users/update-password", {"username": args.name, "password": password})
+        api.call("PATCH", "2.0/mlflow/users/update-password", {"username": args.name, "password": password})
         print(f"users: changed the password of {args.name}")
         if generated:
             print(f"MLFLOW_TRACKING_PASSWORD={password}")
@@ -101,16 +102,19 @@ def run(values: dict[str, str], args) -> int:
         if permission not in PERMISSIONS:
             raise UserError(f"permission {args.permission}: use one of {', '.join(PERMISSIONS)}")
         exp_id = api.experiment_id(args.experiment)
-        body = {"experiment_id": exp_id, "username": args.name, "permission": permission}
+        # MLflow 3.17's permission API: a grant does not replace an earlier one,
+        # so an existing grant is revoked first.
+        grant = {"username": args.name, "resource_type": "experiment", "resource_id": exp_id}
         try:
-            api.call("POST", "experiments/permissions/create", body)
+            api.call("POST", "3.0/mlflow/users/permissions/grant", {**grant, "permission": permission})
         except UserError as exc:
-            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+            if "already exists" not in str(exc):
                 raise
-            api.call("PATCH", "experiments/permissions/update", body)
+            api.call("POST", "3.0/mlflow/users/permissions/revoke", grant)
+            api.call("POST", "3.0/mlflow/users/permissions/grant", {**grant, "permission": permission})
         print(f"users: {args.name} has {permission} on experiment {exp_id}")
     elif args.action == "delete":
-        api.call("DELETE", "users/delete", {"username": args.name})
+        api.call("DELETE", "2.0/mlflow/users/delete", {"username": args.name})
         print(f"users: deleted {args.name}")
     return 0
 

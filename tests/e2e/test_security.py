@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -70,8 +71,8 @@ def test_a_user_without_permission_gets_403_and_cannot_overwrite_artifacts(stack
     overwrite = stack.http("PUT", artifact, auth=alice, data=b"alice was here")
     assert overwrite.status_code == 403
     assert stack.http("GET", artifact).content == b"admin's file"
-    # Taking READ away: 403 on reading too.
-    subprocess.run([str(stack_root() / "stack_users.sh"), "grant", "alice", owned["exp_id"], "NO_PERMISSIONS"],
+    # A DENY grant takes reading away too.
+    subprocess.run([str(stack_root() / "stack_users.sh"), "grant", "alice", owned["exp_id"], "DENY"],
                    env=stack.environ, check=True, capture_output=True)
     assert stack.http("GET", f"/api/2.0/mlflow/experiments/get?experiment_id={owned['exp_id']}",
                       auth=alice).status_code == 403
@@ -84,10 +85,19 @@ def test_password_change_takes_effect(stack, owned):
     new = "changed-" + uuid.uuid4().hex
     subprocess.run([str(stack_root() / "stack_users.sh"), "passwd", "alice", "--password-stdin"],
                    input=new + "\n", env=stack.environ, check=True, capture_output=True, text=True)
-    assert stack.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1",
-                      auth=owned["alice"]).status_code == 401
-    assert stack.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1",
-                      auth=("alice", new)).status_code == 200
+    search = "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert stack.http("GET", search, auth=("alice", new)).status_code == 200
+    # Workers remember a checked login for MLFLOW_AUTH_CACHE_SECONDS (30): the
+    # old password stops working everywhere within that.
+    ttl = int(stack.values()["MLFLOW_AUTH_CACHE_SECONDS"])
+    deadline = time.time() + ttl + 15
+    codes = []
+    while time.time() < deadline:
+        codes = [stack.http("GET", search, auth=owned["alice"]).status_code for _ in range(4)]
+        if set(codes) == {401}:
+            break
+        time.sleep(3)
+    assert set(codes) == {401}, codes
     owned["alice"] = ("alice", new)
 
 

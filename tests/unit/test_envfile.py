@@ -115,7 +115,7 @@ def _valid():
     ("HTTPS_PORT", "9000", "same port"),
     ("TLS_CERT_FILE", "/etc/ssl/mine.pem", "set both"),
     ("MLFLOW_AUTH", "no", "true or false"),
-    ("MLFLOW_DEFAULT_PERMISSION", "ALL", "READ or EDIT"),
+    ("MLFLOW_DEFAULT_PERMISSION", "ALL", "use READ or"),
     ("MLFLOW_ADMIN_USERNAME", "ad min", "letters"),
     ("MLFLOW_BUCKET", "My_Bucket", "lower-case"),
     ("MLFLOW_PUBLIC_HOST", "http://mlflow.example.com", "without scheme"),

@@ -264,11 +264,14 @@ def cmd_server(_args: list[str]) -> int:
     os.environ.update(server_environment())
     if auth_enabled():
         # What `mlflow server --app-name basic-auth` does before starting
-        # workers; with the stack's own app name it is done here, once.
-        from mlflow.server.auth import bootstrap_admin_user, get_flask_server_secret_key
-
-        get_flask_server_secret_key()
-        bootstrap_admin_user()
+        # workers (MLflow >= 3.17); with the stack's own app name it is done
+        # here, once. Older releases create the admin in each worker instead.
+        try:
+            from mlflow.server import _bootstrap_basic_auth
+        except ImportError:
+            _bootstrap_basic_auth = None
+        if _bootstrap_basic_auth is not None:
+            _bootstrap_basic_auth()
     else:
         print("entrypoint: WARNING: authentication is OFF (MLFLOW_AUTH=false); anyone who can "
               "reach the server can read and change everything", file=sys.stderr, flush=True)

@@ -56,7 +56,8 @@ def round_trip_set(stack, workload):
 
 def test_backup_set_is_complete_and_described(stack, workload, round_trip_set):
     manifest = json.loads((round_trip_set / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"db.dump", "bucket.tar", "versions.json"}
+    assert set(manifest["files"]) == {"db.dump", "auth.dump", "bucket.tar", "versions.json"}
+    assert manifest["auth_tables"]["users"] >= 1  # the user store is in the set too
     assert manifest["tables"]["runs"] >= 7  # 6 workload runs + the model run (+ live ones)
     assert manifest["tables"]["model_versions"] == 1
     assert manifest["objects"]["count"] >= 7
@@ -147,12 +148,12 @@ def test_scheduled_backups_run_and_show_their_age(stack, workload):
     stack.deploy(extra=scheduled)  # waits until the backup service is healthy: its first set exists
     try:
         first = sets(stack, "*-scheduled")
-        assert len(first) == 1, first
+        assert first, "the healthy backup service has written no set"
         deadline = time.time() + 240
-        while time.time() < deadline and len(sets(stack, "*-scheduled")) < 2:
+        while time.time() < deadline and len(sets(stack, "*-scheduled")) <= len(first):
             time.sleep(5)
         made = sets(stack, "*-scheduled")
-        assert len(made) >= 2, "no second scheduled backup after one interval"
+        assert len(made) > len(first), "no further scheduled backup after one interval"
         manifest = json.loads((Path(stack.environ["BACKUP_DIR"]) / made[-1] / "manifest.json").read_text())
         assert manifest["kind"] == "scheduled" and manifest["tables"]["runs"] >= 7
         out = stack.script("show_all.sh", extra=scheduled).stdout

@@ -33,9 +33,14 @@ stack_images() {
 	compose ps --format '{{.Service}}={{.Image}}' 2>/dev/null | paste -sd, - || true
 }
 
+running_mlflow_version() {
+	compose exec -T mlflow python3 -c 'import mlflow; print(mlflow.__version__)' 2>/dev/null || true
+}
+
 # backup_job ARGS...: one run of the backup job; its stdout is the result.
 backup_job() {
-	compose --progress quiet run --rm --no-deps -T -e "STACK_IMAGES=$(stack_images)" "${BACKUP_MOUNTS[@]}" backup "$@"
+	compose --progress quiet run --rm --no-deps -T -e "STACK_IMAGES=$(stack_images)" \
+		-e "STACK_MLFLOW_VERSION=$(running_mlflow_version)" "${BACKUP_MOUNTS[@]}" backup "$@"
 }
 
 BACKUP_MOUNTS=()

@@ -17,6 +17,7 @@ backup_prepare() {
 	export BACKUP_DIR
 	log "Preparing the backup job image"
 	compose --progress quiet build --quiet backup >/dev/null
+	STACK_CONTEXT=(-e "STACK_IMAGES=$(stack_images)" -e "STACK_MLFLOW_VERSION=$(running_mlflow_version)")
 }
 
 # require_running SERVICE...: the services must be up (the stack deployed).
@@ -37,10 +38,13 @@ running_mlflow_version() {
 	compose exec -T mlflow python3 -c 'import mlflow; print(mlflow.__version__)' 2>/dev/null || true
 }
 
+# What the stack runs, for versions.json: asked once, in backup_prepare, not
+# per job (jobs run in command substitutions, which could not keep it).
+STACK_CONTEXT=()
+
 # backup_job ARGS...: one run of the backup job; its stdout is the result.
 backup_job() {
-	compose --progress quiet run --rm --no-deps -T -e "STACK_IMAGES=$(stack_images)" \
-		-e "STACK_MLFLOW_VERSION=$(running_mlflow_version)" "${BACKUP_MOUNTS[@]}" backup "$@"
+	compose --progress quiet run --rm --no-deps -T "${STACK_CONTEXT[@]}" "${BACKUP_MOUNTS[@]}" backup "$@"
 }
 
 BACKUP_MOUNTS=()

@@ -354,12 +354,12 @@ def cmd_schema_status(_args: list[str]) -> int:
     return 0
 
 
-def _s3_client():
+def s3_client():
+    """The store, straight on the backend network (for the bucket job and
+    ./show_all.sh; the server itself uses the public endpoint, see s3_endpoint)."""
     import boto3
     from botocore.config import Config
 
-    # The server's own S3 traffic goes to the store directly; only presigned
-    # URLs need the public endpoint.
     return boto3.client(
         "s3",
         endpoint_url=env("S3_INTERNAL_ENDPOINT", "http://minio:9000"),
@@ -375,7 +375,7 @@ def cmd_init_bucket(_args: list[str]) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket = env("MLFLOW_BUCKET")
-    client = _s3_client()
+    client = s3_client()
     for _ in range(60):
         try:
             client.head_bucket(Bucket=bucket)

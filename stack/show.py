@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import time
+from pathlib import Path
 
 from . import paths
 
+# Runs in the mlflow container, with the image's own S3 client (entrypoint.py).
 _BUCKET_STATS = """
-import boto3, os
-from botocore.config import Config
-def secret(name):
-    return open(os.environ[name + "_FILE"]).read().strip()
-s3 = boto3.client("s3", endpoint_url=os.environ["S3_INTERNAL_ENDPOINT"],
-                  aws_access_key_id=secret("AWS_ACCESS_KEY_ID"),
-                  aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY"),
-                  region_name="us-east-1", config=Config(s3={"addressing_style": "path"}))
+from entrypoint import env, s3_client
 count = size = 0
-for page in s3.get_paginator("list_objects_v2").paginate(Bucket=os.environ["MLFLOW_BUCKET"]):
+for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=env("MLFLOW_BUCKET")):
     for obj in page.get("Contents", []):
         count += 1
         size += obj["Size"]
@@ -131,10 +128,6 @@ def report(values: dict[str, str]) -> str:
 
 
 def backups(values: dict[str, str], svc: list[dict], compose: list[str]) -> list[str]:
-    import os
-    import time
-    from pathlib import Path
-
     root = Path(os.environ.get("BACKUP_DIR") or values.get("BACKUP_DIR", "./backups"))
     if not root.is_absolute():
         root = paths.ROOT / root

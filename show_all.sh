@@ -22,5 +22,4 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
-require_python
 stack_py show "${args[@]}"

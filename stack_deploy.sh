@@ -38,18 +38,18 @@ done
 case "$VARIANT" in ""|pip|conda) ;; *) die "--variant $VARIANT: use pip or conda" ;; esac
 export ASSUME_YES
 
-require_python
-
 step_env() {
-	log "Settings ($(env_file))"
+	log "Settings ($STACK_ENV_FILE)"
 	local args=()
 	[ -n "$VARIANT" ] && args+=(--variant "$VARIANT")
 	[ "$DRY_RUN" = 1 ] && args+=(--dry-run)
-	if [ -n "$VARIANT" ] && [ "$DRY_RUN" = 0 ] && [ -f "$(env_file)" ]; then
-		local current
-		current="$(sed -n 's/^MLFLOW_VARIANT=//p' "$(env_file)")"
-		if [ -n "$current" ] && [ "$current" != "$VARIANT" ] && [ -n "$(compose ps -q mlflow 2>/dev/null)" ]; then
-			confirm "Switch the running server from the $current to the $VARIANT image?" || die "left as it is"
+	if [ -n "$VARIANT" ] && [ "$DRY_RUN" = 0 ]; then
+		local exports
+		exports="$(stack_py get MLFLOW_VARIANT)"
+		eval "$exports"
+		if [ -n "$CURRENT_MLFLOW_VARIANT" ] && [ "$CURRENT_MLFLOW_VARIANT" != "$VARIANT" ] \
+			&& [ -n "$(compose ps -q mlflow 2>/dev/null)" ]; then
+			confirm "Switch the running server from the $CURRENT_MLFLOW_VARIANT to the $VARIANT image?" || die "left as it is"
 		fi
 	fi
 	stack_py env "${args[@]}"
@@ -69,17 +69,20 @@ step_build() {
 			cp "$BUILD_CA_CERT" "$STACK_ROOT/mlflow/certs/build-ca.crt"
 		fi
 	fi
-	log "Building the MLflow image ($MLFLOW_DOCKERFILE; cached layers are reused)"
+	log "Building the MLflow image ($MLFLOW_VARIANT variant; cached layers are reused)"
 	compose build mlflow
-	if [ "${COMPOSE_PROFILES:-}" = backup ] || grep -q '^COMPOSE_PROFILES=backup' "$(env_file)"; then
+	if [[ ",$COMPOSE_PROFILES," == *,backup,* ]]; then
 		compose build backup
 	fi
 }
 
-# An existing database whose schema is older than the MLflow being deployed is
-# backed up before the migrate job upgrades it (MLflow has no downgrade).
+# step_schema NOTE_VAR: an existing database whose schema is older than the
+# MLflow being deployed is backed up before the migrate job upgrades it (MLflow
+# has no downgrade); NOTE_VAR receives what to tell the user afterwards.
+# shellcheck disable=SC2034 # note is a nameref: assigning it sets the caller's variable
 step_schema() {
-	UPGRADE_NOTE=""
+	local -n note="$1"
+	note=""
 	docker volume inspect "${COMPOSE_PROJECT_NAME}_db-data" >/dev/null 2>&1 || return 0
 	log "Checking the database schema against MLflow in the new image"
 	compose up -d --wait db >&2
@@ -94,8 +97,8 @@ step_schema() {
 			backup_prepare
 			compose up -d --wait db minio >&2
 			local name
-			name="$(backup_job backup --kind pre-upgrade)"
-			UPGRADE_NOTE="Upgraded the MLflow schema from $from to $to. Pre-upgrade backup: $BACKUP_DIR/$name
+			name="$(backup_job -- backup --kind pre-upgrade)"
+			note="Upgraded the MLflow schema from $from to $to. Pre-upgrade backup: $BACKUP_DIR/$name
     To roll back: deploy the previous version, then db/db_volume_restore.sh $BACKUP_DIR/$name"
 			;;
 		newer)
@@ -124,19 +127,18 @@ main() {
 	step_env
 	step_preflight
 	if [ "$DRY_RUN" = 1 ]; then
-		if [ -f "$(env_file)" ]; then
+		if [ -f "$STACK_ENV_FILE" ]; then
 			compose config --quiet
 		fi
 		log "Dry run: would build the MLflow image, then 'docker compose up -d --wait'; nothing was changed"
 		return 0
 	fi
-	local exports
-	exports="$(stack_py compose-env)"
-	eval "$exports"
+	load_compose_env
 	step_build
-	step_schema
+	local upgrade_note
+	step_schema upgrade_note
 	step_up
-	[ -z "$UPGRADE_NOTE" ] || log "$UPGRADE_NOTE"
+	[ -z "$upgrade_note" ] || log "$upgrade_note"
 	step_client_env
 }
 

@@ -29,18 +29,8 @@ while [ $# -gt 0 ]; do
 done
 export ASSUME_YES
 
-# Compose needs the variables to read the file even to take it down; without a
-# .env, placeholders do (no secret is needed to remove containers).
-if [ ! -f "$(env_file)" ]; then
-	placeholder="$(mktemp)"
-	trap 'rm -f "$placeholder"' EXIT
-	sed 's/<generated>/placeholder-for-removal/' "$STACK_ROOT/.env.example" > "$placeholder"
-	STACK_ENV_FILE="$placeholder"
-fi
-
 if [ "$PURGE" = 1 ]; then
-	project="${COMPOSE_PROJECT_NAME:-mlflow-stack}"
-	confirm "Delete the stack '$project' AND its data volumes (all experiments, runs and artifacts)?" \
+	confirm "Delete the stack '$COMPOSE_PROJECT_NAME' AND its data volumes (all experiments, runs and artifacts)?" \
 		|| die "nothing removed"
 	log "Removing containers, networks and data volumes"
 	compose --profile '*' down --remove-orphans --volumes

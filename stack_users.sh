@@ -21,5 +21,4 @@ USAGE
 case "${1:-}" in
 	""|--help|-h) usage; exit 0 ;;
 esac
-require_python
 stack_py users "$@"

@@ -41,12 +41,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from stack import common, settings
+
 ROOT = Path(os.environ.get("BACKUP_ROOT", "/backups"))
 VOLUMES = Path("/volumes")
 SET_PREFIX = "mlflow-backup-"
 SET_NAME = re.compile(r"^mlflow-backup-(\d{8}T\d{6}Z)(?:-([a-z-]+))?$")
 DATA_FILES = ("db.dump", "bucket.tar", "versions.json")
-COLD_FILES = ("db-data.tar", "minio-data.tar")
 LAST_GOOD = ".last-scheduled-backup"
 FORMAT = 1
 MiB = 1 << 20
@@ -60,13 +61,6 @@ def log(message: str) -> None:
     print(f"backup: {message}", file=sys.stderr, flush=True)
 
 
-def secret(name: str) -> str:
-    path = os.environ.get(f"{name}_FILE")
-    if path:
-        return Path(path).read_text().strip()
-    return os.environ[name]
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -78,9 +72,9 @@ def sha256_file(path: Path) -> str:
 # --- PostgreSQL ------------------------------------------------------------
 
 def pg_env() -> dict[str, str]:
-    return {**os.environ, "PGHOST": os.environ.get("POSTGRES_HOST", "db"),
-            "PGUSER": os.environ["POSTGRES_USER"], "PGPASSWORD": secret("POSTGRES_PASSWORD"),
-            "PGDATABASE": os.environ["POSTGRES_DB"], "PGCONNECT_TIMEOUT": "10"}
+    p = common.postgres_params()
+    return {**os.environ, "PGHOST": p["host"], "PGPORT": p["port"], "PGUSER": p["user"],
+            "PGPASSWORD": p["password"], "PGDATABASE": p["dbname"], "PGCONNECT_TIMEOUT": "10"}
 
 
 def pg(*args: str, stdin=None, stdout=None, db: str | None = None) -> str:
@@ -116,7 +110,7 @@ def alembic_version(db: str | None = None) -> str | None:
 
 def auth_db() -> str | None:
     """The basic-auth user store, if this stack has one."""
-    name = os.environ["POSTGRES_DB"] + "_auth"
+    name = common.auth_database()
     exists = psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'", db="postgres")
     return name if exists == "1" else None
 
@@ -138,16 +132,7 @@ def inspect_dump(dump: Path) -> tuple[dict[str, int], str | None]:
 # --- S3 --------------------------------------------------------------------
 
 def s3():
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3", endpoint_url=os.environ.get("S3_INTERNAL_ENDPOINT", "http://minio:9000"),
-        aws_access_key_id=secret("AWS_ACCESS_KEY_ID"), aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY"),
-        region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"},
-                      request_checksum_calculation="when_required",
-                      response_checksum_validation="when_required"))
+    return common.s3_client()
 
 
 def bucket() -> str:
@@ -277,7 +262,7 @@ def mlflow_version() -> str:
     (the schema revision in the manifest identifies the data either way)."""
     if os.environ.get("STACK_MLFLOW_VERSION"):
         return os.environ["STACK_MLFLOW_VERSION"]
-    url = os.environ.get("MLFLOW_INTERNAL_URL", "http://mlflow:5000") + "/version"
+    url = os.environ["MLFLOW_INTERNAL_URL"] + "/version"
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
             return response.read().decode().strip()
@@ -395,42 +380,44 @@ def restore(set_dir: Path) -> dict:
     manifest = verify(set_dir)
     if manifest.get("kind") == "cold":
         raise BackupError(f"{set_dir.name} is a cold set: restore it with restore-cold")
-    db = os.environ["POSTGRES_DB"]
-    log("restoring the database")
-    pg("dropdb", "--if-exists", "--force", db, db="postgres")
-    pg("createdb", "-O", os.environ["POSTGRES_USER"], db, db="postgres")
-    with open(set_dir / "db.dump", "rb") as fh:
-        pg("pg_restore", "--no-owner", "--exit-on-error", "-d", db, stdin=fh)
+    restore_database(set_dir / "db.dump", os.environ["POSTGRES_DB"], manifest["tables"])
     if manifest.get("auth_tables") is not None:
-        users_db = db + "_auth"
-        log(f"restoring the user database {users_db}")
-        pg("dropdb", "--if-exists", "--force", users_db, db="postgres")
-        pg("createdb", "-O", os.environ["POSTGRES_USER"], users_db, db="postgres")
-        with open(set_dir / "auth.dump", "rb") as fh:
-            pg("pg_restore", "--no-owner", "--exit-on-error", "-d", users_db, stdin=fh)
-        if table_counts(users_db) != manifest["auth_tables"]:
-            raise BackupError("restored user database row counts differ from the manifest")
-    log("restoring the bucket")
+        restore_database(set_dir / "auth.dump", common.auth_database(), manifest["auth_tables"])
     client = s3()
-    keys = [o["Key"] for o in list_objects(client)]
-    for start in range(0, len(keys), 1000):
-        client.delete_objects(Bucket=bucket(), Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]]})
-    with tarfile.open(set_dir / "bucket.tar", mode="r") as tar:
-        for member in tar:
-            if member.isfile():
-                client.upload_fileobj(tar.extractfile(member), bucket(), member.name)
-    log("checking the restored data against the manifest")
-    counts = table_counts()
-    if counts != manifest["tables"]:
-        diff = {t: (counts.get(t), n) for t, n in manifest["tables"].items() if counts.get(t) != n}
-        raise BackupError(f"restored row counts differ from the manifest (got, want): {diff}")
+    restore_bucket(client, set_dir / "bucket.tar")
+    log("checking the restored objects against the manifest")
     digests = bucket_digests(client)
     if digests != manifest["objects"]["sha256"]:
         bad = sorted(k for k in manifest["objects"]["sha256"] if digests.get(k) != manifest["objects"]["sha256"][k])
         raise BackupError(f"restored objects differ from the manifest: {len(bad)} wrong or missing, e.g. {bad[:3]}")
-    log(f"restored {sum(counts.values())} rows in {len(counts)} tables and {len(digests)} objects; "
-        "all match the manifest")
+    log(f"restored {sum(manifest['tables'].values())} rows in {len(manifest['tables'])} tables and "
+        f"{len(digests)} objects; all match the manifest")
     return manifest
+
+
+def restore_database(dump: Path, db: str, want: dict[str, int]) -> None:
+    """Replace database `db` with the dump, then prove its row counts are the set's."""
+    log(f"restoring the database {db}")
+    pg("dropdb", "--if-exists", "--force", db, db="postgres")
+    pg("createdb", "-O", os.environ["POSTGRES_USER"], db, db="postgres")
+    with open(dump, "rb") as fh:
+        pg("pg_restore", "--no-owner", "--exit-on-error", "-d", db, stdin=fh)
+    counts = table_counts(db)
+    if counts != want:
+        diff = {t: (counts.get(t), n) for t in sorted({*counts, *want}) if counts.get(t) != want.get(t)}
+        raise BackupError(f"restored row counts of {db} differ from the manifest (got, want): {diff}")
+
+
+def restore_bucket(client, archive: Path) -> None:
+    """Empty the bucket, then upload every object of the archive."""
+    log("restoring the bucket")
+    keys = [o["Key"] for o in list_objects(client)]
+    for start in range(0, len(keys), 1000):
+        client.delete_objects(Bucket=bucket(), Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]]})
+    with tarfile.open(archive, mode="r") as tar:
+        for member in tar:
+            if member.isfile():
+                client.upload_fileobj(tar.extractfile(member), bucket(), member.name)
 
 
 def restore_cold(set_dir: Path) -> dict:
@@ -453,7 +440,7 @@ def restore_cold(set_dir: Path) -> dict:
 # --- Schedule --------------------------------------------------------------
 
 def _interval() -> float:
-    return float(os.environ.get("BACKUP_INTERVAL_HOURS", "24")) * 3600
+    return float(settings.value("BACKUP_INTERVAL_HOURS", os.environ)) * 3600
 
 
 def last_good(root: Path = ROOT) -> float | None:
@@ -465,7 +452,7 @@ def last_good(root: Path = ROOT) -> float | None:
 
 
 def schedule(root: Path = ROOT) -> int:
-    keep = int(os.environ.get("BACKUP_KEEP", "7"))
+    keep = int(settings.value("BACKUP_KEEP", os.environ))
     interval = _interval()
     log(f"scheduled backups every {interval / 3600:g} h, keeping {keep}")
     while True:

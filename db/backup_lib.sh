@@ -2,22 +2,17 @@
 # Shared by the backup and restore scripts: runs the backup job image
 # (db/Dockerfile, service "backup") against this stack.
 
+# backup_prepare: Compose's values (BACKUP_DIR among them, absolute), the job
+# image, and what the stack runs (for versions.json; asked once here, not per
+# job, and handed to every job through the environment).
 backup_prepare() {
-	require_python
-	local exports
-	# Secret files, TLS paths and the project name, as ./stack_deploy.sh sets them.
-	exports="$(stack_py compose-env)"
-	eval "$exports"
-	local dir
-	dir="$(sed -n 's/^BACKUP_DIR=//p' "$(env_file)")"
-	dir="${BACKUP_DIR:-${dir:-./backups}}"
-	case "$dir" in /*) ;; *) dir="$STACK_ROOT/${dir#./}" ;; esac
-	mkdir -p "$dir"
-	BACKUP_DIR="$(cd "$dir" && pwd)"
-	export BACKUP_DIR
+	load_compose_env
+	mkdir -p "$BACKUP_DIR"
 	log "Preparing the backup job image"
 	compose --progress quiet build --quiet backup >/dev/null
-	STACK_CONTEXT=(-e "STACK_IMAGES=$(stack_images)" -e "STACK_MLFLOW_VERSION=$(running_mlflow_version)")
+	STACK_IMAGES="$(compose ps --format '{{.Service}}={{.Image}}' 2>/dev/null | paste -sd, - || true)"
+	STACK_MLFLOW_VERSION="$(compose exec -T mlflow python3 -c 'import mlflow; print(mlflow.__version__)' 2>/dev/null || true)"
+	export STACK_IMAGES STACK_MLFLOW_VERSION
 }
 
 # require_running SERVICE...: the services must be up (the stack deployed).
@@ -30,37 +25,33 @@ require_running() {
 	done
 }
 
-stack_images() {
-	compose ps --format '{{.Service}}={{.Image}}' 2>/dev/null | paste -sd, - || true
-}
-
-running_mlflow_version() {
-	compose exec -T mlflow python3 -c 'import mlflow; print(mlflow.__version__)' 2>/dev/null || true
-}
-
-# What the stack runs, for versions.json: asked once, in backup_prepare, not
-# per job (jobs run in command substitutions, which could not keep it).
-STACK_CONTEXT=()
-
-# backup_job ARGS...: one run of the backup job; its stdout is the result.
+# backup_job [DOCKER_RUN_OPTION...] -- ARGS...: one run of the backup job (e.g.
+# `-v SRC:DEST` mounts before the --); its stdout is the result.
 backup_job() {
-	compose --progress quiet run --rm --no-deps -T "${STACK_CONTEXT[@]}" "${BACKUP_MOUNTS[@]}" backup "$@"
+	local opts=()
+	while [ "$#" -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
+	[ "$#" -gt 0 ] || die "backup_job: missing -- before the job's arguments"
+	shift
+	compose --progress quiet run --rm --no-deps -T -e STACK_IMAGES -e STACK_MLFLOW_VERSION \
+		"${opts[@]}" backup "$@"
 }
 
-BACKUP_MOUNTS=()
+volume_name() { echo "${COMPOSE_PROJECT_NAME}_$1"; }
 
-volume_name() { echo "${COMPOSE_PROJECT_NAME:-mlflow-stack}_$1"; }
+# volume_mounts MODE: docker-run options mounting both data volumes under /volumes.
+volume_mounts() {
+	local mode="$1"
+	echo "-v" "$(volume_name db-data):/volumes/db-data$mode" "-v" "$(volume_name minio-data):/volumes/minio-data$mode"
+}
 
 # backup_cold ARGS...: stop the stack, archive its volumes, start it again.
 backup_cold() {
-	local was_running
+	local was_running name status=0
 	was_running="$(compose ps --status running --services 2>/dev/null || true)"
 	log "Stopping the stack for a cold copy of its volumes"
 	compose stop >&2
-	BACKUP_MOUNTS=(-v "$(volume_name db-data):/volumes/db-data:ro" -v "$(volume_name minio-data):/volumes/minio-data:ro")
-	local name status=0
-	name="$(backup_job cold "$@")" || status=$?
-	BACKUP_MOUNTS=()
+	# shellcheck disable=SC2046 # volume_mounts prints separate words, none with spaces
+	name="$(backup_job $(volume_mounts :ro) -- cold "$@")" || status=$?
 	if [ -n "$was_running" ]; then
 		log "Starting the stack again"
 		compose up -d --wait >&2

@@ -43,6 +43,6 @@ if [ "$COLD" = 1 ]; then
 	name="$(backup_cold "${keep_args[@]}")"
 else
 	require_running db minio
-	name="$(backup_job backup "${keep_args[@]}")"
+	name="$(backup_job -- backup "${keep_args[@]}")"
 fi
 echo "$BACKUP_DIR/$name"

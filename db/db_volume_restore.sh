@@ -40,49 +40,60 @@ export ASSUME_YES
 
 SET="$(cd "$SET" && pwd)"
 NAME="$(basename "$SET")"
-backup_prepare
-BACKUP_MOUNTS=(-v "$(dirname "$SET"):/restore:ro")
+# The set's folder, read-only, for every job below.
+SET_MOUNT=(-v "$(dirname "$SET"):/restore:ro")
 
-log "Checking $NAME against its manifest"
-summary="$(backup_job verify "/restore/$NAME")" || die "$NAME cannot be restored (see above); nothing was changed"
-log "The set is whole: $summary"
-
-if [[ "$summary" == kind=cold* ]]; then
+# restore_cold: a cold set replaces the volumes of the stopped stack.
+restore_cold() {
 	confirm "Replace ALL data of the stack with the cold set $NAME? The stack is stopped meanwhile" \
 		|| die "nothing changed"
 	log "Safety copy of the current volumes first"
+	local safety
 	# shellcheck disable=SC2119 # no --keep: a safety set is never rotated
 	safety="$(backup_cold)"
 	log "Safety set: $BACKUP_DIR/$safety"
 	compose stop >&2
-	BACKUP_MOUNTS+=(-v "$(volume_name db-data):/volumes/db-data" -v "$(volume_name minio-data):/volumes/minio-data")
-	backup_job restore-cold "/restore/$NAME" || die "restoring the volumes failed; restore $BACKUP_DIR/$safety the same way"
+	# shellcheck disable=SC2046 # volume_mounts prints separate words, none with spaces
+	backup_job "${SET_MOUNT[@]}" $(volume_mounts "") -- restore-cold "/restore/$NAME" \
+		|| die "restoring the volumes failed; restore $BACKUP_DIR/$safety the same way"
 	compose up -d --wait >&2
 	log "Restored $NAME (cold)"
-	exit 0
-fi
+}
 
-require_running db minio
-counts="$(backup_job counts)"
-runs="$(python3 -c 'import json,sys; c=json.loads(sys.argv[1]); print(c.get("runs", 0) + max(c.get("experiments", 0) - 1, 0))' "$counts")"
-if [ "$runs" -gt 0 ]; then
-	confirm "The stack holds data; replace it with $NAME? (a safety backup is taken first)" \
-		|| die "nothing changed"
-fi
-safety=""
-if [ "$counts" != "{}" ]; then
-	log "Safety backup of the current data"
-	safety="$(backup_job backup --kind pre-restore)"
-	log "Safety set: $BACKUP_DIR/$safety"
-fi
+# restore_live: a pg_dump set replaces the database and the bucket of the
+# running stores, with the MLflow server stopped meanwhile.
+restore_live() {
+	require_running db minio
+	local counts runs safety=""
+	counts="$(backup_job -- counts)"
+	runs="$(python3 -c 'import json,sys; c=json.loads(sys.argv[1]); print(c.get("runs", 0) + max(c.get("experiments", 0) - 1, 0))' "$counts")"
+	if [ "$runs" -gt 0 ]; then
+		confirm "The stack holds data; replace it with $NAME? (a safety backup is taken first)" \
+			|| die "nothing changed"
+	fi
+	if [ "$counts" != "{}" ]; then
+		log "Safety backup of the current data"
+		safety="$(backup_job -- backup --kind pre-restore)"
+		log "Safety set: $BACKUP_DIR/$safety"
+	fi
+	log "Stopping the MLflow server during the restore"
+	compose stop nginx mlflow >&2
+	if ! backup_job "${SET_MOUNT[@]}" -- restore "/restore/$NAME"; then
+		local hint="the server stays stopped."
+		[ -n "$safety" ] && hint="$hint To go back: db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"
+		die "the restore failed (see above); $hint"
+	fi
+	log "Starting the server again"
+	compose up -d --wait >&2
+	log "Restored $NAME"
+}
 
-log "Stopping the MLflow server during the restore"
-compose stop nginx mlflow >&2
-if ! backup_job restore "/restore/$NAME"; then
-	hint="the server stays stopped."
-	[ -n "$safety" ] && hint="$hint To go back: db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"
-	die "the restore failed (see above); $hint"
+backup_prepare
+log "Checking $NAME against its manifest"
+summary="$(backup_job "${SET_MOUNT[@]}" -- verify "/restore/$NAME")" || die "$NAME cannot be restored (see above); nothing was changed"
+log "The set is whole: $summary"
+if [[ "$summary" == kind=cold* ]]; then
+	restore_cold
+else
+	restore_live
 fi
-log "Starting the server again"
-compose up -d --wait >&2
-log "Restored $NAME"

@@ -26,75 +26,34 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
-SERVER_PORT = 5000
-STACK_HOME = "/opt/mlflow"
+from stack import common, settings
+from stack.common import ConfigError, env, host_port, secret
 
-
-class ConfigError(Exception):
-    """A setting is missing or wrong; the message says which and what to do."""
-
-
-def env(name: str, default: str | None = None, environ=None) -> str:
-    environ = os.environ if environ is None else environ
-    value = environ.get(name, default)
-    if value is None or value == "":
-        raise ConfigError(f"{name} is not set: set it in .env (see .env.example)")
-    return value
+SCHEME = "https"  # nginx serves the stack over TLS only
 
 
-def secret(name: str, environ=None) -> str:
-    """NAME from the file named by NAME_FILE (Docker secrets), else NAME itself."""
-    environ = os.environ if environ is None else environ
-    path = environ.get(f"{name}_FILE")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                value = fh.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from None
-        if not value:
-            raise ConfigError(f"{name}_FILE={path} is empty")
-        return value
-    return env(name, environ=environ)
+def setting(key: str, environ=None) -> str:
+    """A .env setting passed in by Compose, checked with the rule of stack/settings.py."""
+    value = env(key, environ=environ)
+    try:
+        return settings.value(key, {key: value})
+    except settings.SettingError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def database_uri(environ=None) -> str:
-    """psycopg2 driver URI; the password is URL-quoted so any character is safe."""
-    user = urllib.parse.quote(env("POSTGRES_USER", environ=environ), safe="")
-    password = urllib.parse.quote(secret("POSTGRES_PASSWORD", environ=environ), safe="")
-    host = env("POSTGRES_HOST", "db", environ=environ)
-    port = env("POSTGRES_PORT", "5432", environ=environ)
-    db = urllib.parse.quote(env("POSTGRES_DB", environ=environ), safe="")
-    return f"postgresql+psycopg2://{user}:{password}@{host}:{port}/{db}"
+def server_port(environ=None) -> int:
+    """The port nginx and the backup job reach the server on (MLFLOW_INTERNAL_URL)."""
+    return urllib.parse.urlsplit(env("MLFLOW_INTERNAL_URL", environ=environ)).port or 80
 
 
-def public_origin(environ=None) -> tuple[str, str, int]:
-    scheme = env("MLFLOW_PUBLIC_SCHEME", "https", environ=environ)
-    host = env("MLFLOW_PUBLIC_HOST", environ=environ)
-    port = int(env("MLFLOW_PUBLIC_PORT", environ=environ))
-    return scheme, host, port
+def public_origin(environ=None) -> tuple[str, int]:
+    return setting("MLFLOW_PUBLIC_HOST", environ), int(setting("HTTPS_PORT", environ))
 
 
 def auth_enabled(environ=None) -> bool:
-    value = env("MLFLOW_AUTH", "true", environ=environ)
-    if value not in ("true", "false"):
-        raise ConfigError(f"MLFLOW_AUTH={value!r}: use true or false")
-    return value == "true"
-
-
-def auth_database_uri(environ=None) -> str:
-    """The user store: its own database next to MLflow's, in the same server."""
-    base, _, db = database_uri(environ).rpartition("/")
-    return f"{base}/{db}_auth"
-
-
-def host_port(host: str, port: int, scheme: str) -> str:
-    """host[:port] as a client writes it; IPv6 literals get brackets, default ports are dropped."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    default = {"http": 80, "https": 443}.get(scheme)
-    return host if port == default else f"{host}:{port}"
+    return setting("MLFLOW_AUTH", environ) == "true"
 
 
 def s3_endpoint(environ=None) -> str:
@@ -103,46 +62,41 @@ def s3_endpoint(environ=None) -> str:
     MLflow signs presigned URLs for this endpoint, so it must be the public
     one: a client follows the URL as given, and SigV4 signs the Host header.
     """
-    scheme, host, _ = public_origin(environ)
-    return f"{scheme}://{host_port(host, int(env('S3_PORT', environ=environ)), scheme)}"
+    host, _ = public_origin(environ)
+    return f"{SCHEME}://{host_port(host, setting('S3_PORT', environ), SCHEME)}"
 
 
 def allowed_hosts(environ=None) -> str:
-    scheme, host, port = public_origin(environ)
-    hosts = [host_port(host, port, scheme), host]
+    host, port = public_origin(environ)
+    hosts = [host_port(host, port, SCHEME), host]
     if is_loopback(host.strip("[]")):
         # On the stack's own machine, any loopback spelling reaches nginx.
-        hosts += [host_port(h, port, scheme) for h in ("localhost", "127.0.0.1", "::1")]
+        hosts += [host_port(h, port, SCHEME) for h in ("localhost", "127.0.0.1", "::1")]
     # The healthcheck and in-network callers use the server's own address.
-    hosts += [f"localhost:{SERVER_PORT}", f"127.0.0.1:{SERVER_PORT}", f"mlflow:{SERVER_PORT}"]
+    internal = urllib.parse.urlsplit(env("MLFLOW_INTERNAL_URL", environ=environ))
+    own = server_port(environ)
+    hosts += [f"localhost:{own}", f"127.0.0.1:{own}", f"{internal.hostname}:{own}"]
     return ",".join(dict.fromkeys(hosts))
 
 
 def cors_origins(environ=None) -> str:
-    scheme, host, port = public_origin(environ)
-    return f"{scheme}://{host_port(host, port, scheme)}"
+    host, port = public_origin(environ)
+    return f"{SCHEME}://{host_port(host, port, SCHEME)}"
 
 
 def artifact_args(environ=None) -> list[str]:
-    bucket = env("MLFLOW_BUCKET", environ=environ)
-    mode = env("MLFLOW_ARTIFACTS_MODE", "proxied", environ=environ)
-    root = f"s3://{bucket}/artifacts"
-    if mode == "proxied":
+    root = f"s3://{setting('MLFLOW_BUCKET', environ)}/artifacts"
+    if setting("MLFLOW_ARTIFACTS_MODE", environ) == "proxied":
         return ["--serve-artifacts", "--artifacts-destination", root]
-    if mode == "direct":
-        return ["--no-serve-artifacts", "--default-artifact-root", root]
-    raise ConfigError(f"MLFLOW_ARTIFACTS_MODE={mode!r}: use 'proxied' or 'direct'")
+    return ["--no-serve-artifacts", "--default-artifact-root", root]
 
 
 def server_argv(environ=None) -> list[str]:
-    workers = env("MLFLOW_WORKERS", "2", environ=environ)
-    if not workers.isdigit() or int(workers) < 1:
-        raise ConfigError(f"MLFLOW_WORKERS={workers!r}: use a whole number >= 1")
     return [
         "mlflow", "server",
         "--host", "0.0.0.0",
-        "--port", str(SERVER_PORT),
-        "--workers", workers,
+        "--port", str(server_port(environ)),
+        "--workers", setting("MLFLOW_WORKERS", environ),
         # The stack's app: MLflow (with basic-auth when on) behind input checks.
         "--app-name", "stack",
         *artifact_args(environ),
@@ -151,54 +105,70 @@ def server_argv(environ=None) -> list[str]:
 
 def s3_environment(environ=None) -> dict[str, str]:
     return {
-        "AWS_ACCESS_KEY_ID": secret("AWS_ACCESS_KEY_ID", environ=environ),
-        "AWS_SECRET_ACCESS_KEY": secret("AWS_SECRET_ACCESS_KEY", environ=environ),
+        "AWS_ACCESS_KEY_ID": secret("AWS_ACCESS_KEY_ID", environ),
+        "AWS_SECRET_ACCESS_KEY": secret("AWS_SECRET_ACCESS_KEY", environ),
         "MLFLOW_S3_ENDPOINT_URL": s3_endpoint(environ),
     }
 
 
+def trust_environment(environ, runtime_dir: str) -> dict[str, str]:
+    """The server's own S3 calls go to the public (TLS) endpoint: trust the
+    stack's certificate on top of the usual CAs."""
+    trust = (environ or os.environ).get("STACK_TLS_TRUST", "")
+    if not (trust and os.path.isfile(trust)):
+        return {}
+    bundle = common.write_ca_bundle(Path(trust), Path(runtime_dir) / "ca-bundle.pem")
+    return {"AWS_CA_BUNDLE": str(bundle)}
+
+
+def auth_ini(environ) -> str:
+    return ("[mlflow]\n"
+            f"default_permission = {setting('MLFLOW_DEFAULT_PERMISSION', environ)}\n"
+            f"database_uri = {auth_database_uri(environ).replace('%', '%%')}\n"
+            f"admin_username = {setting('MLFLOW_ADMIN_USERNAME', environ)}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {setting('MLFLOW_AUTH_CACHE_SECONDS', environ)}\n"
+            "auth_cache_max_size = 10000\n")
+
+
+def auth_environment(environ, runtime_dir: str) -> dict[str, str]:
+    """basic-auth's settings: its ini (private to this container) and the admin's login."""
+    if not auth_enabled(environ):
+        return {}
+    ini = os.path.join(runtime_dir, "basic_auth.ini")
+    fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(auth_ini(environ))
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": ini,
+        "MLFLOW_AUTH_ADMIN_USERNAME": setting("MLFLOW_ADMIN_USERNAME", environ),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": secret("MLFLOW_ADMIN_PASSWORD", environ),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret("MLFLOW_FLASK_SECRET_KEY", environ),
+    }
+
+
 def server_environment(environ=None, runtime_dir: str = "/tmp/mlflow-stack") -> dict[str, str]:
-    result = {
+    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+    return {
         **s3_environment(environ),
         "MLFLOW_BACKEND_STORE_URI": database_uri(environ),
         "MLFLOW_SERVER_ALLOWED_HOSTS": allowed_hosts(environ),
         "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": cors_origins(environ),
         "MLFLOW_STACK_AUTH": "true" if auth_enabled(environ) else "false",
+        # The job runner costs ~1.6 GiB; only needed for MLflow's async jobs.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": setting("MLFLOW_ENABLE_JOBS", environ),
+        "MLFLOW_API_MAX_BODY_MB": setting("MLFLOW_API_MAX_BODY_MB", environ),
+        **trust_environment(environ, runtime_dir),
+        **auth_environment(environ, runtime_dir),
     }
-    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
-    trust = (environ or os.environ).get("STACK_TLS_TRUST", "")
-    if trust and os.path.isfile(trust):
-        # The server's own S3 calls go to the public (TLS) endpoint: trust the
-        # stack's certificate on top of the usual CAs.
-        import certifi
 
-        bundle = os.path.join(runtime_dir, "ca-bundle.pem")
-        with open(certifi.where(), encoding="utf-8") as system, open(trust, encoding="utf-8") as extra, \
-                open(bundle, "w", encoding="utf-8") as out:
-            out.write(system.read().rstrip("\n") + "\n" + extra.read())
-        result["AWS_CA_BUNDLE"] = bundle
-    if auth_enabled(environ):
-        permission = env("MLFLOW_DEFAULT_PERMISSION", "READ", environ=environ)
-        cache = env("MLFLOW_AUTH_CACHE_SECONDS", "30", environ=environ)
-        if not cache.isdigit():
-            raise ConfigError(f"MLFLOW_AUTH_CACHE_SECONDS={cache!r}: use a whole number of seconds")
-        ini = os.path.join(runtime_dir, "basic_auth.ini")
-        fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("[mlflow]\n"
-                     f"default_permission = {permission}\n"
-                     f"database_uri = {auth_database_uri(environ).replace('%', '%%')}\n"
-                     f"admin_username = {env('MLFLOW_ADMIN_USERNAME', 'admin', environ=environ)}\n"
-                     "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                     f"auth_cache_ttl_seconds = {cache}\n"
-                     "auth_cache_max_size = 10000\n")
-        result.update({
-            "MLFLOW_AUTH_CONFIG_PATH": ini,
-            "MLFLOW_AUTH_ADMIN_USERNAME": env("MLFLOW_ADMIN_USERNAME", "admin", environ=environ),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": secret("MLFLOW_ADMIN_PASSWORD", environ=environ),
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret("MLFLOW_FLASK_SECRET_KEY", environ=environ),
-        })
-    return result
+
+def database_uri(environ=None) -> str:
+    return common.database_uri(environ)
+
+
+def auth_database_uri(environ=None) -> str:
+    return common.database_uri(environ, dbname=common.auth_database(environ))
 
 
 def is_loopback(host: str) -> bool:
@@ -218,10 +188,10 @@ def s3_relay_target(environ=None) -> tuple[int, str, int] | None:
     both, Host header included. A real host name needs no relay: compose
     gives nginx that name as a network alias.
     """
-    _, host, _ = public_origin(environ)
+    host, _ = public_origin(environ)
     if not is_loopback(host.strip("[]")):
         return None
-    port = int(env("S3_PORT", environ=environ))
+    port = int(setting("S3_PORT", environ))
     return port, env("S3_RELAY_HOST", "nginx", environ=environ), port
 
 
@@ -308,10 +278,8 @@ def ensure_auth_database() -> None:
 
     from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
-    name = env("POSTGRES_DB") + "_auth"
-    conn = psycopg2.connect(host=env("POSTGRES_HOST", "db"), port=env("POSTGRES_PORT", "5432"),
-                            user=env("POSTGRES_USER"), password=secret("POSTGRES_PASSWORD"),
-                            dbname=env("POSTGRES_DB"))
+    name = common.auth_database()
+    conn = psycopg2.connect(**common.postgres_params())
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -354,28 +322,13 @@ def cmd_schema_status(_args: list[str]) -> int:
     return 0
 
 
-def s3_client():
-    """The store, straight on the backend network (for the bucket job and
-    ./show_all.sh; the server itself uses the public endpoint, see s3_endpoint)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=env("S3_INTERNAL_ENDPOINT", "http://minio:9000"),
-        aws_access_key_id=secret("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY"),
-        region_name="us-east-1",
-        config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                      s3={"addressing_style": "path"}),
-    )
-
-
 def cmd_init_bucket(_args: list[str]) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket = env("MLFLOW_BUCKET")
-    client = s3_client()
+    bucket = setting("MLFLOW_BUCKET")
+    # The store straight on the backend network (the server itself uses the
+    # public endpoint, see s3_endpoint); few retries, this loop retries.
+    client = common.s3_client(attempts=3)
     for _ in range(60):
         try:
             client.head_bucket(Bucket=bucket)
@@ -403,7 +356,7 @@ def cmd_init_bucket(_args: list[str]) -> int:
 
 def cmd_healthcheck(_args: list[str]) -> int:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{SERVER_PORT}/health", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server_port()}/health", timeout=5) as r:
             if r.status != 200:
                 return 1
     except (urllib.error.URLError, OSError):

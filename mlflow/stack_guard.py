@@ -162,9 +162,11 @@ def validate(path: str, content_type: str, body: bytes) -> None:
 class Guard:
     """ASGI middleware: buffer JSON write bodies, validate, then hand them on untouched."""
 
-    def __init__(self, app, auth: bool):
+    def __init__(self, app, auth: bool, max_body: int):
         self.app = app
         self.auth = auth
+        # Any API body (not only the checked writes): the same limit as nginx's.
+        self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") \
@@ -181,7 +183,7 @@ class Guard:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > 64 * MAX_BODY:
+            if size > self.max_body:
                 return await _error(send, Invalid("request body too large", 413, "BAD_REQUEST"))
             chunks.append(chunk)
             if not message.get("more_body"):
@@ -219,4 +221,4 @@ def create_app():
         inner = create_auth_app()
     else:
         from mlflow.server.fastapi_app import app as inner
-    return Guard(inner, auth)
+    return Guard(inner, auth, int(os.environ["MLFLOW_API_MAX_BODY_MB"]) << 20)

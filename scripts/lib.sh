@@ -1,6 +1,8 @@
 # shellcheck shell=bash
 # Shared by the stack scripts: strict mode, an error trap that names the
-# failing file:line and command, logging, and the Compose command line.
+# failing file:line and command, logging, and the calls into the Python side
+# (stack/), which owns every value: shell never parses .env, it evals the
+# quoted `export` lines Python prints.
 
 set -Eeuo pipefail
 
@@ -15,7 +17,6 @@ on_error() {
 trap on_error ERR
 
 log() { printf '==> %s\n' "$*" >&2; }
-warn() { printf 'warning: %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 require_python() {
@@ -23,18 +24,28 @@ require_python() {
 	python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "python3 is older than 3.9: install a newer one"
 }
 
-# stack_py ARGS: the Python side of the scripts (stack/). Its errors already
-# say what to do, so a failure exits with its status and no trap noise.
-stack_py() {
-	PYTHONPATH="$STACK_ROOT${PYTHONPATH:+:$PYTHONPATH}" python3 -m stack "$@" || exit $?
+_stack_python() {
+	PYTHONPATH="$STACK_ROOT${PYTHONPATH:+:$PYTHONPATH}" python3 -m stack "$@"
 }
 
-env_file() { echo "${STACK_ENV_FILE:-$STACK_ROOT/.env}"; }
+# stack_py ARGS: the Python side of the scripts. Its errors already say what
+# to do, so a failure exits with its status and no trap noise.
+stack_py() {
+	_stack_python "$@" || exit $?
+}
 
-# compose ARGS: docker compose on this stack, whatever the current directory.
+# compose ARGS: docker compose on this stack (project, files and values from
+# stack/paths.py and stack/compose.py); returns Compose's status.
 compose() {
-	docker compose --project-directory "$STACK_ROOT" -f "$STACK_ROOT/docker-compose.yml" \
-		--env-file "$(env_file)" -p "${COMPOSE_PROJECT_NAME:-mlflow-stack}" "$@"
+	_stack_python compose "$@"
+}
+
+# load_compose_env: export what Compose needs (makes the TLS material and the
+# secret files), as ./stack_deploy.sh does before building or starting.
+load_compose_env() {
+	local exports
+	exports="$(stack_py compose-env)"
+	eval "$exports"
 }
 
 # confirm PROMPT: yes when ASSUME_YES=1; refuses without a terminal to ask on.
@@ -47,3 +58,7 @@ confirm() {
 	read -r -p "$1 [y/N] " answer
 	[[ "$answer" =~ ^[Yy]([Ee][Ss])?$ ]]
 }
+
+require_python
+# STACK_ENV_FILE and COMPOSE_PROJECT_NAME, resolved once (stack/paths.py).
+eval "$(stack_py paths)"

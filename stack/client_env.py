@@ -6,21 +6,15 @@ places that show a credential, because the user asked for them there.
 
 from __future__ import annotations
 
-import shlex
-
-
-def _authority(host: str, port: str, scheme: str = "https") -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    default = {"http": "80", "https": "443"}[scheme]
-    return host if port == default else f"{host}:{port}"
+from .common import host_port
+from .compose import export_lines
 
 
 def client_env(values: dict[str, str], tls: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """tls: paths from stack.tls (ca, bundle) when the certificate comes from the local CA."""
     host = values["MLFLOW_PUBLIC_HOST"]
-    settings = [("MLFLOW_TRACKING_URI", f"https://{_authority(host, values['HTTPS_PORT'])}")]
-    if values.get("MLFLOW_AUTH", "true") == "true":
+    settings = [("MLFLOW_TRACKING_URI", f"https://{host_port(host, values['HTTPS_PORT'])}")]
+    if values["MLFLOW_AUTH"] == "true":
         settings += [("MLFLOW_TRACKING_USERNAME", values["MLFLOW_ADMIN_USERNAME"]),
                      ("MLFLOW_TRACKING_PASSWORD", values["MLFLOW_ADMIN_PASSWORD"])]
     if tls and tls.get("ca"):
@@ -31,7 +25,7 @@ def client_env(values: dict[str, str], tls: dict[str, str] | None = None) -> lis
     if values["MLFLOW_ARTIFACTS_MODE"] == "direct":
         # Direct mode: the client writes artifacts to S3 itself.
         settings += [
-            ("MLFLOW_S3_ENDPOINT_URL", f"https://{_authority(host, values['S3_PORT'])}"),
+            ("MLFLOW_S3_ENDPOINT_URL", f"https://{host_port(host, values['S3_PORT'])}"),
             ("AWS_ACCESS_KEY_ID", values["MINIO_ROOT_USER"]),
             ("AWS_SECRET_ACCESS_KEY", values["MINIO_ROOT_PASSWORD"]),
             ("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required"),
@@ -46,7 +40,6 @@ def render(values: dict[str, str], tls: dict[str, str] | None = None) -> str:
     lines = []
     if tls and tls.get("ca"):
         lines.append(f"# Clients on other machines need copies of {tls['ca']} and {tls['bundle']}.")
-    if values.get("MLFLOW_AUTH", "true") == "true":
+    if values["MLFLOW_AUTH"] == "true":
         lines.append("# The admin account; give each person their own: ./stack_users.sh add NAME")
-    lines += [f"export {key}={shlex.quote(value)}" for key, value in client_env(values, tls)]
-    return "\n".join(lines) + "\n"
+    return "".join(line + "\n" for line in lines) + export_lines(client_env(values, tls))

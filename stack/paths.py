@@ -1,25 +1,43 @@
-"""Where things are, and how to call Compose on this stack."""
+"""Where things are, and the one Compose command line for this stack."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Mapping, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / ".env.example"
-DEFAULT_PROJECT = "mlflow-stack"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 
-def env_path() -> Path:
+def _environ(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def env_path(environ: Optional[Mapping[str, str]] = None) -> Path:
     """STACK_ENV_FILE lets tests (or a second stack) use another .env."""
-    return Path(os.environ.get("STACK_ENV_FILE", ROOT / ".env")).resolve()
+    return Path(_environ(environ).get("STACK_ENV_FILE", ROOT / ".env")).resolve()
 
 
-def project_name() -> str:
-    return os.environ.get("COMPOSE_PROJECT_NAME") or DEFAULT_PROJECT
+def default_project() -> str:
+    """The compose file's own `name:`, so `docker compose` by hand agrees with the scripts."""
+    match = re.search(r"^name:\s*(\S+)\s*$", COMPOSE_FILE.read_text(), re.M)
+    if not match:
+        raise RuntimeError(f"{COMPOSE_FILE} has no top-level name:")
+    return match.group(1)
 
 
-def compose_cmd() -> list[str]:
-    return ["docker", "compose", "--project-directory", str(ROOT),
-            "-f", str(ROOT / "docker-compose.yml"), "--env-file", str(env_path()),
-            "-p", project_name()]
+def project_name(environ: Optional[Mapping[str, str]] = None) -> str:
+    return _environ(environ).get("COMPOSE_PROJECT_NAME") or default_project()
+
+
+def compose_cmd(environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    return ["docker", "compose", "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
+            "--env-file", str(env_path(environ)), "-p", project_name(environ)]
+
+
+def backup_dir(values: Mapping[str, str]) -> Path:
+    """BACKUP_DIR, relative to the project's folder unless absolute."""
+    path = Path(values["BACKUP_DIR"]).expanduser()
+    return path if path.is_absolute() else (ROOT / path).resolve()

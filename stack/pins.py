@@ -2,7 +2,8 @@
 
 Images of services are pinned as `${NAME_IMAGE:-image:tag}` defaults in
 docker-compose.yml; the MLflow image's base is the `ARG MLFLOW_BASE_IMAGE=`
-default in mlflow/Dockerfile. Nothing else repeats them.
+default in mlflow/Dockerfile (and MLFLOW_CONDA_BASE_IMAGE, the conda variant's).
+Nothing else repeats them.
 
     python3 -m stack.pins       # prints "VARIABLE image" per pin
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 _COMPOSE_PIN = re.compile(r"\$\{([A-Z][A-Z0-9_]*_IMAGE):-([^}]+)\}")
-_DOCKERFILE_PIN = re.compile(r"^ARG (MLFLOW_BASE_IMAGE)=(\S+)$", re.M)
+_DOCKERFILE_PIN = re.compile(r"^ARG (MLFLOW_BASE_IMAGE|MLFLOW_CONDA_BASE_IMAGE)=(\S+)$", re.M)
 
 
 def image_pins(root: Path = ROOT) -> dict[str, str]:

@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from . import compose, paths
 
 MIN_ENGINE = (20, 10)
 # Secrets sourced from environment variables need Compose 2.23.1 or later.
@@ -70,7 +70,12 @@ def check_docker() -> list[Check]:
 
 def stack_published_ports() -> set[int]:
     """Ports already published by this stack's own containers."""
-    result = _run([*paths.compose_cmd(), "ps", "--format", "json"])
+    argv, env = compose.invocation()
+    try:
+        result = subprocess.run([*argv, "ps", "--format", "json"], capture_output=True, text=True,
+                                timeout=60, check=False, env=env)
+    except subprocess.TimeoutExpired:
+        return set()
     ports: set[int] = set()
     if result.returncode != 0:
         return ports

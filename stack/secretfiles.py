@@ -1,4 +1,5 @@
-"""Secrets as files for Compose: each secret of .env rendered into its own file.
+"""Secrets as files for Compose: each setting with a `file` (stack/settings.py)
+rendered into its own file.
 
 Compose can only give read-only containers secrets from files. .env stays the
 one place a secret is kept; these files are a copy made at each deploy, in a
@@ -12,20 +13,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import paths
+from . import paths, settings
 
-SECRETS = {
-    "postgres_password": "POSTGRES_PASSWORD",
-    "minio_root_user": "MINIO_ROOT_USER",
-    "minio_root_password": "MINIO_ROOT_PASSWORD",
-    "mlflow_admin_password": "MLFLOW_ADMIN_PASSWORD",
-    "mlflow_flask_secret_key": "MLFLOW_FLASK_SECRET_KEY",
-}
+FILES = {s.file: s.key for s in settings.SETTINGS if s.file}
 
 
-def secrets_dir() -> Path:
-    default = paths.env_path().parent / ".stack-secrets" / paths.project_name()
-    return Path(os.environ.get("STACK_SECRETS_DIR", default)).resolve()
+def secrets_dir(environ=None) -> Path:
+    environ = os.environ if environ is None else environ
+    default = paths.env_path(environ).parent / ".stack-secrets" / paths.project_name(environ)
+    return Path(environ.get("STACK_SECRETS_DIR", default)).resolve()
 
 
 def write(values: dict[str, str], folder: Path | None = None) -> Path:
@@ -34,7 +30,7 @@ def write(values: dict[str, str], folder: Path | None = None) -> Path:
     folder.mkdir(mode=0o700, exist_ok=True)
     os.chmod(folder.parent, 0o700)
     os.chmod(folder, 0o700)
-    for name, key in SECRETS.items():
+    for name, key in FILES.items():
         path = folder / name
         value = values[key]
         if path.exists() and path.read_text() == value:
@@ -43,12 +39,4 @@ def write(values: dict[str, str], folder: Path | None = None) -> Path:
         tmp.write_text(value)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    return folder
-
-
-def placeholders(folder: Path) -> Path:
-    """Empty stand-in files, so Compose can read the file to take a stack down."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in SECRETS:
-        (folder / name).touch()
     return folder

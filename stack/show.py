@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 
 from . import paths
+from .compose import invocation as compose_invocation
+from .common import host_port
 
-# Runs in the mlflow container, with the image's own S3 client (entrypoint.py).
+# Runs in the mlflow container, with the S3 client the image shares with the host (stack/common.py).
 _BUCKET_STATS = """
-from entrypoint import env, s3_client
+from stack.common import env, s3_client
 count = size = 0
 for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=env("MLFLOW_BUCKET")):
     for obj in page.get("Contents", []):
@@ -26,10 +27,10 @@ _COUNTS_SQL = ("SELECT (SELECT count(*) FROM experiments WHERE lifecycle_stage =
                "(SELECT count(*) FROM registered_models)")
 
 
-def _run(cmd: list[str], stdin: str | None = None, timeout: int = 60) -> tuple[int, str]:
+def _run(cmd: list[str], stdin: str | None = None, timeout: int = 60, env=None) -> tuple[int, str]:
     try:
         result = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
-                                timeout=timeout, check=False)
+                                timeout=timeout, check=False, env=env)
     except subprocess.TimeoutExpired:
         return 124, ""
     return result.returncode, result.stdout.strip()
@@ -54,7 +55,8 @@ def human_bytes(size: float) -> str:
 
 
 def services() -> list[dict]:
-    code, out = _run([*paths.compose_cmd(), "ps", "-a", "--format", "json"])
+    argv, env = compose_invocation()
+    code, out = _run([*argv, "ps", "-a", "--format", "json"], env=env)
     return _json_lines(out) if code == 0 else []
 
 
@@ -70,67 +72,73 @@ def volumes(project: str) -> list[tuple[str, str]]:
 
 
 def report(values: dict[str, str]) -> str:
-    project = paths.project_name()
-    compose = paths.compose_cmd()
-    lines = [f"MLflow stack '{project}' ({paths.env_path()})", ""]
-
     svc = services()
     running = {s["Service"] for s in svc if s.get("State") == "running"}
-    lines.append("Services:")
+    compose = compose_invocation()
+    lines = [f"MLflow stack '{paths.project_name()}' ({paths.env_path()})", ""]
+    lines += ["Services:", *service_lines(svc)]
+    lines += ["", "Published URLs:", *url_lines(values)]
+    lines += ["", "Volumes:", *([f"  {name:<40} {size}" for name, size in volumes(paths.project_name())] or ["  none"])]
+    lines += ["", "MLflow:", *mlflow_lines(values, running, compose)]
+    lines += ["", "Backups:", *backups(values, svc, compose)]
+    return "\n".join(lines) + "\n"
+
+
+def service_lines(svc: list[dict]) -> list[str]:
     if not svc:
-        lines.append("  none: the stack is not deployed (run ./stack_deploy.sh)")
+        return ["  none: the stack is not deployed (run ./stack_deploy.sh)"]
+    lines = []
     for s in sorted(svc, key=lambda s: s["Service"]):
         state = s.get("State", "?")
         if state == "exited":
             state = f"exited ({s.get('ExitCode', '?')})"
-        health = s.get("Health") or "-"
-        lines.append(f"  {s['Service']:<12} {state:<12} health={health:<10} {s.get('Image', '')}")
+        lines.append(f"  {s['Service']:<12} {state:<12} health={s.get('Health') or '-':<10} {s.get('Image', '')}")
+    return lines
 
-    host = values["MLFLOW_PUBLIC_HOST"]
-    lines += ["", "Published URLs:",
-              f"  MLflow UI/API  https://{host}:{values['HTTPS_PORT']}  (bound to {values['BIND_ADDRESS']}; "
-              f"http://{host}:{values['HTTP_PORT']} redirects)",
-              f"  S3 API         https://{host}:{values['S3_PORT']}  (bucket {values['MLFLOW_BUCKET']})",
-              f"  login          {'on (./stack_users.sh manages accounts)' if values['MLFLOW_AUTH'] == 'true' else 'OFF: anyone who reaches the ports has full access'}"]
 
-    lines += ["", "Volumes:"]
-    vols = volumes(project)
-    lines += [f"  {name:<40} {size}" for name, size in vols] or ["  none"]
+def url_lines(values: dict[str, str]) -> list[str]:
+    base = f"https://{host_port(values['MLFLOW_PUBLIC_HOST'], values['HTTPS_PORT'])}"
+    s3 = f"https://{host_port(values['MLFLOW_PUBLIC_HOST'], values['S3_PORT'])}"
+    redirect = f"http://{host_port(values['MLFLOW_PUBLIC_HOST'], values['HTTP_PORT'], 'http')}"
+    login = ("on (./stack_users.sh manages accounts)" if values["MLFLOW_AUTH"] == "true"
+             else "OFF: anyone who reaches the ports has full access")
+    return [f"  MLflow UI/API  {base}  (bound to {values['BIND_ADDRESS']}; {redirect} redirects)",
+            f"  S3 API         {s3}  (bucket {values['MLFLOW_BUCKET']})",
+            f"  login          {login}"]
 
-    lines += ["", "MLflow:"]
+
+def mlflow_lines(values: dict[str, str], running: set[str], compose: tuple[list[str], dict]) -> list[str]:
+    argv, env = compose
+    lines = []
     if "mlflow" in running:
-        code, out = _run([*compose, "exec", "-T", "mlflow", "python3", "-c",
-                          "import mlflow; print(mlflow.__version__)"])
+        code, out = _run([*argv, "exec", "-T", "mlflow", "python3", "-c", "import mlflow; print(mlflow.__version__)"],
+                         env=env)
         lines.append(f"  version        {out if code == 0 else 'unknown'}")
     else:
         lines.append("  version        (server not running)")
     if "db" in running:
-        code, out = _run([*compose, "exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"],
-                          "-d", values["POSTGRES_DB"], "-Atc", _COUNTS_SQL])
+        code, out = _run([*argv, "exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"],
+                          "-d", values["POSTGRES_DB"], "-Atc", _COUNTS_SQL], env=env)
         if code == 0 and out.count("|") == 2:
             exps, runs, models = out.split("|")
-            lines.append(f"  experiments    {exps} active")
-            lines.append(f"  runs           {runs} active")
-            lines.append(f"  models         {models} registered")
+            lines += [f"  experiments    {exps} active", f"  runs           {runs} active",
+                      f"  models         {models} registered"]
         else:
             lines.append("  counts         unavailable (schema not created yet?)")
     if "mlflow" in running:
-        code, out = _run([*compose, "exec", "-T", "mlflow", "python3", "-"], stdin=_BUCKET_STATS,
-                         timeout=300)
+        code, out = _run([*argv, "exec", "-T", "mlflow", "python3", "-"], stdin=_BUCKET_STATS, timeout=300,
+                         env=env)
         if code == 0 and len(out.split()) == 2:
             count, size = out.split()
             lines.append(f"  bucket         {count} objects, {human_bytes(int(size))}")
         else:
             lines.append("  bucket         unavailable")
-    lines += ["", "Backups:"]
-    lines += backups(values, svc, compose)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def backups(values: dict[str, str], svc: list[dict], compose: list[str]) -> list[str]:
-    root = Path(os.environ.get("BACKUP_DIR") or values.get("BACKUP_DIR", "./backups"))
-    if not root.is_absolute():
-        root = paths.ROOT / root
+def backups(values: dict[str, str], svc: list[dict], compose: tuple[list[str], dict]) -> list[str]:
+    argv, env = compose
+    root = paths.backup_dir(values)
     sets = sorted(p for p in root.glob("mlflow-backup-*") if (p / "manifest.json").exists()) if root.is_dir() else []
     lines = []
     if sets:
@@ -142,7 +150,8 @@ def backups(values: dict[str, str], svc: list[dict], compose: list[str]) -> list
     if scheduler is None:
         lines.append("  scheduled      off (set COMPOSE_PROFILES=backup in .env)")
     else:
-        code, out = _run([*compose, "exec", "-T", "backup", "python3", "/usr/local/bin/mlflow-stack-backup", "health"])
-        lines.append(f"  scheduled      every {values.get('BACKUP_INTERVAL_HOURS', '24')} h, "
+        code, out = _run([*argv, "exec", "-T", "backup", "python3", "/usr/local/bin/mlflow-stack-backup", "health"],
+                         env=env)
+        lines.append(f"  scheduled      every {values['BACKUP_INTERVAL_HOURS']} h, "
                      f"health={scheduler.get('Health') or '-'}: {out or 'unknown'}")
     return lines

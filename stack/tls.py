@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from . import paths
+from . import common, paths
 
 CA_DAYS, SERVER_DAYS = 3650, 825
 
@@ -26,8 +26,9 @@ class TlsError(Exception):
     pass
 
 
-def cert_dir() -> Path:
-    return Path(os.environ.get("STACK_CERT_DIR", paths.ROOT / "certs")).resolve()
+def cert_dir(environ=None) -> Path:
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("STACK_CERT_DIR", paths.ROOT / "certs")).resolve()
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -52,7 +53,7 @@ def _san(host: str) -> str:
     return ",".join(dict.fromkeys(entries))
 
 
-def ensure(values: dict[str, str], create: bool = True) -> dict[str, str]:
+def ensure(values: dict[str, str], create: bool = True, environ=None) -> dict[str, str]:
     """Paths nginx and clients use: cert, key and (for a local CA) the CA to trust.
 
     With create=False nothing is made: the paths are returned as they would be
@@ -62,13 +63,13 @@ def ensure(values: dict[str, str], create: bool = True) -> dict[str, str]:
     if user_cert or user_key:
         cert, key = Path(user_cert).expanduser(), Path(user_key).expanduser()
         for label, path in (("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)):
-            if not path.is_file():
+            if create and not path.is_file():
                 raise TlsError(f"{label}={path} does not exist: set both TLS_CERT_FILE and TLS_KEY_FILE to "
                                "your certificate (full chain, PEM) and key, or leave both empty for a local CA")
         return {"cert": str(cert.resolve()), "key": str(key.resolve()), "ca": "", "bundle": "",
                 "trust": str(cert.resolve())}
 
-    out = cert_dir()
+    out = cert_dir(environ)
     ca_crt, ca_key = out / "ca.crt", out / "ca.key"
     if not create:
         have = ca_crt.exists()
@@ -89,7 +90,7 @@ def ensure(values: dict[str, str], create: bool = True) -> dict[str, str]:
     san_file = out / "server.san"
     result = {"cert": str(crt), "key": str(key), "ca": str(ca_crt), "bundle": str(out / "ca-bundle.pem"),
               "trust": str(ca_crt)}
-    _bundle(ca_crt, out / "ca-bundle.pem")
+    common.write_ca_bundle(ca_crt, out / "ca-bundle.pem")
     if crt.exists() and key.exists() and san_file.exists() and san_file.read_text().strip() == wanted:
         return result
     with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -107,16 +108,3 @@ def ensure(values: dict[str, str], create: bool = True) -> dict[str, str]:
         os.replace(work / "server.crt", crt)
         san_file.write_text(wanted + "\n")
     return result
-
-
-SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
-
-
-def _bundle(ca_crt: Path, dest: Path) -> None:
-    """The system's CAs plus the local one, for clients that take one bundle (requests, boto3)."""
-    system = next((Path(p) for p in SYSTEM_BUNDLES if Path(p).is_file()), None)
-    text = (system.read_text() if system else "").rstrip("\n") + "\n" + ca_crt.read_text()
-    if not dest.exists() or dest.read_text() != text:
-        tmp = dest.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, dest)

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from . import client_env, tls
+from . import client_env, settings, tls
 
 # What MLflow 3.17 accepts for a grant on one experiment (DENY beats the default).
 PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "DENY")
@@ -73,14 +73,14 @@ class Api:
 def _password(from_stdin: bool) -> tuple[str, bool]:
     if from_stdin:
         value = sys.stdin.readline().rstrip("\n")
-        if len(value) < 12:
-            raise UserError("the password must have at least 12 characters")
+        if len(value) < settings.MIN_SECRET_LENGTH:
+            raise UserError(f"the password must have at least {settings.MIN_SECRET_LENGTH} characters")
         return value, False
     return secrets.token_urlsafe(18), True
 
 
 def run(values: dict[str, str], args) -> int:
-    if values.get("MLFLOW_AUTH", "true") != "true":
+    if values["MLFLOW_AUTH"] != "true":
         raise UserError("authentication is off (MLFLOW_AUTH=false in .env): there are no users to manage")
     api = Api(values)
     if args.action == "add":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from stack import envfile, paths
+from stack import compose, envfile, paths
 
 ROOT = paths.ROOT
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -125,8 +125,8 @@ class Stack:
 
     def compose(self, *args: str, check: bool = True, stdin: str | None = None,
                 timeout: int = 300) -> subprocess.CompletedProcess:
-        cmd = [*_compose_base(self), *args]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=self.environ,
+        argv, environ = compose.invocation(self.environ)
+        result = subprocess.run([*argv, *args], capture_output=True, text=True, env=environ,
                                 input=stdin, timeout=timeout, check=False)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)}: {result.stderr[-4000:]}")
@@ -165,11 +165,6 @@ class Stack:
                 parsed = json.loads(line)
                 rows.extend(parsed if isinstance(parsed, list) else [parsed])
         return {r["Service"]: r["ID"] for r in rows}
-
-
-def _compose_base(stack: Stack) -> list[str]:
-    return ["docker", "compose", "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml"),
-            "--env-file", str(stack.env_file), "-p", stack.project]
 
 
 def _require_docker() -> None:

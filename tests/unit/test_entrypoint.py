@@ -24,8 +24,10 @@ def environ(tmp_path):
         "POSTGRES_USER": "mlflow", "POSTGRES_DB": "mlflow", "POSTGRES_PASSWORD_FILE": str(pw),
         "AWS_ACCESS_KEY_ID_FILE": str(key), "AWS_SECRET_ACCESS_KEY_FILE": str(secret),
         "MLFLOW_BUCKET": "mlflow", "MLFLOW_PUBLIC_HOST": "mlflow.example.com",
-        "MLFLOW_PUBLIC_SCHEME": "https", "MLFLOW_PUBLIC_PORT": "8443", "S3_PORT": "9000",
-        "MLFLOW_AUTH": "true", "MLFLOW_ADMIN_USERNAME": "admin",
+        "HTTPS_PORT": "8443", "S3_PORT": "9000", "MLFLOW_INTERNAL_URL": "http://mlflow:5000",
+        "MLFLOW_AUTH": "true", "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_WORKERS": "2",
+        "MLFLOW_ARTIFACTS_MODE": "proxied", "MLFLOW_DEFAULT_PERMISSION": "READ",
+        "MLFLOW_AUTH_CACHE_SECONDS": "30", "MLFLOW_ENABLE_JOBS": "false", "MLFLOW_API_MAX_BODY_MB": "64",
         "MLFLOW_ADMIN_PASSWORD_FILE": str(secret), "MLFLOW_FLASK_SECRET_KEY_FILE": str(key),
     }
 
@@ -64,7 +66,7 @@ def test_public_names_drive_hosts_cors_and_s3(environ):
 
 
 def test_default_port_is_not_written(environ):
-    environ["MLFLOW_PUBLIC_PORT"] = "443"
+    environ["HTTPS_PORT"] = "443"
     assert ep.cors_origins(environ) == "https://mlflow.example.com"
 
 

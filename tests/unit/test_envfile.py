@@ -5,14 +5,14 @@ import stat
 
 import pytest
 
-from stack import envfile, paths
+from stack import envfile, settings
 
-EXAMPLE = paths.EXAMPLE
+SECRET_KEYS = [s.key for s in settings.SETTINGS if s.generated]
 
 
 def make(tmp_path, variant=None):
     env = tmp_path / ".env"
-    return env, envfile.ensure(env, EXAMPLE, variant)
+    return env, envfile.ensure(env, variant)
 
 
 def test_first_run_creates_private_env_with_generated_secrets(tmp_path):
@@ -20,13 +20,12 @@ def test_first_run_creates_private_env_with_generated_secrets(tmp_path):
     assert result.create
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
     values = envfile.parse(env.read_text())
-    example = envfile.parse(EXAMPLE.read_text())
-    assert set(values) == set(example)
-    for key in envfile.SECRET_KEYS:
+    assert set(values) == set(settings.BY_KEY)
+    for key in SECRET_KEYS:
         assert values[key] != envfile.GENERATED
-        assert len(values[key]) >= envfile.MIN_SECRET_LENGTH
+        assert len(values[key]) >= settings.MIN_SECRET_LENGTH
     assert values["POSTGRES_PASSWORD"] != values["MINIO_ROOT_PASSWORD"]
-    assert envfile.validate(values, example) == []
+    assert settings.validate(values) == []
 
 
 def test_secrets_differ_between_installations(tmp_path):
@@ -40,7 +39,7 @@ def test_secrets_differ_between_installations(tmp_path):
 def test_rerun_changes_nothing(tmp_path):
     env, _ = make(tmp_path)
     before = env.read_bytes()
-    result = envfile.ensure(env, EXAMPLE)
+    result = envfile.ensure(env)
     assert not result.changes
     assert env.read_bytes() == before
 
@@ -53,39 +52,39 @@ def test_existing_values_are_never_overwritten_and_missing_keys_are_added(tmp_pa
     text = text.replace("HTTP_PORT=8080", "HTTP_PORT=18080")
     text = "\n".join(l for l in text.splitlines() if not l.startswith("MINIO_ROOT_PASSWORD=")) + "\n"
     env.write_text(text)
-    result = envfile.ensure(env, EXAMPLE)
+    result = envfile.ensure(env)
     assert result.added == ["MINIO_ROOT_PASSWORD"]
     after = envfile.parse(env.read_text())
     assert after["HTTP_PORT"] == "18080"
     assert after["POSTGRES_PASSWORD"] == values["POSTGRES_PASSWORD"]
-    assert len(after["MINIO_ROOT_PASSWORD"]) >= envfile.MIN_SECRET_LENGTH
+    assert len(after["MINIO_ROOT_PASSWORD"]) >= settings.MIN_SECRET_LENGTH
     assert env.read_text().startswith(text.rstrip("\n"))
 
 
 def test_loose_permissions_are_tightened(tmp_path):
     env, _ = make(tmp_path)
     os.chmod(env, 0o644)
-    envfile.ensure(env, EXAMPLE)
+    envfile.ensure(env)
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
 
 
 def test_variant_switch_touches_only_that_line(tmp_path):
     env, _ = make(tmp_path)
     before = env.read_text()
-    result = envfile.ensure(env, EXAMPLE, "conda")
+    result = envfile.ensure(env, "conda")
     assert result.variant_change == ("pip", "conda")
     after = env.read_text()
     assert after == before.replace("MLFLOW_VARIANT=pip", "MLFLOW_VARIANT=conda")
 
 
 def test_unknown_variant_is_refused(tmp_path):
-    with pytest.raises(envfile.EnvError, match="pip, conda"):
+    with pytest.raises(envfile.EnvError, match="pip or conda"):
         make(tmp_path, "docker")
 
 
 def test_dry_run_plan_writes_nothing(tmp_path):
     env = tmp_path / ".env"
-    result = envfile.plan(env, EXAMPLE)
+    result = envfile.plan(env)
     assert result.create and not env.exists()
 
 
@@ -100,15 +99,15 @@ def test_malformed_env_names_the_line(line, message):
 
 
 def _valid():
-    values = envfile.parse(EXAMPLE.read_text())
-    for key in envfile.SECRET_KEYS:
+    values = {s.key: s.default for s in settings.SETTINGS}
+    for key in SECRET_KEYS:
         values[key] = "s" * 24
     return values
 
 
 @pytest.mark.parametrize("key, value, fragment", [
     ("POSTGRES_PASSWORD", "<generated>", "delete the line"),
-    ("MINIO_ROOT_PASSWORD", "short", "shorter than"),
+    ("MINIO_ROOT_PASSWORD", "short", "at least 16 characters"),
     ("HTTP_PORT", "eighty", "port number"),
     ("S3_PORT", "70000", "port number"),
     ("S3_PORT", "8080", "same port"),
@@ -129,7 +128,7 @@ def _valid():
 def test_bad_values_get_errors_that_say_what_to_do(key, value, fragment):
     values = _valid()
     values[key] = value
-    errors = envfile.validate(values, envfile.parse(EXAMPLE.read_text()))
+    errors = settings.validate(values)
     assert errors, f"{key}={value} was accepted"
     assert any(fragment in e for e in errors), errors
 
@@ -138,13 +137,13 @@ def test_missing_and_empty_keys_are_reported():
     values = _valid()
     del values["S3_PORT"]
     values["MLFLOW_BUCKET"] = ""
-    errors = envfile.validate(values, envfile.parse(EXAMPLE.read_text()))
+    errors = settings.validate(values)
     assert any("S3_PORT is missing" in e for e in errors)
     assert any("MLFLOW_BUCKET is empty" in e for e in errors)
 
 
 def test_valid_example_values_pass():
-    assert envfile.validate(_valid(), envfile.parse(EXAMPLE.read_text())) == []
+    assert settings.validate(_valid()) == []
 
 
 def test_shell_environment_wins_like_compose():
@@ -154,4 +153,4 @@ def test_shell_environment_wins_like_compose():
 
 def test_load_checked_explains_a_missing_file(tmp_path):
     with pytest.raises(envfile.EnvError, match="run ./stack_deploy.sh"):
-        envfile.load_checked(tmp_path / "nope.env", EXAMPLE)
+        envfile.load_checked(tmp_path / "nope.env")

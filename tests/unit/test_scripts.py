@@ -1,9 +1,11 @@
 """The stack scripts' own behaviour, without bringing the stack up."""
 
 import os
+import re
 import socket
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +46,7 @@ def test_dry_run_changes_nothing(tmp_path):
 
 def test_bad_env_stops_deploy_with_the_reasons_and_keeps_the_file(tmp_path):
     env = tmp_path / ".env"
-    envfile.ensure(env, paths.EXAMPLE)
+    envfile.ensure(env)
     text = env.read_text().replace("HTTP_PORT=8080", "HTTP_PORT=eighty").replace("MLFLOW_BUCKET=mlflow", "MLFLOW_BUCKET=")
     env.write_text(text)
     result = run("stack_deploy.sh", "--yes", env_file=env)
@@ -61,7 +63,7 @@ def test_wrong_variant_is_refused_before_anything_runs(tmp_path):
 
 def test_port_in_use_stops_deploy_in_preflight(tmp_path):
     env = tmp_path / ".env"
-    envfile.ensure(env, paths.EXAMPLE)
+    envfile.ensure(env)
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
@@ -88,3 +90,35 @@ def test_remove_of_an_absent_stack_works_even_without_env(tmp_path):
 def test_show_all_without_env_says_how_to_create_it(tmp_path):
     result = run("show_all.sh", env_file=tmp_path / ".env")
     assert result.returncode == 2 and "run ./stack_deploy.sh" in result.stderr
+
+
+def test_values_reach_shell_quoted_even_with_spaces(tmp_path):
+    """A certificate path with a space survives `eval` of the exports (it broke the deploy once)."""
+    folder = tmp_path / "my certs"
+    folder.mkdir()
+    for name in ("server.pem", "server.key"):
+        (folder / name).write_text("x\n")
+    env = tmp_path / ".env"
+    envfile.ensure(env)
+    env.write_text(env.read_text().replace("TLS_CERT_FILE=\n", f"TLS_CERT_FILE={folder}/server.pem\n")
+                   .replace("TLS_KEY_FILE=\n", f"TLS_KEY_FILE='{folder}/server.key'\n"))
+    script = ('. "$STACK_ROOT/scripts/lib.sh"; load_compose_env; '
+              'printf "%s\\n%s\\n%s\\n" "$STACK_TLS_CERT" "$STACK_TLS_KEY" "$STACK_SECRETS_DIR"')
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False,
+                            env={**os.environ, "STACK_ROOT": str(ROOT), "STACK_ENV_FILE": str(env),
+                                 "COMPOSE_PROJECT_NAME": "mlflowunitquote"})
+    assert result.returncode == 0, result.stderr
+    cert, key, secrets_dir = result.stdout.splitlines()
+    assert cert == f"{folder}/server.pem" and key == f"{folder}/server.key"
+    assert (Path(secrets_dir) / "postgres_password").read_text() == envfile.parse(env.read_text())["POSTGRES_PASSWORD"]
+
+
+def test_shell_never_parses_env():
+    """Values reach shell only as export lines from Python (stack/compose.py)."""
+    scripts = [p for p in ROOT.rglob("*.sh") if ".venv" not in p.parts and "tests" not in p.parts
+               and "examples" not in p.parts]
+    for script in scripts:
+        for line in script.read_text().splitlines():
+            code = line.split("#", 1)[0]
+            assert not re.search(r"\b(grep|sed|awk|cut|read)\b.*(STACK_ENV_FILE|env_file|\.env\b)", code), (script, line)
+            assert not re.search(r"^\s*(\.|source)\s+\S*(STACK_ENV_FILE|\.env\b)", code), (script, line)

@@ -103,7 +103,7 @@ def test_middleware_answers_mlflow_style_errors_and_replays_good_bodies():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    app = guard.Guard(inner, auth=True)
+    app = guard.Guard(inner, auth=True, max_body=64 << 20)
     auth = {"authorization": "Basic eDp5", "content-type": JSON}
     good = body(metrics=[metric()])
     assert _call(app, BATCH, good, auth)[0]["status"] == 200

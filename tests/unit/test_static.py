@@ -1,12 +1,14 @@
 """Static checks: the real compose file, Dockerfiles, shell scripts, pins."""
 
+import json
+import os
 import re
 import shutil
 import subprocess
 
 import pytest
 
-from stack import envfile, paths, pins
+from stack import compose, envfile, paths, pins, settings
 
 ROOT = paths.ROOT
 SHELL_SCRIPTS = sorted(
@@ -22,16 +24,82 @@ def tool(name):
     return path
 
 
-def test_compose_file_is_valid_with_a_generated_env(tmp_path):
+def compose_config(tmp_path, *args, extra=None, check=True):
+    """`docker compose config` the way the scripts call Compose, on a generated .env."""
     env = tmp_path / ".env"
-    envfile.ensure(env, paths.EXAMPLE)
-    result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"),
-                             "--env-file", str(env), "config", "-q"],
-                            capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
+    if not env.exists():
+        envfile.ensure(env)
+    argv, environ = compose.invocation({**os.environ, "STACK_ENV_FILE": str(env),
+                                        "STACK_CERT_DIR": str(tmp_path / "certs"), **(extra or {})})
+    result = subprocess.run([*argv, *args, "config", "--format", "json"], capture_output=True, text=True,
+                            env=environ, check=False)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if result.returncode == 0 else result
+
+
+def test_compose_file_is_valid_with_a_generated_env(tmp_path):
+    assert set(compose_config(tmp_path)["services"]) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx"}
+
+
+def test_generated_files_match_the_settings_table():
+    """.env.example and the README's table come from stack/settings.py; regenerate
+    them with `python3 -m stack.settings write` after changing the table."""
+    assert (ROOT / ".env.example").read_text() == settings.example_text()
+    assert settings.readme_table() in (ROOT / "README.md").read_text()
+
+
+def test_every_default_and_rule_round_trips():
+    for s in settings.SETTINGS:
+        if not s.generated and s.default != "":
+            s.rule(s.key, s.default)
+        for other in s.rule.others:
+            s.rule(s.key, other)
+    assert settings.validate({s.key: s.default if not s.generated else "x" * 32 for s in settings.SETTINGS}) == []
+
+
+def _services_reading(config: dict, needle: str) -> set[str]:
+    return {name for name, svc in config["services"].items() if needle in json.dumps(svc)}
+
+
+def test_compose_reads_each_setting_where_the_table_says(tmp_path):
+    """Each key's `services` in stack/settings.py is exactly where Compose uses it:
+    change the value, and only those services' configuration changes."""
+    every = ("--profile", "*")
+    base = compose_config(tmp_path, *every)
+    wrong = []
+    for s in settings.SETTINGS:
+        if s.file:
+            readers = {n for n, svc in base["services"].items()
+                       if any(sec.get("source") == s.file for sec in svc.get("secrets", []))}
+        else:
+            # COMPOSE_PROFILES selects services: compare without forcing every profile on.
+            profiles = () if s.key == "COMPOSE_PROFILES" else every
+            base = compose_config(tmp_path, *profiles)
+            changed = compose_config(tmp_path, *profiles, extra={s.key: s.rule.other_than(s.default)})
+            readers = {n for n in base["services"].keys() | changed["services"].keys()
+                       if base["services"].get(n) != changed["services"].get(n)}
+        if readers != set(s.services):
+            wrong.append(f"{s.key}: table says {sorted(s.services)}, compose reads it in {sorted(readers)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_compose_file_has_no_second_default_for_a_setting():
+    text = (ROOT / "docker-compose.yml").read_text()
+    for key in re.findall(r"\$\{([A-Z][A-Z0-9_]*):?-", text):
+        assert key not in settings.BY_KEY, f"{key} has a default in docker-compose.yml; its one home is stack/settings.py"
+
+
+def test_shared_module_has_one_copy_that_both_images_take():
+    for dockerfile in ("mlflow/Dockerfile", "db/Dockerfile"):
+        assert "stack/common.py" in (ROOT / dockerfile).read_text(), dockerfile
+    copies = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "def secret(name" in p.read_text()
+              and p.parent.name != "unit"]
+    assert copies == [ROOT / "stack" / "common.py"], copies
 
 
 def test_compose_without_env_names_the_fix(tmp_path):
+    """`docker compose` by hand, without the scripts' values, says what to run."""
     empty = tmp_path / "empty.env"
     empty.write_text("")
     result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"),
@@ -86,12 +154,10 @@ def test_yamllint():
 
 def test_every_image_is_pinned_to_a_version():
     found = pins.image_pins()
-    assert set(found) == {"POSTGRES_IMAGE", "MINIO_IMAGE", "NGINX_IMAGE", "MLFLOW_BASE_IMAGE"}
+    assert set(found) == {"POSTGRES_IMAGE", "MINIO_IMAGE", "NGINX_IMAGE", "MLFLOW_BASE_IMAGE", "MLFLOW_CONDA_BASE_IMAGE"}
     for name, image in found.items():
         tag = image.rsplit(":", 1)[-1]
         assert ":" in image and tag != "latest" and re.search(r"\d", tag), f"{name}={image} is not pinned"
-    conda_base = re.search(r"^ARG MLFLOW_BASE_IMAGE=(\S+)$", (ROOT / "mlflow/Dockerfile-conda").read_text(), re.M)
-    assert conda_base and re.search(r":\d", conda_base.group(1))
 
 
 def test_conda_variant_uses_the_pip_variant_pins():
@@ -99,7 +165,8 @@ def test_conda_variant_uses_the_pip_variant_pins():
     assert "- -r requirements.txt" in conda and "- -c constraints.txt" in conda
     pip_python = re.search(r"python:(\d+\.\d+\.\d+)", pins.image_pins()["MLFLOW_BASE_IMAGE"]).group(1)
     assert f"- python={pip_python}" in conda
-    assert "requirements.txt" in (ROOT / "mlflow/Dockerfile-conda").read_text()
+    install = (ROOT / "mlflow/install-env.sh").read_text()
+    assert "conda env create" in install and "--file conda.yml" in install
 
 
 def test_constraints_lock_agrees_with_requirements():
@@ -126,14 +193,7 @@ def test_no_secret_files_tracked_by_git():
 
 
 def test_every_service_is_hardened(tmp_path):
-    import json as _json
-
-    env = tmp_path / ".env"
-    envfile.ensure(env, paths.EXAMPLE)
-    result = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "--env-file", str(env),
-                             "--profile", "*", "config", "--format", "json"],
-                            capture_output=True, text=True, check=True)
-    services = _json.loads(result.stdout)["services"]
+    services = compose_config(tmp_path, "--profile", "*")["services"]
     assert set(services) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup"}
     for name, svc in services.items():
         assert "no-new-privileges:true" in svc.get("security_opt", []), name
@@ -160,7 +220,8 @@ def test_nginx_config_passes_gixy(tmp_path):
         "/etc/nginx/conf.d", str(conf_d))
     (tmp_path / "nginx.conf").write_text(main)
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
-    for key, value in {"HTTP_PORT": "8080", "HTTPS_PORT": "8443", "S3_PORT": "9000"}.items():
+    for key, value in {"HTTP_PORT": "8080", "HTTPS_PORT": "8443", "S3_PORT": "9000", "MLFLOW_API_MAX_BODY_MB": "64",
+                       "MLFLOW_INTERNAL_URL": "http://mlflow:5000", "S3_INTERNAL_ENDPOINT": "http://minio:9000"}.items():
         template = template.replace("${" + key + "}", value)
     (conf_d / "mlflow.conf").write_text(template)
     result = subprocess.run([tool("gixy"), "--skips", "host_spoofing,worker_rlimit_nofile_vs_connections",

@@ -1,0 +1,120 @@
+"""What the host scripts and the images both need, written once.
+
+Standard library only (boto3 is imported when an S3 client is asked for), so
+that the MLflow image and the backup image can carry this file as it is: their
+Dockerfiles copy it from here (build context: the project's root), and there
+is no other copy.
+
+  secret(NAME)        NAME from the file named by NAME_FILE (Docker secrets), else NAME
+  host_port(...)      host[:port] as a client writes it
+  postgres_params()   connection settings of the stack's database
+  s3_client(...)      boto3 client for the stack's object store
+  write_ca_bundle()   the system CAs plus one more, for clients that take one bundle
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from pathlib import Path
+from typing import Mapping, Optional
+
+# Where Debian/Ubuntu, Fedora/RHEL and macOS/Alpine keep the system CAs.
+SYSTEM_CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message says which and what to do."""
+
+
+def _environ(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def env(name: str, default: Optional[str] = None, environ: Optional[Mapping[str, str]] = None) -> str:
+    value = _environ(environ).get(name, default)
+    if value is None or value == "":
+        raise ConfigError(f"{name} is not set: set it in .env (see .env.example)")
+    return value
+
+
+def secret(name: str, environ: Optional[Mapping[str, str]] = None) -> str:
+    """NAME from the file named by NAME_FILE (Docker secrets), else NAME itself."""
+    path = _environ(environ).get(f"{name}_FILE")
+    if path:
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"{name}_FILE={path} is empty")
+        return value
+    return env(name, environ=environ)
+
+
+def host_port(host: str, port: int | str, scheme: str = "https") -> str:
+    """host[:port] as a client writes it: IPv6 literals get brackets, the scheme's default port is dropped."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    default = {"http": 80, "https": 443}.get(scheme)
+    return host if int(port) == default else f"{host}:{port}"
+
+
+def postgres_params(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    return {
+        "host": env("POSTGRES_HOST", "db", environ),
+        "port": env("POSTGRES_PORT", "5432", environ),
+        "user": env("POSTGRES_USER", environ=environ),
+        "password": secret("POSTGRES_PASSWORD", environ),
+        "dbname": env("POSTGRES_DB", environ=environ),
+    }
+
+
+def database_uri(environ: Optional[Mapping[str, str]] = None, dbname: Optional[str] = None) -> str:
+    """psycopg2 driver URI; every part is URL-quoted, so any password character is safe."""
+    p = postgres_params(environ)
+    quote = lambda part: urllib.parse.quote(part, safe="")  # noqa: E731
+    return (f"postgresql+psycopg2://{quote(p['user'])}:{quote(p['password'])}@{p['host']}:{p['port']}/"
+            f"{quote(dbname or p['dbname'])}")
+
+
+def auth_database(environ: Optional[Mapping[str, str]] = None) -> str:
+    """The basic-auth user store: its own database beside MLflow's, in the same server."""
+    return env("POSTGRES_DB", environ=environ) + "_auth"
+
+
+def s3_client(environ: Optional[Mapping[str, str]] = None, endpoint: Optional[str] = None, attempts: int = 5):
+    """The stack's object store, by default straight on the backend network.
+
+    Path-style addressing and checksums only when required: S3-compatible
+    stores (MinIO, SeaweedFS, ...) differ from AWS in both.
+    """
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint or env("S3_INTERNAL_ENDPOINT", "http://minio:9000", environ),
+        aws_access_key_id=secret("AWS_ACCESS_KEY_ID", environ),
+        aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY", environ),
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": attempts, "mode": "standard"},
+                      request_checksum_calculation="when_required",
+                      response_checksum_validation="when_required"),
+    )
+
+
+def system_ca_bundle() -> Optional[Path]:
+    return next((Path(p) for p in SYSTEM_CA_BUNDLES if Path(p).is_file()), None)
+
+
+def write_ca_bundle(extra: Path, dest: Path) -> Path:
+    """dest = the system's CAs plus `extra` (requests and boto3 take one bundle).
+    Written only when it would change, so re-runs change nothing."""
+    system = system_ca_bundle()
+    text = (system.read_text() if system else "").rstrip("\n") + "\n" + Path(extra).read_text()
+    if not dest.exists() or dest.read_text() != text:
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, dest)
+    return dest

@@ -1,0 +1,80 @@
+"""What Compose is given besides .env: the stack's derived values, and the
+placeholders that let `docker compose down/ps` work before a first deploy.
+
+Shell gets these only as `export` lines quoted with shlex.quote (see
+`export_lines`); it never parses .env itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Iterable, Mapping
+
+from . import envfile, paths, pins, secretfiles, settings, tls
+
+PLACEHOLDER_SECRET = "placeholder-not-a-secret"
+
+
+def export_lines(pairs: Iterable[tuple[str, str]]) -> str:
+    return "".join(f"export {key}={shlex.quote(str(value))}\n" for key, value in pairs)
+
+
+def values_for_compose(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """.env's effective values, with the table's default for any key it lacks.
+
+    For commands that only look at or take down the stack (ps, logs, down):
+    they must work with an old .env, or none at all. A deploy validates first.
+    """
+    environ = os.environ if environ is None else environ
+    path = paths.env_path(environ)
+    values = envfile.effective(envfile.parse(path.read_text(), str(path)), environ) if path.exists() else {}
+    for s in settings.SETTINGS:
+        if s.key not in values:
+            values[s.key] = environ.get(s.key, PLACEHOLDER_SECRET if s.generated else s.default)
+    return values
+
+
+def derived(values: Mapping[str, str], create: bool,
+            environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """Values Compose reads that are not .env keys. create=False makes nothing
+    (no certificate, no secret files): for commands that do not start services."""
+    environ = os.environ if environ is None else environ
+    material = tls.ensure(values, create=create, environ=environ)
+    folder = secretfiles.secrets_dir(environ)
+    if create:
+        secretfiles.write(values, folder)
+    pairs = [
+        ("COMPOSE_PROJECT_NAME", paths.project_name(environ)),
+        ("STACK_TLS_CERT", material["cert"]),
+        ("STACK_TLS_KEY", material["key"]),
+        ("STACK_TLS_TRUST", material["trust"]),
+        ("STACK_SECRETS_DIR", str(folder)),
+        ("BACKUP_DIR", str(paths.backup_dir(values))),
+    ]
+    if values["MLFLOW_VARIANT"] == "conda" and not environ.get("MLFLOW_BASE_IMAGE"):
+        pairs.append(("MLFLOW_BASE_IMAGE", pins.image_pins()["MLFLOW_CONDA_BASE_IMAGE"]))
+    return pairs
+
+
+def environment(values: Mapping[str, str], create: bool,
+                environ: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """Every non-secret setting (validated or defaulted), then the derived values."""
+    plain = [(s.key, values[s.key]) for s in settings.SETTINGS if not s.sensitive and s.key != "BACKUP_DIR"]
+    return plain + derived(values, create, environ)
+
+
+def invocation(environ: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) for `docker compose` on this stack; append the subcommand.
+
+    Values already in the environment (a deploy's exports) win; the rest come
+    from .env or the table's defaults, so that looking at or taking down a
+    stack works with an old .env, or none.
+    """
+    env = dict(os.environ if environ is None else environ)
+    for key, value in environment(values_for_compose(env), create=False, environ=env):
+        env.setdefault(key, value)
+    argv = paths.compose_cmd(env)
+    if not paths.env_path(env).exists():
+        argv[argv.index("--env-file") + 1] = os.devnull
+    return argv, env

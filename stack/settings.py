@@ -1,0 +1,403 @@
+"""The one home of the stack's settings: every .env key, its default, its rule,
+whether it is a secret, and which services read it.
+
+From this table come: `.env` creation and validation (stack/envfile.py), the
+secret files (stack/secretfiles.py), `.env.example` and the README's
+configuration table (`python3 -m stack.settings write`; a unit test fails when
+either has drifted), and the checks the MLflow image's entrypoint makes on the
+values it reads. The images carry a copy of this file (it needs only the
+standard library), so a rule exists once.
+
+Adding a key: one `Setting(...)` below, plus its consumer (a `${KEY:?}` line
+in docker-compose.yml, or the Python that reads it). Then run
+`python3 -m stack.settings write`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets as _secrets
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+GENERATED = "<generated>"
+# Generated secrets are 32 characters; one chosen by hand must have at least this many.
+MIN_SECRET_LENGTH = 16
+
+
+class SettingError(ValueError):
+    """A value breaks its key's rule; the message says what to use instead."""
+
+
+# --- Rules: each checks one value and says what to use instead -------------
+
+@dataclass(frozen=True)
+class Rule:
+    check: Callable[[str], bool]
+    advice: str
+    # Other valid values (the drift tests use the first that differs from the default).
+    others: tuple[str, ...]
+
+    def other_than(self, value: str) -> str:
+        return next(o for o in self.others if o != value)
+
+    def __call__(self, key: str, value: str) -> None:
+        if not self.check(value):
+            raise SettingError(f"{key}={value!r}: {self.advice}")
+
+
+def _is_int(value: str, low: int, high: int) -> bool:
+    return value.isdigit() and low <= int(value) <= high
+
+
+def port() -> Rule:
+    return Rule(lambda v: _is_int(v, 1, 65535), "use a port number between 1 and 65535", ("40123",))
+
+
+def integer(low: int, high: int, unit: str = "") -> Rule:
+    what = f"a whole number{' of ' + unit if unit else ''} from {low} to {high}"
+    return Rule(lambda v: _is_int(v, low, high), f"use {what}", (str(min(high, low + 3)), str(high)))
+
+
+def positive_number(unit: str) -> Rule:
+    return Rule(lambda v: bool(re.fullmatch(r"\d+(\.\d+)?", v)) and float(v) > 0,
+                f"use a positive number of {unit}", ("0.5", "2"))
+
+
+def choice(*allowed: str) -> Rule:
+    return Rule(lambda v: v in allowed, f"use {' or '.join(allowed)}", allowed)
+
+
+def pattern(regex: str, advice: str, other: str) -> Rule:
+    compiled = re.compile(regex)
+    return Rule(lambda v: bool(compiled.fullmatch(v)), advice, (other,))
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def host() -> Rule:
+    return Rule(lambda v: _is_ip(v.strip("[]")) or bool(_HOSTNAME.fullmatch(v)),
+                "use a host name (mlflow.example.com) or an IP address, without scheme or port",
+                ("mlflow.example.org",))
+
+
+def ip_address() -> Rule:
+    return Rule(_is_ip, "use an IP address (0.0.0.0 or 127.0.0.1)", ("127.0.0.1", "0.0.0.0"))
+
+
+def secret() -> Rule:
+    return Rule(lambda v: v != GENERATED and len(v) >= MIN_SECRET_LENGTH,
+                f"use at least {MIN_SECRET_LENGTH} characters (delete the line and run "
+                "./stack_deploy.sh to generate one)", ("x" * 32,))
+
+
+def memory() -> Rule:
+    return Rule(lambda v: bool(re.fullmatch(r"[1-9]\d*(\.\d+)?[kmg]", v)),
+                "use a size such as 512m or 2g", ("3g", "5g"))
+
+
+def anything(other: str) -> Rule:
+    return Rule(lambda v: True, "", (other,))
+
+
+# --- The table -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: str
+    rule: Rule
+    doc: str
+    section: str
+    # Compose services that read it (the drift test checks the compose file against this).
+    services: tuple[str, ...] = ()
+    # Host-side readers, for the README (not checked: they import this table).
+    host: tuple[str, ...] = ()
+    # Rendered into a file under /run/secrets with this name.
+    file: Optional[str] = None
+    may_be_empty: bool = False
+
+    @property
+    def generated(self) -> bool:
+        return self.default == GENERATED
+
+    @property
+    def sensitive(self) -> bool:
+        """Never printed, logged or exported to the shell."""
+        return self.generated
+
+
+CLIENTS = "How clients reach the stack"
+AUTH = "Authentication"
+SERVER = "MLflow server"
+STORES = "Stores"
+LIMITS = "Limits"
+BACKUPS = "Backups (see README \"Backups\")"
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("MLFLOW_PUBLIC_HOST", "localhost", host(), section=CLIENTS,
+            services=("mlflow", "nginx", "migrate", "bucket-init", "backup"), host=("TLS certificate", "client settings"),
+            doc="Host name clients use (a DNS name or an address of this machine). Presigned S3 URLs "
+                "carry it, so it must be the same name everywhere; use a DNS name for a team server."),
+    Setting("BIND_ADDRESS", "0.0.0.0", ip_address(), section=CLIENTS, services=("nginx",), host=("preflight",),
+            doc="Address the published ports bind to: 0.0.0.0 for every interface, 127.0.0.1 for this "
+                "machine only."),
+    Setting("HTTPS_PORT", "8443", port(), section=CLIENTS,
+            services=("mlflow", "nginx", "migrate", "bucket-init", "backup"), host=("preflight", "client settings"),
+            doc="Port of the MLflow UI and API over HTTPS (nginx)."),
+    Setting("HTTP_PORT", "8080", port(), section=CLIENTS, services=("nginx",), host=("preflight",),
+            doc="Plain HTTP port: it only redirects to HTTPS_PORT."),
+    Setting("S3_PORT", "9000", port(), section=CLIENTS,
+            services=("mlflow", "nginx", "migrate", "bucket-init", "backup"), host=("preflight", "client settings"),
+            doc="Port of the artifact store's S3 API over HTTPS (nginx), used by presigned URLs."),
+    Setting("TLS_CERT_FILE", "", anything("/etc/ssl/mlflow.pem"), section=CLIENTS, may_be_empty=True,
+            services=("mlflow", "nginx"),
+            doc="Your certificate (full chain, PEM). Leave it and TLS_KEY_FILE empty and the first "
+                "deploy makes a local CA and a certificate for MLFLOW_PUBLIC_HOST (certs/)."),
+    Setting("TLS_KEY_FILE", "", anything("/etc/ssl/mlflow.key"), section=CLIENTS, may_be_empty=True,
+            services=("mlflow", "nginx"), doc="The key of TLS_CERT_FILE."),
+
+    Setting("MLFLOW_AUTH", "true", choice("true", "false"), section=AUTH,
+            services=("mlflow", "migrate", "bucket-init", "backup"), host=("client settings", "users tool"),
+            doc="true: every request needs a login (MLflow basic-auth). false only for a purely local "
+                "setup: then anyone who reaches the ports can read and change everything (the deploy warns)."),
+    Setting("MLFLOW_ADMIN_USERNAME", "admin",
+            pattern(r"[A-Za-z0-9_.@-]{1,64}", "use letters, digits and _ . @ - (at most 64)", "root-admin"),
+            section=AUTH, services=("mlflow",), host=("client settings", "users tool"),
+            doc="The admin account, created at the first start."),
+    Setting("MLFLOW_ADMIN_PASSWORD", GENERATED, secret(), section=AUTH, services=("mlflow",),
+            file="mlflow_admin_password", host=("client settings", "users tool"),
+            doc="The admin's password. Changing it here later does not change the account: use "
+                "./stack_users.sh passwd admin, then put the new one here."),
+    Setting("MLFLOW_FLASK_SECRET_KEY", GENERATED, secret(), section=AUTH, services=("mlflow",),
+            file="mlflow_flask_secret_key", doc="Signs the UI's sessions."),
+    Setting("MLFLOW_DEFAULT_PERMISSION", "READ", choice("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"),
+            section=AUTH, services=("mlflow",),
+            doc="What users may do with experiments they did not create (they always MANAGE their own)."),
+    Setting("MLFLOW_AUTH_CACHE_SECONDS", "30", integer(0, 3600, "seconds"), section=AUTH, services=("mlflow",),
+            doc="Seconds a checked login is remembered per server worker. Checking a password costs "
+                "~0.2 s of CPU (PBKDF2), so 0 makes every API call that slow; the price of caching: a "
+                "changed or deleted login keeps working on other workers for up to this long."),
+
+    Setting("MLFLOW_VARIANT", "pip", choice("pip", "conda"), section=SERVER, services=("mlflow", "migrate", "bucket-init"),
+            host=("deploy --variant",),
+            doc="pip or conda image (the conda variant needs a reachable conda channel; --variant sets it)."),
+    Setting("MLFLOW_ARTIFACTS_MODE", "proxied", choice("proxied", "direct"), section=SERVER,
+            services=("mlflow",), host=("client settings",),
+            doc="proxied: clients send artifacts through the server (no S3 credentials needed). "
+                "direct (the classic tutorial's scenario): clients write to S3 themselves and are given "
+                "the store's credentials."),
+    Setting("MLFLOW_WORKERS", "2", integer(1, 64), section=SERVER, services=("mlflow",),
+            doc="Server worker processes."),
+    Setting("MLFLOW_ENABLE_JOBS", "false", choice("true", "false"), section=SERVER, services=("mlflow",),
+            doc="MLflow's job runner (async jobs); costs ~1.6 GiB of memory when on."),
+
+    Setting("MLFLOW_BUCKET", "mlflow",
+            pattern(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", "use 3-63 lower-case letters, digits, '.' or '-'",
+                    "other-bucket"),
+            section=STORES, services=("mlflow", "migrate", "bucket-init", "backup"),
+            doc="Artifact bucket; artifacts live under s3://BUCKET/artifacts/."),
+    Setting("POSTGRES_USER", "mlflow",
+            pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
+                    "tracker"),
+            section=STORES, services=("db", "mlflow", "migrate", "bucket-init", "backup"),
+            doc="Database role."),
+    Setting("POSTGRES_DB", "mlflow",
+            pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
+                    "tracking"),
+            section=STORES, services=("db", "mlflow", "migrate", "bucket-init", "backup"),
+            doc="Database name (the user store is the database POSTGRES_DB_auth beside it)."),
+    Setting("POSTGRES_PASSWORD", GENERATED, secret(), section=STORES, file="postgres_password",
+            services=("db", "mlflow", "migrate", "backup"),
+            doc="Database password. PostgreSQL keeps the one it was initialised with: changing it here "
+                "later needs ALTER ROLE too."),
+    Setting("MINIO_ROOT_USER", "mlflow-admin",
+            pattern(r"\S{3,128}", "use at least 3 characters, no spaces", "store-admin"),
+            section=STORES, file="minio_root_user", services=("minio", "mlflow", "migrate", "bucket-init", "backup"),
+            host=("client settings (direct mode)",), doc="Object store access key."),
+    Setting("MINIO_ROOT_PASSWORD", GENERATED, secret(), section=STORES, file="minio_root_password",
+            services=("minio", "mlflow", "migrate", "bucket-init", "backup"), host=("client settings (direct mode)",),
+            doc="Object store secret key."),
+
+    Setting("MLFLOW_API_MAX_BODY_MB", "64", integer(2, 1024, "MiB"), section=LIMITS, services=("mlflow", "nginx"),
+            doc="Largest API request body (not artifacts, which have no limit), enforced by nginx and by "
+                "the server's input checks alike. MLflow's own log-batch limit is 1 MB."),
+    Setting("DB_MEMORY_LIMIT", "2g", memory(), section=LIMITS, services=("db",),
+            doc="Memory ceiling of PostgreSQL (a limit, not a reservation)."),
+    Setting("MINIO_MEMORY_LIMIT", "4g", memory(), section=LIMITS, services=("minio",),
+            doc="Memory ceiling of the object store; 1 GiB objects need more than 1g."),
+    Setting("MLFLOW_MEMORY_LIMIT", "4g", memory(), section=LIMITS, services=("mlflow",),
+            doc="Memory ceiling of the MLflow server."),
+
+    Setting("BACKUP_DIR", "./backups", anything("/srv/mlflow-backups"), section=BACKUPS, services=("backup",),
+            host=("backup scripts", "show"),
+            doc="Folder for backup sets (relative to this project's folder, or absolute)."),
+    Setting("COMPOSE_PROFILES", "", choice("", "backup"), section=BACKUPS, may_be_empty=True,
+            services=("backup",), host=("deploy",),
+            doc="Scheduled backups run when this is backup; leave it empty for none."),
+    Setting("BACKUP_INTERVAL_HOURS", "24", positive_number("hours"), section=BACKUPS, services=("backup",),
+            host=("show",), doc="Hours between scheduled backups."),
+    Setting("BACKUP_KEEP", "7", integer(1, 10000), section=BACKUPS, services=("backup",),
+            doc="Scheduled backups kept (older ones are deleted)."),
+)
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+def new_secret() -> str:
+    # URL-safe, so it can sit in a database URI or an S3 key unquoted.
+    return _secrets.token_urlsafe(24)
+
+
+def default(key: str) -> str:
+    return BY_KEY[key].default
+
+
+def value(key: str, environ: Mapping[str, str]) -> str:
+    """KEY from the environment (or its default), checked against its rule.
+
+    For code that reads a setting outside the host scripts (the images'
+    entrypoints): the same default and rule as .env validation.
+    """
+    setting = BY_KEY[key]
+    raw = environ.get(key)
+    if raw is None or (raw == "" and not setting.may_be_empty):
+        if setting.generated:
+            raise SettingError(f"{key} is not set: it is generated into .env by ./stack_deploy.sh")
+        raw = setting.default
+    if not (raw == "" and setting.may_be_empty):
+        setting.rule(key, raw)
+    return raw
+
+
+# --- Validation of a whole .env ------------------------------------------
+
+def _distinct_ports(values: Mapping[str, str]) -> list[str]:
+    seen: dict[str, str] = {}
+    errors = []
+    for key in ("HTTPS_PORT", "HTTP_PORT", "S3_PORT"):
+        number = values.get(key)
+        if number is None:
+            continue
+        if number in seen:
+            errors.append(f"{seen[number]} and {key} are the same port: each needs its own")
+        else:
+            seen[number] = key
+    return errors
+
+
+def _tls_pair(values: Mapping[str, str]) -> list[str]:
+    if bool(values.get("TLS_CERT_FILE")) != bool(values.get("TLS_KEY_FILE")):
+        return ["set both TLS_CERT_FILE and TLS_KEY_FILE (your certificate and its key), or neither"]
+    return []
+
+
+# Rules that span keys; each sees only values that passed their own rule.
+CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (_distinct_ports, _tls_pair)
+
+
+def key_errors(key: str, values: Mapping[str, str]) -> list[str]:
+    setting = BY_KEY[key]
+    if key not in values:
+        return [f"{key} is missing: run ./stack_deploy.sh to add it, or copy it from .env.example"]
+    raw = values[key]
+    if raw == "":
+        return [] if setting.may_be_empty else [f"{key} is empty: set it (see .env.example)"]
+    if setting.generated and raw == GENERATED:
+        return [f"{key} is still {GENERATED}: delete the line and run ./stack_deploy.sh to generate it"]
+    try:
+        setting.rule(key, raw)
+    except SettingError as exc:
+        return [str(exc)]
+    return []
+
+
+def validate(values: Mapping[str, str]) -> list[str]:
+    """Every problem with the values, each with what to do; empty when all is well."""
+    errors: list[str] = []
+    good = {}
+    for setting in SETTINGS:
+        problems = key_errors(setting.key, values)
+        errors += problems
+        if not problems and setting.key in values:
+            good[setting.key] = values[setting.key]
+    for check in CROSS_CHECKS:
+        errors += check(good)
+    return errors
+
+
+# --- Generated documents ---------------------------------------------------
+
+EXAMPLE_HEADER = """\
+# MLflow stack settings. ./stack_deploy.sh copies this to .env on first run
+# and fills every value marked <generated> with a fresh random secret; it never
+# overwrites an existing .env. .env is private (mode 600, not in git).
+#
+# Generated from stack/settings.py (python3 -m stack.settings write): edit
+# that table, not this file.
+"""
+
+
+def example_text() -> str:
+    lines = [EXAMPLE_HEADER.rstrip("\n")]
+    section = None
+    for s in SETTINGS:
+        if s.section != section:
+            section = s.section
+            lines += ["", f"# --- {section} " + "-" * max(3, 74 - len(section))]
+        lines += textwrap.wrap(s.doc, 78, initial_indent="# ", subsequent_indent="# ")
+        lines.append(f"{s.key}={s.default}")
+    return "\n".join(lines) + "\n"
+
+
+README_BEGIN = "<!-- settings table: generated by python3 -m stack.settings write -->"
+README_END = "<!-- end of settings table -->"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def readme_table() -> str:
+    rows = ["| key | default | read by | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        shown = "generated" if s.generated else (f"`{s.default}`" if s.default else "empty")
+        readers = ", ".join((*s.services, *s.host)) or "-"
+        rows.append(f"| `{s.key}` | {shown} | {_cell(readers)} | {_cell(s.doc)} |")
+    return "\n".join([README_BEGIN, *rows, README_END])
+
+
+def readme_with_table(readme: str) -> str:
+    start, end = readme.index(README_BEGIN), readme.index(README_END) + len(README_END)
+    return readme[:start] + readme_table() + readme[end:]
+
+
+def main(argv: list[str]) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if argv[1:] != ["write"]:
+        print("usage: python3 -m stack.settings write   (regenerates .env.example and the README table)",
+              file=sys.stderr)
+        return 2
+    (root / ".env.example").write_text(example_text())
+    readme = root / "README.md"
+    readme.write_text(readme_with_table(readme.read_text()))
+    print("wrote .env.example and the README's settings table")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

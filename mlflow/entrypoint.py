@@ -91,7 +91,15 @@ def artifact_args(environ=None) -> list[str]:
     return ["--no-serve-artifacts", "--default-artifact-root", root]
 
 
+def base_path(environ=None) -> str:
+    """MLFLOW_BASE_PATH: empty (MLflow at the root) or a prefix such as /mlflow."""
+    if not (os.environ if environ is None else environ).get("MLFLOW_BASE_PATH"):
+        return ""
+    return setting("MLFLOW_BASE_PATH", environ)
+
+
 def server_argv(environ=None) -> list[str]:
+    prefix = base_path(environ)
     return [
         "mlflow", "server",
         "--host", "0.0.0.0",
@@ -99,6 +107,7 @@ def server_argv(environ=None) -> list[str]:
         "--workers", setting("MLFLOW_WORKERS", environ),
         # The stack's app: MLflow (with basic-auth when on) behind input checks.
         "--app-name", "stack",
+        *(["--static-prefix", prefix] if prefix else []),
         *artifact_args(environ),
     ]
 
@@ -356,7 +365,7 @@ def cmd_init_bucket(_args: list[str]) -> int:
 
 def cmd_healthcheck(_args: list[str]) -> int:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server_port()}/health", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server_port()}{base_path()}/health", timeout=5) as r:
             if r.status != 200:
                 return 1
     except (urllib.error.URLError, OSError):

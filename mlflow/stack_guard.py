@@ -162,15 +162,21 @@ def validate(path: str, content_type: str, body: bytes) -> None:
 class Guard:
     """ASGI middleware: buffer JSON write bodies, validate, then hand them on untouched."""
 
-    def __init__(self, app, auth: bool, max_body: int):
+    def __init__(self, app, auth: bool, max_body: int, base_path: str = ""):
         self.app = app
         self.auth = auth
+        # MLflow serves everything under MLFLOW_BASE_PATH (--static-prefix):
+        # the checks match the paths below it.
+        self.base_path = base_path
         # Any API body (not only the checked writes): the same limit as nginx's.
         self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if self.base_path:
+            path = path[len(self.base_path):] if path.startswith(self.base_path + "/") else ""
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") \
-                or not scope["path"].startswith(API_PREFIXES):
+                or not path.startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.auth and "authorization" not in headers:
@@ -190,7 +196,7 @@ class Guard:
                 break
         body = b"".join(chunks)
         try:
-            validate(scope["path"], headers.get("content-type", ""), body)
+            validate(path, headers.get("content-type", ""), body)
         except Invalid as exc:
             return await _error(send, exc)
         sent = False
@@ -221,4 +227,4 @@ def create_app():
         inner = create_auth_app()
     else:
         from mlflow.server.fastapi_app import app as inner
-    return Guard(inner, auth, int(os.environ["MLFLOW_API_MAX_BODY_MB"]) << 20)
+    return Guard(inner, auth, int(os.environ["MLFLOW_API_MAX_BODY_MB"]) << 20, os.environ.get("MLFLOW_BASE_PATH", ""))

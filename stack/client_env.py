@@ -13,7 +13,8 @@ from .compose import export_lines
 def client_env(values: dict[str, str], tls: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """tls: paths from stack.tls (ca, bundle) when the certificate comes from the local CA."""
     host = values["MLFLOW_PUBLIC_HOST"]
-    settings = [("MLFLOW_TRACKING_URI", f"https://{host_port(host, values['HTTPS_PORT'])}")]
+    uri = f"https://{host_port(host, values['HTTPS_PORT'])}{values['MLFLOW_BASE_PATH']}"
+    settings = [("MLFLOW_TRACKING_URI", uri)]
     if values["MLFLOW_AUTH"] == "true":
         settings += [("MLFLOW_TRACKING_USERNAME", values["MLFLOW_ADMIN_USERNAME"]),
                      ("MLFLOW_TRACKING_PASSWORD", values["MLFLOW_ADMIN_PASSWORD"])]

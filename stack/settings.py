@@ -164,6 +164,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("S3_PORT", "9000", port(), section=CLIENTS,
             services=("mlflow", "nginx", "migrate", "bucket-init", "backup"), host=("preflight", "client settings"),
             doc="Port of the artifact store's S3 API over HTTPS (nginx), used by presigned URLs."),
+    Setting("MLFLOW_BASE_PATH", "",
+            pattern(r"(/[A-Za-z0-9._~-]+)+", "use a path such as /mlflow: a leading /, no trailing /, "
+                    "letters, digits and . _ ~ -", "/mlflow"),
+            section=CLIENTS, may_be_empty=True,
+            services=("mlflow", "nginx", "migrate", "bucket-init", "backup"), host=("client settings", "show"),
+            doc="Serve MLflow under this path (e.g. /mlflow, for https://tools.example.com/mlflow/) instead "
+                "of at the root: UI, API and artifacts move there, and clients' MLFLOW_TRACKING_URI ends with "
+                "it. Empty: at the root."),
     Setting("TLS_CERT_FILE", "", anything("/etc/ssl/mlflow.pem"), section=CLIENTS, may_be_empty=True,
             services=("mlflow", "nginx"),
             doc="Your certificate (full chain, PEM). Leave it and TLS_KEY_FILE empty and the first "

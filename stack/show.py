@@ -97,7 +97,7 @@ def service_lines(svc: list[dict]) -> list[str]:
 
 
 def url_lines(values: dict[str, str]) -> list[str]:
-    base = f"https://{host_port(values['MLFLOW_PUBLIC_HOST'], values['HTTPS_PORT'])}"
+    base = f"https://{host_port(values['MLFLOW_PUBLIC_HOST'], values['HTTPS_PORT'])}{values['MLFLOW_BASE_PATH']}"
     s3 = f"https://{host_port(values['MLFLOW_PUBLIC_HOST'], values['S3_PORT'])}"
     redirect = f"http://{host_port(values['MLFLOW_PUBLIC_HOST'], values['HTTP_PORT'], 'http')}"
     login = ("on (./stack_users.sh manages accounts)" if values["MLFLOW_AUTH"] == "true"

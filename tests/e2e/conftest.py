@@ -87,7 +87,8 @@ class Stack:
 
     @property
     def base_url(self) -> str:
-        return f"https://localhost:{self.values()['HTTPS_PORT']}"
+        values = self.values()
+        return f"https://localhost:{values['HTTPS_PORT']}{values['MLFLOW_BASE_PATH']}"
 
     @property
     def ca_bundle(self) -> str:

@@ -145,3 +145,13 @@ def test_stack_certificate_is_added_to_the_ca_bundle(environ, tmp_path):
     env = ep.server_environment(environ, runtime_dir=str(tmp_path / "rt"))
     bundle = open(env["AWS_CA_BUNDLE"]).read()
     assert bundle.endswith(ca.read_text()) and bundle.count("BEGIN CERTIFICATE") > 10
+
+
+def test_base_path_moves_the_server_and_its_healthcheck(environ):
+    assert "--static-prefix" not in ep.server_argv(environ)
+    environ["MLFLOW_BASE_PATH"] = "/mlflow"
+    argv = ep.server_argv(environ)
+    assert argv[argv.index("--static-prefix") + 1] == "/mlflow"
+    environ["MLFLOW_BASE_PATH"] = "mlflow/"
+    with pytest.raises(ep.ConfigError, match="leading /"):
+        ep.server_argv(environ)

@@ -53,7 +53,7 @@ def test_low_disk_is_a_clear_failure(monkeypatch):
 
 def _values(mode, auth="true"):
     return {"MLFLOW_PUBLIC_HOST": "mlflow.example.com", "HTTPS_PORT": "8443", "S3_PORT": "9000",
-            "MLFLOW_ARTIFACTS_MODE": mode, "MINIO_ROOT_USER": "admin",
+            "MLFLOW_ARTIFACTS_MODE": mode, "MINIO_ROOT_USER": "admin", "MLFLOW_BASE_PATH": "",
             "MINIO_ROOT_PASSWORD": "it's secret", "MLFLOW_AUTH": auth,
             "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_ADMIN_PASSWORD": "pw-123456789012"}
 

@@ -130,3 +130,16 @@ def test_artifact_locations_outside_the_store_are_refused(location, monkeypatch)
 def test_artifact_locations_inside_the_store_pass(location, monkeypatch):
     monkeypatch.setenv("MLFLOW_BUCKET", "mlflow")
     guard.validate("/api/2.0/mlflow/experiments/create", JSON, json.dumps({"name": "e", "artifact_location": location}).encode())
+
+
+def test_checks_follow_the_base_path():
+    """Under MLFLOW_BASE_PATH the same writes are checked; nothing is skipped silently."""
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = guard.Guard(inner, auth=False, max_body=64 << 20, base_path="/mlflow")
+    bad = body(metrics=[metric(value="abc")])
+    for path, status in (("/mlflow" + BATCH, 400), ("/mlflow/ajax-api/2.0/mlflow/runs/log-batch", 400),
+                         (BATCH, 200)):  # outside the prefix: MLflow itself answers 404
+        assert _call(app, path, bad, {"content-type": JSON})[0]["status"] == status, path

@@ -4,20 +4,25 @@
 
 Measures single log_metric calls (requests/s, p50/p95), log_batch of 1000
 metrics (metrics/s), and an artifact upload and download through the server
-(MiB/s), each the median of three rounds. Bounded in count and time; talks
-only to MLFLOW_TRACKING_URI.
+(MiB/s), each the median of three rounds; and the bytes a browser's first load
+of the UI transfers (index page plus the scripts and styles it names), without
+and with compression. Bounded in count and time; talks only to
+MLFLOW_TRACKING_URI.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import mlflow
+import requests
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -82,12 +87,38 @@ def bench(artifact_mib: int) -> dict[str, float]:
     return figures
 
 
+def ui_first_load_bytes() -> dict[str, float]:
+    """Bytes on the wire for the UI's first load, as sent uncompressed and as a
+    browser (Accept-Encoding: gzip) receives them."""
+    base = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
+    session = requests.Session()
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        session.auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+    index = session.get(base + "/", timeout=60)
+    index.raise_for_status()
+    assets = sorted(set(re.findall(r'(?:src|href)="([^"]*static-files/[^"]+\.(?:js|css))"', index.text)))
+    urls = [base + "/"] + [urllib.parse.urljoin(base + "/", asset) for asset in assets]
+
+    def wire_bytes(encoding: str) -> int:
+        total = 0
+        for url in urls:
+            with session.get(url, headers={"Accept-Encoding": encoding}, stream=True, timeout=120) as r:
+                r.raise_for_status()
+                total += sum(len(chunk) for chunk in r.raw.stream(1 << 16, decode_content=False))
+        return total
+
+    plain, compressed = wire_bytes("identity"), wire_bytes("gzip")
+    return {f"UI first load KiB uncompressed ({len(urls)} files)": plain / 1024,
+            "UI first load KiB compressed": compressed / 1024,
+            "UI first load compression ratio": plain / max(compressed, 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--artifact-mib", type=int, default=100)
     args = parser.parse_args()
     print(f"benchmark against {mlflow.get_tracking_uri()} (medians of 3 rounds)")
-    for name, value in bench(args.artifact_mib).items():
+    for name, value in {**bench(args.artifact_mib), **ui_first_load_bytes()}.items():
         print(f"  {name:<42} {value:10.1f}")
     return 0
 

@@ -14,6 +14,6 @@ def test_benchmark_prints_figures(stack, capsys):
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = re.findall(r"^  (.+?)\s+(\d+\.\d)$", result.stdout, re.M)
-    assert len(figures) == 6, result.stdout
+    assert len(figures) == 9, result.stdout
     with capsys.disabled():
         print("\n" + result.stdout)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0, detail=None):
+    """Poll predicate() until it returns something truthy (returned) or timeout s pass
+    (AssertionError naming what, with detail() or the last value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            last = detail() if detail else value
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
 
 
 def parse_exports(text: str) -> dict[str, str]:
@@ -200,14 +215,14 @@ def standins() -> dict[str, str]:
     return images
 
 
-@pytest.fixture(scope="session")
-def stack(standins, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("stack")
+def new_stack(standins: dict[str, str], workdir: Path, project_prefix: str) -> Stack:
+    """A stack of its own (Compose project, free ports on 127.0.0.1, .env, certs and
+    backups under workdir), not deployed yet."""
     environ = {
         **os.environ,
         **standins,
         "STACK_ENV_FILE": str(workdir / ".env"),
-        "COMPOSE_PROJECT_NAME": f"mlflowe2e{uuid.uuid4().hex[:8]}",
+        "COMPOSE_PROJECT_NAME": f"{project_prefix}{uuid.uuid4().hex[:8]}",
         "BIND_ADDRESS": "127.0.0.1",
         "HTTP_PORT": str(free_port()),
         "HTTPS_PORT": str(free_port()),
@@ -218,13 +233,32 @@ def stack(standins, tmp_path_factory):
     }
     if "BUILD_CA_CERT" not in environ and HOST_CA.exists():
         environ["BUILD_CA_CERT"] = str(HOST_CA)
-    the_stack = Stack(environ=environ, workdir=workdir)
+    return Stack(environ=environ, workdir=workdir)
+
+
+@contextmanager
+def stack_lifetime(the_stack: Stack, deploy: bool = True):
+    """Deploys the stack (unless deploy=False: the caller does), yields it, and always
+    removes it with its volumes; prints its state and logs if a test failed meanwhile."""
+    failures_before = len(_failures)
     try:
-        the_stack.deploy()
+        if deploy:
+            the_stack.deploy()
         yield the_stack
     finally:
-        if _failures or sys.exc_info()[0] is not None:
+        if len(_failures) > failures_before or sys.exc_info()[0] is not None:
             ps = the_stack.compose("ps", "-a", check=False).stdout
             logs = the_stack.compose("logs", "--no-color", "--tail", "80", check=False).stdout
-            sys.__stderr__.write(f"\n=== compose ps ===\n{ps}\n=== compose logs ===\n{logs}\n")
+            sys.__stderr__.write(f"\n=== {the_stack.project}: compose ps ===\n{ps}\n"
+                                 f"=== {the_stack.project}: compose logs ===\n{logs}\n")
         the_stack.script("stack_remove.sh", "--purge", "--yes", check=False)
+
+
+@pytest.fixture(scope="session")
+def stack(standins, tmp_path_factory):
+    """The shared deployment. Modules that use it only add data under names of their
+    own and never delete anything, so they can share it in any order; a module that
+    wipes data (test_backup.py) or needs another version (test_upgrade.py) brings
+    its own stack (new_stack + stack_lifetime)."""
+    with stack_lifetime(new_stack(standins, tmp_path_factory.mktemp("stack"), "mlflowe2e")) as the_stack:
+        yield the_stack

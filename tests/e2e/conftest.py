@@ -30,19 +30,10 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 _failures: list[str] = []
 
 
-# The modules share one deployment and build on each other: the stack's own
-# checks (exact counts) first, then the tutorial, then backups (which wipe and
-# restore the data), then the upgrade test (a second, older stack).
-MODULE_ORDER = ["test_stack.py", "test_tutorial_stack.py", "test_security.py", "test_bench.py", "test_backup.py",
-                "test_upgrade.py"]
-
-
 def pytest_collection_modifyitems(session, config, items):
-    def rank(item):
-        name = Path(str(item.fspath)).name
-        return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
-    # Unit tests first (quick feedback), then the e2e modules in order.
-    items.sort(key=lambda item: (Path(str(item.fspath)).parent.name != "unit", rank(item)))
+    # Unit tests first (quick feedback); otherwise the order pytest collected.
+    # Every e2e module sets up the data it checks, so any module order works.
+    items.sort(key=lambda item: Path(str(item.fspath)).parent.name != "unit")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,19 +30,10 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 _failures: list[str] = []
 
 
-# The modules share one deployment and build on each other: the stack's own
-# checks (exact counts) first, then the tutorial, then backups (which wipe and
-# restore the data), then the upgrade test (a second, older stack).
-MODULE_ORDER = ["test_stack.py", "test_tutorial_stack.py", "test_security.py", "test_bench.py", "test_backup.py",
-                "test_upgrade.py"]
-
-
 def pytest_collection_modifyitems(session, config, items):
-    def rank(item):
-        name = Path(str(item.fspath)).name
-        return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
-    # Unit tests first (quick feedback), then the e2e modules in order.
-    items.sort(key=lambda item: (Path(str(item.fspath)).parent.name != "unit", rank(item)))
+    # Unit tests first (quick feedback); otherwise the order pytest collected.
+    # Every e2e module sets up the data it checks, so any module order works.
+    items.sort(key=lambda item: Path(str(item.fspath)).parent.name != "unit")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -56,6 +48,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0, detail=None):
+    """Poll predicate() until it returns something truthy (returned) or timeout s pass
+    (AssertionError naming what, with detail() or the last value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            last = detail() if detail else value
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
 
 
 def parse_exports(text: str) -> dict[str, str]:
@@ -196,14 +202,14 @@ def standins() -> dict[str, str]:
     return images
 
 
-@pytest.fixture(scope="session")
-def stack(standins, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("stack")
+def new_stack(standins: dict[str, str], workdir: Path, project_prefix: str) -> Stack:
+    """A stack of its own (Compose project, free ports on 127.0.0.1, .env, certs and
+    backups under workdir), not deployed yet."""
     environ = {
         **os.environ,
         **standins,
         "STACK_ENV_FILE": str(workdir / ".env"),
-        "COMPOSE_PROJECT_NAME": f"mlflowe2e{uuid.uuid4().hex[:8]}",
+        "COMPOSE_PROJECT_NAME": f"{project_prefix}{uuid.uuid4().hex[:8]}",
         "BIND_ADDRESS": "127.0.0.1",
         "HTTP_PORT": str(free_port()),
         "HTTPS_PORT": str(free_port()),
@@ -214,13 +220,32 @@ def stack(standins, tmp_path_factory):
     }
     if "BUILD_CA_CERT" not in environ and HOST_CA.exists():
         environ["BUILD_CA_CERT"] = str(HOST_CA)
-    the_stack = Stack(environ=environ, workdir=workdir)
+    return Stack(environ=environ, workdir=workdir)
+
+
+@contextmanager
+def stack_lifetime(the_stack: Stack, deploy: bool = True):
+    """Deploys the stack (unless deploy=False: the caller does), yields it, and always
+    removes it with its volumes; prints its state and logs if a test failed meanwhile."""
+    failures_before = len(_failures)
     try:
-        the_stack.deploy()
+        if deploy:
+            the_stack.deploy()
         yield the_stack
     finally:
-        if _failures or sys.exc_info()[0] is not None:
+        if len(_failures) > failures_before or sys.exc_info()[0] is not None:
             ps = the_stack.compose("ps", "-a", check=False).stdout
             logs = the_stack.compose("logs", "--no-color", "--tail", "80", check=False).stdout
-            sys.__stderr__.write(f"\n=== compose ps ===\n{ps}\n=== compose logs ===\n{logs}\n")
+            sys.__stderr__.write(f"\n=== {the_stack.project}: compose ps ===\n{ps}\n"
+                                 f"=== {the_stack.project}: compose logs ===\n{logs}\n")
         the_stack.script("stack_remove.sh", "--purge", "--yes", check=False)
+
+
+@pytest.fixture(scope="session")
+def stack(standins, tmp_path_factory):
+    """The shared deployment. Modules that use it only add data under names of their
+    own and never delete anything, so they can share it in any order; a module that
+    wipes data (test_backup.py) or needs another version (test_upgrade.py) brings
+    its own stack (new_stack + stack_lifetime)."""
+    with stack_lifetime(new_stack(standins, tmp_path_factory.mktemp("stack"), "mlflowe2e")) as the_stack:
+        yield the_stack

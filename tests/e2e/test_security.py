@@ -1,6 +1,6 @@
 """Security through nginx: authentication, permissions, host and origin checks,
-path traversal, hostile input, headers. Runs on the shared deployment after
-test_stack.py (see MODULE_ORDER)."""
+path traversal, hostile input, headers. On the shared deployment: the fixture
+`owned` creates the experiment, run and second user these tests check."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import json
 import os
 import stat
 import subprocess
-import time
 import uuid
 
 import pytest
+
+from .conftest import wait_for
 
 ROUTES = [
     ("GET", "/api/2.0/mlflow/experiments/search?max_results=5"),
@@ -77,7 +78,8 @@ def test_a_user_without_permission_gets_403_and_cannot_overwrite_artifacts(stack
     assert stack.http("GET", f"/api/2.0/mlflow/experiments/get?experiment_id={owned['exp_id']}",
                       auth=alice).status_code == 403
     # Her own experiment is hers.
-    mine = stack.http("POST", "/api/2.0/mlflow/experiments/create", auth=alice, json={"name": "alice-own"})
+    mine = stack.http("POST", "/api/2.0/mlflow/experiments/create", auth=alice,
+                      json={"name": f"alice-own-{uuid.uuid4().hex[:6]}"})
     assert mine.status_code == 200
 
 
@@ -90,14 +92,15 @@ def test_password_change_takes_effect(stack, owned):
     # Workers remember a checked login for MLFLOW_AUTH_CACHE_SECONDS (30): the
     # old password stops working everywhere within that.
     ttl = int(stack.values()["MLFLOW_AUTH_CACHE_SECONDS"])
-    deadline = time.time() + ttl + 15
-    codes = []
-    while time.time() < deadline:
-        codes = [stack.http("GET", search, auth=owned["alice"]).status_code for _ in range(4)]
-        if set(codes) == {401}:
-            break
-        time.sleep(3)
-    assert set(codes) == {401}, codes
+
+    codes: list[int] = []
+
+    def old_password_refused() -> bool:
+        codes[:] = [stack.http("GET", search, auth=owned["alice"]).status_code for _ in range(4)]
+        return set(codes) == {401}
+
+    wait_for(old_password_refused, ttl + 15, "every worker to refuse the old password", interval=3,
+             detail=lambda: codes)
     owned["alice"] = ("alice", new)
 
 

@@ -1,6 +1,9 @@
 """End to end: the deployed stack, used from outside as a remote team would.
 
-The tests run in file order and build on each other (one deployment).
+On the shared deployment: the experiments logged here have names of their own
+(EXPERIMENT), and every count checked is either scoped to them or compared with
+what PostgreSQL and the bucket hold at that moment, so other modules' data, in
+whatever order they ran, changes nothing here.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ import hashlib
 import json
 import re
 import subprocess
+import uuid
+from datetime import datetime, timezone
 
 import boto3
 import pytest
@@ -16,6 +21,7 @@ from botocore.config import Config
 
 LONG_RUNNING = ("db", "minio", "mlflow", "nginx")
 MiB = 1 << 20
+EXPERIMENT = f"stack-e2e-{uuid.uuid4().hex[:8]}"  # this module's experiments: EXPERIMENT[-suffix]
 
 
 def s3_client(stack):
@@ -43,12 +49,39 @@ def inspect(stack, service):
                                      check=True).stdout)[0]
 
 
+def bucket_totals(stack) -> tuple[int, int]:
+    """Objects and bytes in the whole bucket, listed straight from S3."""
+    client = s3_client(stack)
+    count = size = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=stack.values()["MLFLOW_BUCKET"]):
+        for obj in page.get("Contents", []):
+            count += 1
+            size += obj["Size"]
+    return count, size
+
+
+def nginx_logs_since(stack, since: str) -> str:
+    return stack.compose("logs", "--no-color", "--since", since, "nginx").stdout
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 @pytest.fixture(scope="module")
 def logged(stack):
     """One remote client process logs a run; its description drives the checks."""
     out = stack.workdir / "run.json"
-    stack.client("write", str(out))
+    stack.client("write", str(out), extra={"E2E_EXPERIMENT": EXPERIMENT})
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def read_back(stack, logged):
+    """A second client process reads the run back; returns what nginx logged meanwhile."""
+    since = now_rfc3339()
+    result = stack.client("read", str(stack.workdir / "run.json"))
+    return {"stdout": result.stdout, "nginx": nginx_logs_since(stack, since)}
 
 
 def test_deploy_printed_client_settings(stack):
@@ -118,7 +151,11 @@ def test_remote_client_rows_are_in_postgresql(stack, logged):
     last = stack.psql(f"SELECT value, step FROM latest_metrics WHERE run_uuid = '{run_id}' AND key = 'loss'")
     assert last == f"{logged['losses'][-1]}|{len(logged['losses']) - 1}"
     assert stack.psql(f"SELECT status FROM runs WHERE run_uuid = '{run_id}'") == "FINISHED"
-    assert stack.psql("SELECT count(*) FROM logged_models") == "1"
+    assert stack.psql(f"SELECT e.name FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id "
+                      f"WHERE r.run_uuid = '{run_id}'") == EXPERIMENT
+    assert stack.psql(f"SELECT count(*) FROM runs WHERE experiment_id = {logged['experiment_id']}") == "1"
+    assert stack.psql(f"SELECT count(*) FROM logged_models WHERE experiment_id = {logged['experiment_id']} "
+                      f"AND source_run_id = '{run_id}'") == "1"
 
 
 def test_remote_client_artifacts_are_objects_in_the_bucket(stack, logged):
@@ -135,16 +172,16 @@ def test_remote_client_artifacts_are_objects_in_the_bucket(stack, logged):
     assert any(o["Key"].endswith("MLmodel") for o in models.get("Contents", []))
 
 
-def test_a_second_client_process_reads_everything_back(stack, logged):
-    result = stack.client("read", str(stack.workdir / "run.json"))
-    assert "sha256 match" in result.stdout
+def test_a_second_client_process_reads_everything_back(read_back):
+    assert "sha256 match" in read_back["stdout"]
 
 
-def test_downloads_used_presigned_urls_through_nginx_s3_port(stack, logged):
-    logs = stack.compose("logs", "--no-color", "nginx").stdout
+def test_downloads_used_presigned_urls_through_nginx_s3_port(stack, logged, read_back):
     bucket = stack.values()["MLFLOW_BUCKET"]
     key = f"/{bucket}/artifacts/{logged['experiment_id']}/{logged['run_id']}/artifacts/data/blob.bin"
-    assert re.search(rf'\ss3 "GET {re.escape(key)}" 20[06]', logs), "no presigned GET reached the S3 port"
+    assert re.search(rf'\ss3 "GET {re.escape(key)}" 20[06]', read_back["nginx"]), \
+        "no presigned GET reached the S3 port"
+    logs = stack.compose("logs", "--no-color", "nginx").stdout
     assert "X-Amz-Signature" not in logs, "presigned signatures must not be logged"
 
 
@@ -192,9 +229,22 @@ def test_show_all_reports_state_counts_and_client_env(stack, logged):
     out = stack.script("show_all.sh").stdout
     for service in LONG_RUNNING:
         assert re.search(rf"^\s+{service}\s+running\s+health=healthy", out, re.M), out
-    assert re.search(r"experiments\s+2 active", out), out  # Default + the e2e experiment
-    assert re.search(r"runs\s+1 active", out), out
-    assert re.search(r"bucket\s+\d+ objects, 50\.\d MiB", out), out
+    # Nothing else logs while it runs: its counts are what PostgreSQL and the bucket hold,
+    # including this module's run and its 50 MiB artifact.
+    experiments, runs, models = stack.psql(
+        "SELECT (SELECT count(*) FROM experiments WHERE lifecycle_stage = 'active'), "
+        "(SELECT count(*) FROM runs WHERE lifecycle_stage = 'active'), "
+        "(SELECT count(*) FROM registered_models)").split("|")
+    assert int(experiments) >= 2 and int(runs) >= 1  # Default and this module's experiment, its run
+    assert re.search(rf"experiments\s+{experiments} active$", out, re.M), (experiments, out)
+    assert re.search(rf"runs\s+{runs} active$", out, re.M), (runs, out)
+    assert re.search(rf"models\s+{models} registered$", out, re.M), (models, out)
+    count, size = bucket_totals(stack)
+    assert size >= 50 * MiB
+    shown = re.search(rf"bucket\s+{count} objects, (\d+\.\d) (MiB|GiB)$", out, re.M)
+    assert shown, (count, size, out)
+    unit = MiB if shown.group(2) == "MiB" else 1024 * MiB
+    assert abs(float(shown.group(1)) - size / unit) <= 0.05, (shown.group(0), size)
     assert re.search(r"version\s+3\.\d+\.\d+", out), out
     from .conftest import parse_exports
 
@@ -204,9 +254,11 @@ def test_show_all_reports_state_counts_and_client_env(stack, logged):
 
 def test_a_1_gib_artifact_round_trips_without_413_or_504(stack):
     out = stack.workdir / "big.json"
-    stack.client("write", str(out), "--blob-mib", "1024", extra={"E2E_EXPERIMENT": "e2e-big"})
+    since = now_rfc3339()  # other modules' requests (e.g. an oversized body, 413) are not this upload's
+    stack.client("write", str(out), "--blob-mib", "1024", extra={"E2E_EXPERIMENT": f"{EXPERIMENT}-big"})
     stack.client("read", str(out))
-    logs = stack.compose("logs", "--no-color", "nginx").stdout
+    logs = nginx_logs_since(stack, since)
+    assert json.loads(out.read_text())["run_id"] in logs, "the upload did not go through nginx"
     assert not re.search(r'" (413|502|504) ', logs)
 
 
@@ -218,7 +270,7 @@ def test_direct_mode_clients_write_to_s3_themselves(stack):
         assert env["AWS_CA_BUNDLE"] == stack.ca_bundle
         assert env["AWS_SECRET_ACCESS_KEY"] == stack.values()["MINIO_ROOT_PASSWORD"]
         out = stack.workdir / "direct.json"
-        stack.client("write", str(out), "--blob-mib", "5", extra={"E2E_EXPERIMENT": "e2e-direct"})
+        stack.client("write", str(out), "--blob-mib", "5", extra={"E2E_EXPERIMENT": f"{EXPERIMENT}-direct"})
         logged = json.loads(out.read_text())
         assert logged["artifact_uri"].startswith(f"s3://{stack.values()['MLFLOW_BUCKET']}/artifacts/")
         stack.client("read", str(out))

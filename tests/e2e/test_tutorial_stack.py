@@ -6,9 +6,6 @@ penguins notebooks. Everything is read back through the server in a separate
 process, and the entities are checked in PostgreSQL. Experiment and model
 names are unique per test run, and nothing here assumes how many experiments
 the stack already holds.
-
-The file name sorts after test_stack.py on purpose: that module asserts exact
-experiment and run counts, which these tests would change.
 """
 
 from __future__ import annotations

@@ -9,29 +9,22 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from pathlib import Path
 
 import pytest
 
-from .conftest import Stack, free_port
+from .conftest import Stack, new_stack, stack_lifetime
 
 PREVIOUS = "3.16.1"  # the newest release of the previous minor line
 
 
 @pytest.fixture(scope="module")
-def old_stack(stack, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("upgrade")
-    environ = {**stack.environ,
-               "STACK_ENV_FILE": str(workdir / ".env"),
-               "COMPOSE_PROJECT_NAME": f"mlflowupg{uuid.uuid4().hex[:8]}",
-               "HTTP_PORT": str(free_port()), "HTTPS_PORT": str(free_port()), "S3_PORT": str(free_port()),
-               "BACKUP_DIR": str(workdir / "backups"), "STACK_CERT_DIR": str(workdir / "certs")}
-    the_stack = Stack(environ=environ, workdir=workdir)
-    try:
+def old_stack(standins, tmp_path_factory):
+    """Its own stack, deployed by the test (first with the previous release); it does
+    not need the shared deployment, so this module alone costs only this one."""
+    the_stack = new_stack(standins, tmp_path_factory.mktemp("upgrade"), "mlflowupg")
+    with stack_lifetime(the_stack, deploy=False):
         yield the_stack
-    finally:
-        the_stack.script("stack_remove.sh", "--purge", "--yes", check=False)
 
 
 def server_version(s: Stack) -> str:

@@ -134,8 +134,7 @@ def check_complete(experiment: str) -> None:
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        print("check-complete: experiment not in this backup (taken before it existed)")
-        return
+        raise SystemExit(f"check-complete: there is no experiment {experiment!r}")
     dest = Path(tempfile.mkdtemp())
     runs = client.search_runs([exp.experiment_id], max_results=5000)
     for run in runs:

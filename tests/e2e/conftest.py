@@ -92,6 +92,11 @@ class Stack:
         return envfile.effective(envfile.parse(self.env_file.read_text()), self.environ)
 
     @property
+    def origin(self) -> str:
+        """What a browser sends as Origin: scheme, host and port, never a path."""
+        return f"https://localhost:{self.values()['HTTPS_PORT']}"
+
+    @property
     def base_url(self) -> str:
         values = self.values()
         return f"https://localhost:{values['HTTPS_PORT']}{values['MLFLOW_BASE_PATH']}"
@@ -249,3 +254,16 @@ def stack(standins, tmp_path_factory):
     its own stack (new_stack + stack_lifetime)."""
     with stack_lifetime(new_stack(standins, tmp_path_factory.mktemp("stack"), "mlflowe2e")) as the_stack:
         yield the_stack
+
+
+BASE_PATH = "/mlflow"
+
+
+@pytest.fixture(scope="session")
+def prefixed_stack(standins, tmp_path_factory):
+    """A second deployment with MLFLOW_BASE_PATH: every check that matches paths
+    (input guard, auth, nginx's artifact rules, the UI) runs under the prefix too."""
+    the_stack = new_stack(standins, tmp_path_factory.mktemp("prefixed"), "mlflowbp")
+    the_stack.environ["MLFLOW_BASE_PATH"] = BASE_PATH
+    with stack_lifetime(the_stack) as deployed:
+        yield deployed

@@ -1,6 +1,9 @@
 """Security through nginx: authentication, permissions, host and origin checks,
 path traversal, hostile input, headers. On the shared deployment: the fixture
-`owned` creates the experiment, run and second user these tests check."""
+`owned` creates the experiment, run and second user these tests check. The
+checks that match paths run a second time on a stack served under
+MLFLOW_BASE_PATH (`target`), where a check bound to unprefixed paths would be
+skipped silently."""
 
 from __future__ import annotations
 
@@ -42,6 +45,22 @@ def owned(stack):
     return {"exp_id": exp_id, "run_id": run_id, "alice": ("alice", password)}
 
 
+@pytest.fixture(scope="module", params=["at the root", "under MLFLOW_BASE_PATH"])
+def target(request):
+    return request.getfixturevalue("stack" if request.param == "at the root" else "prefixed_stack")
+
+
+@pytest.fixture(scope="module")
+def target_run(target):
+    """An experiment and run of the admin on the target stack."""
+    exp = target.http("POST", "/api/2.0/mlflow/experiments/create", json={"name": f"sec-{uuid.uuid4().hex[:6]}"})
+    assert exp.status_code == 200, exp.text
+    run = target.http("POST", "/api/2.0/mlflow/runs/create",
+                      json={"experiment_id": exp.json()["experiment_id"], "start_time": 1})
+    assert run.status_code == 200, run.text
+    return run.json()["run"]["info"]["run_id"]
+
+
 def stack_root():
     from stack.paths import ROOT
 
@@ -49,14 +68,14 @@ def stack_root():
 
 
 @pytest.mark.parametrize("method, path", ROUTES)
-def test_every_route_family_needs_a_login(stack, method, path):
+def test_every_route_family_needs_a_login(target, method, path):
     kw = {"json": {"query": "{ __typename }"}} if path == "/graphql" else {}
-    anonymous = stack.http(method, path, auth=False, **kw)
+    anonymous = target.http(method, path, auth=False, **kw)
     assert anonymous.status_code == 401, (path, anonymous.status_code)
     assert "Basic" in anonymous.headers.get("WWW-Authenticate", "")
-    wrong = stack.http(method, path, auth=("admin", "not-the-password"), **kw)
+    wrong = target.http(method, path, auth=("admin", "not-the-password"), **kw)
     assert wrong.status_code == 401, (path, wrong.status_code)
-    assert stack.http(method, path, **kw).status_code == 200, path
+    assert target.http(method, path, **kw).status_code == 200, path
 
 
 def test_a_user_without_permission_gets_403_and_cannot_overwrite_artifacts(stack, owned):
@@ -104,7 +123,8 @@ def test_password_change_takes_effect(stack, owned):
     owned["alice"] = ("alice", new)
 
 
-def test_forged_host_and_cross_origin_posts_get_403_but_the_ui_origin_works(stack):
+def test_forged_host_and_cross_origin_posts_get_403_but_the_ui_origin_works(target):
+    stack = target
     assert stack.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1",
                       headers={"Host": "evil.example.com"}).status_code == 403
     body = {"max_results": 1}
@@ -112,7 +132,7 @@ def test_forged_host_and_cross_origin_posts_get_403_but_the_ui_origin_works(stac
                       headers={"Origin": "https://evil.example.com"})
     assert evil.status_code == 403
     own = stack.http("POST", "/ajax-api/2.0/mlflow/experiments/search", json=body,
-                     headers={"Origin": stack.base_url})
+                     headers={"Origin": stack.origin})
     assert own.status_code == 200
 
 
@@ -131,8 +151,8 @@ TRAVERSALS = [
 
 
 @pytest.mark.parametrize("path", TRAVERSALS)
-def test_path_traversal_gets_4xx_and_never_file_contents(stack, owned, path):
-    response = stack.http("GET", path.format(run=owned["run_id"]))
+def test_path_traversal_gets_4xx_and_never_file_contents(target, target_run, path):
+    response = target.http("GET", path.format(run=target_run))
     assert 400 <= response.status_code < 500, (path, response.status_code, response.text[:200])
     assert ROOT_LINE not in response.text
 
@@ -141,7 +161,8 @@ def test_path_traversal_gets_4xx_and_never_file_contents(stack, owned, path):
                                       "mlflow-artifacts:/../../x", "mlflow-artifacts:/%2e%2e/%2e%2e/x",
                                       "mlflow-artifacts:/%252e%252e/x", "mlflow-artifacts:/x#/../../etc",
                                       "http://169.254.169.254/latest/meta-data"])
-def test_artifact_location_tricks_get_4xx(stack, location):
+def test_artifact_location_tricks_get_4xx(target, location):
+    stack = target
     name = f"loc-{uuid.uuid4().hex[:6]}"
     response = stack.http("POST", "/api/2.0/mlflow/experiments/create",
                           json={"name": name, "artifact_location": location})
@@ -168,8 +189,9 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_input_gets_4xx_stores_nothing_and_the_server_stays_healthy(stack, owned, name):
-    kind, payload = HOSTILE[name](owned["run_id"])
+def test_hostile_input_gets_4xx_stores_nothing_and_the_server_stays_healthy(target, target_run, name):
+    stack, run_id = target, target_run
+    kind, payload = HOSTILE[name](run_id)
     if kind == "json":
         kw = {"json": payload}
     elif kind == "raw":
@@ -181,7 +203,7 @@ def test_hostile_input_gets_4xx_stores_nothing_and_the_server_stays_healthy(stac
     if response.status_code != 413:  # nginx answers the oversized body itself
         error = response.json()
         assert error["error_code"] and error["message"], error
-    run = stack.http("GET", f"/api/2.0/mlflow/runs/get?run_id={owned['run_id']}").json()["run"]
+    run = stack.http("GET", f"/api/2.0/mlflow/runs/get?run_id={run_id}").json()["run"]
     assert not run["data"].get("metrics"), f"{name}: a metric was stored"
     assert not [p for p in run["data"].get("params", []) if p["key"] != "x"], f"{name}: a param was stored"
     assert stack.http("GET", "/health", auth=False).status_code == 200

@@ -24,7 +24,8 @@ need (as export lines).
 
 Environment: STACK_ENV_FILE (default ./.env), COMPOSE_PROJECT_NAME
 (default mlflow-stack), BUILD_CA_CERT (a CA certificate for image builds
-behind a TLS-intercepting proxy), DEPLOY_TIMEOUT (seconds, default 900),
+behind a TLS-intercepting proxy; default: the one this machine's pip uses,
+if any), DEPLOY_TIMEOUT (seconds, default 900),
 and any image override such as POSTGRES_IMAGE (see README).
 USAGE
 }
@@ -71,21 +72,13 @@ step_preflight() {
 }
 
 # Images: the offline stand-ins when STACK_STANDINS=true (stack/standins.py
-# records them; load_compose_env exports them), then the stack's own images.
+# records them; load_compose_env exports them), then the stack's own images
+# (mlflow, and backup when scheduled): each build's output goes to a log file,
+# and a failure ends with what to do.
 step_build() {
 	stack_py standins
 	load_compose_env
-	if [ -n "${BUILD_CA_CERT:-}" ]; then
-		[ -r "$BUILD_CA_CERT" ] || die "BUILD_CA_CERT=$BUILD_CA_CERT cannot be read"
-		if ! cmp -s "$BUILD_CA_CERT" "$STACK_ROOT/mlflow/certs/build-ca.crt"; then
-			cp "$BUILD_CA_CERT" "$STACK_ROOT/mlflow/certs/build-ca.crt"
-		fi
-	fi
-	log "Building the MLflow image ($MLFLOW_VARIANT variant; cached layers are reused)"
-	compose build mlflow
-	if [[ ",$COMPOSE_PROFILES," == *,backup,* ]]; then
-		compose build backup
-	fi
+	stack_py build
 }
 
 # step_schema NOTE_VAR: an existing database whose schema is older than the

@@ -5,6 +5,7 @@
   preflight [--standins] [--dry-run]      Docker, Compose, ports, disk, images
   standins [--reminder]                   with STACK_STANDINS=true: build and record the stand-in
                                           images (--reminder: only say which are in use)
+  build                                   build the stack's images (log file, summary on failure)
   compose-env                             export lines for Compose (makes TLS material and secret files)
   get KEY...                              export CURRENT_KEY=... lines, from .env as it is now
   compose ARGS...                         docker compose on this stack
@@ -20,7 +21,7 @@ import argparse
 import os
 import sys
 
-from . import client_env, compose, envfile, paths, preflight, settings, show, standins, tls, users
+from . import build, client_env, compose, envfile, paths, preflight, settings, show, standins, tls, users
 
 
 def _values() -> dict[str, str]:
@@ -84,6 +85,27 @@ def cmd_standins(args) -> int:
     else:
         print("==> Stand-in images: none needed, every image is the real one (on this machine or pulled)",
               file=sys.stderr)
+    return 0
+
+
+def cmd_build(_args) -> int:
+    """The images this deploy builds: mlflow, and backup when scheduled backups are on."""
+    values = _values()
+    ca, note = build.build_ca(os.environ)
+    if note:
+        print(f"==> {note}", file=sys.stderr)
+    if ca:
+        build.install_ca(ca)
+    services = ["mlflow"]
+    if "backup" in values["COMPOSE_PROFILES"].split(","):
+        services.append("backup")
+    for service in services:
+        what = f"{values['MLFLOW_VARIANT']} variant, " if service == "mlflow" else ""
+        print(f"==> Building the {service} image ({what}cached layers are reused; the log: "
+              f"{build.log_path(service)})", file=sys.stderr)
+        status = build.run(service, ca_in_use=ca)
+        if status != 0:
+            return status
     return 0
 
 
@@ -169,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("standins")
     p.add_argument("--reminder", action="store_true")
     p.set_defaults(func=cmd_standins)
+    sub.add_parser("build").set_defaults(func=cmd_build)
     sub.add_parser("compose-env").set_defaults(func=cmd_compose_env)
     p = sub.add_parser("get")
     p.add_argument("keys", nargs="+")
@@ -183,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (envfile.EnvError, tls.TlsError) as exc:
+    except (envfile.EnvError, tls.TlsError, build.BuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

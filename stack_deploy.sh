@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Deploys the MLflow stack (or re-deploys it: a re-run changes nothing).
-# Steps: .env -> preflight -> build -> start and wait until healthy -> client settings.
+# Steps: .env -> preflight -> stand-ins (if chosen) -> build -> start and wait
+# until healthy -> client settings.
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
 usage() {
 	cat <<'USAGE'
-Usage: ./stack_deploy.sh [--variant pip|conda] [--yes] [--dry-run] [--help]
+Usage: ./stack_deploy.sh [--variant pip|conda] [--standins] [--yes] [--dry-run] [--help]
 
 Deploys the MLflow stack with Docker Compose and prints the settings clients
 need (as export lines).
 
   --variant pip|conda  MLflow image variant; remembered in .env (default: pip)
+  --standins           where no container registry can provide an image, build
+                       an offline stand-in for it here and use that: for trying
+                       the stack out and for tests, NOT for production.
+                       Remembered in .env (STACK_STANDINS=true)
   --yes                do not ask for confirmation (e.g. switching variant on a
                        running stack)
   --dry-run            check everything and show what would be done; change nothing
@@ -19,16 +24,18 @@ need (as export lines).
 
 Environment: STACK_ENV_FILE (default ./.env), COMPOSE_PROJECT_NAME
 (default mlflow-stack), BUILD_CA_CERT (a CA certificate for image builds
-behind a TLS-intercepting proxy), DEPLOY_TIMEOUT (seconds, default 900),
+behind a TLS-intercepting proxy; default: the one this machine's pip uses,
+if any), DEPLOY_TIMEOUT (seconds, default 900),
 and any image override such as POSTGRES_IMAGE (see README).
 USAGE
 }
 
-VARIANT="" DRY_RUN=0 ASSUME_YES=0
+VARIANT="" DRY_RUN=0 ASSUME_YES=0 STANDINS=0
 while [ $# -gt 0 ]; do
 	case "$1" in
 		--variant) [ $# -ge 2 ] || die "--variant needs a value: pip or conda"; VARIANT="$2"; shift 2 ;;
 		--variant=*) VARIANT="${1#*=}"; shift ;;
+		--standins) STANDINS=1; shift ;;
 		--yes|-y) ASSUME_YES=1; shift ;;
 		--dry-run) DRY_RUN=1; shift ;;
 		--help|-h) usage; exit 0 ;;
@@ -42,6 +49,7 @@ step_env() {
 	log "Settings ($STACK_ENV_FILE)"
 	local args=()
 	[ -n "$VARIANT" ] && args+=(--variant "$VARIANT")
+	[ "$STANDINS" = 1 ] && args+=(--standins)
 	[ "$DRY_RUN" = 1 ] && args+=(--dry-run)
 	if [ -n "$VARIANT" ] && [ "$DRY_RUN" = 0 ]; then
 		local exports
@@ -58,22 +66,19 @@ step_env() {
 step_preflight() {
 	log "Preflight checks"
 	local args=()
+	[ "$STANDINS" = 1 ] && args+=(--standins)
 	[ "$DRY_RUN" = 1 ] && args+=(--dry-run)
 	stack_py preflight "${args[@]}"
 }
 
+# Images: the offline stand-ins when STACK_STANDINS=true (stack/standins.py
+# records them; load_compose_env exports them), then the stack's own images
+# (mlflow, and backup when scheduled): each build's output goes to a log file,
+# and a failure ends with what to do.
 step_build() {
-	if [ -n "${BUILD_CA_CERT:-}" ]; then
-		[ -r "$BUILD_CA_CERT" ] || die "BUILD_CA_CERT=$BUILD_CA_CERT cannot be read"
-		if ! cmp -s "$BUILD_CA_CERT" "$STACK_ROOT/mlflow/certs/build-ca.crt"; then
-			cp "$BUILD_CA_CERT" "$STACK_ROOT/mlflow/certs/build-ca.crt"
-		fi
-	fi
-	log "Building the MLflow image ($MLFLOW_VARIANT variant; cached layers are reused)"
-	compose build mlflow
-	if [[ ",$COMPOSE_PROFILES," == *,backup,* ]]; then
-		compose build backup
-	fi
+	stack_py standins
+	load_compose_env
+	stack_py build
 }
 
 # step_schema NOTE_VAR: an existing database whose schema is older than the
@@ -130,16 +135,16 @@ main() {
 		if [ -f "$STACK_ENV_FILE" ]; then
 			compose config --quiet
 		fi
-		log "Dry run: would build the MLflow image, then 'docker compose up -d --wait'; nothing was changed"
+		log "Dry run: would build the stand-ins the checks above name (if any), the MLflow image, then 'docker compose up -d --wait'; nothing was changed"
 		return 0
 	fi
-	load_compose_env
 	step_build
 	local upgrade_note
 	step_schema upgrade_note
 	step_up
 	[ -z "$upgrade_note" ] || log "$upgrade_note"
 	step_client_env
+	stack_py standins --reminder
 }
 
 main

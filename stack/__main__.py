@@ -1,7 +1,11 @@
 """python3 -m stack COMMAND: the logic behind the stack's shell scripts.
 
-  env [--variant pip|conda] [--dry-run]   create or complete .env, then check it
-  preflight [--dry-run]                   Docker, Compose, ports, disk
+  env [--variant pip|conda] [--standins] [--dry-run]
+                                          create or complete .env, then check it
+  preflight [--standins] [--dry-run]      Docker, Compose, ports, disk, images
+  standins [--reminder]                   with STACK_STANDINS=true: build and record the stand-in
+                                          images (--reminder: only say which are in use)
+  build                                   build the stack's images (log file, summary on failure)
   compose-env                             export lines for Compose (makes TLS material and secret files)
   get KEY...                              export CURRENT_KEY=... lines, from .env as it is now
   compose ARGS...                         docker compose on this stack
@@ -17,7 +21,7 @@ import argparse
 import os
 import sys
 
-from . import client_env, compose, envfile, paths, preflight, settings, show, tls, users
+from . import build, client_env, compose, envfile, paths, preflight, settings, show, standins, tls, users
 
 
 def _values() -> dict[str, str]:
@@ -26,14 +30,14 @@ def _values() -> dict[str, str]:
 
 def cmd_env(args) -> int:
     env_path = paths.env_path()
-    result = (envfile.plan if args.dry_run else envfile.ensure)(env_path, args.variant)
+    result = (envfile.plan if args.dry_run else envfile.ensure)(env_path, args.variant, args.standins)
     prefix = "env: would " if args.dry_run else "env: "
     if result.create:
         print(f"{prefix}create {env_path} with generated secrets (mode 600)")
     for key in result.added:
         print(f"{prefix}add {key} (a new setting)")
-    if result.variant_change:
-        print(prefix + "switch MLFLOW_VARIANT from {} to {}".format(*result.variant_change))
+    for key, (old, new) in result.switched.items():
+        print(f"{prefix}switch {key} from {old} to {new}")
     if not result.changes:
         print(f"env: {env_path} is complete; left unchanged")
     envfile.check(envfile.effective(envfile.parse(result.text, str(env_path))), env_path)
@@ -45,13 +49,63 @@ def cmd_preflight(args) -> int:
         values = envfile.effective(envfile.parse(envfile.plan(paths.env_path()).text))
     else:
         values = _values()
-    failed = False
-    for check in preflight.run(values):
+    if args.standins:
+        values["STACK_STANDINS"] = "true"
+    checks = preflight.run(values)
+    for check in checks:
         print(f"preflight: {'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
-        failed |= not check.ok
-    if failed:
-        print("preflight: fix the failures above, then run ./stack_deploy.sh again", file=sys.stderr)
+    if all(check.ok for check in checks):
+        return 0
+    sys.stdout.flush()
+    print("preflight: fix the failures above, then run ./stack_deploy.sh again", file=sys.stderr)
+    # What to do comes last, where it is seen; once per fix, not per check.
+    for fix in dict.fromkeys(check.fix for check in checks if not check.ok and check.fix):
+        print(f"preflight: {fix}", file=sys.stderr)
+    return 1
+
+
+def cmd_standins(args) -> int:
+    """With STACK_STANDINS=true: build the stand-ins and say loudly which images they replace."""
+    values = _values()
+    if args.reminder:
+        used = standins.in_use(values)
+        if used:
+            sys.stderr.write(standins.banner(used, values, final=True))
+        return 0
+    if not standins.enabled(values):
+        return 0
+    print("==> Stand-in images (STACK_STANDINS=true): building any that are needed", file=sys.stderr)
+    try:
+        used = standins.build(values)
+    except standins.StandinError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
+    if used:
+        sys.stderr.write(standins.banner(used, values))
+    else:
+        print("==> Stand-in images: none needed, every image is the real one (on this machine or pulled)",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_build(_args) -> int:
+    """The images this deploy builds: mlflow, and backup when scheduled backups are on."""
+    values = _values()
+    ca, note = build.build_ca(os.environ)
+    if note:
+        print(f"==> {note}", file=sys.stderr)
+    if ca:
+        build.install_ca(ca)
+    services = ["mlflow"]
+    if "backup" in values["COMPOSE_PROFILES"].split(","):
+        services.append("backup")
+    for service in services:
+        what = f"{values['MLFLOW_VARIANT']} variant, " if service == "mlflow" else ""
+        print(f"==> Building the {service} image ({what}cached layers are reused; the log: "
+              f"{build.log_path(service)})", file=sys.stderr)
+        status = build.run(service, ca_in_use=ca)
+        if status != 0:
+            return status
     return 0
 
 
@@ -127,11 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("env")
     p.add_argument("--variant")
+    p.add_argument("--standins", action="store_true")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_env)
     p = sub.add_parser("preflight")
+    p.add_argument("--standins", action="store_true")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_preflight)
+    p = sub.add_parser("standins")
+    p.add_argument("--reminder", action="store_true")
+    p.set_defaults(func=cmd_standins)
+    sub.add_parser("build").set_defaults(func=cmd_build)
     sub.add_parser("compose-env").set_defaults(func=cmd_compose_env)
     p = sub.add_parser("get")
     p.add_argument("keys", nargs="+")
@@ -146,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (envfile.EnvError, tls.TlsError) as exc:
+    except (envfile.EnvError, tls.TlsError, build.BuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ import os
 import shlex
 from typing import Iterable, Mapping
 
-from . import envfile, paths, pins, secretfiles, settings, tls
+from . import envfile, paths, pins, secretfiles, settings, standins, tls
 
 PLACEHOLDER_SECRET = "placeholder-not-a-secret"
 
@@ -52,8 +52,12 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_SECRETS_DIR", str(folder)),
         ("BACKUP_DIR", str(paths.backup_dir(values))),
     ]
-    if values["MLFLOW_VARIANT"] == "conda" and not environ.get("MLFLOW_BASE_IMAGE"):
-        pairs.append(("MLFLOW_BASE_IMAGE", pins.image_pins()["MLFLOW_CONDA_BASE_IMAGE"]))
+    if values["MLFLOW_VARIANT"] == "conda":
+        base = next(u for u in pins.upstream_images(values, environ) if u.base)
+        if not base.overridden:
+            pairs.append(("MLFLOW_BASE_IMAGE", base.image))
+    # Stand-ins this stack was deployed with (STACK_STANDINS=true), unless overridden.
+    pairs += sorted(standins.in_use(values, environ).items())
     return pairs
 
 

@@ -49,15 +49,32 @@ class Plan:
 
     create: bool = False
     added: list[str] = field(default_factory=list)
-    variant_change: tuple[str, str] | None = None
+    # Keys a command-line option sets: KEY -> (old value, new value).
+    switched: dict[str, tuple[str, str]] = field(default_factory=dict)
     text: str = ""
 
     @property
+    def variant_change(self) -> tuple[str, str] | None:
+        return self.switched.get("MLFLOW_VARIANT")
+
+    @property
     def changes(self) -> bool:
-        return self.create or bool(self.added) or self.variant_change is not None
+        return self.create or bool(self.added) or bool(self.switched)
 
 
-def plan(env_path: Path, variant: str | None = None) -> Plan:
+def _switch(result: Plan, key: str, new: str, option: str) -> None:
+    """Set KEY to NEW in result.text (the line exists: new files and added keys have it)."""
+    try:
+        settings.BY_KEY[key].rule(option, new)
+    except settings.SettingError as exc:
+        raise EnvError(str(exc)) from None
+    old = parse(result.text).get(key, settings.default(key))
+    if old != new:
+        result.switched[key] = (old, new)
+        result.text = re.sub(rf"(?m)^{key}=.*$", f"{key}={new}", result.text)
+
+
+def plan(env_path: Path, variant: str | None = None, standins: bool = False) -> Plan:
     result = Plan()
     if not env_path.exists():
         result.create = True
@@ -77,16 +94,11 @@ def plan(env_path: Path, variant: str | None = None) -> Plan:
             extra = ["", "# Added by ./stack_deploy.sh (new settings; see .env.example)"]
             extra += [f"{s.key}={settings.new_secret() if s.generated else s.default}" for s in missing]
             text = text.rstrip("\n") + "\n" + "\n".join(extra) + "\n"
-    if variant is not None:
-        try:
-            settings.BY_KEY["MLFLOW_VARIANT"].rule("--variant", variant)
-        except settings.SettingError as exc:
-            raise EnvError(str(exc)) from None
-        old = parse(text).get("MLFLOW_VARIANT", settings.default("MLFLOW_VARIANT"))
-        if old != variant:
-            result.variant_change = (old, variant)
-            text = re.sub(r"(?m)^MLFLOW_VARIANT=.*$", f"MLFLOW_VARIANT={variant}", text)
     result.text = text
+    if variant is not None:
+        _switch(result, "MLFLOW_VARIANT", variant, "--variant")
+    if standins:
+        _switch(result, "STACK_STANDINS", "true", "--standins")
     return result
 
 
@@ -106,8 +118,8 @@ def write_private(path: Path, text: str) -> None:
         raise
 
 
-def ensure(env_path: Path, variant: str | None = None) -> Plan:
-    result = plan(env_path, variant)
+def ensure(env_path: Path, variant: str | None = None, standins: bool = False) -> Plan:
+    result = plan(env_path, variant, standins)
     if result.changes:
         write_private(env_path, result.text)
     elif env_path.exists() and env_path.stat().st_mode & 0o077:

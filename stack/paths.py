@@ -37,6 +37,12 @@ def compose_cmd(environ: Optional[Mapping[str, str]] = None) -> list[str]:
             "--env-file", str(env_path(environ)), "-p", project_name(environ)]
 
 
+def state_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """What the scripts keep about a stack that is neither a setting nor a secret
+    (build logs, the stand-in images it uses): .stack-state/<project>/ beside .env."""
+    return env_path(environ).parent / ".stack-state" / project_name(environ)
+
+
 def backup_dir(values: Mapping[str, str]) -> Path:
     """BACKUP_DIR, relative to the project's folder unless absolute."""
     path = Path(values["BACKUP_DIR"]).expanduser()

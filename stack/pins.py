@@ -12,17 +12,55 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 _COMPOSE_PIN = re.compile(r"\$\{([A-Z][A-Z0-9_]*_IMAGE):-([^}]+)\}")
 _DOCKERFILE_PIN = re.compile(r"^ARG (MLFLOW_BASE_IMAGE|MLFLOW_CONDA_BASE_IMAGE)=(\S+)$", re.M)
 
 
+def service_pins(root: Path = ROOT) -> dict[str, str]:
+    """The images Compose pulls for services (VARIABLE -> image)."""
+    return dict(_COMPOSE_PIN.findall((root / "docker-compose.yml").read_text()))
+
+
 def image_pins(root: Path = ROOT) -> dict[str, str]:
-    pins = dict(_COMPOSE_PIN.findall((root / "docker-compose.yml").read_text()))
+    pins = service_pins(root)
     pins.update(_DOCKERFILE_PIN.findall((root / "mlflow" / "Dockerfile").read_text()))
     return pins
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An image the stack takes from a registry (or from this machine)."""
+
+    var: str          # the variable that overrides it, e.g. POSTGRES_IMAGE
+    image: str        # what this deploy uses
+    pin: str          # the pinned image it is, unless overridden
+    overridden: bool  # set in the shell or in .env
+    base: bool        # the MLflow image's build base (not a service image)
+
+    @property
+    def label(self) -> str:
+        return f"{self.var} (the MLflow image's base)" if self.base else self.var
+
+
+def upstream_images(values: Mapping[str, str], environ: Mapping[str, str], root: Path = ROOT) -> list[Upstream]:
+    """The images a deploy pulls (services) or builds on (the MLflow base), each
+    as this deploy resolves it: the shell's or .env's override, else the pin.
+    The mlflow and backup images are built here, not pulled; the backup image's
+    base is the PostgreSQL image."""
+    pins = image_pins(root)
+    base_pin = pins["MLFLOW_CONDA_BASE_IMAGE" if values.get("MLFLOW_VARIANT") == "conda" else "MLFLOW_BASE_IMAGE"]
+    wanted = [(var, pin, False) for var, pin in service_pins(root).items()]
+    wanted.append(("MLFLOW_BASE_IMAGE", base_pin, True))
+    result = []
+    for var, pin, base in wanted:
+        override = environ.get(var) or values.get(var) or ""
+        result.append(Upstream(var, override or pin, pin, bool(override), base))
+    return result
 
 
 def main() -> int:

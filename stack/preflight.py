@@ -1,4 +1,5 @@
-"""Checks before a deploy: Docker and Compose versions, free ports, free disk.
+"""Checks before a deploy: Docker and Compose versions, free ports, free disk,
+and the upstream images (on this machine, or pullable, or replaced by a stand-in).
 
 Each failed check says what is wrong and what to do about it. Ports held by
 this stack's own running nginx are fine: re-deploying a running stack is a
@@ -11,18 +12,24 @@ import errno
 import json
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Optional
 
-from . import compose, paths
+from . import compose, paths, pins, standins
 
 MIN_ENGINE = (20, 10)
 # Secrets sourced from environment variables need Compose 2.23.1 or later.
 MIN_COMPOSE = (2, 24)
 MIN_FREE_GIB = 5.0
+# How long a registry may take to answer for an image before it counts as unreachable.
+PULL_ANSWER_SECONDS = 45
 
 
 @dataclass
@@ -30,6 +37,8 @@ class Check:
     name: str
     ok: bool
     detail: str
+    # What to do, when a failure needs more than its detail says (printed once, last).
+    fix: str = ""
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -149,9 +158,121 @@ def check_disk() -> list[Check]:
     return checks
 
 
-def run(values: dict[str, str]) -> list[Check]:
+def image_present(image: str) -> bool:
+    return _run(["docker", "image", "inspect", "--format", "{{.Id}}", image]).returncode == 0
+
+
+# `docker pull` prints these once the registry has answered with the image's manifest.
+_ANSWERED = re.compile(r"Pulling from |Pulling fs layer|Already exists|Digest: sha256:|Status: ")
+
+
+def pull_probe(image: str, timeout: float = PULL_ANSWER_SECONDS) -> tuple[bool, str]:
+    """(pullable, why not): whether the engine can pull IMAGE, through its own
+    mirrors and proxy, without downloading it: `docker pull` is stopped as soon
+    as the registry has answered, or after `timeout` seconds without an answer."""
+    proc = subprocess.Popen(["docker", "pull", image], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    output = b""
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False, f"no answer from the registry within {timeout:.0f} s"
+            ready, _, _ = select.select([proc.stdout], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            output += chunk
+            if _ANSWERED.search(output.decode(errors="replace")):
+                return True, ""
+        proc.wait()
+        return (True, "") if proc.returncode == 0 else (False, pull_error(output.decode(errors="replace")))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def pull_error(text: str) -> str:
+    """Docker's pull error in a few words: what could not be reached, or what the registry said."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else "docker pull failed"
+    last = re.sub(r"^Error response from daemon:\s*", "", last)
+    patterns = [
+        (r"lookup (\S+?)(?: on \S+)?: no such host", "no DNS answer for {0}"),
+        (r"lookup (\S+?)(?: on \S+)?: (.*)", "cannot resolve {0}: {1}"),
+        (r'Get "?https?://([^/"]+)[^:]*:.*(i/o timeout|connection refused|network is unreachable|'
+         r"no route to host|TLS handshake timeout|certificate signed by unknown authority)",
+         "{0}: {1}"),
+        (r"(pull access denied|manifest unknown|not found: manifest unknown|repository does not exist)",
+         "the registry has no such image, or refuses it: {0}; check the name, or docker login"),
+        (r"(toomanyrequests.*)", "the registry refuses for now: {0}"),
+    ]
+    for regex, template in patterns:
+        match = re.search(regex, last, re.I)
+        if match:
+            return template.format(*match.groups())
+    return last[:200]
+
+
+def check_images(values: Mapping[str, str], environ: Optional[Mapping[str, str]] = None) -> list[Check]:
+    """Every upstream image must be on this machine or pullable, or (with
+    STACK_STANDINS=true) have an offline stand-in. Only missing images are
+    probed, all at once, each for at most PULL_ANSWER_SECONDS."""
+    environ = os.environ if environ is None else environ
+    wanted = pins.upstream_images(values, environ)
+    missing = sorted({u.image for u in wanted if not image_present(u.image)})
+    with ThreadPoolExecutor(max_workers=max(1, len(missing))) as pool:
+        probes = dict(zip(missing, pool.map(pull_probe, missing)))
+    use_standins = standins.enabled(values)
+    checks: list[Check] = []
+    no_registry: list[pins.Upstream] = []
+    for u in wanted:
+        name = f"image {u.label}"
+        if u.image not in probes:
+            checks.append(Check(name, True, f"{u.image}: on this machine"))
+            continue
+        pullable, why = probes[u.image]
+        if pullable:
+            checks.append(Check(name, True, f"{u.image}: pullable"))
+        elif use_standins and not u.overridden and u.var in standins.available_for() \
+                and u.pin == pins.image_pins().get(u.var):
+            checks.append(Check(name, True, f"{u.image} cannot be pulled ({why}): an offline stand-in "
+                                            "replaces it (for trying out and tests, not production)"))
+        elif u.overridden:
+            checks.append(Check(name, False, f"{u.var}={u.image} (set by you) is not on this machine and "
+                                             f"cannot be pulled: {why}",
+                                fix=f"{u.var}={u.image}: load it (docker load), correct the name, or unset "
+                                    f"{u.var} (in the shell or .env) to use the pinned {u.pin}."))
+        elif use_standins:
+            checks.append(Check(name, False, f"{u.image} is not on this machine and cannot be pulled: {why}",
+                                fix=f"{u.image} has no offline stand-in (the conda variant needs conda-forge's "
+                                    "image and channel): make a registry or mirror reachable, or deploy the "
+                                    "pip variant (--variant pip)."))
+        else:
+            checks.append(Check(name, False, f"{u.image} is not on this machine and cannot be pulled: {why}"))
+            no_registry.append(u)
+    if no_registry:
+        fix = (f"No registry can provide {', '.join(u.image for u in no_registry)}.\n"
+               "  To try the stack out anyway:  ./stack_deploy.sh --standins\n"
+               "    (builds offline stand-ins here: for trying out and testing, NOT for production)\n"
+               "  For production: make a registry or mirror reachable (e.g. \"registry-mirrors\" in "
+               "/etc/docker/daemon.json, or a proxy for dockerd), or docker load the images; then run "
+               "./stack_deploy.sh again.")
+        for check in checks:
+            if not check.ok and not check.fix:
+                check.fix = fix
+    return checks
+
+
+def run(values: Mapping[str, str], environ: Optional[Mapping[str, str]] = None) -> list[Check]:
     checks = check_docker()
     if all(c.ok for c in checks):
         checks += check_ports(values)
         checks += check_disk()
+        checks += check_images(values, environ)
     return checks

@@ -204,6 +204,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_VARIANT", "pip", choice("pip", "conda"), section=SERVER, services=("mlflow", "migrate", "bucket-init"),
             host=("deploy --variant",),
             doc="pip or conda image (the conda variant needs a reachable conda channel; --variant sets it)."),
+    Setting("STACK_STANDINS", "false", choice("false", "true"), section=SERVER,
+            host=("deploy --standins", "every script's Compose call"),
+            doc="true: images that are neither on this machine nor pullable are replaced by offline "
+                "stand-ins built here (tests/standin-images.sh), for trying the stack out and for "
+                "tests, NOT for production. ./stack_deploy.sh --standins sets it."),
     Setting("MLFLOW_ARTIFACTS_MODE", "proxied", choice("proxied", "direct"), section=SERVER,
             services=("mlflow",), host=("client settings",),
             doc="proxied: clients send artifacts through the server (no S3 credentials needed). "

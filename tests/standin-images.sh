@@ -7,6 +7,8 @@
 # An image that is present or can be pulled is used as it is, and gets no line.
 # Stand-ins have their own names (mlflow-stack-standin/...); nothing is ever
 # tagged under an upstream name. Re-runs reuse what is already built.
+# `--list` prints the image variables it can stand in for, and builds nothing.
+# ./stack_deploy.sh --standins runs it (see stack/standins.py).
 set -Eeuo pipefail
 trap 'echo "standin-images.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
 
@@ -105,6 +107,10 @@ build_standin() {
 }
 
 main() {
+	if [ "${1:-}" = --list ]; then
+		printf '%s\n' "${!DIR_FOR[@]}" | sort
+		return 0
+	fi
 	command -v docker >/dev/null || die "docker is not installed"
 	docker info >/dev/null 2>&1 || die "the Docker engine is not running (start dockerd)"
 	local var pin base="" image

@@ -27,6 +27,11 @@ def run(script, *args, env_file, extra=None):
                           env=environ, stdin=subprocess.DEVNULL, timeout=300, check=False)
 
 
+def test_deploy_usage_offers_standins(tmp_path):
+    usage = run("stack_deploy.sh", "--help", env_file=tmp_path / ".env").stdout
+    assert "--standins" in usage and "NOT for production" in usage
+
+
 @pytest.mark.parametrize("script", ["stack_deploy.sh", "stack_remove.sh", "show_all.sh"])
 def test_help_and_unknown_options(script, tmp_path):
     assert "Usage:" in run(script, "--help", env_file=tmp_path / ".env").stdout
@@ -38,10 +43,27 @@ def test_dry_run_changes_nothing(tmp_path):
     env = tmp_path / ".env"
     result = run("stack_deploy.sh", "--dry-run", env_file=env,
                  extra={"BIND_ADDRESS": "127.0.0.1", "HTTP_PORT": str(free_port()), "S3_PORT": str(free_port())})
-    assert result.returncode == 0, result.stdout + result.stderr
     assert "would create" in result.stdout, result.stdout + result.stderr
-    assert "Dry run" in result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("preflight: FAIL")]
+    if failed:
+        # No registry here (and no stand-ins given): only images fail, and the fix is named last.
+        assert result.returncode == 1 and all(line.startswith("preflight: FAIL image ") for line in failed), failed
+        assert "./stack_deploy.sh --standins" in result.stderr and "NOT for production" in result.stderr
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Dry run" in result.stderr
     assert not env.exists()
+
+
+def test_standins_dry_run_builds_nothing_and_remembers_nothing(tmp_path):
+    env = tmp_path / ".env"
+    result = run("stack_deploy.sh", "--standins", "--dry-run", env_file=env,
+                 extra={"BIND_ADDRESS": "127.0.0.1", "HTTP_PORT": str(free_port()), "S3_PORT": str(free_port())})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "would switch STACK_STANDINS from false to true" in result.stdout
+    assert "preflight: FAIL" not in result.stdout and "Dry run" in result.stderr
+    assert "standin:" not in result.stderr
+    assert not env.exists() and not (tmp_path / ".stack-state").exists()
 
 
 def test_bad_env_stops_deploy_with_the_reasons_and_keeps_the_file(tmp_path):

@@ -26,13 +26,15 @@ def stack(standins, tmp_path_factory):
 
     These tests purge the volumes and restore older sets, so on the shared stack
     they would wipe whatever other modules logged after the set was taken. Giving
-    them their own stack costs one more deploy (~1-2 min) in a full run and none
-    when the module runs alone. The alternative, sharing the stack and having every
-    other module re-create its data lazily, saves that deploy but is no cheaper:
-    every set, restore and cold copy here would then carry the other modules' data
-    (test_stack.py leaves a 1 GiB artifact; this module makes about nine sets and
-    two restores), and the counts here could only be lower bounds. Here they are
-    exact: the stack holds this module's data and nothing else.
+    them their own stack costs one more deploy and removal in a full run (under a
+    minute on a 2-core machine once the images are built; test_security.py alone,
+    deploy included, took 68 s) and nothing extra when the module runs alone. The
+    alternative, sharing the stack and having every other module re-create its
+    data lazily, saves that deploy but is no cheaper: every set, restore and cold
+    copy here would then carry the other modules' data (test_stack.py leaves a
+    1 GiB artifact; this module makes about nine sets and two restores), and the
+    counts here could only be lower bounds. Here they are exact: the stack holds
+    this module's data and nothing else.
     """
     with stack_lifetime(new_stack(standins, tmp_path_factory.mktemp("backup-stack"), "mlflowbk")) as own:
         yield own

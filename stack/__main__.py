@@ -45,8 +45,10 @@ def cmd_env(args) -> int:
 
 
 def cmd_preflight(args) -> int:
-    if args.dry_run and not paths.env_path().exists():
-        values = envfile.effective(envfile.parse(envfile.plan(paths.env_path()).text))
+    if args.dry_run:
+        # What the env step would make of .env (new settings added), checked.
+        path = paths.env_path()
+        values = envfile.check(envfile.effective(envfile.parse(envfile.plan(path).text, str(path))), path)
     else:
         values = _values()
     if args.standins:
@@ -176,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compose"]:
         # Compose's own options pass through untouched (argparse would take them).
-        return cmd_compose(argv[1:])
+        try:
+            return cmd_compose(argv[1:])
+        except (envfile.EnvError, tls.TlsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="python3 -m stack")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("env")

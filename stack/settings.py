@@ -335,6 +335,9 @@ def key_errors(key: str, values: Mapping[str, str]) -> list[str]:
     try:
         setting.rule(key, raw)
     except SettingError as exc:
+        if setting.sensitive:
+            # Never echo a secret, not even a rejected one.
+            return [f"{key} is too short: use at least {MIN_SECRET_LENGTH} characters"]
         return [str(exc)]
     return []
 

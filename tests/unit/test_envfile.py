@@ -154,3 +154,11 @@ def test_shell_environment_wins_like_compose():
 def test_load_checked_explains_a_missing_file(tmp_path):
     with pytest.raises(envfile.EnvError, match="run ./stack_deploy.sh"):
         envfile.load_checked(tmp_path / "nope.env")
+
+
+def test_a_rejected_secret_is_never_echoed():
+    values = _valid()
+    values["POSTGRES_PASSWORD"] = "MyRealPass123"
+    errors = settings.validate(values)
+    assert any("POSTGRES_PASSWORD is too short" in e for e in errors), errors
+    assert not any("MyRealPass123" in e for e in errors)

@@ -21,6 +21,10 @@ MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
 MAX_BODY = 1 << 20  # MLflow's own log-batch limit
 SPECIAL_FLOATS = {"NaN", "Infinity", "-Infinity"}
 API_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/", "/api/3.0/mlflow/", "/ajax-api/3.0/mlflow/")
+# MLflow 3.17 streams proxied artifact up/downloads in a native route that it
+# mounts at the root even under --static-prefix; the prefixed twin is Flask's,
+# which holds a whole upload in memory. Its auth layer checks the root form.
+STREAMED_ARTIFACTS = ("/api/2.0/mlflow-artifacts/artifacts/", "/ajax-api/2.0/mlflow-artifacts/artifacts/")
 
 
 class Invalid(Exception):
@@ -175,6 +179,8 @@ class Guard:
         path = scope.get("path", "")
         if self.base_path:
             path = path[len(self.base_path):] if path.startswith(self.base_path + "/") else ""
+            if scope["type"] == "http" and scope["method"] in ("GET", "PUT") and path.startswith(STREAMED_ARTIFACTS):
+                scope = unprefixed(scope, path, self.base_path)
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") \
                 or not path.startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
@@ -209,6 +215,13 @@ class Guard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+def unprefixed(scope: dict, path: str, base_path: str) -> dict:
+    """The request as MLflow's streaming artifact route expects it: at the root."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    prefix = base_path.encode()
+    return {**scope, "path": path, "raw_path": raw[len(prefix):] if raw.startswith(prefix + b"/") else path.encode()}
 
 
 async def _error(send, exc: Invalid) -> None:

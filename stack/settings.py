@@ -165,8 +165,8 @@ SETTINGS: tuple[Setting, ...] = (
             services=("mlflow", "nginx", "migrate", "bucket-init", "backup"), host=("preflight", "client settings"),
             doc="Port of the artifact store's S3 API over HTTPS (nginx), used by presigned URLs."),
     Setting("MLFLOW_BASE_PATH", "",
-            pattern(r"(/[A-Za-z0-9._~-]+)+", "use a path such as /mlflow: a leading /, no trailing /, "
-                    "letters, digits and . _ ~ -", "/mlflow"),
+            pattern(r"(/[A-Za-z0-9_~-]+)+", "use a path such as /mlflow: a leading /, no trailing /, "
+                    "letters, digits and _ ~ -", "/mlflow"),
             section=CLIENTS, may_be_empty=True,
             services=("mlflow", "nginx", "migrate", "bucket-init", "backup"), host=("client settings", "show"),
             doc="Serve MLflow under this path (e.g. /mlflow, for https://tools.example.com/mlflow/) instead "

@@ -114,8 +114,9 @@ class Stack:
             auth = (values["MLFLOW_ADMIN_USERNAME"], values["MLFLOW_ADMIN_PASSWORD"])
         elif auth is False:
             auth = None
-        return requests.request(method, (base or self.base_url) + path, auth=auth,
-                                verify=self.ca_bundle, timeout=60, allow_redirects=False, **kw)
+        kw.setdefault("timeout", 60)
+        kw.setdefault("allow_redirects", False)
+        return requests.request(method, (base or self.base_url) + path, auth=auth, verify=self.ca_bundle, **kw)
 
     def script(self, name: str, *args: str, check: bool = True, timeout: int = 1500,
                extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -267,3 +268,9 @@ def prefixed_stack(standins, tmp_path_factory):
     the_stack.environ["MLFLOW_BASE_PATH"] = BASE_PATH
     with stack_lifetime(the_stack) as deployed:
         yield deployed
+
+
+@pytest.fixture(scope="module", params=["at the root", "under MLFLOW_BASE_PATH"])
+def target(request):
+    """Each of the two deployments in turn, for the checks that depend on paths."""
+    return request.getfixturevalue("stack" if request.param == "at the root" else "prefixed_stack")

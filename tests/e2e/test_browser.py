@@ -7,9 +7,11 @@ artifact and a registered model version (browser_client.py); the browser then
 logs in and looks at them page by page, asserting on what each page shows.
 Any console error, uncaught page error, failed same-origin request or
 same-origin response >= 400 fails the test. One screenshot per page goes to
-$STACK_TEST_ARTIFACTS (else .cache/e2e-screenshots/), named browser-*.png.
+$STACK_TEST_ARTIFACTS (else .cache/e2e-screenshots/), named browser-root-*.png
+and browser-prefixed-*.png.
 
-Page addresses are `stack.base_url + path`, so a URL prefix in base_url carries over.
+It runs on both deployments (`target`): at the root and under MLFLOW_BASE_PATH;
+page addresses are `target.base_url + path`, so the prefix carries over.
 """
 
 from __future__ import annotations
@@ -48,24 +50,24 @@ ATTEMPTS = 3
 expect.set_options(timeout=TIMEOUT_MS)
 
 
-def screenshot_dir() -> Path:
+def screenshot_dir(label: str) -> Path:
     folder = Path(os.environ.get("STACK_TEST_ARTIFACTS") or paths.ROOT / ".cache" / "e2e-screenshots")
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("browser-*.png"):
+    for old in folder.glob(f"browser-{label}-*.png"):
         old.unlink()
     return folder
 
 
 @pytest.fixture(scope="module")
-def logged(stack, tmp_path_factory) -> dict:
+def logged(target, tmp_path_factory) -> dict:
     """What the browser should find, logged by a client in its own process."""
     out = tmp_path_factory.mktemp("browser") / "logged.json"
-    stack.client(str(out), uuid.uuid4().hex[:10], script="browser_client.py", timeout=600)
+    target.client(str(out), uuid.uuid4().hex[:10], script="browser_client.py", timeout=600)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def browser_home(stack, tmp_path_factory) -> Path:
+def browser_home(target, tmp_path_factory) -> Path:
     """A HOME whose NSS store trusts the stack's CA: Chromium ignores the system bundle."""
     certutil = shutil.which("certutil")
     if certutil is None:
@@ -75,7 +77,7 @@ def browser_home(stack, tmp_path_factory) -> Path:
     nssdb.mkdir(parents=True)
     subprocess.run([certutil, "-d", f"sql:{nssdb}", "-N", "--empty-password"], check=True)
     subprocess.run([certutil, "-d", f"sql:{nssdb}", "-A", "-t", "C,,", "-n", "mlflow-stack-ca",
-                    "-i", stack.client_env["MLFLOW_TRACKING_SERVER_CERT_PATH"]], check=True)
+                    "-i", target.client_env["MLFLOW_TRACKING_SERVER_CERT_PATH"]], check=True)
     return home
 
 
@@ -145,15 +147,16 @@ class Recorder:
             time.sleep(2)
 
 
-def test_the_ui_shows_what_a_client_logged(stack, logged, browser_home):
+def test_the_ui_shows_what_a_client_logged(target, logged, browser_home):
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (.ci/run does)", pytrace=False)
-    values = stack.values()
+    values = target.values()
     user, password = values["MLFLOW_ADMIN_USERNAME"], values["MLFLOW_ADMIN_PASSWORD"]
-    base = stack.base_url
+    base = target.base_url
+    label = "prefixed" if values.get("MLFLOW_BASE_PATH") else "root"
     origin = "{0.scheme}://{0.netloc}".format(urlsplit(base))
     exp, run = logged["experiment_id"], logged["run_id"]
-    shots = screenshot_dir()
+    shots = screenshot_dir(label)
     print(f"browser screenshots: {shots}")
     recorder = Recorder(origin)
     started = time.monotonic()
@@ -206,7 +209,7 @@ def test_the_ui_shows_what_a_client_logged(stack, logged, browser_home):
                 try:
                     recorder.step(name, attempt_once)
                 finally:
-                    shot = shots / f"browser-{count:02d}-{name}.png"
+                    shot = shots / f"browser-{label}-{count:02d}-{name}.png"
                     try:
                         page.screenshot(path=str(shot), full_page=True)
                     except PlaywrightError as exc:  # keep the check's own error, if any
@@ -283,7 +286,7 @@ def test_the_ui_shows_what_a_client_logged(stack, logged, browser_home):
         finally:
             browser.close()
 
-    print(f"browser test: 6 pages in {time.monotonic() - started:.0f} s; screenshots in {shots}")
+    print(f"browser test ({base}): 6 pages in {time.monotonic() - started:.0f} s; screenshots in {shots}")
     for event in recorder.network_changed + recorder.set_aside:
         print(f"set aside (the host's network changed, see NETWORK_CHANGED): {event}")
     assert not recorder.problems, "the UI had errors:\n" + "\n".join(recorder.problems)

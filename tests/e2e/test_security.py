@@ -45,11 +45,6 @@ def owned(stack):
     return {"exp_id": exp_id, "run_id": run_id, "alice": ("alice", password)}
 
 
-@pytest.fixture(scope="module", params=["at the root", "under MLFLOW_BASE_PATH"])
-def target(request):
-    return request.getfixturevalue("stack" if request.param == "at the root" else "prefixed_stack")
-
-
 @pytest.fixture(scope="module")
 def target_run(target):
     """An experiment and run of the admin on the target stack."""

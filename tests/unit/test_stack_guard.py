@@ -143,3 +143,35 @@ def test_checks_follow_the_base_path():
     for path, status in (("/mlflow" + BATCH, 400), ("/mlflow/ajax-api/2.0/mlflow/runs/log-batch", 400),
                          (BATCH, 200)):  # outside the prefix: MLflow itself answers 404
         assert _call(app, path, bad, {"content-type": JSON})[0]["status"] == status, path
+
+
+@pytest.mark.parametrize("method,path,reaches", [
+    ("PUT", "/mlflow/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/big.bin", "/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/big.bin"),
+    ("GET", "/mlflow/ajax-api/2.0/mlflow-artifacts/artifacts/1/r/a%20b.txt", "/ajax-api/2.0/mlflow-artifacts/artifacts/1/r/a%20b.txt"),
+    # Routes MLflow serves under the prefix itself keep it.
+    ("DELETE", "/mlflow/api/2.0/mlflow-artifacts/artifacts/1/r/x", "/mlflow/api/2.0/mlflow-artifacts/artifacts/1/r/x"),
+    ("GET", "/mlflow/api/2.0/mlflow-artifacts/artifacts", "/mlflow/api/2.0/mlflow-artifacts/artifacts"),
+    ("POST", "/mlflow/api/2.0/mlflow-artifacts/mpu/create/1/r/x", "/mlflow/api/2.0/mlflow-artifacts/mpu/create/1/r/x"),
+])
+def test_artifact_streams_reach_mlflows_streaming_route_under_the_base_path(method, path, reaches):
+    """Under a prefix, artifact GET/PUT go to MLflow's streaming route (mounted at the
+    root), not to the prefixed Flask twin that buffers a whole upload in memory."""
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append((scope["path"], scope["raw_path"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    app = guard.Guard(inner, auth=False, max_body=64 << 20, base_path="/mlflow")
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    decoded = path.replace("%20", " ")
+    scope = {"type": "http", "method": method, "path": decoded, "raw_path": path.encode(), "headers": []}
+    asyncio.run(app(scope, receive, send))
+    assert seen == [(reaches.replace("%20", " "), reaches.encode())]

@@ -205,7 +205,8 @@ def test_every_service_is_hardened(tmp_path):
             assert not (key.endswith(("PASSWORD", "SECRET_KEY", "SECRET_ACCESS_KEY")) and value), (name, key)
 
 
-def test_nginx_config_passes_gixy(tmp_path):
+@pytest.mark.parametrize("base_path", ["", "/mlflow"])
+def test_nginx_config_passes_gixy(tmp_path, base_path):
     """gixy on the rendered template inside an nginx.conf shaped like the image's.
 
     Skipped checks, on purpose: host_spoofing (the proxied Host must be the
@@ -221,8 +222,10 @@ def test_nginx_config_passes_gixy(tmp_path):
     (tmp_path / "nginx.conf").write_text(main)
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
     for key, value in {"HTTP_PORT": "8080", "HTTPS_PORT": "8443", "S3_PORT": "9000", "MLFLOW_API_MAX_BODY_MB": "64",
-                       "MLFLOW_INTERNAL_URL": "http://mlflow:5000", "S3_INTERNAL_ENDPOINT": "http://minio:9000"}.items():
+                       "MLFLOW_INTERNAL_URL": "http://mlflow:5000", "S3_INTERNAL_ENDPOINT": "http://minio:9000",
+                       "MLFLOW_BASE_PATH": base_path}.items():
         template = template.replace("${" + key + "}", value)
+    assert not re.findall(r"\$\{[A-Z_]+\}", template), "a template variable this test does not render"
     (conf_d / "mlflow.conf").write_text(template)
     result = subprocess.run([tool("gixy"), "--skips", "host_spoofing,worker_rlimit_nofile_vs_connections",
                              str(tmp_path / "nginx.conf")], capture_output=True, text=True, check=False)

@@ -167,6 +167,8 @@ def server_environment(environ=None, runtime_dir: str = "/tmp/mlflow-stack") -> 
         # The job runner costs ~1.6 GiB; only needed for MLflow's async jobs.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": setting("MLFLOW_ENABLE_JOBS", environ),
         "MLFLOW_API_MAX_BODY_MB": setting("MLFLOW_API_MAX_BODY_MB", environ),
+        # Wraps the AI gateway's stored secrets; MLflow's fallback is the same everywhere.
+        "MLFLOW_CRYPTO_KEK_PASSPHRASE": secret("MLFLOW_CRYPTO_KEK_PASSPHRASE", environ),
         **trust_environment(environ, runtime_dir),
         **auth_environment(environ, runtime_dir),
     }
@@ -274,9 +276,70 @@ def cmd_migrate(_args: list[str]) -> int:
     print("migrate: bringing the MLflow schema up to date", flush=True)
     upgrade.callback(database_uri())
     print("migrate: schema is current", flush=True)
+    rewrap_gateway_secrets(database_uri(), secret("MLFLOW_CRYPTO_KEK_PASSPHRASE"))
     if auth_enabled():
         ensure_auth_database()
     return 0
+
+
+def rewrap_gateway_secrets(uri: str, passphrase: str) -> int:
+    """Put every stored AI-gateway secret under this installation's key.
+
+    MLflow wraps each secret's data key with a key derived from
+    MLFLOW_CRYPTO_KEK_PASSPHRASE, or from a built-in passphrase that is the
+    same in every installation when that is unset (as it was here before
+    the stack generated one). Secrets still under the built-in key are
+    re-wrapped (`mlflow crypto rotate-kek` does the same, but also bumps the
+    key version and wants the server's settings edited by hand); secrets
+    already under ours are left alone, so a re-run changes nothing. One
+    transaction: all or nothing. Returns how many were re-wrapped."""
+    import sqlalchemy as sa
+
+    from mlflow.utils.crypto import DEFAULT_KEK_PASSPHRASE, KEKManager, unwrap_dek, wrap_dek
+
+    engine = sa.create_engine(uri)
+    try:
+        with engine.begin() as conn:
+            if not sa.inspect(conn).has_table("secrets"):
+                return 0
+            rows = conn.execute(sa.text("SELECT secret_id, secret_name, wrapped_dek, kek_version FROM secrets")).all()
+            managers: dict[tuple[str, int], KEKManager] = {}
+
+            def kek(which: str, version: int) -> bytes:
+                if (which, version) not in managers:
+                    managers[which, version] = KEKManager(
+                        passphrase=passphrase if which == "ours" else DEFAULT_KEK_PASSPHRASE, kek_version=version)
+                return managers[which, version].get_kek()
+
+            def opens(wrapped: bytes, key: bytes) -> bytes | None:
+                try:
+                    return unwrap_dek(wrapped, key)
+                except Exception:  # wrong key: AES-GCM's tag does not verify
+                    return None
+
+            moved, foreign = 0, []
+            for secret_id, name, wrapped, version in rows:
+                wrapped = bytes(wrapped)
+                if opens(wrapped, kek("ours", version)) is not None:
+                    continue
+                dek = opens(wrapped, kek("default", version))
+                if dek is None:
+                    foreign.append(name)
+                    continue
+                conn.execute(sa.text("UPDATE secrets SET wrapped_dek = :w WHERE secret_id = :i"),
+                             {"w": wrap_dek(dek, kek("ours", version)), "i": secret_id})
+                moved += 1
+            if foreign:
+                raise ConfigError(
+                    f"{len(foreign)} stored AI-gateway secret(s) ({', '.join(sorted(foreign)[:5])}) are encrypted "
+                    "under another installation's MLFLOW_CRYPTO_KEK_PASSPHRASE (a restore from another "
+                    "installation?). Put that installation's MLFLOW_CRYPTO_KEK_PASSPHRASE into .env and run "
+                    "./stack_deploy.sh again. Nothing was changed.")
+    finally:
+        engine.dispose()
+    print(f"migrate: AI-gateway secrets: {len(rows)} stored, {moved} moved from MLflow's built-in key "
+          "to this installation's", flush=True)
+    return moved
 
 
 def ensure_auth_database() -> None:

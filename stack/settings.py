@@ -193,6 +193,12 @@ SETTINGS: tuple[Setting, ...] = (
                 "./stack_users.sh passwd admin, then put the new one here."),
     Setting("MLFLOW_FLASK_SECRET_KEY", GENERATED, secret(), section=AUTH, services=("mlflow",),
             file="mlflow_flask_secret_key", doc="Signs the UI's sessions."),
+    Setting("MLFLOW_CRYPTO_KEK_PASSPHRASE", GENERATED, secret(), section=AUTH, services=("mlflow", "migrate"),
+            file="mlflow_crypto_kek_passphrase",
+            doc="Encrypts the secrets (LLM provider keys) that MLflow's AI gateway stores in the database; "
+                "unset, MLflow would use a built-in passphrase that is the same in every installation. "
+                "Restoring a backup into another installation: copy this value there first. Changing it "
+                "makes stored gateway secrets unreadable (the deploy refuses and says so)."),
     Setting("MLFLOW_DEFAULT_PERMISSION", "READ", choice("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"),
             section=AUTH, services=("mlflow",),
             doc="What users may do with experiments they did not create (they always MANAGE their own)."),

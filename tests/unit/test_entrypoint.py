@@ -29,6 +29,7 @@ def environ(tmp_path):
         "MLFLOW_ARTIFACTS_MODE": "proxied", "MLFLOW_DEFAULT_PERMISSION": "READ",
         "MLFLOW_AUTH_CACHE_SECONDS": "30", "MLFLOW_ENABLE_JOBS": "false", "MLFLOW_API_MAX_BODY_MB": "64",
         "MLFLOW_ADMIN_PASSWORD_FILE": str(secret), "MLFLOW_FLASK_SECRET_KEY_FILE": str(key),
+        "MLFLOW_CRYPTO_KEK_PASSPHRASE_FILE": str(secret),
     }
 
 
@@ -155,3 +156,55 @@ def test_base_path_moves_the_server_and_its_healthcheck(environ):
     environ["MLFLOW_BASE_PATH"] = "mlflow/"
     with pytest.raises(ep.ConfigError, match="leading /"):
         ep.server_argv(environ)
+
+
+def _gateway_store(tmp_path, monkeypatch, passphrase=None):
+    """A SQLite tracking store (MLflow's own schema) with one stored gateway secret."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    if passphrase is None:
+        monkeypatch.delenv("MLFLOW_CRYPTO_KEK_PASSPHRASE", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_CRYPTO_KEK_PASSPHRASE", passphrase)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = SqlAlchemyStore(uri, str(tmp_path / "artifacts"))
+    info = store.create_gateway_secret("openai-key", {"api_key": "sk-very-secret"}, provider="openai")
+    return uri, store, info.secret_id
+
+
+def _wrapped(uri):
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(uri)
+    with engine.connect() as conn:
+        rows = {r[0]: bytes(r[1]) for r in conn.execute(sa.text("SELECT secret_id, wrapped_dek FROM secrets"))}
+    engine.dispose()
+    return rows
+
+
+def test_gateway_secrets_under_mlflows_builtin_key_move_to_ours_once(tmp_path, monkeypatch):
+    uri, store, secret_id = _gateway_store(tmp_path, monkeypatch)
+    ours = "a-generated-passphrase-of-this-installation"
+    assert ep.rewrap_gateway_secrets(uri, ours) == 1
+    monkeypatch.setenv("MLFLOW_CRYPTO_KEK_PASSPHRASE", ours)
+    assert store._get_decrypted_secret(secret_id) == {"api_key": "sk-very-secret"}
+    # The built-in key opens it no more.
+    monkeypatch.delenv("MLFLOW_CRYPTO_KEK_PASSPHRASE")
+    with pytest.raises(Exception):
+        store._get_decrypted_secret(secret_id)
+    # A re-run changes nothing.
+    before = _wrapped(uri)
+    assert ep.rewrap_gateway_secrets(uri, ours) == 0
+    assert _wrapped(uri) == before
+
+
+def test_gateway_secrets_under_another_installations_key_stop_the_migration_unchanged(tmp_path, monkeypatch):
+    uri, _store, _ = _gateway_store(tmp_path, monkeypatch, passphrase="the-other-installations-passphrase")
+    before = _wrapped(uri)
+    with pytest.raises(ep.ConfigError, match="openai-key.*another installation's MLFLOW_CRYPTO_KEK_PASSPHRASE"):
+        ep.rewrap_gateway_secrets(uri, "a-generated-passphrase-of-this-installation")
+    assert _wrapped(uri) == before
+
+
+def test_no_gateway_table_no_work(tmp_path):
+    assert ep.rewrap_gateway_secrets(f"sqlite:///{tmp_path / 'empty.db'}", "a-generated-passphrase") == 0

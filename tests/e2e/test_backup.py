@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from . import gateway
 from .conftest import new_stack, stack_lifetime, wait_for
 
 PREFIX = "bk"  # the workload's experiments are bk-0..bk-2, its model bk-model
@@ -59,9 +60,13 @@ def backup(stack, *args) -> Path:
     return path
 
 
+GATEWAY_SECRET = ("bk-openai", "sk-backup-round-trip-0123456789")
+
+
 @pytest.fixture(scope="module")
 def workload(stack):
     stack.client("write", PREFIX, script="workload.py")
+    gateway.create(stack, *GATEWAY_SECRET)
     snap = stack.workdir / "before.json"
     stack.client("snapshot", PREFIX, str(snap), script="workload.py")
     return json.loads(snap.read_text())
@@ -142,6 +147,9 @@ def test_round_trip_through_wiped_volumes_restores_everything(stack, workload, r
     assert f"check-complete: {manifest['tables']['runs'] - WORKLOAD_RUNS} runs," in checked, checked
     predictions = stack.client("predict", f"{PREFIX}-model", "1", script="workload.py").stdout
     assert len(json.loads(predictions.strip().splitlines()[-1])) == 3
+    # The AI gateway's stored secret still decrypts (same installation, same key).
+    name, value = GATEWAY_SECRET
+    assert gateway.read_back(stack, name) == {"value": {"api_key": value}, "builtin_key": "refused"}
 
 
 @pytest.mark.parametrize("damage", ["flip-a-byte-in-db.dump", "truncate-bucket.tar", "drop-manifest"])

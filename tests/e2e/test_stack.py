@@ -19,6 +19,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
+from . import gateway
+
 LONG_RUNNING = ("db", "minio", "mlflow", "nginx")
 MiB = 1 << 20
 EXPERIMENT = f"stack-e2e-{uuid.uuid4().hex[:8]}"  # this module's experiments: EXPERIMENT[-suffix]
@@ -188,7 +190,7 @@ def test_downloads_used_presigned_urls_through_nginx_s3_port(stack, logged, read
 def test_secrets_are_not_in_inspect_top_or_logs(stack, logged):
     values = stack.values()
     secrets = [values[k] for k in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
-                                   "MLFLOW_FLASK_SECRET_KEY")]
+                                   "MLFLOW_FLASK_SECRET_KEY", "MLFLOW_CRYPTO_KEK_PASSPHRASE")]
     ids = list(stack.container_ids().values())
     inspected = subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True, check=True).stdout
     logs = stack.compose("logs", "--no-color").stdout
@@ -198,6 +200,15 @@ def test_secrets_are_not_in_inspect_top_or_logs(stack, logged):
         assert secret not in inspected
         assert secret not in logs
         assert secret not in tops
+
+
+def test_gateway_secrets_are_stored_under_this_installations_key(stack):
+    """MLflow's AI gateway encrypts the provider keys it stores; with the stack's
+    generated MLFLOW_CRYPTO_KEK_PASSPHRASE, not MLflow's built-in one."""
+    gateway.create(stack, "e2e-openai", "sk-e2e-stack-0123456789")
+    assert gateway.read_back(stack, "e2e-openai") == {"value": {"api_key": "sk-e2e-stack-0123456789"},
+                                                      "builtin_key": "refused"}
+    assert "sk-e2e-stack-0123456789" not in stack.compose("logs", "--no-color").stdout
 
 
 def test_redeploy_of_a_running_stack_changes_nothing(stack, logged):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from . import gateway
 from .conftest import Stack, new_stack, stack_lifetime
 
 PREVIOUS = "3.16.1"  # the newest release of the previous minor line
@@ -38,6 +39,7 @@ def test_upgrade_from_the_previous_minor_keeps_all_data(old_stack):
     assert server_version(old_stack) == PREVIOUS
     out = old_stack.workdir / "old-run.json"
     old_stack.client("write", str(out), "--blob-mib", "21", extra={"E2E_EXPERIMENT": "written-by-previous"})
+    gateway.create_under_builtin_key(old_stack, "upg-openai", "sk-stored-before-the-key-0123456789")
     runs_before = old_stack.psql("SELECT count(*) FROM runs")
     revision_before = old_stack.psql("SELECT version_num FROM alembic_version")
 
@@ -54,6 +56,10 @@ def test_upgrade_from_the_previous_minor_keeps_all_data(old_stack):
 
     assert old_stack.psql("SELECT count(*) FROM runs") == runs_before
     old_stack.client("read", str(out))
+    # The gateway secret stored under MLflow's built-in key was moved to the installation's own.
+    assert gateway.read_back(old_stack, "upg-openai") == {
+        "value": {"api_key": "sk-stored-before-the-key-0123456789"}, "builtin_key": "refused"}
+    assert "1 moved from MLflow's built-in key" in old_stack.compose("logs", "--no-color", "migrate").stdout
 
     again = old_stack.deploy()
     assert "Schema: current" in again.stderr

@@ -114,13 +114,8 @@ step_schema() {
 
 step_up() {
 	log "Starting services and waiting until all are healthy (up to ${DEPLOY_TIMEOUT:-900} s)"
-	if ! compose up -d --remove-orphans --wait --wait-timeout "${DEPLOY_TIMEOUT:-900}"; then
-		echo >&2
-		compose ps -a >&2 || true
-		echo >&2 "--- last log lines of each service ---"
-		compose logs --no-color --tail 30 >&2 || true
-		die "the stack did not become healthy; the logs above say why. Fix it and run ./stack_deploy.sh again (data volumes are kept)"
-	fi
+	up_and_wait "Fix it and run ./stack_deploy.sh again (data volumes are kept)" \
+		--remove-orphans --wait-timeout "${DEPLOY_TIMEOUT:-900}"
 }
 
 step_client_env() {

@@ -56,7 +56,7 @@ restore_cold() {
 	# shellcheck disable=SC2046 # volume_mounts prints separate words, none with spaces
 	backup_job "${SET_MOUNT[@]}" $(volume_mounts "") -- restore-cold "/restore/$NAME" \
 		|| die "restoring the volumes failed; restore $BACKUP_DIR/$safety the same way"
-	compose up -d --wait >&2
+	up_and_wait "The volumes hold $NAME; fix the cause and run ./stack_deploy.sh"
 	log "Restored $NAME (cold)"
 }
 
@@ -84,7 +84,7 @@ restore_live() {
 		die "the restore failed (see above); $hint"
 	fi
 	log "Starting the server again"
-	compose up -d --wait >&2
+	up_and_wait "The data of $NAME is restored; fix the cause and run ./stack_deploy.sh"
 	log "Restored $NAME"
 }
 

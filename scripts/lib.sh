@@ -19,6 +19,20 @@ trap on_error ERR
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# up_and_wait HINT [ARGS...]: start the stack and wait until it is healthy; if it
+# is not, show each service's state and last log lines, then die with HINT.
+up_and_wait() {
+	local hint="$1"
+	shift
+	if ! compose up -d --wait "$@" >&2; then
+		echo >&2
+		compose ps -a >&2 || true
+		echo >&2 "--- last log lines of each service ---"
+		compose logs --no-color --tail 30 >&2 || true
+		die "the stack did not become healthy; the logs above say why. $hint"
+	fi
+}
+
 require_python() {
 	command -v python3 >/dev/null 2>&1 || die "python3 (3.9 or later) is needed to run this script: install it (e.g. apt-get install python3)"
 	python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' || die "python3 is older than 3.9: install a newer one"

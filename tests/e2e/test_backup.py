@@ -224,3 +224,24 @@ def test_scheduled_backups_run_and_show_their_age(stack, workload):
         assert re.search(r"latest set\s+mlflow-backup-\d{8}T\d{6}Z-scheduled", out), out
     finally:
         stack.compose("rm", "--stop", "--force", "backup", check=False)
+
+
+def test_a_different_gateway_key_is_refused_and_loses_nothing(stack, workload):
+    """What a restore into an installation with another MLFLOW_CRYPTO_KEK_PASSPHRASE
+    meets: the deploy stops at the migrate job, naming the secret and the fix, and
+    nothing changes; with the right passphrase back, everything decrypts."""
+    name, value = GATEWAY_SECRET
+    original = stack.env_file.read_text()
+    other = re.sub(r"(?m)^MLFLOW_CRYPTO_KEK_PASSPHRASE=.*$", "MLFLOW_CRYPTO_KEK_PASSPHRASE=" + "another-installation-" * 2,
+                   original)
+    assert other != original
+    stack.env_file.write_text(other)
+    try:
+        refused = stack.script("stack_deploy.sh", "--yes", check=False)
+    finally:
+        stack.env_file.write_text(original)
+    assert refused.returncode != 0
+    assert f"({name}) are encrypted under another installation's MLFLOW_CRYPTO_KEK_PASSPHRASE" in refused.stderr
+    assert "Nothing was changed" in refused.stderr
+    stack.deploy()
+    assert gateway.read_back(stack, name) == {"value": {"api_key": value}, "builtin_key": "refused"}

@@ -271,6 +271,12 @@ def mlflow_version() -> str:
 
 
 def create(kind: str | None = None, keep: int | None = None, root: Path = ROOT) -> Path:
+    # Garbage collection waits while a backup runs (and a backup while gc does).
+    with common.maintenance_lock("backup"):
+        return _create(kind, keep, root)
+
+
+def _create(kind: str | None, keep: int | None, root: Path) -> Path:
     started = time.monotonic()
     name, partial = _new_set(kind, root)
     try:

@@ -15,15 +15,6 @@ backup_prepare() {
 	export STACK_IMAGES STACK_MLFLOW_VERSION
 }
 
-# require_running SERVICE...: the services must be up (the stack deployed).
-require_running() {
-	local running service
-	running="$(compose ps --status running --services 2>/dev/null || true)"
-	for service in "$@"; do
-		grep -qx "$service" <<<"$running" \
-			|| die "the $service service is not running: deploy the stack first (./stack_deploy.sh)"
-	done
-}
 
 # backup_job [DOCKER_RUN_OPTION...] -- ARGS...: one run of the backup job (e.g.
 # `-v SRC:DEST` mounts before the --); its stdout is the result.

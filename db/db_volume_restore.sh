@@ -76,8 +76,8 @@ restore_live() {
 		safety="$(backup_job -- backup --kind pre-restore)"
 		log "Safety set: $BACKUP_DIR/$safety"
 	fi
-	log "Stopping the MLflow server during the restore"
-	compose stop nginx mlflow >&2
+	log "Stopping the MLflow server (and scheduled garbage collection) during the restore"
+	compose --profile gc stop nginx mlflow gc >&2
 	if ! backup_job "${SET_MOUNT[@]}" -- restore "/restore/$NAME"; then
 		local hint="the server stays stopped."
 		[ -n "$safety" ] && hint="$hint To go back: db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"

@@ -8,6 +8,9 @@ Subcommands:
   schema-status print "empty", "current", "outdated DB HEAD" or "newer DB HEAD" (exit 0)
   healthcheck   exit 0 when the server answers /health (and the S3 relay, if any, accepts)
   forward       internal: relay a loopback port to another host (see s3_relay_target)
+  gc [--dry-run] [--older-than DAYS]
+                remove runs, experiments and logged models deleted long enough ago (maintenance.py)
+  gc-schedule   gc every GC_INTERVAL_HOURS;  gc-health: exit 0 while its last good run is recent
 
 Secrets arrive as files (`*_FILE`, Docker secrets) and are only ever put into
 this process's environment, never on a command line, so that neither
@@ -442,7 +445,66 @@ def cmd_healthcheck(_args: list[str]) -> int:
     return 0
 
 
+GC_LAST_GOOD = Path("/tmp/gc-last-good")
+
+
+def _gc_args(args: list[str]) -> tuple[float, bool]:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="gc", description="Remove what was deleted long enough ago.")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be removed; change nothing")
+    parser.add_argument("--older-than", type=float, metavar="DAYS",
+                        help="days since deletion (default: GC_OLDER_THAN_DAYS); 0 takes everything deleted")
+    parsed = parser.parse_args(args)
+    days = setting_float("GC_OLDER_THAN_DAYS") if parsed.older_than is None else parsed.older_than
+    if days < 0:
+        raise ConfigError("--older-than must be 0 or more days")
+    return days, parsed.dry_run
+
+
+def setting_float(key: str) -> float:
+    return float(setting(key))
+
+
+def cmd_gc(args: list[str]) -> int:
+    import maintenance
+
+    days, dry_run = _gc_args(args)
+    maintenance.collect(days, dry_run)
+    return 0
+
+
+def cmd_gc_schedule(_args: list[str]) -> int:
+    """Collect now, then every GC_INTERVAL_HOURS; healthy while the last good run is recent."""
+    import maintenance
+
+    days, interval = setting_float("GC_OLDER_THAN_DAYS"), setting_float("GC_INTERVAL_HOURS") * 3600
+    print(f"gc: scheduled every {interval / 3600:g} h, for what was deleted more than {days:g} days ago",
+          flush=True)
+    while True:
+        try:
+            maintenance.collect(days, dry_run=False)
+            GC_LAST_GOOD.write_text(f"{time.time():.0f}\n")
+            time.sleep(interval)
+        except Exception as exc:  # noqa: BLE001 - keep the loop alive; the healthcheck shows it
+            print(f"gc: failed: {exc}; retrying in 10 minutes", file=sys.stderr, flush=True)
+            time.sleep(600)
+
+
+def cmd_gc_health(_args: list[str]) -> int:
+    try:
+        age = time.time() - float(GC_LAST_GOOD.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        print("no garbage collection has finished yet")
+        return 1
+    print(f"last good garbage collection {age / 3600:.1f} h ago")
+    return 0 if age <= 2 * setting_float("GC_INTERVAL_HOURS") * 3600 + 600 else 1
+
+
 COMMANDS = {
+    "gc": cmd_gc,
+    "gc-schedule": cmd_gc_schedule,
+    "gc-health": cmd_gc_health,
     "server": cmd_server,
     "migrate": cmd_migrate,
     "init-bucket": cmd_init_bucket,

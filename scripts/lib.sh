@@ -19,6 +19,16 @@ trap on_error ERR
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# require_running SERVICE...: the services must be up (the stack deployed).
+require_running() {
+	local running service
+	running="$(compose ps --status running --services 2>/dev/null || true)"
+	for service in "$@"; do
+		grep -qx "$service" <<<"$running" \
+			|| die "the $service service is not running: deploy the stack first (./stack_deploy.sh)"
+	done
+}
+
 # up_and_wait HINT [ARGS...]: start the stack and wait until it is healthy; if it
 # is not, show each service's state and last log lines, then die with HINT.
 up_and_wait() {

@@ -10,11 +10,15 @@ is no other copy.
   postgres_params()   connection settings of the stack's database
   s3_client(...)      boto3 client for the stack's object store
   write_ca_bundle()   the system CAs plus one more, for clients that take one bundle
+  maintenance_lock()  held by a backup or a garbage collection, so they never overlap
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Mapping, Optional
@@ -118,3 +122,35 @@ def write_ca_bundle(extra: Path, dest: Path) -> Path:
         tmp.write_text(text)
         os.replace(tmp, dest)
     return dest
+
+
+# PostgreSQL advisory lock key ("mlfl"): a backup and a garbage collection each
+# hold it for their whole run, so gc never deletes within a running backup.
+MAINTENANCE_LOCK = 0x6D6C666C
+
+
+@contextlib.contextmanager
+def maintenance_lock(what: str, environ: Optional[Mapping[str, str]] = None, poll: float = 5.0):
+    """Hold the maintenance lock while the block runs; wait (saying so) while another holds it.
+
+    A session lock on a connection of its own: it ends with the block, or with the
+    process if that dies, so a crashed job never leaves it behind."""
+    import psycopg2
+
+    conn = psycopg2.connect(**postgres_params(environ))
+    conn.autocommit = True
+    try:
+        waited = 0.0
+        with conn.cursor() as cur:
+            while True:
+                cur.execute("SELECT pg_try_advisory_lock(%s)", (MAINTENANCE_LOCK,))
+                if cur.fetchone()[0]:
+                    break
+                if waited % 60 < poll:
+                    print(f"{what}: waiting for the running backup or garbage collection to finish",
+                          file=sys.stderr, flush=True)
+                time.sleep(poll)
+                waited += poll
+        yield
+    finally:
+        conn.close()

@@ -207,7 +207,7 @@ SETTINGS: tuple[Setting, ...] = (
                 "~0.2 s of CPU (PBKDF2), so 0 makes every API call that slow; the price of caching: a "
                 "changed or deleted login keeps working on other workers for up to this long."),
 
-    Setting("MLFLOW_VARIANT", "pip", choice("pip", "conda"), section=SERVER, services=("mlflow", "migrate", "bucket-init"),
+    Setting("MLFLOW_VARIANT", "pip", choice("pip", "conda"), section=SERVER, services=("bucket-init", "gc", "migrate", "mlflow"),
             host=("deploy --variant",),
             doc="pip or conda image (the conda variant needs a reachable conda channel; --variant sets it)."),
     Setting("STACK_STANDINS", "false", choice("false", "true"), section=SERVER,
@@ -228,28 +228,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_BUCKET", "mlflow",
             pattern(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", "use 3-63 lower-case letters, digits, '.' or '-'",
                     "other-bucket"),
-            section=STORES, services=("mlflow", "migrate", "bucket-init", "backup"),
+            section=STORES, services=("backup", "bucket-init", "gc", "migrate", "mlflow"),
             doc="Artifact bucket; artifacts live under s3://BUCKET/artifacts/."),
     Setting("POSTGRES_USER", "mlflow",
             pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
                     "tracker"),
-            section=STORES, services=("db", "mlflow", "migrate", "bucket-init", "backup"),
+            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow"),
             doc="Database role."),
     Setting("POSTGRES_DB", "mlflow",
             pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
                     "tracking"),
-            section=STORES, services=("db", "mlflow", "migrate", "bucket-init", "backup"),
+            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow"),
             doc="Database name (the user store is the database POSTGRES_DB_auth beside it)."),
     Setting("POSTGRES_PASSWORD", GENERATED, secret(), section=STORES, file="postgres_password",
-            services=("db", "mlflow", "migrate", "backup"),
+            services=("backup", "db", "gc", "migrate", "mlflow"),
             doc="Database password. PostgreSQL keeps the one it was initialised with: changing it here "
                 "later needs ALTER ROLE too."),
     Setting("MINIO_ROOT_USER", "mlflow-admin",
             pattern(r"\S{3,128}", "use at least 3 characters, no spaces", "store-admin"),
-            section=STORES, file="minio_root_user", services=("minio", "mlflow", "migrate", "bucket-init", "backup"),
+            section=STORES, file="minio_root_user", services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"),
             host=("client settings (direct mode)",), doc="Object store access key."),
     Setting("MINIO_ROOT_PASSWORD", GENERATED, secret(), section=STORES, file="minio_root_password",
-            services=("minio", "mlflow", "migrate", "bucket-init", "backup"), host=("client settings (direct mode)",),
+            services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"), host=("client settings (direct mode)",),
             doc="Object store secret key."),
 
     Setting("MLFLOW_API_MAX_BODY_MB", "64", integer(2, 1024, "MiB"), section=LIMITS, services=("mlflow", "nginx"),
@@ -265,13 +265,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BACKUP_DIR", "./backups", anything("/srv/mlflow-backups"), section=BACKUPS, services=("backup",),
             host=("backup scripts", "show"),
             doc="Folder for backup sets (relative to this project's folder, or absolute)."),
-    Setting("COMPOSE_PROFILES", "", choice("", "backup"), section=BACKUPS, may_be_empty=True,
-            services=("backup",), host=("deploy",),
-            doc="Scheduled backups run when this is backup; leave it empty for none."),
+    Setting("COMPOSE_PROFILES", "", choice("", "backup,gc", "backup", "gc", "gc,backup"), section=BACKUPS,
+            may_be_empty=True, services=("backup", "gc"), host=("deploy",),
+            doc="Scheduled jobs to run: backup (backups), gc (garbage collection), both as backup,gc, "
+                "or empty for none."),
     Setting("BACKUP_INTERVAL_HOURS", "24", positive_number("hours"), section=BACKUPS, services=("backup",),
             host=("show",), doc="Hours between scheduled backups."),
     Setting("BACKUP_KEEP", "7", integer(1, 10000), section=BACKUPS, services=("backup",),
             doc="Scheduled backups kept (older ones are deleted)."),
+    Setting("GC_OLDER_THAN_DAYS", "30", positive_number("days"), section=BACKUPS, services=("gc",),
+            host=("show",),
+            doc="Garbage collection (COMPOSE_PROFILES=gc, or ./stack_gc.sh) removes for good the runs, "
+                "experiments and logged models deleted more than this many days ago, with their artifacts. "
+                "Until then a deleted run can be restored (UI or API)."),
+    Setting("GC_INTERVAL_HOURS", "24", positive_number("hours"), section=BACKUPS, services=("gc",),
+            host=("show",), doc="Hours between scheduled garbage collections."),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

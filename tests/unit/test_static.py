@@ -194,7 +194,7 @@ def test_no_secret_files_tracked_by_git():
 
 def test_every_service_is_hardened(tmp_path):
     services = compose_config(tmp_path, "--profile", "*")["services"]
-    assert set(services) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup"}
+    assert set(services) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup", "gc"}
     for name, svc in services.items():
         assert "no-new-privileges:true" in svc.get("security_opt", []), name
         assert svc.get("cap_drop") == ["ALL"], name

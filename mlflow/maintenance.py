@@ -1,0 +1,171 @@
+"""Garbage collection of deleted runs, experiments and logged models.
+
+`mlflow gc` permanently removes what users deleted (soft deletion keeps rows
+and artifacts forever), but under proxied artifacts it reaches the bucket only
+through the tracking server's HTTP API (with a login), it has no dry run, and
+it knows nothing of backups. This is the same selection and the same store
+calls (the SQL store's `_get_deleted_runs`, `_hard_delete_run`, ...), with:
+
+- artifacts deleted straight in the stack's bucket, and only there: a location
+  that does not resolve under s3://BUCKET/artifacts/ is reported, never touched;
+- an experiment's own folder removed only when no experiment that stays
+  shares it (two experiments may be given the same artifact_location);
+- a dry run that lists everything it would remove and changes nothing;
+- the maintenance lock (stack.common.maintenance_lock), which a backup holds
+  for its whole run: gc never runs within a backup, nor a backup within gc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterable
+
+from stack import common
+
+
+@dataclasses.dataclass
+class Item:
+    kind: str  # run, logged model, experiment
+    id: str
+    name: str
+    location: str  # artifact URI as stored
+
+
+@dataclasses.dataclass
+class Plan:
+    runs: list[Item]
+    models: list[Item]
+    experiments: list[Item]
+
+    def __len__(self) -> int:
+        return len(self.runs) + len(self.models) + len(self.experiments)
+
+
+def bucket_prefix(location: str, bucket: str) -> str | None:
+    """The object-key prefix of an artifact location, if it lies in the stack's store."""
+    for scheme in ("mlflow-artifacts:", f"s3://{bucket}/artifacts"):
+        if location.startswith(scheme):
+            rest = location[len(scheme):].strip("/")
+            parts = rest.split("/")
+            if not rest or any(p in ("", ".", "..") for p in parts):
+                return None
+            return f"artifacts/{rest}/"
+    return None
+
+
+def plan(store, older_than_ms: int, now_ms: int | None = None) -> Plan:
+    """What a collection removes: everything deleted more than older_than_ms ago."""
+    from mlflow.entities import ViewType
+
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    run_ids = set(store._get_deleted_runs(older_than=older_than_ms))
+    experiments, token = [], None
+    while True:
+        page = store.search_experiments(view_type=ViewType.DELETED_ONLY, page_token=token,
+                                        filter_string=f"last_update_time < {now_ms - older_than_ms}")
+        experiments += list(page)
+        token = page.token
+        if not token:
+            break
+    exp_ids = [e.experiment_id for e in experiments]
+    if exp_ids:  # a deleted experiment takes all its runs along, whatever their state
+        token = None
+        while True:
+            page = store.search_runs(exp_ids, "", ViewType.ALL, page_token=token)
+            run_ids.update(r.info.run_id for r in page)
+            token = page.token
+            if not token:
+                break
+    runs = []
+    for run_id in sorted(run_ids):
+        info = store.get_run(run_id).info
+        runs.append(Item("run", run_id, info.run_name or "", info.artifact_uri))
+    models = []
+    for model_id in sorted(store._get_deleted_logged_models(older_than=older_than_ms)):
+        model = store.get_logged_model(model_id, allow_deleted=True)
+        models.append(Item("logged model", model_id, model.name or "", model.artifact_location))
+    return Plan(runs, models, [Item("experiment", e.experiment_id, e.name, e.artifact_location)
+                               for e in sorted(experiments, key=lambda e: int(e.experiment_id))])
+
+
+def shared_locations(store, leaving: set[str], bucket: str) -> list[str]:
+    """Key prefixes of the experiments that stay (any lifecycle stage)."""
+    from mlflow.entities import ViewType
+
+    kept, token = [], None
+    while True:
+        page = store.search_experiments(view_type=ViewType.ALL, page_token=token)
+        kept += [bucket_prefix(e.artifact_location, bucket) for e in page if e.experiment_id not in leaving]
+        token = page.token
+        if not token:
+            break
+    return [p for p in kept if p]
+
+
+def delete_prefix(client, bucket: str, prefix: str) -> tuple[int, int]:
+    """Delete every object under prefix; (objects, bytes)."""
+    count = size = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        contents = page.get("Contents", [])
+        if not contents:
+            continue
+        client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": o["Key"]} for o in contents],
+                                                     "Quiet": True})
+        count += len(contents)
+        size += sum(o["Size"] for o in contents)
+    return count, size
+
+
+def run(store, client, bucket: str, older_than_ms: int, dry_run: bool,
+        say: Callable[[str], None] = print) -> Plan:
+    """Collect (or, dry, list) what plan() selects; say() one line per item."""
+    todo = plan(store, older_than_ms)
+    verb = "would remove" if dry_run else "removed"
+    leaving = {e.id for e in todo.experiments}
+    stays = shared_locations(store, leaving, bucket) if todo.experiments else []
+
+    def artifacts(item: Item, shared: Iterable[str] = ()) -> str:
+        prefix = bucket_prefix(item.location, bucket)
+        if prefix is None:
+            return f"artifacts at {item.location} left alone: not in s3://{bucket}/artifacts/"
+        clash = [p for p in shared if p.startswith(prefix) or prefix.startswith(p)]
+        if clash:
+            return f"artifact folder {prefix} kept: an experiment that stays uses {clash[0]}"
+        if dry_run:
+            return f"s3://{bucket}/{prefix}"
+        objects, size = delete_prefix(client, bucket, prefix)
+        return f"s3://{bucket}/{prefix} ({objects} objects, {size} bytes)"
+
+    for item in todo.runs:
+        where = artifacts(item)
+        if not dry_run:
+            store._hard_delete_run(item.id)
+        say(f"gc: {verb} run {item.id} ({item.name}): {where}")
+    for item in todo.models:
+        where = artifacts(item)
+        if not dry_run:
+            store._hard_delete_logged_model(item.id)
+        say(f"gc: {verb} logged model {item.id} ({item.name}): {where}")
+    for item in todo.experiments:
+        where = artifacts(item, stays)
+        if not dry_run:
+            store._hard_delete_experiment(item.id)
+        say(f"gc: {verb} experiment {item.id} ({item.name}): {where}")
+    say(f"gc: {'dry run, nothing changed: ' if dry_run else ''}{len(todo.runs)} runs, {len(todo.models)} "
+        f"logged models, {len(todo.experiments)} experiments deleted more than "
+        f"{older_than_ms / 86_400_000:g} days ago")
+    return todo
+
+
+def collect(older_than_days: float, dry_run: bool, environ=None) -> Plan:
+    """One collection against the stack's database and bucket, under the maintenance lock."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    bucket = common.env("MLFLOW_BUCKET", environ=environ)
+    with common.maintenance_lock("gc", environ):
+        store = SqlAlchemyStore(common.database_uri(environ), f"s3://{bucket}/artifacts")
+        try:
+            return run(store, common.s3_client(environ), bucket, int(older_than_days * 86_400_000), dry_run)
+        finally:
+            store.engine.dispose()

@@ -1,0 +1,127 @@
+"""Garbage collection (mlflow/maintenance.py) on a real MLflow SQL store (SQLite);
+the bucket is an in-memory stand-in that records what is deleted."""
+
+import importlib.util
+import sys
+import time
+
+import pytest
+
+from stack.paths import ROOT
+
+_spec = importlib.util.spec_from_file_location("maintenance", ROOT / "mlflow" / "maintenance.py")
+gc = importlib.util.module_from_spec(_spec)
+sys.modules["maintenance"] = gc
+_spec.loader.exec_module(gc)
+
+BUCKET = "mlflow"
+DAY_MS = 86_400_000
+
+
+class Bucket:
+    """list_objects_v2 pages and delete_objects, as boto3's client has them."""
+
+    def __init__(self, keys):
+        self.objects = {k: 10 for k in keys}
+
+    def get_paginator(self, _name):
+        bucket = self
+
+        class Paginator:
+            def paginate(self, Bucket, Prefix):  # noqa: N803 - boto3's names
+                assert Bucket == BUCKET
+                yield {"Contents": [{"Key": k, "Size": s} for k, s in sorted(bucket.objects.items())
+                                    if k.startswith(Prefix)]}
+        return Paginator()
+
+    def delete_objects(self, Bucket, Delete):  # noqa: N803
+        for obj in Delete["Objects"]:
+            del self.objects[obj["Key"]]
+
+
+@pytest.fixture
+def store(tmp_path):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    s = SqlAlchemyStore(f"sqlite:///{tmp_path / 'mlflow.db'}", "mlflow-artifacts:/")
+    yield s
+    s.engine.dispose()
+
+
+def _experiment(store, name, location=None):
+    return store.create_experiment(name, artifact_location=location)
+
+
+def _run(store, exp_id):
+    run = store.create_run(exp_id, "u", int(time.time() * 1000), [], "r")
+    return run.info.run_id, run.info.artifact_uri
+
+
+def _key(uri):
+    return gc.bucket_prefix(uri, BUCKET) + "f.bin"
+
+
+@pytest.mark.parametrize("location,prefix", [
+    ("mlflow-artifacts:/3/abc/artifacts", "artifacts/3/abc/artifacts/"),
+    ("s3://mlflow/artifacts/3/abc/artifacts", "artifacts/3/abc/artifacts/"),
+    ("s3://other-bucket/artifacts/3", None),
+    ("s3://mlflow/elsewhere/3", None),
+    ("file:///etc", None),
+    ("mlflow-artifacts:/3/../../etc", None),
+    ("mlflow-artifacts:/", None),
+])
+def test_only_locations_inside_the_stacks_store_resolve(location, prefix):
+    assert gc.bucket_prefix(location, BUCKET) == prefix
+
+
+def test_removes_what_was_deleted_long_enough_ago_and_nothing_else(store):
+    keep_exp = _experiment(store, "keep", "mlflow-artifacts:/keep")
+    gone_exp = _experiment(store, "gone", "mlflow-artifacts:/gone")
+    kept_run, kept_uri = _run(store, keep_exp)
+    deleted_run, deleted_uri = _run(store, keep_exp)
+    in_gone, in_gone_uri = _run(store, gone_exp)
+    store.delete_run(deleted_run)
+    store.delete_experiment(gone_exp)
+    bucket = Bucket([_key(kept_uri), _key(deleted_uri), _key(in_gone_uri), "artifacts/gone/extra.txt",
+                     "artifacts/keep/extra.txt"])
+    said = []
+
+    # Deleted just now: a 30-day age takes nothing; a dry run takes nothing either.
+    assert len(gc.run(store, bucket, BUCKET, 30 * DAY_MS, dry_run=False, say=said.append)) == 0
+    dry = gc.run(store, bucket, BUCKET, 0, dry_run=True, say=said.append)
+    assert {r.id for r in dry.runs} == {deleted_run, in_gone} and [e.id for e in dry.experiments] == [gone_exp]
+    assert len(bucket.objects) == 5 and store.get_run(deleted_run)
+    assert any(line.startswith("gc: would remove run " + deleted_run) for line in said)
+
+    gc.run(store, bucket, BUCKET, 0, dry_run=False, say=said.append)
+    assert sorted(bucket.objects) == sorted([_key(kept_uri), "artifacts/keep/extra.txt"])
+    assert store.get_run(kept_run).info.run_id == kept_run
+    for run_id in (deleted_run, in_gone):
+        with pytest.raises(Exception, match="not found|does not exist"):
+            store.get_run(run_id)
+    with pytest.raises(Exception, match="not found|does not exist|No Experiment"):
+        store.get_experiment(gone_exp)
+    # Again: nothing left to do.
+    assert len(gc.run(store, bucket, BUCKET, 0, dry_run=False, say=said.append)) == 0
+
+
+def test_a_folder_shared_with_an_experiment_that_stays_is_kept(store):
+    _experiment(store, "stays", "mlflow-artifacts:/team")
+    gone = _experiment(store, "goes", "mlflow-artifacts:/team")
+    store.delete_experiment(gone)
+    bucket = Bucket(["artifacts/team/model.pkl"])
+    said = []
+    gc.run(store, bucket, BUCKET, 0, dry_run=False, say=said.append)
+    assert list(bucket.objects) == ["artifacts/team/model.pkl"]
+    assert any("kept: an experiment that stays uses artifacts/team/" in line for line in said)
+
+
+def test_locations_outside_the_store_are_never_touched(store):
+    exp = _experiment(store, "foreign", "s3://someone-elses-bucket/data")
+    run_id, _ = _run(store, exp)
+    store.delete_run(run_id)
+    bucket = Bucket(["artifacts/x"])
+    said = []
+    gc.run(store, bucket, BUCKET, 0, dry_run=False, say=said.append)
+    assert list(bucket.objects) == ["artifacts/x"]
+    assert any("left alone: not in s3://mlflow/artifacts/" in line for line in said)

@@ -147,5 +147,14 @@ def load(env_path: Path) -> dict[str, str]:
     return effective(parse(env_path.read_text(), str(env_path)))
 
 
-def load_checked(env_path: Path) -> dict[str, str]:
-    return check(load(env_path), env_path)
+def load_checked(env_path: Path, environ=None) -> dict[str, str]:
+    """The effective values, checked. A setting newer than the .env (the project
+    was updated, not yet deployed) takes its default, so that show, backups and
+    the users tool keep working meanwhile; the next deploy writes it into .env.
+    Generated secrets have no such default: they must be in .env."""
+    environ = os.environ if environ is None else environ
+    values = load(env_path)
+    for setting in settings.SETTINGS:
+        if setting.key not in values and not setting.generated:
+            values[setting.key] = environ.get(setting.key, setting.default)
+    return check(values, env_path)

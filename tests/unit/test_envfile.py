@@ -162,3 +162,19 @@ def test_a_rejected_secret_is_never_echoed():
     errors = settings.validate(values)
     assert any("POSTGRES_PASSWORD is too short" in e for e in errors), errors
     assert not any("MyRealPass123" in e for e in errors)
+
+
+def test_an_env_older_than_the_project_still_loads_with_defaults_but_never_without_secrets(tmp_path):
+    """After an update of the project, before the next deploy: show, backups and the
+    users tool read new settings at their defaults; a missing secret is still an error."""
+    values = _valid()
+    del values["GC_INTERVAL_HOURS"]
+    path = tmp_path / ".env"
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    loaded = envfile.load_checked(path, environ={})
+    assert loaded["GC_INTERVAL_HOURS"] == settings.BY_KEY["GC_INTERVAL_HOURS"].default
+    assert envfile.load_checked(path, environ={"GC_INTERVAL_HOURS": "6"})["GC_INTERVAL_HOURS"] == "6"
+    del values["MLFLOW_CRYPTO_KEK_PASSPHRASE"]
+    path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    with pytest.raises(envfile.EnvError, match="MLFLOW_CRYPTO_KEK_PASSPHRASE is missing"):
+        envfile.load_checked(path, environ={})

@@ -154,4 +154,12 @@ def backups(values: dict[str, str], svc: list[dict], compose: tuple[list[str], d
                          env=env)
         lines.append(f"  scheduled      every {values['BACKUP_INTERVAL_HOURS']} h, "
                      f"health={scheduler.get('Health') or '-'}: {out or 'unknown'}")
+    collector = next((s for s in svc if s["Service"] == "gc"), None)
+    if collector is None:
+        lines.append("  gc             off (./stack_gc.sh by hand, or COMPOSE_PROFILES=gc in .env)")
+    else:
+        code, out = _run([*argv, "exec", "-T", "gc", "python3", "/opt/mlflow/entrypoint.py", "gc-health"], env=env)
+        lines.append(f"  gc             every {values['GC_INTERVAL_HOURS']} h, deletions older than "
+                     f"{values['GC_OLDER_THAN_DAYS']} days, health={collector.get('Health') or '-'}: "
+                     f"{out or 'unknown'}")
     return lines

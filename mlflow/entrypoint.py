@@ -8,6 +8,7 @@ Subcommands:
   schema-status print "empty", "current", "outdated DB HEAD" or "newer DB HEAD" (exit 0)
   healthcheck   exit 0 when the server answers /health (and the S3 relay, if any, accepts)
   forward       internal: relay a loopback port to another host (see s3_relay_target)
+  metrics PORT  internal: serve the server workers' Prometheus metrics on PORT
   gc [--dry-run] [--older-than DAYS]
                 remove runs, experiments and logged models deleted long enough ago (maintenance.py)
   gc-schedule   gc every GC_INTERVAL_HOURS;  gc-health: exit 0 while its last good run is recent
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -101,6 +103,11 @@ def base_path(environ=None) -> str:
     return setting("MLFLOW_BASE_PATH", environ)
 
 
+def metrics_dir(runtime_dir: str = "/tmp/mlflow-stack") -> str:
+    """Where the server's workers keep their Prometheus counters (one file set each)."""
+    return os.path.join(runtime_dir, "metrics")
+
+
 def server_argv(environ=None) -> list[str]:
     prefix = base_path(environ)
     return [
@@ -111,6 +118,9 @@ def server_argv(environ=None) -> list[str]:
         # The stack's app: MLflow (with basic-auth when on) behind input checks.
         "--app-name", "stack",
         *(["--static-prefix", prefix] if prefix else []),
+        # Request counts and latencies of every worker; read on the internal
+        # metrics port (cmd_metrics), not through nginx.
+        "--expose-prometheus", metrics_dir(),
         *artifact_args(environ),
     ]
 
@@ -238,6 +248,21 @@ async def _relay(listen_port: int, target_host: str, target_port: int) -> None:
         await server.serve_forever()
 
 
+def cmd_metrics(args: list[str]) -> int:
+    """Serve the workers' Prometheus metrics on the internal port, without a login.
+
+    MLflow's own /metrics sits behind basic-auth and the Host check; this port
+    is on the stack's networks only (not published, and nginx refuses
+    /metrics), so Prometheus scrapes it with no account of its own."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=metrics_dir())
+    start_http_server(int(args[0]), registry=registry)
+    while True:
+        time.sleep(3600)
+
+
 def cmd_forward(args: list[str]) -> int:
     listen_port, target_host, target_port = int(args[0]), args[1], int(args[2])
     asyncio.run(_relay(listen_port, target_host, target_port))
@@ -259,6 +284,13 @@ def cmd_server(_args: list[str]) -> int:
     else:
         print("entrypoint: WARNING: authentication is OFF (MLFLOW_AUTH=false); anyone who can "
               "reach the server can read and change everything", file=sys.stderr, flush=True)
+    # Counters of an earlier run (the directory is on a volume) would add up wrongly.
+    shutil.rmtree(metrics_dir(), ignore_errors=True)
+    os.makedirs(metrics_dir(), mode=0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir()
+    subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        [sys.executable, __file__, "metrics", env("MLFLOW_METRICS_PORT")], close_fds=True
+    )
     relay = s3_relay_target()
     if relay:
         subprocess.Popen(  # noqa: S603 - fixed argv, no shell
@@ -436,6 +468,13 @@ def cmd_healthcheck(_args: list[str]) -> int:
                 return 1
     except (urllib.error.URLError, OSError):
         return 1
+    # Counters of an earlier run (the directory is on a volume) would add up wrongly.
+    shutil.rmtree(metrics_dir(), ignore_errors=True)
+    os.makedirs(metrics_dir(), mode=0o700)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir()
+    subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        [sys.executable, __file__, "metrics", env("MLFLOW_METRICS_PORT")], close_fds=True
+    )
     relay = s3_relay_target()
     if relay:
         try:
@@ -511,6 +550,7 @@ COMMANDS = {
     "schema-status": cmd_schema_status,
     "healthcheck": cmd_healthcheck,
     "forward": cmd_forward,
+    "metrics": cmd_metrics,
 }
 
 

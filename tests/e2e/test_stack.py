@@ -211,6 +211,25 @@ def test_gateway_secrets_are_stored_under_this_installations_key(stack):
     assert "sk-e2e-stack-0123456789" not in stack.compose("logs", "--no-color").stdout
 
 
+METRICS = ("import os, urllib.request; print(urllib.request.urlopen("
+           "'http://localhost:' + os.environ['MLFLOW_METRICS_PORT'], timeout=10).read().decode())")
+
+
+def _requests_counted(stack) -> float:
+    """mlflow_http_request_total summed over labels, from the server's internal metrics port."""
+    text = stack.compose("exec", "-T", "mlflow", "python3", "-c", METRICS).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mlflow_http_request_total{"))
+
+
+def test_server_metrics_count_requests_inside_and_are_not_served_outside(stack):
+    before = _requests_counted(stack)
+    for _ in range(5):
+        assert stack.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1").status_code == 200
+    assert _requests_counted(stack) >= before + 5
+    assert stack.http("GET", "/metrics").status_code == 404
+
+
 def test_redeploy_of_a_running_stack_changes_nothing(stack, logged):
     before_ids = stack.container_ids()
     started = {s: inspect(stack, s)["State"]["StartedAt"] for s in LONG_RUNNING}

@@ -208,3 +208,8 @@ def test_gateway_secrets_under_another_installations_key_stop_the_migration_unch
 
 def test_no_gateway_table_no_work(tmp_path):
     assert ep.rewrap_gateway_secrets(f"sqlite:///{tmp_path / 'empty.db'}", "a-generated-passphrase") == 0
+
+
+def test_the_server_exposes_prometheus_metrics_from_every_worker(environ):
+    argv = ep.server_argv(environ)
+    assert argv[argv.index("--expose-prometheus") + 1] == ep.metrics_dir()

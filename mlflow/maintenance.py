@@ -8,8 +8,13 @@ calls (the SQL store's `_get_deleted_runs`, `_hard_delete_run`, ...), with:
 
 - artifacts deleted straight in the stack's bucket, and only there: a location
   that does not resolve under s3://BUCKET/artifacts/ is reported, never touched;
-- an experiment's own folder removed only when no experiment that stays
-  shares it (two experiments may be given the same artifact_location);
+- the deleted experiments' own folders removed too (with the logged models
+  inside them), but never a folder that holds the files of a registered model
+  version that still exists (the registry points at them: `mlflow gc` would
+  delete a registered run's model) or that an experiment which stays uses;
+- each item's state checked again right before it goes (restored meanwhile:
+  kept), and its rows deleted before its files, so a failure never leaves a
+  restorable item without its artifacts;
 - a dry run that lists everything it would remove and changes nothing;
 - the maintenance lock (stack.common.maintenance_lock), which a backup holds
   for its whole run: gc never runs within a backup, nor a backup within gc.
@@ -18,8 +23,9 @@ calls (the SQL store's `_get_deleted_runs`, `_hard_delete_run`, ...), with:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 from stack import common
 
@@ -42,10 +48,12 @@ class Plan:
         return len(self.runs) + len(self.models) + len(self.experiments)
 
 
-def bucket_prefix(location: str, bucket: str) -> str | None:
+def bucket_prefix(location: str | None, bucket: str) -> str | None:
     """The object-key prefix of an artifact location, if it lies in the stack's store."""
+    if not location or re.match(r"mlflow-artifacts://[^/]", location):  # another server's
+        return None
     for scheme in ("mlflow-artifacts:", f"s3://{bucket}/artifacts"):
-        if location.startswith(scheme):
+        if location == scheme or location.startswith(scheme + "/"):
             rest = location[len(scheme):].strip("/")
             parts = rest.split("/")
             if not rest or any(p in ("", ".", "..") for p in parts):
@@ -69,10 +77,10 @@ def plan(store, older_than_ms: int, now_ms: int | None = None) -> Plan:
         if not token:
             break
     exp_ids = [e.experiment_id for e in experiments]
-    if exp_ids:  # a deleted experiment takes all its runs along, whatever their state
+    if exp_ids:  # a deleted experiment takes its deleted runs along (as `mlflow gc`)
         token = None
         while True:
-            page = store.search_runs(exp_ids, "", ViewType.ALL, page_token=token)
+            page = store.search_runs(exp_ids, "", ViewType.DELETED_ONLY, page_token=token)
             run_ids.update(r.info.run_id for r in page)
             token = page.token
             if not token:
@@ -89,18 +97,31 @@ def plan(store, older_than_ms: int, now_ms: int | None = None) -> Plan:
                                for e in sorted(experiments, key=lambda e: int(e.experiment_id))])
 
 
-def shared_locations(store, leaving: set[str], bucket: str) -> list[str]:
-    """Key prefixes of the experiments that stay (any lifecycle stage)."""
+def kept_locations(store, leaving: set[str], bucket: str) -> dict[str, tuple[str, bool]]:
+    """Key prefixes that must survive: {prefix: (why, inside)}. Nothing that contains
+    one may go; with inside, nothing within it either. The folders of the experiments
+    that stay (their deleted runs inside may go) and the files of every registered
+    model version (the registry's tables live in the tracking store's database here)."""
+    import sqlalchemy as sa
     from mlflow.entities import ViewType
 
-    kept, token = [], None
+    kept, token = {}, None
     while True:
         page = store.search_experiments(view_type=ViewType.ALL, page_token=token)
-        kept += [bucket_prefix(e.artifact_location, bucket) for e in page if e.experiment_id not in leaving]
+        for e in page:
+            if e.experiment_id not in leaving and (prefix := bucket_prefix(e.artifact_location, bucket)):
+                kept[prefix] = (f"experiment {e.experiment_id} ({e.name}) uses it", False)
         token = page.token
         if not token:
             break
-    return [p for p in kept if p]
+    with store.engine.connect() as conn:
+        if sa.inspect(conn).has_table("model_versions"):
+            for name, version, location in conn.execute(sa.text(
+                    "SELECT name, version, storage_location FROM model_versions "
+                    "WHERE current_stage <> 'Deleted_Internal'")):
+                if prefix := bucket_prefix(location, bucket):
+                    kept[prefix] = (f"registered model {name} version {version} is stored there", True)
+    return kept
 
 
 def delete_prefix(client, bucket: str, prefix: str) -> tuple[int, int]:
@@ -122,36 +143,39 @@ def run(store, client, bucket: str, older_than_ms: int, dry_run: bool,
     """Collect (or, dry, list) what plan() selects; say() one line per item."""
     todo = plan(store, older_than_ms)
     verb = "would remove" if dry_run else "removed"
-    leaving = {e.id for e in todo.experiments}
-    stays = shared_locations(store, leaving, bucket) if todo.experiments else []
+    kept = kept_locations(store, {e.id for e in todo.experiments}, bucket) if len(todo) else {}
 
-    def artifacts(item: Item, shared: Iterable[str] = ()) -> str:
+    def artifacts(item: Item) -> str:
         prefix = bucket_prefix(item.location, bucket)
         if prefix is None:
             return f"artifacts at {item.location} left alone: not in s3://{bucket}/artifacts/"
-        clash = [p for p in shared if p.startswith(prefix) or prefix.startswith(p)]
+        clash = next((p for p, (_, inside) in kept.items()
+                      if p.startswith(prefix) or (inside and prefix.startswith(p))), None)
         if clash:
-            return f"artifact folder {prefix} kept: an experiment that stays uses {clash[0]}"
+            return f"artifact folder {prefix} kept: {kept[clash][0]} ({clash})"
         if dry_run:
             return f"s3://{bucket}/{prefix}"
         objects, size = delete_prefix(client, bucket, prefix)
         return f"s3://{bucket}/{prefix} ({objects} objects, {size} bytes)"
 
-    for item in todo.runs:
-        where = artifacts(item)
+    def still_deleted(item: Item) -> bool:
+        from mlflow.entities import LifecycleStage
+
+        if item.kind == "run":
+            return store.get_run(item.id).info.lifecycle_stage == LifecycleStage.DELETED
+        if item.kind == "experiment":
+            return store.get_experiment(item.id).lifecycle_stage == LifecycleStage.DELETED
+        return item.id in set(store._get_deleted_logged_models())
+
+    hard_delete = {"run": store._hard_delete_run, "logged model": store._hard_delete_logged_model,
+                   "experiment": store._hard_delete_experiment}
+    for item in [*todo.runs, *todo.models, *todo.experiments]:
         if not dry_run:
-            store._hard_delete_run(item.id)
-        say(f"gc: {verb} run {item.id} ({item.name}): {where}")
-    for item in todo.models:
-        where = artifacts(item)
-        if not dry_run:
-            store._hard_delete_logged_model(item.id)
-        say(f"gc: {verb} logged model {item.id} ({item.name}): {where}")
-    for item in todo.experiments:
-        where = artifacts(item, stays)
-        if not dry_run:
-            store._hard_delete_experiment(item.id)
-        say(f"gc: {verb} experiment {item.id} ({item.name}): {where}")
+            if not still_deleted(item):
+                say(f"gc: kept {item.kind} {item.id} ({item.name}): restored meanwhile")
+                continue
+            hard_delete[item.kind](item.id)  # rows first: a failure never strands a restorable item
+        say(f"gc: {verb} {item.kind} {item.id} ({item.name}): {artifacts(item)}")
     say(f"gc: {'dry run, nothing changed: ' if dry_run else ''}{len(todo.runs)} runs, {len(todo.models)} "
         f"logged models, {len(todo.experiments)} experiments deleted more than "
         f"{older_than_ms / 86_400_000:g} days ago")

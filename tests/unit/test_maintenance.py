@@ -69,6 +69,11 @@ def _key(uri):
     ("file:///etc", None),
     ("mlflow-artifacts:/3/../../etc", None),
     ("mlflow-artifacts:/", None),
+    ("s3://mlflow/artifacts1", None),
+    ("s3://mlflow/artifacts-old/3", None),
+    ("mlflow-artifacts://otherhost:5000/3/abc", None),
+    ("mlflow-artifacts:///3/abc", "artifacts/3/abc/"),
+    (None, None),
 ])
 def test_only_locations_inside_the_stacks_store_resolve(location, prefix):
     assert gc.bucket_prefix(location, BUCKET) == prefix
@@ -113,7 +118,7 @@ def test_a_folder_shared_with_an_experiment_that_stays_is_kept(store):
     said = []
     gc.run(store, bucket, BUCKET, 0, dry_run=False, say=said.append)
     assert list(bucket.objects) == ["artifacts/team/model.pkl"]
-    assert any("kept: an experiment that stays uses artifacts/team/" in line for line in said)
+    assert any("artifacts/team/ kept: experiment" in line and "uses it" in line for line in said), said
 
 
 def test_locations_outside_the_store_are_never_touched(store):
@@ -125,3 +130,42 @@ def test_locations_outside_the_store_are_never_touched(store):
     gc.run(store, bucket, BUCKET, 0, dry_run=False, say=said.append)
     assert list(bucket.objects) == ["artifacts/x"]
     assert any("left alone: not in s3://mlflow/artifacts/" in line for line in said)
+
+
+def test_the_files_of_a_registered_model_version_survive_its_runs_deletion(store, tmp_path):
+    """The registry points at the run's files: `mlflow gc` would delete them."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as Registry
+
+    exp = _experiment(store, "registered", "mlflow-artifacts:/reg")
+    run_id, uri = _run(store, exp)
+    registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    registry.create_registered_model("prod-model")
+    registry.create_model_version("prod-model", f"{uri}/model", run_id=run_id)
+    store.delete_run(run_id)
+    store.delete_experiment(exp)
+    bucket = Bucket([gc.bucket_prefix(uri, BUCKET) + "model/model.pkl", "artifacts/reg/other.txt"])
+    said = []
+    gc.run(store, bucket, BUCKET, 0, dry_run=False, say=said.append)
+    # The run's folder and the experiment's (which contains it) both stay.
+    assert sorted(bucket.objects) == sorted([gc.bucket_prefix(uri, BUCKET) + "model/model.pkl",
+                                             "artifacts/reg/other.txt"]), said
+    assert any("registered model prod-model version 1 is stored there" in line for line in said), said
+
+
+def test_an_item_restored_meanwhile_is_kept(store, monkeypatch):
+    exp = _experiment(store, "undo", "mlflow-artifacts:/undo")
+    run_id, uri = _run(store, exp)
+    store.delete_run(run_id)
+    bucket = Bucket([_key(uri)])
+    real_plan = gc.plan
+
+    def plan_then_restore(*args, **kwargs):
+        planned = real_plan(*args, **kwargs)
+        store.restore_run(run_id)  # a user restores it while the collection runs
+        return planned
+
+    monkeypatch.setattr(gc, "plan", plan_then_restore)
+    said = []
+    gc.run(store, bucket, BUCKET, 0, dry_run=False, say=said.append)
+    assert store.get_run(run_id).info.lifecycle_stage == "active" and list(bucket.objects) == [_key(uri)]
+    assert any(f"kept run {run_id}" in line and "restored meanwhile" in line for line in said), said

@@ -378,6 +378,11 @@ def verify(set_dir: Path) -> dict:
 
 
 def restore(set_dir: Path) -> dict:
+    with common.maintenance_lock("restore"):
+        return _restore(set_dir)
+
+
+def _restore(set_dir: Path) -> dict:
     """Replace database and bucket with the set's, then prove they match it.
 
     The caller stops the MLflow server first (no writes while this runs) and
@@ -482,7 +487,7 @@ def health(root: Path = ROOT) -> int:
         return 1
     age = time.time() - last
     print(f"last good backup {age / 3600:.1f} h ago")
-    return 0 if age <= 2 * _interval() + 600 else 1
+    return 1 if common.overdue(age, _interval() / 3600) else 0
 
 
 # --- CLI -------------------------------------------------------------------

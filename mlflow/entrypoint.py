@@ -9,6 +9,8 @@ Subcommands:
   healthcheck   exit 0 when the server answers /health (and the S3 relay, if any, accepts)
   forward       internal: relay a loopback port to another host (see s3_relay_target)
   metrics PORT  internal: serve the server workers' Prometheus metrics on PORT
+  drop-unreadable-gateway-secrets
+                delete stored AI-gateway secrets that no known passphrase opens (lost key)
   gc [--dry-run] [--older-than DAYS]
                 remove runs, experiments and logged models deleted long enough ago (maintenance.py)
   gc-schedule   gc every GC_INTERVAL_HOURS;  gc-health: exit 0 while its last good run is recent
@@ -317,7 +319,12 @@ def cmd_migrate(_args: list[str]) -> int:
     return 0
 
 
-def rewrap_gateway_secrets(uri: str, passphrase: str) -> int:
+UNREADABLE_FIX = ("If that passphrase is lost, those secrets cannot be recovered: remove them with "
+                  "`python3 -m stack compose run --rm --no-deps migrate drop-unreadable-gateway-secrets`, "
+                  "then deploy and enter the provider keys again.")
+
+
+def rewrap_gateway_secrets(uri: str, passphrase: str, drop_unreadable: bool = False) -> int:
     """Put every stored AI-gateway secret under this installation's key.
 
     MLflow wraps each secret's data key with a key derived from
@@ -330,8 +337,12 @@ def rewrap_gateway_secrets(uri: str, passphrase: str) -> int:
     transaction: all or nothing. Returns how many were re-wrapped."""
     import sqlalchemy as sa
 
-    from mlflow.utils.crypto import DEFAULT_KEK_PASSPHRASE, KEKManager, unwrap_dek, wrap_dek
+    from mlflow.utils.crypto import (CRYPTO_KEK_VERSION_ENV_VAR, DEFAULT_KEK_PASSPHRASE, KEKManager,
+                                     unwrap_dek, wrap_dek)
 
+    # The server derives its key at one version (MLFLOW_CRYPTO_KEK_VERSION, default 1),
+    # whatever a row says: a secret counts as ours only if that key opens it.
+    server_version = int(os.environ.get(CRYPTO_KEK_VERSION_ENV_VAR, "1"))
     engine = sa.create_engine(uri)
     try:
         with engine.begin() as conn:
@@ -355,26 +366,37 @@ def rewrap_gateway_secrets(uri: str, passphrase: str) -> int:
             moved, foreign = 0, []
             for secret_id, name, wrapped, version in rows:
                 wrapped = bytes(wrapped)
-                if opens(wrapped, kek("ours", version)) is not None:
+                if version == server_version and opens(wrapped, kek("ours", server_version)) is not None:
                     continue
-                dek = opens(wrapped, kek("default", version))
+                dek = opens(wrapped, kek("ours", version)) or opens(wrapped, kek("default", version))
                 if dek is None:
-                    foreign.append(name)
+                    foreign.append((secret_id, name))
                     continue
-                conn.execute(sa.text("UPDATE secrets SET wrapped_dek = :w WHERE secret_id = :i"),
-                             {"w": wrap_dek(dek, kek("ours", version)), "i": secret_id})
+                conn.execute(sa.text("UPDATE secrets SET wrapped_dek = :w, kek_version = :v WHERE secret_id = :i"),
+                             {"w": wrap_dek(dek, kek("ours", server_version)), "v": server_version, "i": secret_id})
                 moved += 1
-            if foreign:
+            names = ", ".join(sorted(name for _, name in foreign)[:5])
+            if foreign and drop_unreadable:
+                for secret_id, _ in foreign:
+                    conn.execute(sa.text("DELETE FROM secrets WHERE secret_id = :i"), {"i": secret_id})
+                print(f"migrate: removed {len(foreign)} AI-gateway secret(s) no key opens: {names}", flush=True)
+            elif foreign:
                 raise ConfigError(
-                    f"{len(foreign)} stored AI-gateway secret(s) ({', '.join(sorted(foreign)[:5])}) are encrypted "
-                    "under another installation's MLFLOW_CRYPTO_KEK_PASSPHRASE (a restore from another "
-                    "installation?). Put that installation's MLFLOW_CRYPTO_KEK_PASSPHRASE into .env and run "
-                    "./stack_deploy.sh again. Nothing was changed.")
+                    f"{len(foreign)} stored AI-gateway secret(s) ({names}) are encrypted under a passphrase other "
+                    "than this installation's MLFLOW_CRYPTO_KEK_PASSPHRASE (restored from another installation, "
+                    "or the passphrase in .env was changed). Put the passphrase they were stored with into .env "
+                    f"and run ./stack_deploy.sh again. Nothing was changed. {UNREADABLE_FIX}")
     finally:
         engine.dispose()
     print(f"migrate: AI-gateway secrets: {len(rows)} stored, {moved} moved from MLflow's built-in key "
           "to this installation's", flush=True)
     return moved
+
+
+def cmd_drop_unreadable_gateway_secrets(_args: list[str]) -> int:
+    """Delete the stored AI-gateway secrets that no known key opens (their passphrase is lost)."""
+    rewrap_gateway_secrets(database_uri(), secret("MLFLOW_CRYPTO_KEK_PASSPHRASE"), drop_unreadable=True)
+    return 0
 
 
 def ensure_auth_database() -> None:
@@ -514,16 +536,19 @@ def cmd_gc(args: list[str]) -> int:
 
 
 def cmd_gc_schedule(_args: list[str]) -> int:
-    """Collect now, then every GC_INTERVAL_HOURS; healthy while the last good run is recent."""
+    """Collect now, then every GC_INTERVAL_HOURS; healthy unless two intervals pass
+    without a good run (a first collection that waits for a backup, or has a long
+    backlog, is not a failure: the start counts as the reference)."""
     import maintenance
 
     days, interval = setting_float("GC_OLDER_THAN_DAYS"), setting_float("GC_INTERVAL_HOURS") * 3600
     print(f"gc: scheduled every {interval / 3600:g} h, for what was deleted more than {days:g} days ago",
           flush=True)
+    GC_LAST_GOOD.write_text(f"{time.time():.0f} started\n")
     while True:
         try:
             maintenance.collect(days, dry_run=False)
-            GC_LAST_GOOD.write_text(f"{time.time():.0f}\n")
+            GC_LAST_GOOD.write_text(f"{time.time():.0f} collected\n")
             time.sleep(interval)
         except Exception as exc:  # noqa: BLE001 - keep the loop alive; the healthcheck shows it
             print(f"gc: failed: {exc}; retrying in 10 minutes", file=sys.stderr, flush=True)
@@ -532,15 +557,20 @@ def cmd_gc_schedule(_args: list[str]) -> int:
 
 def cmd_gc_health(_args: list[str]) -> int:
     try:
-        age = time.time() - float(GC_LAST_GOOD.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        print("no garbage collection has finished yet")
+        stamp, state = GC_LAST_GOOD.read_text().split()[:2]
+        age = time.time() - float(stamp)
+    except (OSError, ValueError):
+        print("the scheduler has not started")
         return 1
-    print(f"last good garbage collection {age / 3600:.1f} h ago")
-    return 0 if age <= 2 * setting_float("GC_INTERVAL_HOURS") * 3600 + 600 else 1
+    if state == "started":
+        print(f"started {age / 3600:.1f} h ago, first collection not finished yet")
+    else:
+        print(f"last good garbage collection {age / 3600:.1f} h ago")
+    return 1 if common.overdue(age, setting_float("GC_INTERVAL_HOURS")) else 0
 
 
 COMMANDS = {
+    "drop-unreadable-gateway-secrets": cmd_drop_unreadable_gateway_secrets,
     "gc": cmd_gc,
     "gc-schedule": cmd_gc_schedule,
     "gc-health": cmd_gc_health,

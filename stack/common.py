@@ -124,8 +124,9 @@ def write_ca_bundle(extra: Path, dest: Path) -> Path:
     return dest
 
 
-# PostgreSQL advisory lock key ("mlfl"): a backup and a garbage collection each
-# hold it for their whole run, so gc never deletes within a running backup.
+# PostgreSQL advisory lock key ("mlfl"): a backup, a restore and a garbage
+# collection each hold it for their whole run, so gc never deletes within a
+# running backup or restore.
 MAINTENANCE_LOCK = 0x6D6C666C
 
 
@@ -137,7 +138,9 @@ def maintenance_lock(what: str, environ: Optional[Mapping[str, str]] = None, pol
     process if that dies, so a crashed job never leaves it behind."""
     import psycopg2
 
-    conn = psycopg2.connect(**postgres_params(environ))
+    # On the maintenance database, not MLflow's: a restore drops and re-creates that
+    # one (dropdb --force would cut the lock's connection).
+    conn = psycopg2.connect(**{**postgres_params(environ), "dbname": "postgres"})
     conn.autocommit = True
     try:
         waited = 0.0
@@ -147,10 +150,15 @@ def maintenance_lock(what: str, environ: Optional[Mapping[str, str]] = None, pol
                 if cur.fetchone()[0]:
                     break
                 if waited % 60 < poll:
-                    print(f"{what}: waiting for the running backup or garbage collection to finish",
+                    print(f"{what}: waiting for the running backup, restore or garbage collection to finish",
                           file=sys.stderr, flush=True)
                 time.sleep(poll)
                 waited += poll
         yield
     finally:
         conn.close()
+
+
+def overdue(age_seconds: float, interval_hours: float) -> bool:
+    """A scheduled job's health: its last good run is older than two intervals (and 10 minutes)."""
+    return age_seconds > 2 * interval_hours * 3600 + 600

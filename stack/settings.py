@@ -340,7 +340,8 @@ CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (_distinct_
 def key_errors(key: str, values: Mapping[str, str]) -> list[str]:
     setting = BY_KEY[key]
     if key not in values:
-        return [f"{key} is missing: run ./stack_deploy.sh to add it, or copy it from .env.example"]
+        return [f"{key} is missing (a setting newer than this .env): run `python3 -m stack env` to add the new "
+                "settings (secrets generated; nothing else changes), or ./stack_deploy.sh"]
     raw = values[key]
     if raw == "":
         return [] if setting.may_be_empty else [f"{key} is empty: set it (see .env.example)"]

@@ -48,6 +48,15 @@ def test_health_is_under_the_path_and_other_paths_lead_into_it(prefixed_stack):
                                   json={"name": "created-without-the-path"}, allow_redirects=True)
     assert created.status_code == 200, created.text
     assert prefixed_stack.psql("SELECT count(*) FROM experiments WHERE name = 'created-without-the-path'") == "1"
+    # An upload above the API body limit is redirected too (not refused by the limit first).
+    big = b"0123456789abcdef" * (70 << 16)  # 70 MiB > MLFLOW_API_MAX_BODY_MB
+    put = prefixed_stack.http("PUT", "/api/2.0/mlflow-artifacts/artifacts/redirected/big.bin", data=big,
+                              base=prefixed_stack.origin, allow_redirects=True, timeout=300)
+    assert put.status_code == 200, (put.status_code, put.text[:300])
+    assert [r.status_code for r in put.history] == [308]
+    key = "artifacts/redirected/big.bin"
+    assert object_sha256(s3_client(prefixed_stack), prefixed_stack.values()["MLFLOW_BUCKET"], key) == \
+        hashlib.sha256(big).hexdigest()
     # The server's own healthcheck (in the image) follows the path: the service is healthy.
     rows = [json.loads(line) for line in prefixed_stack.compose("ps", "--format", "json").stdout.splitlines() if line]
     assert {r["Service"]: r.get("Health") for r in rows}["mlflow"] == "healthy"

@@ -1,22 +1,29 @@
 """Garbage collection on the shared stack: ./stack_gc.sh (dry run, default age,
-a collection that waits for a running backup) and the scheduled `gc` service.
-Everything is checked where it lives: rows in PostgreSQL, objects in the bucket.
-Only this module's own runs are ever deleted, so the stack stays shareable."""
+a collection that waits while a backup holds the maintenance lock, a backup that
+waits for it) and the scheduled `gc` service. Everything is checked where it
+lives: rows in PostgreSQL, objects in the bucket.
+
+Collections here take everything deleted in the shared stack so far: no other
+module deletes runs or experiments it still checks, and this module asserts only
+on its own (gc-* experiments)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
-from stack import compose
+from stack import compose, paths
 
 from .conftest import wait_for
 from .test_stack import s3_client
 
-LOCK = "SELECT pg_advisory_lock(x'6D6C666C'::int)"  # stack.common.MAINTENANCE_LOCK
+from stack.common import MAINTENANCE_LOCK
+
+WAITING = "waiting for the running backup, restore or garbage collection to finish"
 
 
 @pytest.fixture(scope="module")
@@ -54,32 +61,78 @@ def test_a_dry_run_lists_what_would_go_and_changes_nothing(stack, logged):
 
 def test_the_default_age_keeps_what_was_deleted_just_now(stack, logged):
     before = state(stack, logged)
-    out = stack.script("stack_gc.sh").stdout
+    out = stack.script("stack_gc.sh", "--yes").stdout
     assert logged["drop-now"]["run_id"] not in out
     assert "deleted more than 30 days ago" in out
     assert state(stack, logged) == before
 
 
-def test_a_collection_waits_for_a_running_backup_then_removes_rows_and_objects(stack, logged):
-    # A backup holds the maintenance lock for its whole run; hold it the same way.
-    argv, environ = compose.invocation(stack.environ)
-    values = stack.values()
-    holder = subprocess.Popen([*argv, "exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",
-                               values["POSTGRES_DB"], "-c", LOCK, "-c", "SELECT pg_sleep(8)"],
-                              env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class LockHolder:
+    """Holds the maintenance lock in a psql session of its own (as a running backup
+    does) until release() ends that session."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        argv, environ = compose.invocation(stack.environ)
+        self.proc = subprocess.Popen(
+            [*argv, "exec", "-T", "db", "psql", "-U", stack.values()["POSTGRES_USER"], "-d", "postgres",
+             "-c", f"SELECT pg_advisory_lock({MAINTENANCE_LOCK})", "-c", "SELECT pg_sleep(600)"],
+            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: self._holders() == "1", 30, "the psql session to hold the maintenance lock", interval=0.5)
+
+    def _holders(self) -> str:
+        return self.stack.psql(f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                               f"AND objid = {MAINTENANCE_LOCK}")
+
+    def release(self) -> None:
+        self.stack.psql(f"SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                        f"AND objid = {MAINTENANCE_LOCK}")
+        self.proc.communicate(timeout=60)
+
+
+def run_until_waiting(stack, *argv: str) -> subprocess.Popen:
+    """Start a script; return once it says it waits for the maintenance lock."""
+    proc = subprocess.Popen([str(paths.ROOT / argv[0]), *argv[1:]], env=stack.environ, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+
+    def waiting() -> bool:
+        line = proc.stderr.readline()
+        seen.append(line)
+        assert line or proc.poll() is None, f"{argv[0]} ended without waiting: {''.join(seen)[-3000:]}"
+        return WAITING in line
+
+    wait_for(waiting, 180, f"{argv[0]} to wait for the maintenance lock", interval=0)
+    return proc
+
+
+def test_a_collection_waits_while_a_backup_runs_then_removes_rows_and_objects(stack, logged):
+    holder = LockHolder(stack)
     try:
-        wait_for(lambda: stack.psql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted") == "1",
-                 30, "the stand-in backup to hold the maintenance lock", interval=0.5)
-        result = stack.script("stack_gc.sh", "--older-than", "0")
+        gc = run_until_waiting(stack, "stack_gc.sh", "--older-than", "0", "--yes")
+        # Still waiting: nothing is gone yet.
+        assert state(stack, logged)["drop-now"] == (1, 1)
     finally:
-        holder.communicate(timeout=60)
-    assert "waiting for the running backup or garbage collection to finish" in result.stderr
-    assert holder.returncode == 0
+        holder.release()
+    out, err = gc.communicate(timeout=300)
+    assert gc.returncode == 0, err[-3000:]
+    assert f"removed run {logged['drop-now']['run_id']}" in out
     after = state(stack, logged)
     assert after["drop-now"] == (0, 0) and after["gone"] == (0, 0)
     assert after["keep"] == (1, 1) and after["drop-later"] == (1, 1)
     experiment = logged["gone"]["experiment_id"]
     assert stack.psql(f"SELECT count(*) FROM experiments WHERE experiment_id = {experiment}") == "0"
+
+
+def test_a_backup_waits_while_a_collection_holds_the_lock(stack):
+    holder = LockHolder(stack)
+    try:
+        backup = run_until_waiting(stack, "db/db_volume_backup.sh")
+    finally:
+        holder.release()
+    out, err = backup.communicate(timeout=600)
+    assert backup.returncode == 0, err[-3000:]
+    assert (Path(out.strip().splitlines()[-1]) / "manifest.json").exists()
 
 
 def test_the_scheduled_job_collects_by_itself(stack, logged):

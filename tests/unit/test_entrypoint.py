@@ -201,9 +201,23 @@ def test_gateway_secrets_under_mlflows_builtin_key_move_to_ours_once(tmp_path, m
 def test_gateway_secrets_under_another_installations_key_stop_the_migration_unchanged(tmp_path, monkeypatch):
     uri, _store, _ = _gateway_store(tmp_path, monkeypatch, passphrase="the-other-installations-passphrase")
     before = _wrapped(uri)
-    with pytest.raises(ep.ConfigError, match="openai-key.*another installation's MLFLOW_CRYPTO_KEK_PASSPHRASE"):
+    with pytest.raises(ep.ConfigError, match="openai-key.*other than this installation's MLFLOW_CRYPTO_KEK_PASSPHRASE"
+                                             ".*drop-unreadable-gateway-secrets"):
         ep.rewrap_gateway_secrets(uri, "a-generated-passphrase-of-this-installation")
     assert _wrapped(uri) == before
+    # The passphrase is lost: the explicit way out removes only what no key opens.
+    ep.rewrap_gateway_secrets(uri, "a-generated-passphrase-of-this-installation", drop_unreadable=True)
+    assert _wrapped(uri) == {}
+
+
+def test_a_secret_at_another_key_version_is_rewrapped_to_the_servers(tmp_path, monkeypatch):
+    """The server opens every secret with its one KEK version (MLFLOW_CRYPTO_KEK_VERSION)."""
+    ours = "a-generated-passphrase-of-this-installation"
+    monkeypatch.setenv("MLFLOW_CRYPTO_KEK_VERSION", "2")
+    uri, store, secret_id = _gateway_store(tmp_path, monkeypatch, passphrase=ours)  # stored at version 2
+    monkeypatch.delenv("MLFLOW_CRYPTO_KEK_VERSION")
+    assert ep.rewrap_gateway_secrets(uri, ours) == 1
+    assert store._get_decrypted_secret(secret_id) == {"api_key": "sk-very-secret"}
 
 
 def test_no_gateway_table_no_work(tmp_path):

@@ -26,6 +26,32 @@ def service_pins(root: Path = ROOT) -> dict[str, str]:
     return dict(_COMPOSE_PIN.findall((root / "docker-compose.yml").read_text()))
 
 
+_SERVICE = re.compile(r"^  ([a-z][a-z0-9-]*):\s*$")
+_PROFILES = re.compile(r"^    profiles:\s*\[([^\]]*)\]")
+
+
+def pin_profiles(root: Path = ROOT) -> dict[str, set[str]]:
+    """VARIABLE -> the Compose profiles of the services using that pin (empty: always on)."""
+    found: dict[str, set[str]] = {}
+    services: list[tuple[set[str], set[str]]] = []  # (pins, profiles) per service block
+    in_services = False
+    for line in (root / "docker-compose.yml").read_text().splitlines():
+        if re.match(r"^\S", line):
+            in_services = line.startswith("services:")
+            continue
+        if in_services and _SERVICE.match(line):
+            services.append((set(), set()))
+        elif in_services and services:
+            services[-1][0].update(var for var, _ in _COMPOSE_PIN.findall(line))
+            if m := _PROFILES.match(line):
+                services[-1][1].update(p.strip() for p in m.group(1).split(",") if p.strip())
+    for pins, profiles in services:
+        for var in pins:
+            # A pin used by an always-on service is always needed.
+            found[var] = set() if (var in found and not found[var]) or not profiles else found.get(var, set()) | profiles
+    return found
+
+
 def image_pins(root: Path = ROOT) -> dict[str, str]:
     pins = service_pins(root)
     pins.update(_DOCKERFILE_PIN.findall((root / "mlflow" / "Dockerfile").read_text()))
@@ -54,7 +80,11 @@ def upstream_images(values: Mapping[str, str], environ: Mapping[str, str], root:
     base is the PostgreSQL image."""
     pins = image_pins(root)
     base_pin = pins["MLFLOW_CONDA_BASE_IMAGE" if values.get("MLFLOW_VARIANT") == "conda" else "MLFLOW_BASE_IMAGE"]
-    wanted = [(var, pin, False) for var, pin in service_pins(root).items()]
+    active = set(filter(None, values.get("COMPOSE_PROFILES", "").split(",")))
+    needed = pin_profiles(root)
+    # Images of services whose profile is off are neither pulled nor checked.
+    wanted = [(var, pin, False) for var, pin in service_pins(root).items()
+              if not needed.get(var) or needed[var] & active]
     wanted.append(("MLFLOW_BASE_IMAGE", base_pin, True))
     result = []
     for var, pin, base in wanted:

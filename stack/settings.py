@@ -68,6 +68,19 @@ def positive_number(unit: str) -> Rule:
                 f"use a positive number of {unit}", ("0.5", "2"))
 
 
+PROFILES = ("backup", "gc", "monitoring")
+
+
+def profiles() -> Rule:
+    """A comma-separated choice of the optional services' Compose profiles."""
+    def check(value: str) -> bool:
+        names = value.split(",")
+        return value == "" or (len(set(names)) == len(names) and set(names) <= set(PROFILES))
+
+    return Rule(check, f"use a comma-separated choice of {', '.join(PROFILES)} (or nothing)",
+                (",".join(PROFILES), *PROFILES))
+
+
 def choice(*allowed: str) -> Rule:
     return Rule(lambda v: v in allowed, f"use {' or '.join(allowed)}", allowed)
 
@@ -168,7 +181,7 @@ SETTINGS: tuple[Setting, ...] = (
             pattern(r"(/[A-Za-z0-9_~-]+)+", "use a path such as /mlflow: a leading /, no trailing /, "
                     "letters, digits and _ ~ -", "/mlflow"),
             section=CLIENTS, may_be_empty=True,
-            services=("mlflow", "nginx", "migrate", "bucket-init", "backup"), host=("client settings", "show"),
+            services=("backup", "bucket-init", "migrate", "mlflow", "nginx", "prometheus"), host=("client settings", "show"),
             doc="Serve MLflow under this path (e.g. /mlflow, for https://tools.example.com/mlflow/) instead "
                 "of at the root: UI, API and artifacts move there, and clients' MLFLOW_TRACKING_URI ends with "
                 "it. Empty: at the root."),
@@ -233,7 +246,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("POSTGRES_USER", "mlflow",
             pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
                     "tracker"),
-            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow"),
+            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow", "postgres-exporter"),
             doc="Database role."),
     Setting("POSTGRES_DB", "mlflow",
             pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
@@ -241,7 +254,7 @@ SETTINGS: tuple[Setting, ...] = (
             section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow"),
             doc="Database name (the user store is the database POSTGRES_DB_auth beside it)."),
     Setting("POSTGRES_PASSWORD", GENERATED, secret(), section=STORES, file="postgres_password",
-            services=("backup", "db", "gc", "migrate", "mlflow"),
+            services=("backup", "db", "gc", "migrate", "mlflow", "postgres-exporter"),
             doc="Database password. PostgreSQL keeps the one it was initialised with: changing it here "
                 "later needs ALTER ROLE too."),
     Setting("MINIO_ROOT_USER", "mlflow-admin",
@@ -262,17 +275,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_MEMORY_LIMIT", "4g", memory(), section=LIMITS, services=("mlflow",),
             doc="Memory ceiling of the MLflow server."),
 
-    Setting("BACKUP_DIR", "./backups", anything("/srv/mlflow-backups"), section=BACKUPS, services=("backup",),
+    Setting("BACKUP_DIR", "./backups", anything("/srv/mlflow-backups"), section=BACKUPS, services=("backup", "node-exporter"),
             host=("backup scripts", "show"),
             doc="Folder for backup sets (relative to this project's folder, or absolute)."),
-    Setting("COMPOSE_PROFILES", "", choice("", "backup,gc", "backup", "gc", "gc,backup"), section=BACKUPS,
-            may_be_empty=True, services=("backup", "gc"), host=("deploy",),
-            doc="Scheduled jobs to run: backup (backups), gc (garbage collection), both as backup,gc, "
-                "or empty for none."),
+    Setting("COMPOSE_PROFILES", "", profiles(), section=BACKUPS, may_be_empty=True,
+            services=("backup", "gc", "prometheus", "postgres-exporter", "node-exporter"), host=("deploy", "show"),
+            doc="Optional services, comma-separated: backup (scheduled backups), gc (scheduled garbage "
+                "collection), monitoring (Prometheus with alerts, at MLFLOW_BASE_PATH/prometheus/ for admins); "
+                "e.g. backup,gc,monitoring. Empty: none."),
     Setting("BACKUP_INTERVAL_HOURS", "24", positive_number("hours"), section=BACKUPS, services=("backup",),
             host=("show",), doc="Hours between scheduled backups."),
     Setting("BACKUP_KEEP", "7", integer(1, 10000), section=BACKUPS, services=("backup",),
             doc="Scheduled backups kept (older ones are deleted)."),
+    Setting("PROMETHEUS_RETENTION_DAYS", "15", integer(1, 3650, "days"), section=BACKUPS, services=("prometheus",),
+            doc="Days of metrics Prometheus keeps (profile monitoring)."),
     Setting("GC_OLDER_THAN_DAYS", "30", positive_number("days"), section=BACKUPS, services=("gc",),
             host=("show",),
             doc="Garbage collection (COMPOSE_PROFILES=gc, or ./stack_gc.sh) removes for good the runs, "

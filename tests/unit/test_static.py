@@ -154,7 +154,8 @@ def test_yamllint():
 
 def test_every_image_is_pinned_to_a_version():
     found = pins.image_pins()
-    assert set(found) == {"POSTGRES_IMAGE", "MINIO_IMAGE", "NGINX_IMAGE", "MLFLOW_BASE_IMAGE", "MLFLOW_CONDA_BASE_IMAGE"}
+    assert set(found) == {"POSTGRES_IMAGE", "MINIO_IMAGE", "NGINX_IMAGE", "MLFLOW_BASE_IMAGE", "MLFLOW_CONDA_BASE_IMAGE",
+                          "PROMETHEUS_IMAGE", "POSTGRES_EXPORTER_IMAGE", "NODE_EXPORTER_IMAGE"}
     for name, image in found.items():
         tag = image.rsplit(":", 1)[-1]
         assert ":" in image and tag != "latest" and re.search(r"\d", tag), f"{name}={image} is not pinned"
@@ -194,7 +195,8 @@ def test_no_secret_files_tracked_by_git():
 
 def test_every_service_is_hardened(tmp_path):
     services = compose_config(tmp_path, "--profile", "*")["services"]
-    assert set(services) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup", "gc"}
+    assert set(services) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup", "gc",
+                             "prometheus", "postgres-exporter", "node-exporter"}
     for name, svc in services.items():
         assert "no-new-privileges:true" in svc.get("security_opt", []), name
         assert svc.get("cap_drop") == ["ALL"], name
@@ -230,3 +232,45 @@ def test_nginx_config_passes_gixy(tmp_path, base_path):
     result = subprocess.run([tool("gixy"), "--skips", "host_spoofing,worker_rlimit_nofile_vs_connections",
                              str(tmp_path / "nginx.conf")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_prometheus_scrapes_the_services_at_their_ports(tmp_path):
+    import yaml
+
+    services = compose_config(tmp_path, "--profile", "*")["services"]
+    config = yaml.safe_load((ROOT / "monitoring/prometheus.yml").read_text())
+    targets = {job["job_name"]: t for job in config["scrape_configs"]
+               for t in job["static_configs"][0]["targets"]}
+    for job, target in targets.items():
+        host, port = target.rsplit(":", 1)
+        assert host == "localhost" or host in services, (job, target)
+    # MLflow's metrics port has one home: the mlflow service's environment.
+    assert targets["mlflow"] == f"mlflow:{services['mlflow']['environment']['MLFLOW_METRICS_PORT']}"
+    assert services["minio"]["environment"]["MINIO_PROMETHEUS_AUTH_TYPE"] == "public"
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    mounted = {v["target"] for v in services["prometheus"]["volumes"]}
+    assert {"/etc/prometheus/prometheus.yml", "/etc/prometheus/alerts.yml"} <= mounted
+
+
+def test_every_alert_says_what_it_means_and_what_to_do():
+    import yaml
+
+    rules = [r for g in yaml.safe_load((ROOT / "monitoring/alerts.yml").read_text())["groups"] for r in g["rules"]]
+    assert {r["alert"] for r in rules} >= {"ServiceDown", "MLflowErrorRatioHigh", "MLflowSlowRequests",
+                                           "VolumeNearlyFull", "ObjectStoreNearlyFull",
+                                           "PostgresConnectionsNearLimit", "BackupTooOld"}
+    for rule in rules:
+        assert rule["expr"] and re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["action"], rule["alert"]
+
+
+def test_images_of_services_whose_profile_is_off_are_not_needed():
+    from stack import pins
+
+    assert pins.pin_profiles()["PROMETHEUS_IMAGE"] == {"monitoring"}
+    assert pins.pin_profiles()["NGINX_IMAGE"] == set()
+    off = {u.var for u in pins.upstream_images({"COMPOSE_PROFILES": "backup"}, {})}
+    on = {u.var for u in pins.upstream_images({"COMPOSE_PROFILES": "backup,monitoring"}, {})}
+    assert "PROMETHEUS_IMAGE" not in off and {"PROMETHEUS_IMAGE", "NODE_EXPORTER_IMAGE"} <= on
+    assert {"POSTGRES_IMAGE", "NGINX_IMAGE", "MINIO_IMAGE"} <= off

@@ -12,8 +12,13 @@ Registered as the MLflow app "stack" (entry point group mlflow.app), run by
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import json
 import os
+import threading
+import time
 import urllib.parse
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ITEMS = 1000, 100, 100, 1000
@@ -24,6 +29,8 @@ API_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/", "/api/3.0/mlflow/",
 # MLflow 3.17 streams proxied artifact up/downloads in a native route that it
 # mounts at the root even under --static-prefix; the prefixed twin is Flask's,
 # which holds a whole upload in memory. Its auth layer checks the root form.
+# nginx asks here whether a login is an MLflow admin's (admin-only pages: Prometheus).
+ADMIN_CHECK = "/_stack/admin"
 STREAMED_ARTIFACTS = ("/api/2.0/mlflow-artifacts/artifacts/", "/ajax-api/2.0/mlflow-artifacts/artifacts/")
 
 
@@ -174,6 +181,7 @@ class Guard:
         self.base_path = base_path
         # Any API body (not only the checked writes): the same limit as nginx's.
         self.max_body = max_body
+        self.admins = AdminLogins(float(os.environ.get("MLFLOW_AUTH_CACHE_SECONDS", "30")))
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -181,6 +189,8 @@ class Guard:
             path = path[len(self.base_path):] if path.startswith(self.base_path + "/") else ""
             if scope["type"] == "http" and scope["method"] in ("GET", "PUT") and path.startswith(STREAMED_ARTIFACTS):
                 scope = unprefixed(scope, path, self.base_path)
+        if scope["type"] == "http" and path == ADMIN_CHECK:
+            return await self.admin_check(scope, send)
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") \
                 or not path.startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
@@ -215,6 +225,66 @@ class Guard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+    async def admin_check(self, scope, send) -> None:
+        """nginx's auth_request for the admin-only pages (Prometheus): 204 for an MLflow
+        admin's login, 403 for another user's, 401 (with a Basic challenge) otherwise."""
+        if not self.auth:
+            return await _status(send, 204)
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"), "")
+        verdict = await asyncio.to_thread(self.admins.verdict, header)
+        await _status(send, {True: 204, False: 403, None: 401}[verdict])
+
+
+class AdminLogins:
+    """Checks a Basic login against MLflow's user store (PBKDF2: slow on purpose), and
+    remembers each verdict for MLFLOW_AUTH_CACHE_SECONDS, like MLflow's login cache."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self.seen: dict[bytes, tuple[float, bool | None]] = {}
+        self.lock = threading.Lock()
+
+    def verdict(self, header: str) -> bool | None:
+        """True: an admin; False: a valid login, not an admin; None: no valid login."""
+        digest = hashlib.sha256(header.encode("latin-1")).digest()
+        now = time.monotonic()
+        with self.lock:
+            hit = self.seen.get(digest)
+        if hit and hit[0] > now:
+            return hit[1]
+        result = self._check(header)
+        with self.lock:
+            if len(self.seen) > 10_000:
+                self.seen.clear()
+            self.seen[digest] = (now + self.ttl, result)
+        return result
+
+    @staticmethod
+    def _check(header: str) -> bool | None:
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            username, sep, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not sep:
+            return None
+        from mlflow.server.auth import store
+
+        if not store.authenticate_user(username, password):
+            return None
+        return bool(store.get_user(username).is_admin)
+
+
+async def _status(send, status: int) -> None:
+    headers = [(b"content-length", b"0")]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Basic realm="mlflow"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
 
 
 def unprefixed(scope: dict, path: str, base_path: str) -> dict:

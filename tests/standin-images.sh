@@ -26,6 +26,9 @@ declare -A DIR_FOR=(
 	[MINIO_IMAGE]=minio
 	[NGINX_IMAGE]=nginx
 	[MLFLOW_BASE_IMAGE]=python
+	[PROMETHEUS_IMAGE]=prometheus
+	[POSTGRES_EXPORTER_IMAGE]=postgres-exporter
+	[NODE_EXPORTER_IMAGE]=node-exporter
 )
 
 available() {

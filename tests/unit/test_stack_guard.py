@@ -175,3 +175,54 @@ def test_artifact_streams_reach_mlflows_streaming_route_under_the_base_path(meth
     scope = {"type": "http", "method": method, "path": decoded, "raw_path": path.encode(), "headers": []}
     asyncio.run(app(scope, receive, send))
     assert seen == [(reaches.replace("%20", " "), reaches.encode())]
+
+
+def _admin_check(app, header=None, path="/_stack/admin"):
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    headers = [(b"authorization", header.encode())] if header else []
+    asyncio.run(app({"type": "http", "method": "GET", "path": path, "headers": headers}, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"])
+
+
+def test_admin_check_answers_nginx_for_admins_users_and_strangers(monkeypatch):
+    """The auth_request behind the admin-only pages: MLflow's own user store decides."""
+    import base64
+
+    from mlflow.server import auth
+
+    class Users:
+        calls = 0
+
+        def authenticate_user(self, username, password):
+            Users.calls += 1
+            return (username, password) in {("root", "pw-root"), ("ann", "pw-ann")}
+
+        def get_user(self, username):
+            return type("U", (), {"is_admin": username == "root"})()
+
+    monkeypatch.setattr(auth, "store", Users())
+
+    async def inner(scope, receive, send):  # MLflow itself is never asked
+        raise AssertionError("reached MLflow")
+
+    app = guard.Guard(inner, auth=True, max_body=1 << 20, base_path="/mlflow")
+    basic = lambda u, p: "Basic " + base64.b64encode(f"{u}:{p}".encode()).decode()  # noqa: E731
+    assert _admin_check(app, basic("root", "pw-root"), "/mlflow/_stack/admin")[0] == 204
+    assert _admin_check(app, basic("ann", "pw-ann"), "/mlflow/_stack/admin")[0] == 403
+    status, headers = _admin_check(app, basic("root", "wrong"), "/mlflow/_stack/admin")
+    assert status == 401 and headers[b"www-authenticate"].startswith(b"Basic")
+    assert _admin_check(app, None, "/mlflow/_stack/admin")[0] == 401
+    assert _admin_check(app, "Basic !!!", "/mlflow/_stack/admin")[0] == 401
+    # Checked once per login within the cache's lifetime (PBKDF2 is slow on purpose).
+    before = Users.calls
+    assert _admin_check(app, basic("root", "pw-root"), "/mlflow/_stack/admin")[0] == 204
+    assert Users.calls == before
+    # Without authentication the whole stack is open (the deploy warns); so is this.
+    assert _admin_check(guard.Guard(inner, auth=False, max_body=1 << 20), None)[0] == 204

@@ -225,7 +225,7 @@ def test_nginx_config_passes_gixy(tmp_path, base_path):
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
     for key, value in {"HTTP_PORT": "8080", "HTTPS_PORT": "8443", "S3_PORT": "9000", "MLFLOW_API_MAX_BODY_MB": "64",
                        "MLFLOW_INTERNAL_URL": "http://mlflow:5000", "S3_INTERNAL_ENDPOINT": "http://minio:9000",
-                       "MLFLOW_BASE_PATH": base_path}.items():
+                       "PROMETHEUS_INTERNAL_URL": "http://prometheus:9090", "MLFLOW_BASE_PATH": base_path}.items():
         template = template.replace("${" + key + "}", value)
     assert not re.findall(r"\$\{[A-Z_]+\}", template), "a template variable this test does not render"
     (conf_d / "mlflow.conf").write_text(template)

@@ -475,9 +475,28 @@ def schedule(root: Path = ROOT) -> int:
         try:
             final = create(kind="scheduled", keep=keep, root=root)
             (root / LAST_GOOD).write_text(f"{time.time():.0f} {final.name}\n")
+            write_metrics(root, time.time(), interval)
         except Exception as exc:  # noqa: BLE001 - keep the loop alive; health shows the age
             log(f"scheduled backup failed: {exc}; retrying in 10 minutes")
             time.sleep(600)
+
+
+METRICS_FILE = "mlflow-stack-backup.prom"
+
+
+def write_metrics(root: Path, last_good: float, interval: float) -> None:
+    """The last good scheduled backup as Prometheus text, for node-exporter's textfile
+    collector (profile monitoring; alert BackupTooOld in monitoring/alerts.yml)."""
+    text = ("# HELP mlflow_stack_backup_last_good_timestamp_seconds When the last scheduled backup succeeded.\n"
+            "# TYPE mlflow_stack_backup_last_good_timestamp_seconds gauge\n"
+            f"mlflow_stack_backup_last_good_timestamp_seconds {last_good:.0f}\n"
+            "# HELP mlflow_stack_backup_interval_seconds BACKUP_INTERVAL_HOURS, in seconds.\n"
+            "# TYPE mlflow_stack_backup_interval_seconds gauge\n"
+            f"mlflow_stack_backup_interval_seconds {interval:.0f}\n")
+    partial = root / f".{METRICS_FILE}.partial"
+    partial.write_text(text)
+    partial.chmod(0o644)
+    partial.replace(root / METRICS_FILE)  # never half a file for the collector
 
 
 def health(root: Path = ROOT) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -81,7 +82,34 @@ def report(values: dict[str, str]) -> str:
     lines += ["", "Volumes:", *([f"  {name:<40} {size}" for name, size in volumes(paths.project_name())] or ["  none"])]
     lines += ["", "MLflow:", *mlflow_lines(values, running, compose)]
     lines += ["", "Backups:", *backups(values, svc, compose)]
+    lines += ["", "Monitoring:", *monitoring(values, running, compose)]
     return "\n".join(lines) + "\n"
+
+
+_ALERTS = """
+import json, sys
+alerts = json.load(sys.stdin)["data"]["alerts"]
+for a in sorted(alerts, key=lambda a: (a["state"], a["labels"]["alertname"])):
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(a["labels"].items()) if k not in ("alertname", "severity"))
+    print(f'  {a["state"]:<8} {a["labels"]["alertname"]} ({labels}): {a["annotations"].get("summary", "")}')
+"""
+
+
+def monitoring(values: dict[str, str], running: set[str], compose: tuple[list[str], dict]) -> list[str]:
+    if "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
+        return ["  off (set COMPOSE_PROFILES=monitoring in .env, with any others, and deploy)"]
+    base = f"https://{host_port(values['MLFLOW_PUBLIC_HOST'], values['HTTPS_PORT'])}{values['MLFLOW_BASE_PATH']}"
+    lines = [f"  Prometheus     {base}/prometheus/ (MLflow admins)"]
+    if "prometheus" not in running:
+        return lines + ["  alerts         unavailable: the prometheus service is not running"]
+    argv, env = compose
+    code, out = _run([*argv, "exec", "-T", "prometheus", "wget", "-qO-", "http://127.0.0.1:9090/api/v1/alerts"],
+                     env=env)
+    if code != 0:
+        return lines + ["  alerts         unavailable (Prometheus did not answer)"]
+    code, shown = _run([sys.executable, "-c", _ALERTS], stdin=out)
+    return lines + ((shown.splitlines() if shown else ["  alerts         none pending or firing"])
+                    if code == 0 else ["  alerts         unreadable answer from Prometheus"])
 
 
 def service_lines(svc: list[dict]) -> list[str]:
@@ -92,7 +120,7 @@ def service_lines(svc: list[dict]) -> list[str]:
         state = s.get("State", "?")
         if state == "exited":
             state = f"exited ({s.get('ExitCode', '?')})"
-        lines.append(f"  {s['Service']:<12} {state:<12} health={s.get('Health') or '-':<10} {s.get('Image', '')}")
+        lines.append(f"  {s['Service']:<18} {state:<12} health={s.get('Health') or '-':<10} {s.get('Image', '')}")
     return lines
 
 

@@ -93,3 +93,12 @@ def test_health_reports_the_age_of_the_last_good_backup(tmp_path, monkeypatch, c
     assert "0.5 h ago" in capsys.readouterr().out
     (tmp_path / backup.LAST_GOOD).write_text(f"{backup.time.time() - 3 * 3600:.0f} set\n")
     assert backup.health(tmp_path) == 1
+
+
+def test_the_last_good_backup_is_a_metric_for_the_textfile_collector(tmp_path):
+    backup.write_metrics(tmp_path, 1_700_000_000.4, 86_400)
+    text = (tmp_path / backup.METRICS_FILE).read_text()
+    assert "mlflow_stack_backup_last_good_timestamp_seconds 1700000000\n" in text
+    assert "mlflow_stack_backup_interval_seconds 86400\n" in text
+    assert (tmp_path / backup.METRICS_FILE).stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == [backup.METRICS_FILE]

@@ -1,0 +1,96 @@
+"""The monitoring profile on the deployment under MLFLOW_BASE_PATH (`prefixed_stack`):
+Prometheus reached through nginx at BASE/prometheus/ as an MLflow admin, every
+target up, the server's request counters rising with traffic, the config and
+rules accepted by promtool, and the ServiceDown alert firing for a stopped
+service and clearing when it is back (also in ./show_all.sh)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from .conftest import wait_for
+
+JOBS = {"prometheus", "mlflow", "postgres", "minio", "node"}
+ON = {"COMPOSE_PROFILES": "monitoring"}
+SERVICES = ("prometheus", "postgres-exporter", "node-exporter")
+
+
+@pytest.fixture(scope="module")
+def monitored(prefixed_stack):
+    s = prefixed_stack
+    s.environ.update(ON)
+    try:
+        s.deploy()  # waits until the three services are healthy
+        yield s
+    finally:
+        s.compose("rm", "--stop", "--force", *SERVICES, check=False)
+        del s.environ["COMPOSE_PROFILES"]
+
+
+def api(s, path: str, **params) -> dict:
+    response = s.http("GET", f"/prometheus/api/v1/{path}", params=params)
+    assert response.status_code == 200, (response.status_code, response.text[:300])
+    body = response.json()
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def scalar(s, query: str) -> float:
+    result = api(s, "query", query=query)["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def test_every_target_is_up(monitored):
+    def all_up():
+        targets = api(monitored, "targets")["activeTargets"]
+        health = {t["labels"]["job"]: t["health"] for t in targets}
+        return health if set(health) == JOBS and set(health.values()) == {"up"} else None
+
+    wait_for(all_up, 120, "every Prometheus target to be up", interval=3,
+             detail=lambda: {t["labels"]["job"]: (t["health"], t.get("lastError"))
+                             for t in api(monitored, "targets")["activeTargets"]})
+
+
+def test_prometheus_is_for_mlflow_admins_only(monitored):
+    assert monitored.http("GET", "/prometheus/-/ready", auth=False).status_code == 401
+    name, password = f"viewer-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    created = monitored.http("POST", "/api/2.0/mlflow/users/create", json={"username": name, "password": password})
+    assert created.status_code == 200, created.text
+    assert monitored.http("GET", "/prometheus/-/ready", auth=(name, password)).status_code == 403
+    assert monitored.http("GET", "/prometheus/-/ready").status_code == 200
+
+
+def test_config_and_rules_pass_promtool(monitored):
+    out = monitored.compose("exec", "-T", "prometheus", "promtool", "check", "config",
+                            "/etc/prometheus/prometheus.yml").stdout
+    assert "SUCCESS" in out and "rules found" in out, out
+
+
+def test_server_request_counters_rise_with_traffic(monitored):
+    query = "sum(mlflow_http_request_total)"
+    before = wait_for(lambda: scalar(monitored, query), 60, "a first scrape of the server's counters", interval=3)
+    for _ in range(20):
+        assert monitored.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1").status_code == 200
+    wait_for(lambda: scalar(monitored, query) >= before + 20, 60, "the counters to rise by the 20 requests",
+             interval=3)
+    assert scalar(monitored, 'sum(pg_up)') == 1
+    assert scalar(monitored, 'count(node_filesystem_avail_bytes{mountpoint=~"/volumes/.*"})') >= 2
+    assert scalar(monitored, "minio_cluster_capacity_usable_total_bytes") > 0
+
+
+def test_a_stopped_service_fires_its_alert_and_recovering_clears_it(monitored):
+    def minio_down(states=("firing",)):
+        return [a for a in api(monitored, "alerts")["alerts"]
+                if a["labels"]["alertname"] == "ServiceDown" and a["labels"]["job"] == "minio"
+                and a["state"] in states]
+
+    monitored.compose("stop", "minio")
+    try:
+        wait_for(minio_down, 180, "ServiceDown for minio to fire (up == 0 for 1m)", interval=5)
+        shown = monitored.script("show_all.sh").stdout
+        assert "firing   ServiceDown (instance=minio:9000, job=minio)" in shown, shown
+    finally:
+        monitored.compose("start", "minio")
+    wait_for(lambda: not minio_down(("firing", "pending")), 120, "the alert to clear", interval=5)

@@ -490,13 +490,6 @@ def cmd_healthcheck(_args: list[str]) -> int:
                 return 1
     except (urllib.error.URLError, OSError):
         return 1
-    # Counters of an earlier run (the directory is on a volume) would add up wrongly.
-    shutil.rmtree(metrics_dir(), ignore_errors=True)
-    os.makedirs(metrics_dir(), mode=0o700)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir()
-    subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-        [sys.executable, __file__, "metrics", env("MLFLOW_METRICS_PORT")], close_fds=True
-    )
     relay = s3_relay_target()
     if relay:
         try:

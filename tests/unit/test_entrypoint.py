@@ -227,3 +227,13 @@ def test_no_gateway_table_no_work(tmp_path):
 def test_the_server_exposes_prometheus_metrics_from_every_worker(environ):
     argv = ep.server_argv(environ)
     assert argv[argv.index("--expose-prometheus") + 1] == ep.metrics_dir()
+
+
+def test_only_the_server_command_resets_the_metrics_and_starts_their_port():
+    """The healthcheck runs every 10 s: it must not wipe the workers' counters."""
+    import inspect
+
+    assert "metrics_dir()" in inspect.getsource(ep.cmd_server)
+    for name, command in ep.COMMANDS.items():
+        if name not in ("server", "metrics"):
+            assert "metrics_dir" not in inspect.getsource(command), name

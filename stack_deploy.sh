@@ -116,6 +116,12 @@ step_up() {
 	log "Starting services and waiting until all are healthy (up to ${DEPLOY_TIMEOUT:-900} s)"
 	up_and_wait "Fix it and run ./stack_deploy.sh again (data volumes are kept)" \
 		--remove-orphans --wait-timeout "${DEPLOY_TIMEOUT:-900}"
+	# Compose leaves the services of a profile that was turned off running.
+	local off
+	mapfile -t off < <(stack_py inactive)
+	if [ "${#off[@]}" -gt 0 ] && [ -n "${off[0]}" ]; then
+		compose --profile '*' rm --stop --force "${off[@]}" >&2
+	fi
 }
 
 step_client_env() {

@@ -466,6 +466,10 @@ def schedule(root: Path = ROOT) -> int:
     keep = int(settings.value("BACKUP_KEEP", os.environ))
     interval = _interval()
     log(f"scheduled backups every {interval / 3600:g} h, keeping {keep}")
+    if last_good(root) is None:
+        # Never a good one yet: the schedule's start is the reference, so that
+        # BackupTooOld fires if none succeeds within two intervals.
+        write_metrics(root, time.time(), interval)
     while True:
         last = last_good(root)
         due = 0 if last is None else max(0.0, last + interval - time.time())
@@ -481,7 +485,7 @@ def schedule(root: Path = ROOT) -> int:
             time.sleep(600)
 
 
-METRICS_FILE = "mlflow-stack-backup.prom"
+METRICS_FILE = common.BACKUP_METRICS_FILE
 
 
 def write_metrics(root: Path, last_good: float, interval: float) -> None:

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
-import threading
-import time
 import urllib.parse
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ITEMS = 1000, 100, 100, 1000
@@ -26,11 +23,11 @@ MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
 MAX_BODY = 1 << 20  # MLflow's own log-batch limit
 SPECIAL_FLOATS = {"NaN", "Infinity", "-Infinity"}
 API_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/", "/api/3.0/mlflow/", "/ajax-api/3.0/mlflow/")
+# nginx asks here whether a login is an MLflow admin's (admin-only pages: Prometheus).
+ADMIN_CHECK = "/_stack/admin"
 # MLflow 3.17 streams proxied artifact up/downloads in a native route that it
 # mounts at the root even under --static-prefix; the prefixed twin is Flask's,
 # which holds a whole upload in memory. Its auth layer checks the root form.
-# nginx asks here whether a login is an MLflow admin's (admin-only pages: Prometheus).
-ADMIN_CHECK = "/_stack/admin"
 STREAMED_ARTIFACTS = ("/api/2.0/mlflow-artifacts/artifacts/", "/ajax-api/2.0/mlflow-artifacts/artifacts/")
 
 
@@ -181,7 +178,6 @@ class Guard:
         self.base_path = base_path
         # Any API body (not only the checked writes): the same limit as nginx's.
         self.max_body = max_body
-        self.admins = AdminLogins(float(os.environ.get("MLFLOW_AUTH_CACHE_SECONDS", "30")))
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -233,50 +229,29 @@ class Guard:
         if not self.auth:
             return await _status(send, 204)
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"), "")
-        verdict = await asyncio.to_thread(self.admins.verdict, header)
+        verdict = await asyncio.to_thread(admin_verdict, header)
         await _status(send, {True: 204, False: 403, None: 401}[verdict])
 
 
-class AdminLogins:
-    """Checks a Basic login against MLflow's user store (PBKDF2: slow on purpose), and
-    remembers each verdict for MLFLOW_AUTH_CACHE_SECONDS, like MLflow's login cache."""
+def admin_verdict(header: str) -> bool | None:
+    """True: an MLflow admin's Basic login; False: another user's; None: no valid login.
 
-    def __init__(self, ttl: float):
-        self.ttl = ttl
-        self.seen: dict[bytes, tuple[float, bool | None]] = {}
-        self.lock = threading.Lock()
+    MLflow's own check (`_authenticate_cached`, as its FastAPI routes use): the same
+    login cache, cleared when a password changes or a user goes, and the same
+    refusal of the old default admin password."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        username, sep, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not sep:
+        return None
+    from mlflow.server import auth
 
-    def verdict(self, header: str) -> bool | None:
-        """True: an admin; False: a valid login, not an admin; None: no valid login."""
-        digest = hashlib.sha256(header.encode("latin-1")).digest()
-        now = time.monotonic()
-        with self.lock:
-            hit = self.seen.get(digest)
-        if hit and hit[0] > now:
-            return hit[1]
-        result = self._check(header)
-        with self.lock:
-            if len(self.seen) > 10_000:
-                self.seen.clear()
-            self.seen[digest] = (now + self.ttl, result)
-        return result
-
-    @staticmethod
-    def _check(header: str) -> bool | None:
-        scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
-            return None
-        try:
-            username, sep, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return None
-        if not sep:
-            return None
-        from mlflow.server.auth import store
-
-        if not store.authenticate_user(username, password):
-            return None
-        return bool(store.get_user(username).is_admin)
+    user = auth._authenticate_cached(username, password)
+    return None if user is None else bool(user.is_admin)
 
 
 async def _status(send, status: int) -> None:

@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from . import build, client_env, compose, envfile, paths, preflight, settings, show, standins, tls, users
+from . import build, client_env, common, compose, envfile, paths, pins, preflight, settings, show, standins, tls, users
 
 
 def _values() -> dict[str, str]:
@@ -108,6 +108,17 @@ def cmd_build(_args) -> int:
         status = build.run(service, ca_in_use=ca)
         if status != 0:
             return status
+    return 0
+
+
+def cmd_inactive(_args) -> int:
+    """The services of profiles now off (a deploy stops and removes them: Compose leaves
+    them running), and the backup metric goes with scheduled backups."""
+    values = _values()
+    off = pins.inactive_services(set(filter(None, values["COMPOSE_PROFILES"].split(","))))
+    if "backup" in off:
+        (paths.backup_dir(values) / common.BACKUP_METRICS_FILE).unlink(missing_ok=True)
+    print("\n".join(off))
     return 0
 
 
@@ -199,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_standins)
     sub.add_parser("build").set_defaults(func=cmd_build)
     sub.add_parser("compose-env").set_defaults(func=cmd_compose_env)
+    sub.add_parser("inactive").set_defaults(func=cmd_inactive)
     p = sub.add_parser("get")
     p.add_argument("keys", nargs="+")
     p.set_defaults(func=cmd_get)

@@ -124,6 +124,10 @@ def write_ca_bundle(extra: Path, dest: Path) -> Path:
     return dest
 
 
+# The backup job's textfile metric in BACKUP_DIR (node-exporter reads it;
+# alert BackupTooOld). Removed by a deploy that turns scheduled backups off.
+BACKUP_METRICS_FILE = "mlflow-stack-backup.prom"
+
 # PostgreSQL advisory lock key ("mlfl"): a backup, a restore and a garbage
 # collection each hold it for their whole run, so gc never deletes within a
 # running backup or restore.

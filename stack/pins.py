@@ -30,22 +30,36 @@ _SERVICE = re.compile(r"^  ([a-z][a-z0-9-]*):\s*$")
 _PROFILES = re.compile(r"^    profiles:\s*\[([^\]]*)\]")
 
 
+def _service_blocks(root: Path) -> dict[str, tuple[set[str], set[str]]]:
+    """service -> (image pin variables, Compose profiles) from docker-compose.yml."""
+    services: dict[str, tuple[set[str], set[str]]] = {}
+    current = None
+    for line in (root / "docker-compose.yml").read_text().splitlines():
+        if re.match(r"^\S", line):
+            current = "" if line.startswith("services:") else None
+            continue
+        if current is None:
+            continue
+        if m := _SERVICE.match(line):
+            current = m.group(1)
+            services[current] = (set(), set())
+        elif current:
+            services[current][0].update(var for var, _ in _COMPOSE_PIN.findall(line))
+            if m := _PROFILES.match(line):
+                services[current][1].update(p.strip() for p in m.group(1).split(",") if p.strip())
+    return services
+
+
+def inactive_services(active: set[str], root: Path = ROOT) -> list[str]:
+    """Services that only run under profiles that are not active."""
+    return sorted(name for name, (_, profiles) in _service_blocks(root).items()
+                  if profiles and not profiles & active)
+
+
 def pin_profiles(root: Path = ROOT) -> dict[str, set[str]]:
     """VARIABLE -> the Compose profiles of the services using that pin (empty: always on)."""
     found: dict[str, set[str]] = {}
-    services: list[tuple[set[str], set[str]]] = []  # (pins, profiles) per service block
-    in_services = False
-    for line in (root / "docker-compose.yml").read_text().splitlines():
-        if re.match(r"^\S", line):
-            in_services = line.startswith("services:")
-            continue
-        if in_services and _SERVICE.match(line):
-            services.append((set(), set()))
-        elif in_services and services:
-            services[-1][0].update(var for var, _ in _COMPOSE_PIN.findall(line))
-            if m := _PROFILES.match(line):
-                services[-1][1].update(p.strip() for p in m.group(1).split(",") if p.strip())
-    for pins, profiles in services:
+    for pins, profiles in _service_blocks(root).values():
         for var in pins:
             # A pin used by an always-on service is always needed.
             found[var] = set() if (var in found and not found[var]) or not profiles else found.get(var, set()) | profiles

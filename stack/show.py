@@ -91,7 +91,7 @@ import json, sys
 alerts = json.load(sys.stdin)["data"]["alerts"]
 for a in sorted(alerts, key=lambda a: (a["state"], a["labels"]["alertname"])):
     labels = ", ".join(f"{k}={v}" for k, v in sorted(a["labels"].items()) if k not in ("alertname", "severity"))
-    print(f'  {a["state"]:<8} {a["labels"]["alertname"]} ({labels}): {a["annotations"].get("summary", "")}')
+    print(f'{a["state"]:<8} {a["labels"]["alertname"]} ({labels}): {a["annotations"].get("summary", "")}')
 """
 
 
@@ -108,7 +108,7 @@ def monitoring(values: dict[str, str], running: set[str], compose: tuple[list[st
     if code != 0:
         return lines + ["  alerts         unavailable (Prometheus did not answer)"]
     code, shown = _run([sys.executable, "-c", _ALERTS], stdin=out)
-    return lines + ((shown.splitlines() if shown else ["  alerts         none pending or firing"])
+    return lines + (([f"  {line}" for line in shown.splitlines()] if shown else ["  alerts         none pending or firing"])
                     if code == 0 else ["  alerts         unreadable answer from Prometheus"])
 
 

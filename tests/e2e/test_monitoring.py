@@ -55,6 +55,8 @@ def test_every_target_is_up(monitored):
 
 def test_prometheus_is_for_mlflow_admins_only(monitored):
     assert monitored.http("GET", "/prometheus/-/ready", auth=False).status_code == 401
+    # Only nginx's internal check may ask the server who is an admin.
+    assert monitored.http("GET", "/_stack/admin").status_code == 404
     name, password = f"viewer-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
     created = monitored.http("POST", "/api/2.0/mlflow/users/create", json={"username": name, "password": password})
     assert created.status_code == 200, created.text
@@ -94,3 +96,18 @@ def test_a_stopped_service_fires_its_alert_and_recovering_clears_it(monitored):
     finally:
         monitored.compose("start", "minio")
     wait_for(lambda: not minio_down(("firing", "pending")), 120, "the alert to clear", interval=5)
+
+
+def test_every_metric_the_alerts_use_has_data(monitored):
+    """An alert on a metric nobody exports can never fire."""
+    import re
+
+    from stack.paths import ROOT
+
+    text = (ROOT / "monitoring/alerts.yml").read_text()
+    names = set(re.findall(r"\b((?:mlflow|pg|node|minio)_[a-z_]+)\b", text))
+    # The backup metric exists only with scheduled backups (test_backup.py's stack).
+    names -= {"mlflow_stack_backup_last_good_timestamp_seconds", "mlflow_stack_backup_interval_seconds"}
+    assert {"mlflow_http_request_total", "pg_up", "node_filesystem_avail_bytes"} <= names
+    missing = [n for n in sorted(names) if not scalar(monitored, f"count({n})")]
+    assert not missing, f"no data for {missing}"

@@ -228,6 +228,10 @@ def test_server_metrics_count_requests_inside_and_are_not_served_outside(stack):
         assert stack.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1").status_code == 200
     assert _requests_counted(stack) >= before + 5
     assert stack.http("GET", "/metrics").status_code == 404
+    # Nor the object store's own metrics and health API, on the published S3 port.
+    s3 = f"https://localhost:{stack.values()['S3_PORT']}"
+    for path in ("/minio/v2/metrics/cluster", "/minio/health/live"):
+        assert stack.http("GET", path, auth=False, base=s3).status_code == 404, path
 
 
 def test_redeploy_of_a_running_stack_changes_nothing(stack, logged):

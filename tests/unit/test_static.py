@@ -274,3 +274,21 @@ def test_images_of_services_whose_profile_is_off_are_not_needed():
     on = {u.var for u in pins.upstream_images({"COMPOSE_PROFILES": "backup,monitoring"}, {})}
     assert "PROMETHEUS_IMAGE" not in off and {"PROMETHEUS_IMAGE", "NODE_EXPORTER_IMAGE"} <= on
     assert {"POSTGRES_IMAGE", "NGINX_IMAGE", "MINIO_IMAGE"} <= off
+
+
+def test_the_profiles_setting_knows_every_compose_profile_and_a_deploy_retires_the_others():
+    from stack import pins
+
+    blocks = pins._service_blocks(ROOT)
+    assert set().union(*(profiles for _, profiles in blocks.values())) == set(settings.PROFILES)
+    assert pins.inactive_services(set(settings.PROFILES)) == []
+    assert pins.inactive_services({"backup"}) == ["gc", "node-exporter", "postgres-exporter", "prometheus"]
+    assert "mlflow" not in pins.inactive_services(set())
+
+
+def test_every_scrape_target_names_its_compose_service(tmp_path):
+    import yaml
+
+    services = compose_config(tmp_path, "--profile", "*")["services"]
+    for job in yaml.safe_load((ROOT / "monitoring/prometheus.yml").read_text())["scrape_configs"]:
+        assert job["static_configs"][0]["labels"]["service"] in services, job["job_name"]

@@ -9,6 +9,8 @@ Subcommands:
   healthcheck   exit 0 when the server answers /health (and the S3 relay, if any, accepts)
   forward       internal: relay a loopback port to another host (see s3_relay_target)
   metrics PORT  internal: serve the server workers' Prometheus metrics on PORT
+  nginx-metrics count nginx's requests from its syslog lines, for Prometheus (nginx_metrics.py);
+                nginx-metrics-health: exit 0 while it answers
   drop-unreadable-gateway-secrets
                 delete stored AI-gateway secrets that no known passphrase opens (lost key)
   gc [--dry-run] [--older-than DAYS]
@@ -263,6 +265,22 @@ def cmd_metrics(args: list[str]) -> int:
     start_http_server(int(args[0]), registry=registry)
     while True:
         time.sleep(3600)
+
+
+def cmd_nginx_metrics(_args: list[str]) -> int:
+    import nginx_metrics
+
+    nginx_metrics.serve(common.NGINX_EXPORTER_SYSLOG_PORT, common.NGINX_EXPORTER_METRICS_PORT)
+    return 0
+
+
+def cmd_nginx_metrics_health(_args: list[str]) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{common.NGINX_EXPORTER_METRICS_PORT}/metrics", timeout=4):
+            return 0
+    except OSError as exc:
+        print(f"nginx-metrics: not answering: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_forward(args: list[str]) -> int:
@@ -574,6 +592,8 @@ COMMANDS = {
     "healthcheck": cmd_healthcheck,
     "forward": cmd_forward,
     "metrics": cmd_metrics,
+    "nginx-metrics": cmd_nginx_metrics,
+    "nginx-metrics-health": cmd_nginx_metrics_health,
 }
 
 

@@ -128,6 +128,23 @@ def write_ca_bundle(extra: Path, dest: Path) -> Path:
 # alert BackupTooOld). Removed by a deploy that turns scheduled backups off.
 BACKUP_METRICS_FILE = "mlflow-stack-backup.prom"
 
+# nginx sends one line per request over syslog to the nginx-exporter service
+# (profile monitoring, mlflow/nginx_metrics.py), which Prometheus scrapes.
+NGINX_EXPORTER = "nginx-exporter"
+NGINX_EXPORTER_SYSLOG_PORT = 5140
+NGINX_EXPORTER_METRICS_PORT = 9113
+NGINX_METRICS_TAG = "nginx_metrics"
+
+
+def nginx_metrics_log(profiles: str) -> str:
+    """nginx's access_log target for its request metrics. nginx resolves a
+    syslog host once, at start, and refuses to start if the name is unknown:
+    without the profile the lines go nowhere."""
+    if "monitoring" not in profiles.split(","):
+        return "/dev/null"
+    return f"syslog:server={NGINX_EXPORTER}:{NGINX_EXPORTER_SYSLOG_PORT},nohostname,tag={NGINX_METRICS_TAG}"
+
+
 # PostgreSQL advisory lock key ("mlfl"): a backup, a restore and a garbage
 # collection each hold it for their whole run, so gc never deletes within a
 # running backup or restore.

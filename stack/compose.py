@@ -11,7 +11,7 @@ import os
 import shlex
 from typing import Iterable, Mapping
 
-from . import envfile, paths, pins, secretfiles, settings, standins, tls
+from . import common, envfile, paths, pins, secretfiles, settings, standins, tls
 
 PLACEHOLDER_SECRET = "placeholder-not-a-secret"
 
@@ -51,6 +51,7 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_TLS_TRUST", material["trust"]),
         ("STACK_SECRETS_DIR", str(folder)),
         ("BACKUP_DIR", str(paths.backup_dir(values))),
+        ("NGINX_METRICS_LOG", common.nginx_metrics_log(values["COMPOSE_PROFILES"])),
     ]
     if values["MLFLOW_VARIANT"] == "conda":
         base = next(u for u in pins.upstream_images(values, environ) if u.base)

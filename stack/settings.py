@@ -220,7 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
                 "~0.2 s of CPU (PBKDF2), so 0 makes every API call that slow; the price of caching: a "
                 "changed or deleted login keeps working on other workers for up to this long."),
 
-    Setting("MLFLOW_VARIANT", "pip", choice("pip", "conda"), section=SERVER, services=("bucket-init", "gc", "migrate", "mlflow"),
+    Setting("MLFLOW_VARIANT", "pip", choice("pip", "conda"), section=SERVER, services=("bucket-init", "gc", "migrate", "mlflow", "nginx-exporter"),
             host=("deploy --variant",),
             doc="pip or conda image (the conda variant needs a reachable conda channel; --variant sets it)."),
     Setting("STACK_STANDINS", "false", choice("false", "true"), section=SERVER,
@@ -279,7 +279,8 @@ SETTINGS: tuple[Setting, ...] = (
             host=("backup scripts", "show"),
             doc="Folder for backup sets (relative to this project's folder, or absolute)."),
     Setting("COMPOSE_PROFILES", "", profiles(), section=BACKUPS, may_be_empty=True,
-            services=("backup", "gc", "prometheus", "postgres-exporter", "node-exporter"), host=("deploy", "show"),
+            services=("backup", "gc", "nginx", "nginx-exporter", "prometheus", "postgres-exporter", "node-exporter"),
+            host=("deploy", "show"),
             doc="Optional services, comma-separated: backup (scheduled backups), gc (scheduled garbage "
                 "collection), monitoring (Prometheus with alerts, at MLFLOW_BASE_PATH/prometheus/ for admins); "
                 "e.g. backup,gc,monitoring. Empty: none."),

@@ -1,6 +1,7 @@
 """The monitoring profile on the deployment under MLFLOW_BASE_PATH (`prefixed_stack`):
 Prometheus reached through nginx at BASE/prometheus/ as an MLflow admin, every
-target up, the server's request counters rising with traffic, the config and
+target up, the server's and nginx's request counters rising with traffic (nginx's
+by route and status code, with latency), the config and
 rules accepted by promtool, and the ServiceDown alert firing for a stopped
 service and clearing when it is back (also in ./show_all.sh)."""
 
@@ -12,9 +13,9 @@ import pytest
 
 from .conftest import wait_for
 
-JOBS = {"prometheus", "mlflow", "postgres", "minio", "node"}
+JOBS = {"prometheus", "mlflow", "nginx", "postgres", "minio", "node"}
 ON = {"COMPOSE_PROFILES": "monitoring"}
-SERVICES = ("prometheus", "postgres-exporter", "node-exporter")
+SERVICES = ("prometheus", "postgres-exporter", "node-exporter", "nginx-exporter")
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +71,25 @@ def test_config_and_rules_pass_promtool(monitored):
     assert "SUCCESS" in out and "rules found" in out, out
 
 
-def test_server_request_counters_rise_with_traffic(monitored):
+def test_server_and_nginx_request_counters_rise_with_traffic(monitored):
     query = "sum(mlflow_http_request_total)"
+    ok = 'sum(nginx_http_requests_total{route="api", status="200"})'
+    missing = 'sum(nginx_http_requests_total{route="api", status="404"})'
     before = wait_for(lambda: scalar(monitored, query), 60, "a first scrape of the server's counters", interval=3)
+    # nginx's series for a route exist once it has answered one request there.
+    nginx_before = {q: scalar(monitored, q) for q in (ok, missing)}
     for _ in range(20):
         assert monitored.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1").status_code == 200
-    wait_for(lambda: scalar(monitored, query) >= before + 20, 60, "the counters to rise by the 20 requests",
+    for _ in range(7):
+        assert monitored.http("GET", "/api/2.0/mlflow/runs/get?run_id=no-such-run").status_code == 404
+    wait_for(lambda: scalar(monitored, query) >= before + 27, 60, "the counters to rise by the 27 requests",
              interval=3)
+    wait_for(lambda: scalar(monitored, ok) >= nginx_before[ok] + 20 and scalar(monitored, missing) >= nginx_before[missing] + 7,
+             60, "nginx's counts of 200s and 404s to rise by 20 and 7", interval=3,
+             detail=lambda: {q: scalar(monitored, q) for q in (ok, missing)})
+    # Latency as nginx saw it, and the server's share of it.
+    assert scalar(monitored, 'sum(nginx_http_request_duration_seconds_count{route="api"})') >= 27
+    assert scalar(monitored, 'sum(nginx_upstream_response_duration_seconds_count{route="api"})') >= 27
     assert scalar(monitored, 'sum(pg_up)') == 1
     assert scalar(monitored, 'count(node_filesystem_avail_bytes{mountpoint=~"/volumes/.*"})') >= 2
     assert scalar(monitored, "minio_cluster_capacity_usable_total_bytes") > 0
@@ -105,10 +118,10 @@ def test_every_metric_the_alerts_use_has_data(monitored):
     from stack.paths import ROOT
 
     text = (ROOT / "monitoring/alerts.yml").read_text()
-    names = set(re.findall(r"\b((?:mlflow|pg|node|minio)_[a-z_]+)\b", text))
+    names = set(re.findall(r"\b((?:mlflow|nginx|pg|node|minio)_[a-z_]+)\b", text))
     # The backup metric exists only with scheduled backups (test_backup.py's stack).
     names -= {"mlflow_stack_backup_last_good_timestamp_seconds", "mlflow_stack_backup_interval_seconds"}
-    assert {"mlflow_http_request_total", "pg_up", "node_filesystem_avail_bytes"} <= names
+    assert {"nginx_http_requests_total", "pg_up", "node_filesystem_avail_bytes"} <= names
 
     def missing():
         return [n for n in sorted(names) if not scalar(monitored, f"count({n})")]

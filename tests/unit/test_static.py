@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from stack import compose, envfile, paths, pins, settings
+from stack import common, compose, envfile, paths, pins, settings
 
 ROOT = paths.ROOT
 SHELL_SCRIPTS = sorted(
@@ -196,7 +196,7 @@ def test_no_secret_files_tracked_by_git():
 def test_every_service_is_hardened(tmp_path):
     services = compose_config(tmp_path, "--profile", "*")["services"]
     assert set(services) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup", "gc",
-                             "prometheus", "postgres-exporter", "node-exporter"}
+                             "prometheus", "postgres-exporter", "node-exporter", "nginx-exporter"}
     for name, svc in services.items():
         assert "no-new-privileges:true" in svc.get("security_opt", []), name
         assert svc.get("cap_drop") == ["ALL"], name
@@ -225,7 +225,9 @@ def test_nginx_config_passes_gixy(tmp_path, base_path):
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
     for key, value in {"HTTP_PORT": "8080", "HTTPS_PORT": "8443", "S3_PORT": "9000", "MLFLOW_API_MAX_BODY_MB": "64",
                        "MLFLOW_INTERNAL_URL": "http://mlflow:5000", "S3_INTERNAL_ENDPOINT": "http://minio:9000",
-                       "PROMETHEUS_INTERNAL_URL": "http://prometheus:9090", "MLFLOW_BASE_PATH": base_path}.items():
+                       "PROMETHEUS_INTERNAL_URL": "http://prometheus:9090", "MLFLOW_BASE_PATH": base_path,
+                       # With and without the monitoring profile.
+                       "NGINX_METRICS_LOG": common.nginx_metrics_log("monitoring" if base_path else "")}.items():
         template = template.replace("${" + key + "}", value)
     assert not re.findall(r"\$\{[A-Z_]+\}", template), "a template variable this test does not render"
     (conf_d / "mlflow.conf").write_text(template)
@@ -246,6 +248,7 @@ def test_prometheus_scrapes_the_services_at_their_ports(tmp_path):
         assert host == "localhost" or host in services, (job, target)
     # MLflow's metrics port has one home: the mlflow service's environment.
     assert targets["mlflow"] == f"mlflow:{services['mlflow']['environment']['MLFLOW_METRICS_PORT']}"
+    assert targets["nginx"] == f"{common.NGINX_EXPORTER}:{common.NGINX_EXPORTER_METRICS_PORT}"
     assert services["minio"]["environment"]["MINIO_PROMETHEUS_AUTH_TYPE"] == "public"
     assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
     mounted = {v["target"] for v in services["prometheus"]["volumes"]}
@@ -256,7 +259,7 @@ def test_every_alert_says_what_it_means_and_what_to_do():
     import yaml
 
     rules = [r for g in yaml.safe_load((ROOT / "monitoring/alerts.yml").read_text())["groups"] for r in g["rules"]]
-    assert {r["alert"] for r in rules} >= {"ServiceDown", "MLflowErrorRatioHigh", "MLflowSlowRequests",
+    assert {r["alert"] for r in rules} >= {"ServiceDown", "ErrorRatioHigh", "SlowRequests",
                                            "VolumeNearlyFull", "ObjectStoreNearlyFull",
                                            "PostgresConnectionsNearLimit", "BackupTooOld"}
     for rule in rules:
@@ -282,7 +285,8 @@ def test_the_profiles_setting_knows_every_compose_profile_and_a_deploy_retires_t
     blocks = pins._service_blocks(ROOT)
     assert set().union(*(profiles for _, profiles in blocks.values())) == set(settings.PROFILES)
     assert pins.inactive_services(set(settings.PROFILES)) == []
-    assert pins.inactive_services({"backup"}) == ["gc", "node-exporter", "postgres-exporter", "prometheus"]
+    assert pins.inactive_services({"backup"}) == ["gc", "nginx-exporter", "node-exporter", "postgres-exporter",
+                                                  "prometheus"]
     assert "mlflow" not in pins.inactive_services(set())
 
 

@@ -6,7 +6,7 @@ Subcommands:
   migrate       bring the database schema up to date (`mlflow db upgrade`), then exit
   init-bucket   create the artifact bucket if it is missing, then exit
   schema-status print "empty", "current", "outdated DB HEAD" or "newer DB HEAD" (exit 0)
-  healthcheck   exit 0 when the server answers /health (and the S3 relay, if any, accepts)
+  healthcheck   exit 0 when the server answers /health, the database a query (and the S3 relay, if any, accepts)
   forward       internal: relay a loopback port to another host (see s3_relay_target)
   metrics PORT  internal: serve the server workers' Prometheus metrics on PORT
   nginx-metrics count nginx's requests from its syslog lines, for Prometheus (nginx_metrics.py);
@@ -501,19 +501,47 @@ def cmd_init_bucket(_args: list[str]) -> int:
     return 1
 
 
+def database_answers(timeout: int = 3) -> str | None:
+    """None if the backend store takes a query, else why not. MLflow's /health
+    answers without asking it, so a database that is down (e.g. crash-looping on
+    a full disk) left the server "healthy" while every write failed."""
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(connect_timeout=timeout, options=f"-c statement_timeout={timeout * 1000}",
+                                **common.postgres_params())
+    except psycopg2.Error as exc:
+        return f"the database does not answer: {str(exc).strip()}"
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    except psycopg2.Error as exc:
+        return f"the database does not answer a query: {str(exc).strip()}"
+    finally:
+        conn.close()
+    return None
+
+
 def cmd_healthcheck(_args: list[str]) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server_port()}{base_path()}/health", timeout=5) as r:
             if r.status != 200:
+                print(f"the server's /health answered {r.status}")
                 return 1
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"the server does not answer /health: {exc}")
         return 1
     relay = s3_relay_target()
     if relay:
         try:
             socket.create_connection(("127.0.0.1", relay[0]), timeout=5).close()
         except OSError:
+            print("the S3 relay does not accept connections")
             return 1
+    problem = database_answers()
+    if problem:
+        print(problem)
+        return 1
     return 0
 
 

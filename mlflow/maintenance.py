@@ -16,6 +16,8 @@ calls (the SQL store's `_get_deleted_runs`, `_hard_delete_run`, ...), with:
   kept), and its rows deleted before its files, so a failure never leaves a
   restorable item without its artifacts;
 - a dry run that lists everything it would remove and changes nothing;
+- multipart uploads left unfinished for STALE_UPLOAD_HOURS aborted (their
+  parts take space but belong to no object);
 - the maintenance lock (stack.common.maintenance_lock), which a backup holds
   for its whole run: gc never runs within a backup, nor a backup within gc.
 """
@@ -28,6 +30,10 @@ import time
 from typing import Callable
 
 from stack import common
+
+
+# Multipart uploads unfinished for this long are abandoned (MinIO's own default).
+STALE_UPLOAD_HOURS = 24
 
 
 @dataclasses.dataclass
@@ -182,6 +188,29 @@ def run(store, client, bucket: str, older_than_ms: int, dry_run: bool,
     return todo
 
 
+def abort_stale_uploads(client, bucket: str, older_than_s: float, dry_run: bool,
+                        say: Callable[[str], None] = print, now: float | None = None) -> int:
+    """Abort the multipart uploads under artifacts/ begun more than older_than_s ago.
+
+    A client that dies in the middle of a multipart artifact upload leaves its
+    parts in the store, unlisted and counted against the disk. MinIO drops them
+    after a day by itself (its api stale_uploads_expiry); other S3 stores keep
+    them until a lifecycle rule or this removes them. Returns how many."""
+    now = time.time() if now is None else now
+    count = 0
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix="artifacts/"):
+        for upload in page.get("Uploads", []):
+            age = now - upload["Initiated"].timestamp()
+            if age <= older_than_s:
+                continue
+            if not dry_run:
+                client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            count += 1
+            say(f"gc: {'would abort' if dry_run else 'aborted'} an unfinished upload of "
+                f"s3://{bucket}/{upload['Key']} begun {age / 3600:.1f} h ago")
+    return count
+
+
 def collect(older_than_days: float, dry_run: bool, environ=None) -> Plan:
     """One collection against the stack's database and bucket, under the maintenance lock."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -190,6 +219,9 @@ def collect(older_than_days: float, dry_run: bool, environ=None) -> Plan:
     with common.maintenance_lock("gc", environ):
         store = SqlAlchemyStore(common.database_uri(environ), f"s3://{bucket}/artifacts")
         try:
-            return run(store, common.s3_client(environ), bucket, int(older_than_days * 86_400_000), dry_run)
+            client = common.s3_client(environ)
+            todo = run(store, client, bucket, int(older_than_days * 86_400_000), dry_run)
+            abort_stale_uploads(client, bucket, STALE_UPLOAD_HOURS * 3600, dry_run)
+            return todo
         finally:
             store.engine.dispose()

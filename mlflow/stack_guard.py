@@ -16,6 +16,7 @@ import asyncio
 import base64
 import json
 import os
+import sys
 import urllib.parse
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ITEMS = 1000, 100, 100, 1000
@@ -187,6 +188,8 @@ class Guard:
                 scope = unprefixed(scope, path, self.base_path)
         if scope["type"] == "http" and path == ADMIN_CHECK:
             return await self.admin_check(scope, send)
+        if scope["type"] == "http" and scope["method"] == "PUT" and path.startswith(STREAMED_ARTIFACTS):
+            return await self.upload(scope, receive, send)
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") \
                 or not path.startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
@@ -222,6 +225,37 @@ class Guard:
 
         return await self.app(scope, replay, send)
 
+
+    async def upload(self, scope, receive, send) -> None:
+        """An artifact upload; a full store's failure becomes a 507 with the reason.
+
+        MLflow answers it with a bare 500, which its client retries for minutes
+        (a 507 it does not retry). A 5xx is held until it is known what caused it."""
+        held, started = [], False
+
+        async def hold(message):
+            nonlocal started
+            if held or (message["type"] == "http.response.start" and message["status"] >= 500 and not started):
+                held.append(message)
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, hold)
+        except Exception as exc:
+            reason = None if started else storage_full(_chain_text(exc))
+            if reason:
+                return await _store_full(send, reason)
+            for message in held:
+                await send(message)
+            raise
+        if held:
+            reason = storage_full(b"".join(m.get("body", b"") for m in held[1:]).decode("utf-8", "replace"))
+            if reason:
+                return await _store_full(send, reason)
+            for message in held:
+                await send(message)
 
     async def admin_check(self, scope, send) -> None:
         """nginx's auth_request for the admin-only pages (Prometheus): 204 for an MLflow
@@ -260,6 +294,32 @@ async def _status(send, status: int) -> None:
         headers.append((b"www-authenticate", b'Basic realm="mlflow"'))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
+
+
+def storage_full(text: str) -> str | None:
+    """What is full, if an upload's failure (an exception chain or a response
+    body) says that something is."""
+    if "XMinioStorageFull" in text:
+        return "the artifact store is full (the object store refused the upload: XMinioStorageFull)"
+    if "No space left on device" in text:
+        return "the MLflow server's disk is full (no room to take the upload in)"
+    return None
+
+
+def _chain_text(exc: BaseException) -> str:
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen and len(parts) < 10:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+async def _store_full(send, reason: str) -> None:
+    print(f"stack guard: artifact upload refused with 507: {reason}", file=sys.stderr, flush=True)
+    await _error(send, Invalid(f"{reason[0].upper()}{reason[1:]}. Nothing was stored. Free space (./stack_gc.sh removes the "
+                               "artifacts of deleted runs) or grow the disk, then log the artifact again.",
+                               507, "RESOURCE_EXHAUSTED"))
 
 
 def unprefixed(scope: dict, path: str, base_path: str) -> dict:

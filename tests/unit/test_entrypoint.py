@@ -237,3 +237,19 @@ def test_only_the_server_command_resets_the_metrics_and_starts_their_port():
     for name, command in ep.COMMANDS.items():
         if name not in ("server", "metrics"):
             assert "metrics_dir" not in inspect.getsource(command), name
+
+
+def test_the_healthcheck_reports_a_database_that_does_not_answer(monkeypatch, tmp_path):
+    """MLflow's /health does not ask the database; the healthcheck does (and says why, without the password)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    password = tmp_path / "pw"
+    password.write_text("s3cret-pw\n")
+    for key, value in {"POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(closed_port), "POSTGRES_USER": "mlflow",
+                       "POSTGRES_DB": "mlflow", "POSTGRES_PASSWORD_FILE": str(password)}.items():
+        monkeypatch.setenv(key, value)
+    problem = ep.database_answers(timeout=2)
+    assert problem.startswith("the database does not answer:") and "s3cret-pw" not in problem

@@ -169,3 +169,42 @@ def test_an_item_restored_meanwhile_is_kept(store, monkeypatch):
     gc.run(store, bucket, BUCKET, 0, dry_run=False, say=said.append)
     assert store.get_run(run_id).info.lifecycle_stage == "active" and list(bucket.objects) == [_key(uri)]
     assert any(f"kept run {run_id}" in line and "restored meanwhile" in line for line in said), said
+
+
+class Uploads:
+    """list_multipart_uploads pages and abort_multipart_upload, as boto3's client has them."""
+
+    def __init__(self, uploads):
+        self.uploads = uploads  # key -> (upload id, initiated)
+
+    def get_paginator(self, name):
+        assert name == "list_multipart_uploads"
+        uploads = self.uploads
+
+        class Paginator:
+            def paginate(self, Bucket, Prefix):  # noqa: N803 - boto3's names
+                assert Bucket == BUCKET
+                yield {"Uploads": [{"Key": k, "UploadId": u, "Initiated": t} for k, (u, t) in sorted(uploads.items())
+                                   if k.startswith(Prefix)]}
+        return Paginator()
+
+    def abort_multipart_upload(self, Bucket, Key, UploadId):  # noqa: N803
+        assert self.uploads[Key][0] == UploadId
+        del self.uploads[Key]
+
+
+def test_unfinished_uploads_older_than_a_day_are_aborted_and_a_dry_run_only_lists_them():
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime(2026, 11, 27, 12, tzinfo=timezone.utc)
+    bucket = Uploads({"artifacts/1/a/model.bin": ("u1", now - timedelta(hours=30)),
+                      "artifacts/1/b/data.bin": ("u2", now - timedelta(hours=2)),
+                      "elsewhere/x.bin": ("u3", now - timedelta(days=9))})
+    said = []
+    limit = gc.STALE_UPLOAD_HOURS * 3600
+    assert gc.abort_stale_uploads(bucket, BUCKET, limit, True, said.append, now.timestamp()) == 1
+    assert len(bucket.uploads) == 3 and said == [
+        "gc: would abort an unfinished upload of s3://mlflow/artifacts/1/a/model.bin begun 30.0 h ago"]
+    assert gc.abort_stale_uploads(bucket, BUCKET, limit, False, said.append, now.timestamp()) == 1
+    # A recent upload may still be running; outside artifacts/ is not the stack's to touch.
+    assert set(bucket.uploads) == {"artifacts/1/b/data.bin", "elsewhere/x.bin"}

@@ -215,3 +215,78 @@ def test_admin_check_answers_nginx_for_admins_users_and_strangers(monkeypatch):
     assert _admin_check(app, "Basic " + base64.b64encode(b"no-colon").decode(), "/mlflow/_stack/admin")[0] == 401
     # Without authentication the whole stack is open (the deploy warns); so is this.
     assert _admin_check(guard.Guard(inner, auth=False, max_body=1 << 20), None)[0] == 204
+
+
+UPLOAD = "/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/model.bin"
+
+
+def _server_error_then_raise(exc):
+    """MLflow's app as Starlette runs it: an uncaught error is answered with a
+    bare 500 (ServerErrorMiddleware), then raised on to the server."""
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Internal Server Error"})
+        raise exc
+    return inner
+
+
+def _full_store_error():
+    try:
+        try:
+            raise RuntimeError("An error occurred (XMinioStorageFull) when calling the UploadPart operation: "
+                               "Storage backend has reached its minimum free drive threshold.")
+        except RuntimeError as inner:
+            raise ValueError("Failed to upload /tmp/x/model.bin to mlflow/artifacts/1/abc/model.bin") from inner
+    except ValueError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("base_path", ["", "/mlflow"])
+def test_a_full_store_answers_507_with_the_reason(base_path, capsys):
+    app = guard.Guard(_server_error_then_raise(_full_store_error()), auth=False, max_body=1 << 20,
+                      base_path=base_path)
+    sent = _call(app, base_path + UPLOAD, b"0123456789", method="PUT")
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 507
+    error = json.loads(sent[1]["body"])
+    assert error["error_code"] == "RESOURCE_EXHAUSTED"
+    assert "artifact store is full" in error["message"] and "Nothing was stored" in error["message"]
+    assert "refused with 507" in capsys.readouterr().err
+
+
+def test_a_full_server_disk_answers_507_too():
+    app = guard.Guard(_server_error_then_raise(OSError(28, "No space left on device")), auth=False, max_body=1 << 20)
+    sent = _call(app, UPLOAD, b"x", method="PUT")
+    assert sent[0]["status"] == 507 and "server's disk is full" in json.loads(sent[1]["body"])["message"]
+
+
+def test_other_upload_failures_pass_unchanged():
+    app = guard.Guard(_server_error_then_raise(RuntimeError("boom")), auth=False, max_body=1 << 20)
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(app({"type": "http", "method": "PUT", "path": UPLOAD, "headers": []}, receive, send))
+    assert sent[0]["status"] == 500 and sent[1]["body"] == b"Internal Server Error"
+
+    # A handled error's body is read too (MLflow's own JSON 5xx), and passed on when it is not about space.
+    async def json_500(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"message": "Artifact serving is disabled"}'})
+
+    sent = _call(guard.Guard(json_500, auth=False, max_body=1 << 20), UPLOAD, b"x", method="PUT")
+    assert sent[0]["status"] == 503 and b"disabled" in sent[1]["body"]
+
+
+def test_a_successful_upload_streams_through():
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent = _call(guard.Guard(ok, auth=False, max_body=1 << 20), UPLOAD, b"x", method="PUT")
+    assert sent[0]["status"] == 200

@@ -14,6 +14,8 @@ paths itself:
     /minio/v2/metrics/cluster, .../node      Prometheus text, MinIO's metric names
     /minio/v2/metrics/bucket, .../resource   valid but empty
     any other /minio/... path                404 (MinIO reserves the name)
+    PUT of an object or part that does not fit
+                                             507 XMinioStorageFull, as MinIO (no_room)
 
 and relays every other request to SeaweedFS byte for byte: the request
 line and headers go on as received (Host and the SigV4-signed headers stay
@@ -56,6 +58,10 @@ BODY_GRACE = 60  # s to finish relaying a request body the upstream already answ
 HEALTH_PATHS = ("/minio/health/ready", "/minio/health/cluster", "/minio/health/cluster/read")
 EMPTY_METRICS = ("/minio/v2/metrics/bucket", "/minio/v2/metrics/resource")
 NO_BODY_STATUS = (204, 304)
+# MinIO's constants (cmd/globals.go) and its XMinioStorageFull message.
+DISK_FILL_FRACTION = 0.99
+DISK_ASSUME_UNKNOWN_SIZE = 1 << 30
+STORAGE_FULL = "Storage backend has reached its minimum free drive threshold. Please delete a few objects to proceed."
 
 START = time.time()
 
@@ -486,6 +492,11 @@ class Front:
                             csock.sendall(response(s, r, b, t, extra=("Retry-After: 1",),
                                                    head_only=method == "HEAD", keep=False))
                             return
+                    if method == "PUT" and path.strip("/").count("/") >= 1 and self.no_room(head):
+                        # MinIO refuses a write that would leave its drive (almost) full, before the body.
+                        s, r, b, t = s3_error(507, "Insufficient Storage", "XMinioStorageFull", STORAGE_FULL, path)
+                        csock.sendall(response(s, r, b, t, keep=False))
+                        return
                     keep = self.proxy(client, upstream, head, method, path, query, version, framing)
                 if not keep:
                     return
@@ -502,6 +513,16 @@ class Front:
             if upstream is not None:
                 upstream.sock.close()
             close_gently(csock)
+
+    def no_room(self, head):
+        """MinIO's rule (cmd/erasure-server-pool.go): an object or part whose size
+        (x-amz-decoded-content-length for aws-chunked bodies, else Content-Length,
+        1 GiB if unknown) would leave 1% of the drive or less free is refused."""
+        size = head.headers.get("x-amz-decoded-content-length") or head.headers.get("content-length")
+        size = int(size) if size and size.isdigit() else DISK_ASSUME_UNKNOWN_SIZE
+        fs = os.statvfs(self.data)
+        free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+        return free < size or free - size <= total * (1 - DISK_FILL_FRACTION)
 
     def proxy(self, client, upstream, head, method, path, query, version, framing):
         """One exchange relayed to the upstream; True if both connections stay usable."""

@@ -1,0 +1,110 @@
+"""A full disk, on a deployment of its own (profile monitoring) whose object
+store lives on a small file system: a tmpfs volume of SIZE_MIB, created before
+the deploy under the name Compose gives the minio-data volume.
+
+- An artifact that fits is stored. One larger than the space left is refused
+  within seconds with a 507 that says what is full and what to do; MLflow's
+  client does not retry a 507. Nothing of it stays: no object, no unfinished
+  multipart upload.
+- The nearly full volume puts VolumeNearlyFull (node-exporter's view) and
+  ObjectStoreNearlyFull (MinIO's capacity metrics) in pending state. They fire
+  after their 5 minutes `for:`, which this test does not wait for.
+- The server's healthcheck fails, saying why, while the database does not answer,
+  and passes again once it is back.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+
+import pytest
+
+from .conftest import new_stack, stack_lifetime, wait_for
+from .test_monitoring import api
+from .test_stack import s3_client
+
+SIZE_MIB = 192
+
+
+@pytest.fixture(scope="module")
+def small(standins, tmp_path_factory):
+    the_stack = new_stack(standins, tmp_path_factory.mktemp("fulldisk"), "mlflowfull")
+    the_stack.environ["COMPOSE_PROFILES"] = "monitoring"
+    project = the_stack.project
+    subprocess.run(["docker", "volume", "create", "--driver", "local", "--opt", "type=tmpfs", "--opt", "device=tmpfs",
+                    "--opt", f"o=size={SIZE_MIB}m", "--label", f"com.docker.compose.project={project}",
+                    "--label", "com.docker.compose.volume=minio-data", f"{project}_minio-data"],
+                   check=True, capture_output=True)
+    with stack_lifetime(the_stack) as deployed:  # its --purge removes the volume too
+        yield deployed
+
+
+@pytest.fixture(scope="module")
+def tag():
+    return uuid.uuid4().hex[:8]
+
+
+def upload(stack, mib: int, tag: str) -> dict:
+    result = stack.client(str(mib), tag, script="full_client.py", timeout=600)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def in_bucket(stack, artifact_uri: str) -> dict:
+    client, bucket = s3_client(stack), stack.values()["MLFLOW_BUCKET"]
+    prefix = "artifacts/" + artifact_uri.split("mlflow-artifacts:/", 1)[1].strip("/") + "/"
+    objects = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    return {"objects": [o["Key"] for o in objects], "unfinished uploads": [u["Key"] for u in uploads]}
+
+
+def test_a_full_store_refuses_an_upload_at_once_with_the_reason(small, tag, capsys):
+    fits = upload(small, 40, tag)
+    assert fits["ok"], fits
+    assert len(in_bucket(small, fits["artifact_uri"])["objects"]) == 1
+
+    too_big = upload(small, SIZE_MIB * 2, tag)
+    with capsys.disabled():
+        print(f"\n{SIZE_MIB * 2} MiB into a {SIZE_MIB} MiB store: refused after {too_big['seconds']} s "
+              f"(the whole upload included): {too_big['error'][:400]}")
+    assert not too_big["ok"]
+    error = too_big["error"]
+    assert "507" in error and "artifact store is full" in error and "./stack_gc.sh" in error, error
+    # Answered once, not retried: the server logged one refusal for it.
+    logs = small.compose("logs", "--no-color", "mlflow").stdout
+    assert logs.count("artifact upload refused with 507") == 1, logs[-3000:]
+    assert in_bucket(small, too_big["artifact_uri"]) == {"objects": [], "unfinished uploads": []}
+    # What was stored before is intact.
+    assert len(in_bucket(small, fits["artifact_uri"])["objects"]) == 1
+
+
+def test_the_nearly_full_volume_raises_the_disk_alerts(small, capsys):
+    def pending():
+        states = {(a["labels"]["alertname"], a["labels"].get("mountpoint", "")): a["state"]
+                  for a in api(small, "alerts")["alerts"]}
+        wanted = {("VolumeNearlyFull", "/volumes/minio"), ("ObjectStoreNearlyFull", "")}
+        return states if wanted <= set(states) else None
+
+    # One scrape (15 s) and one rule evaluation (15 s) after the volume filled.
+    states = wait_for(pending, 120, "VolumeNearlyFull for /volumes/minio and ObjectStoreNearlyFull", interval=5,
+                      detail=lambda: [(a["labels"], a["state"]) for a in api(small, "alerts")["alerts"]])
+    with capsys.disabled():
+        print(f"\nalerts after the store filled: {states}")
+    # The database volume is not the full one.
+    assert ("VolumeNearlyFull", "/volumes/db") not in states
+
+
+def test_the_healthcheck_fails_while_the_database_does_not_answer(small):
+    def healthcheck():
+        return small.compose("exec", "-T", "mlflow", "python3", "/opt/mlflow/entrypoint.py", "healthcheck",
+                             check=False)
+
+    assert healthcheck().returncode == 0
+    small.compose("stop", "db")
+    try:
+        result = healthcheck()
+        assert result.returncode == 1 and "the database does not answer" in result.stdout, result
+    finally:
+        small.compose("start", "db")
+    wait_for(lambda: healthcheck().returncode == 0, 120, "the healthcheck to pass once the database is back")

@@ -121,7 +121,7 @@ def serve(syslog_port: int, http_port: int) -> None:
     metrics = Metrics()
     start_http_server(http_port)
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    # Bursts of thousands of requests a second must not overflow the queue.
+    # A deeper queue for bursts (the kernel caps it at net.core.rmem_max).
     receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
     receiver.bind(("0.0.0.0", syslog_port))
     print(f"nginx-metrics: syslog on udp/{syslog_port}, Prometheus metrics on :{http_port}/metrics", flush=True)

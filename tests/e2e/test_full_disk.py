@@ -6,7 +6,7 @@ the deploy under the name Compose gives the minio-data volume.
   within seconds with a 507 that says what is full and what to do; MLflow's
   client does not retry a 507. Nothing of it stays: no object, no unfinished
   multipart upload.
-- The nearly full volume puts VolumeNearlyFull (node-exporter's view) and
+- Filled up (8 MiB objects until the store refuses one), the volume puts VolumeNearlyFull (node-exporter's view) and
   ObjectStoreNearlyFull (MinIO's capacity metrics) in pending state. They fire
   after their 5 minutes `for:`, which this test does not wait for.
 - The server's healthcheck fails, saying why, while the database does not answer,
@@ -79,7 +79,23 @@ def test_a_full_store_refuses_an_upload_at_once_with_the_reason(small, tag, caps
     assert len(in_bucket(small, fits["artifact_uri"])["objects"]) == 1
 
 
+def fill(stack) -> int:
+    """Objects of 8 MiB straight into the bucket until the store refuses one:
+    whatever a store frees after an aborted upload, it is full now."""
+    from botocore.exceptions import ClientError
+
+    client, bucket = s3_client(stack), stack.values()["MLFLOW_BUCKET"]
+    for index in range(SIZE_MIB // 8 + 2):
+        try:
+            client.put_object(Bucket=bucket, Key=f"filler/{index}", Body=b"\0" * (8 << 20))
+        except ClientError as exc:
+            assert exc.response["Error"]["Code"] == "XMinioStorageFull", exc.response
+            return index
+    raise AssertionError(f"{SIZE_MIB} MiB store took {index + 1} objects of 8 MiB")
+
+
 def test_the_nearly_full_volume_raises_the_disk_alerts(small, capsys):
+    fill(small)
     def pending():
         states = {(a["labels"]["alertname"], a["labels"].get("mountpoint", "")): a["state"]
                   for a in api(small, "alerts")["alerts"]}

@@ -108,3 +108,64 @@ def test_the_exporter_counts_what_arrives_over_udp():
         sender.sendto(syslog("v1 api 404 0.001 0.001 10 10").encode(), receiver.getsockname())
     assert done.wait(5)
     assert registry.get_sample_value("nginx_http_requests_total", {"route": "api", "status": "404"}) == 5
+
+
+@pytest.mark.parametrize("base", ["", "/mlflow"])
+@pytest.mark.parametrize("port, uri, route", [
+    ("8443", "{base}/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/m.bin", "artifacts"),
+    ("8443", "{base}/ajax-api/2.0/mlflow-artifacts/artifacts/x", "artifacts"),
+    ("8443", "{base}/api/2.0/mlflow/runs/log-metric", "api"),
+    ("8443", "{base}/ajax-api/3.0/mlflow/traces", "api"),
+    ("8443", "{base}/prometheus/api/v1/query?query=up", "prometheus"),
+    ("8443", "{base}/static-files/js/main.js", "ui"),
+    ("8443", "/elsewhere", "ui"),
+    ("9000", "/mlflow/artifacts/1/x", "s3"),
+    ("9000", "/api/2.0/mlflow/runs/log-metric", "s3"),
+    ("8080", "/api/2.0/mlflow/runs/log-metric", "http"),
+])
+def test_the_route_map_names_each_request_as_nginx_would(base, port, uri, route):
+    """nginx's map tries its regexes in the template's order; the first match wins."""
+    block = TEMPLATE.split("$stack_route {", 1)[1].split("\n}", 1)[0]
+    rendered = block.replace("${S3_PORT}", "9000").replace("${HTTPS_PORT}", "8443") \
+        .replace("${MLFLOW_BASE_PATH}", base)
+    rules = re.findall(r'^\s+"~([^"]*)" (\w+);$', rendered, re.M)
+    default = re.search(r"^\s+default (\w+);$", rendered, re.M)[1]
+    key = f"{port} {uri.format(base=base)}"
+    assert next((name for regex, name in rules if re.search(regex, key)), default) == route
+
+
+def test_serve_receives_syslog_and_answers_prometheus():
+    """The real receive loop and HTTP endpoint, on free ports (the default registry, as in the container)."""
+    import time
+    import urllib.request
+
+    def free(kind):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    udp, http = free(socket.SOCK_DGRAM), free(socket.SOCK_STREAM)
+    threading.Thread(target=nm.serve, args=(udp, http), daemon=True).start()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def scraped():
+        for _ in range(3):
+            sender.sendto(syslog("v1 ui 418 0.001 0.001 10 10").encode(), ("127.0.0.1", udp))
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=2).read().decode()
+        except OSError:
+            return ""
+
+    deadline = time.monotonic() + 10
+    while 'nginx_http_requests_total{route="ui",status="418"}' not in (text := scraped()):
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.2)
+    assert "nginx_http_requests_created" not in text  # *_created series are off
+
+
+def test_the_profile_that_turns_the_log_on_is_the_exporters():
+    from stack import pins
+
+    _, profiles = pins._service_blocks(ROOT)[common.NGINX_EXPORTER]
+    (profile,) = profiles
+    assert common.nginx_metrics_log(profile).startswith("syslog:")

@@ -290,3 +290,31 @@ def test_a_successful_upload_streams_through():
 
     sent = _call(guard.Guard(ok, auth=False, max_body=1 << 20), UPLOAD, b"x", method="PUT")
     assert sent[0]["status"] == 200
+
+
+def test_a_handled_5xx_that_names_a_full_store_becomes_507():
+    async def handled(scope, receive, send):
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"message": "An error occurred (XMinioStorageFull)"}'})
+
+    sent = _call(guard.Guard(handled, auth=False, max_body=1 << 20), UPLOAD, b"x", method="PUT")
+    assert sent[0]["status"] == 507 and "artifact store is full" in json.loads(sent[1]["body"])["message"]
+
+
+def test_an_error_after_a_200_began_is_raised_not_rewritten():
+    async def late(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise _full_store_error()
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    with pytest.raises(ValueError):
+        asyncio.run(guard.Guard(late, auth=False, max_body=1 << 20)(
+            {"type": "http", "method": "PUT", "path": UPLOAD, "headers": []}, receive, send))
+    assert [m.get("status") for m in sent] == [200]

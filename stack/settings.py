@@ -233,10 +233,19 @@ SETTINGS: tuple[Setting, ...] = (
             doc="proxied: clients send artifacts through the server (no S3 credentials needed). "
                 "direct (the classic tutorial's scenario): clients write to S3 themselves and are given "
                 "the store's credentials."),
+    Setting("MLFLOW_REPLICAS", "1", integer(1, 16), section=SERVER, services=("mlflow",),
+            doc="Tracking-server containers behind nginx. 2 or more: a crashed one costs no client an "
+                "error (nginx sends its requests to the others). Each has MLFLOW_WORKERS workers and "
+                "MLFLOW_MEMORY_LIMIT of memory; together they must fit POSTGRES_MAX_CONNECTIONS."),
     Setting("MLFLOW_WORKERS", "2", integer(1, 64), section=SERVER, services=("mlflow",),
-            doc="Server worker processes."),
+            doc="Server worker processes (per replica)."),
     Setting("MLFLOW_ENABLE_JOBS", "false", choice("true", "false"), section=SERVER, services=("mlflow",),
-            doc="MLflow's job runner (async jobs); costs ~1.6 GiB of memory when on."),
+            doc="MLflow's job runner (async jobs); costs ~1.6 GiB of memory when on. Only with "
+                "MLFLOW_REPLICAS=1: each server keeps its own job queue and periodic tasks."),
+    Setting("POSTGRES_MAX_CONNECTIONS", "200", integer(50, 5000), section=SERVER, services=("db",),
+            doc="PostgreSQL's max_connections. Each server worker may hold up to "
+                "CONNECTIONS_PER_WORKER (45: three connection pools of 5 + 10 overflow), and the jobs "
+                "and exporters up to 20 more: a deploy refuses replicas x workers that do not fit."),
 
     Setting("MLFLOW_BUCKET", "mlflow",
             pattern(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", "use 3-63 lower-case letters, digits, '.' or '-'",
@@ -350,8 +359,39 @@ def _tls_pair(values: Mapping[str, str]) -> list[str]:
     return []
 
 
+# SQLAlchemy's default pool (5, with 10 more on demand) for each of a worker's
+# three stores (tracking, model registry, basic-auth users), and what the
+# one-shot jobs, backups, gc and the exporters may hold besides.
+CONNECTIONS_PER_WORKER = 3 * (5 + 10)
+CONNECTIONS_OTHERS = 20
+
+
+def connections_needed(values: Mapping[str, str]) -> int:
+    return int(values["MLFLOW_REPLICAS"]) * int(values["MLFLOW_WORKERS"]) * CONNECTIONS_PER_WORKER \
+        + CONNECTIONS_OTHERS
+
+
+def _connections_fit(values: Mapping[str, str]) -> list[str]:
+    if not {"MLFLOW_REPLICAS", "MLFLOW_WORKERS", "POSTGRES_MAX_CONNECTIONS"} <= set(values):
+        return []
+    needed, limit = connections_needed(values), int(values["POSTGRES_MAX_CONNECTIONS"])
+    if needed <= limit:
+        return []
+    return [f"MLFLOW_REPLICAS={values['MLFLOW_REPLICAS']} x MLFLOW_WORKERS={values['MLFLOW_WORKERS']} may open "
+            f"{needed} database connections ({CONNECTIONS_PER_WORKER} per worker, {CONNECTIONS_OTHERS} for the "
+            f"rest), more than POSTGRES_MAX_CONNECTIONS={limit}: raise it to {needed} or lower the other two"]
+
+
+def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
+    if values.get("MLFLOW_ENABLE_JOBS") == "true" and int(values.get("MLFLOW_REPLICAS", "1")) > 1:
+        return ["MLFLOW_ENABLE_JOBS=true needs MLFLOW_REPLICAS=1: each MLflow server keeps its own job queue "
+                "and runs its own periodic tasks, so replicas would run them twice; set one of the two back"]
+    return []
+
+
 # Rules that span keys; each sees only values that passed their own rule.
-CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (_distinct_ports, _tls_pair)
+CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (
+    _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica)
 
 
 def key_errors(key: str, values: Mapping[str, str]) -> list[str]:

@@ -178,3 +178,21 @@ def test_an_env_older_than_the_project_still_loads_with_defaults_but_never_witho
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     with pytest.raises(envfile.EnvError, match="MLFLOW_CRYPTO_KEK_PASSPHRASE is missing"):
         envfile.load_checked(path, environ={})
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"MLFLOW_REPLICAS": "3", "MLFLOW_WORKERS": "2"}, "raise it to 290"),
+    ({"MLFLOW_REPLICAS": "1", "MLFLOW_WORKERS": "8", "POSTGRES_MAX_CONNECTIONS": "300"}, "raise it to 380"),
+    ({"MLFLOW_REPLICAS": "2", "MLFLOW_ENABLE_JOBS": "true"}, "needs MLFLOW_REPLICAS=1"),
+    ({"MLFLOW_REPLICAS": "17"}, "whole number"),
+])
+def test_replicas_must_fit_the_database_and_the_job_runner(changes, fragment):
+    values = {**_valid(), **changes}
+    errors = settings.validate(values)
+    assert any(fragment in e for e in errors), errors
+
+
+def test_the_defaults_and_two_replicas_fit():
+    assert settings.validate(_valid()) == []
+    assert settings.validate({**_valid(), "MLFLOW_REPLICAS": "2"}) == []
+    assert settings.connections_needed({"MLFLOW_REPLICAS": "2", "MLFLOW_WORKERS": "2"}) == 200

@@ -242,7 +242,11 @@ def test_prometheus_scrapes_the_services_at_their_ports(tmp_path):
     services = compose_config(tmp_path, "--profile", "*")["services"]
     config = yaml.safe_load((ROOT / "monitoring/prometheus.yml").read_text())
     targets = {job["job_name"]: t for job in config["scrape_configs"]
-               for t in job["static_configs"][0]["targets"]}
+               for t in job.get("static_configs", [{}])[0].get("targets", [])}
+    # The server's replicas are found by its name, each at the metrics port.
+    (mlflow_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "mlflow"]
+    found = mlflow_job["dns_sd_configs"][0]
+    targets["mlflow"] = f"{found['names'][0]}:{found['port']}"
     for job, target in targets.items():
         host, port = target.rsplit(":", 1)
         assert host == "localhost" or host in services, (job, target)
@@ -295,4 +299,8 @@ def test_every_scrape_target_names_its_compose_service(tmp_path):
 
     services = compose_config(tmp_path, "--profile", "*")["services"]
     for job in yaml.safe_load((ROOT / "monitoring/prometheus.yml").read_text())["scrape_configs"]:
-        assert job["static_configs"][0]["labels"]["service"] in services, job["job_name"]
+        if "dns_sd_configs" in job:
+            (label,) = [r["replacement"] for r in job["relabel_configs"] if r["target_label"] == "service"]
+        else:
+            label = job["static_configs"][0]["labels"]["service"]
+        assert label in services, job["job_name"]

@@ -1,0 +1,127 @@
+"""MLFLOW_REPLICAS=2 on one host: the shared deployment, redeployed with two
+server replicas for this module and back to one after it.
+
+nginx spreads requests over both replicas (each replica's own request
+counters rise). Then clients keep logging metrics and small artifacts, with
+plain HTTP sessions that never retry, while one replica's server process is
+killed with SIGKILL from the host (a crash: the restart policy brings it back): no metric request gets anything but a 200, every acknowledged metric
+point is in PostgreSQL and every acknowledged artifact in the bucket, the
+killed replica comes back by itself, and the longest pause a client saw is
+printed. An artifact upload whose body was streaming into the killed replica
+at that instant cannot be resent by nginx (it no longer holds the body): such
+a one may get a 502, and only such a one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import wait_for
+from .test_stack import s3_client
+
+THREADS = 4
+
+
+def replicas(stack) -> list[dict]:
+    rows = []
+    for line in stack.compose("ps", "--all", "--format", "json", "mlflow").stdout.splitlines():
+        if line.strip():
+            parsed = json.loads(line)
+            rows.extend(parsed if isinstance(parsed, list) else [parsed])
+    return sorted(rows, key=lambda r: r["Name"])
+
+
+def all_healthy(stack, count: int) -> bool:
+    rows = replicas(stack)
+    return len(rows) == count and all(r.get("Health") == "healthy" for r in rows)
+
+
+def served(stack, index: int) -> float:
+    """Requests this replica's workers answered (its Prometheus counters)."""
+    code = ("import urllib.request;"
+            "text = urllib.request.urlopen('http://127.0.0.1:9101/metrics', timeout=5).read().decode();"
+            "print(sum(float(l.rsplit(' ', 1)[1]) for l in text.splitlines()"
+            " if l.startswith('mlflow_http_request_total{')))")
+    out = stack.compose("exec", "-T", "--index", str(index), "mlflow", "python3", "-c", code).stdout
+    return float(out.strip() or 0)
+
+
+@pytest.fixture(scope="module")
+def replicated(stack):
+    stack.environ["MLFLOW_REPLICAS"] = "2"
+    try:
+        stack.deploy()
+        yield stack
+    finally:
+        del stack.environ["MLFLOW_REPLICAS"]
+        stack.deploy()
+        assert len(replicas(stack)) == 1
+
+
+def test_two_replicas_share_the_requests(replicated):
+    assert all_healthy(replicated, 2), replicas(replicated)
+    before = [served(replicated, i) for i in (1, 2)]
+    for _ in range(40):
+        assert replicated.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1").status_code == 200
+    after = [served(replicated, i) for i in (1, 2)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    assert sum(after) - sum(before) >= 40
+
+
+def test_a_killed_replica_costs_the_clients_nothing(replicated, tmp_path, capsys):
+    stop, out = tmp_path / "stop", tmp_path / "requests.json"
+    client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(THREADS),
+                               str(stop), str(out)], env=replicated.client_environ(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)
+        victim = replicas(replicated)[0]
+        # A crash, as the host sees it (`docker kill` would count as a manual stop: no restart).
+        pid = int(subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", victim["ID"]], check=True,
+                                 capture_output=True, text=True).stdout)
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(15)
+    finally:
+        stop.touch()
+        stdout, stderr = client.communicate(timeout=120)
+    assert client.returncode == 0, stderr[-4000:]
+    threads = json.loads(out.read_text())
+    assert len(threads) == THREADS, stdout
+
+    calls = [r for t in threads for r in t["requests"]]
+    failed = [r for r in calls if r["status"] != 200]
+    longest = max(r["end"] - r["start"] for r in calls)
+    after_kill = [r for r in calls if r["start"] > killed_at + 1 and r["status"] == 200]
+    with capsys.disabled():
+        print(f"\nreplica killed: {len(calls)} requests from {THREADS} clients, {len(after_kill)} answered after "
+              f"the kill, longest pause {longest:.2f} s; failed: "
+              f"{[(r['kind'], r['status'], round(r['start'] - killed_at, 2)) for r in failed]}")
+    assert not [r for r in failed if r["kind"] == "metric"], failed
+    # Only an upload cut mid-body by the kill itself.
+    assert all(r["kind"] == "artifact" and r["status"] == 502 and r["start"] <= killed_at <= r["end"]
+               for r in failed), failed
+    assert len(after_kill) >= THREADS * 100, "the clients did not go on logging"
+
+    # Everything acknowledged is stored.
+    for t in threads:
+        stored = {int(float(s)) for s in replicated.psql(
+            f"SELECT step FROM metrics WHERE run_uuid = '{t['run_id']}' AND key = 'm'").split()}
+        missing = set(t["steps"]) - stored
+        assert not missing, (t["run_id"], sorted(missing)[:20])
+        prefix = "artifacts/" + t["artifact_uri"].split("mlflow-artifacts:", 1)[1].strip("/") + "/"
+        listed = s3_client(replicated).list_objects_v2(Bucket=replicated.values()["MLFLOW_BUCKET"], Prefix=prefix)
+        names = {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
+        assert set(t["artifacts"]) <= names, sorted(set(t["artifacts"]) - names)[:20]
+
+    # The restart policy brings the killed replica back.
+    wait_for(lambda: all_healthy(replicated, 2), 180, "the killed replica to be healthy again", interval=3,
+             detail=lambda: replicas(replicated))

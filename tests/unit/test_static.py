@@ -304,3 +304,12 @@ def test_every_scrape_target_names_its_compose_service(tmp_path):
         else:
             label = job["static_configs"][0]["labels"]["service"]
         assert label in services, job["job_name"]
+
+
+def test_services_of_the_mlflow_image_own_their_tmp_as_its_user(tmp_path):
+    """Docker 20.10 remounts a tmpfs as root's (mode 755) on a restart: only the owner survives."""
+    uid = re.search(r"^USER (\d+):(\d+)$", (ROOT / "mlflow/Dockerfile").read_text(), re.M)
+    services = compose_config(tmp_path, "--profile", "*")["services"]
+    for name, svc in services.items():
+        if svc["image"].startswith("mlflow-stack/mlflow:") and svc.get("tmpfs"):
+            assert svc["tmpfs"] == [f"/tmp:uid={uid[1]},gid={uid[2]}"], name

@@ -277,6 +277,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_API_MAX_BODY_MB", "64", integer(2, 1024, "MiB"), section=LIMITS, services=("mlflow", "nginx"),
             doc="Largest API request body (not artifacts, which have no limit), enforced by nginx and by "
                 "the server's input checks alike. MLflow's own log-batch limit is 1 MB."),
+    Setting("API_RATE_PER_LOGIN", "500", integer(10, 100000, "requests a second"), section=LIMITS,
+            services=("nginx",),
+            doc="API and UI requests a second one login may send (bursts of a second's worth pass at once). Well "
+                "above what a replica with 2 workers answers (about 130 a second for single metric calls): "
+                "it stops a runaway script, not a busy training job. Artifact transfers are not limited."),
+    Setting("API_RATE_PER_ADDRESS", "1000", integer(10, 100000, "requests a second"), section=LIMITS,
+            services=("nginx",),
+            doc="The same per client address, over all its logins and requests without one: a team behind "
+                "one NAT address shares it. A backstop against made-up user names."),
     Setting("DB_MEMORY_LIMIT", "2g", memory(), section=LIMITS, services=("db",),
             doc="Memory ceiling of PostgreSQL (a limit, not a reservation)."),
     Setting("MINIO_MEMORY_LIMIT", "4g", memory(), section=LIMITS, services=("minio",),
@@ -382,6 +391,14 @@ def _connections_fit(values: Mapping[str, str]) -> list[str]:
             f"rest), more than POSTGRES_MAX_CONNECTIONS={limit}: raise it to {needed} or lower the other two"]
 
 
+def _address_rate_covers_a_login(values: Mapping[str, str]) -> list[str]:
+    if {"API_RATE_PER_LOGIN", "API_RATE_PER_ADDRESS"} <= set(values) \
+            and int(values["API_RATE_PER_ADDRESS"]) < int(values["API_RATE_PER_LOGIN"]):
+        return ["API_RATE_PER_ADDRESS is below API_RATE_PER_LOGIN: one client address would be held under "
+                "what one login may send; raise it to at least API_RATE_PER_LOGIN"]
+    return []
+
+
 def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
     if values.get("MLFLOW_ENABLE_JOBS") == "true" and int(values.get("MLFLOW_REPLICAS", "1")) > 1:
         return ["MLFLOW_ENABLE_JOBS=true needs MLFLOW_REPLICAS=1: each MLflow server keeps its own job queue "
@@ -391,7 +408,7 @@ def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
 
 # Rules that span keys; each sees only values that passed their own rule.
 CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (
-    _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica)
+    _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica, _address_rate_covers_a_login)
 
 
 def key_errors(key: str, values: Mapping[str, str]) -> list[str]:

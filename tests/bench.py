@@ -1,6 +1,7 @@
 """Benchmarks of a deployed stack, as a client sees it: prints figures, asserts nothing.
 
     eval "$(./show_all.sh --client-env)" && .venv/bin/python tests/bench.py [--artifact-mib 100]
+    ... tests/bench.py --compare [--rounds 3] [--artifact-mib 100]   (see bench_compare.py)
 
 Measures single log_metric calls (requests/s, p50/p95), log_batch of 1000
 metrics (metrics/s), and an artifact upload and download through the server
@@ -113,10 +114,48 @@ def ui_first_load_bytes() -> dict[str, float]:
             "UI first load compression ratio": plain / max(compressed, 1)}
 
 
+def stack_s3() -> dict[str, str]:
+    """The deployed stack's S3 port and credentials (its .env, as the scripts read it)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from stack import compose
+
+    values = compose.values_for_compose()
+    host = urllib.parse.urlsplit(os.environ["MLFLOW_TRACKING_URI"]).hostname
+    return {"endpoint": f"https://{host}:{values['S3_PORT']}", "key": values["MINIO_ROOT_USER"],
+            "secret": values["MINIO_ROOT_PASSWORD"], "bucket": values["MLFLOW_BUCKET"],
+            "ca": os.environ.get("REQUESTS_CA_BUNDLE") or True}
+
+
+def run_compare(args) -> int:
+    import platform
+
+    import bench_compare
+
+    creds = {k: os.environ[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if k in os.environ}
+    print(f"the stack at {os.environ['MLFLOW_TRACKING_URI']} against a plain `mlflow server` ({args.image}, "
+          f"{bench_compare.PLAIN_WORKERS} workers, SQLite, HTTP); medians of {args.rounds} alternating rounds; "
+          f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}", flush=True)
+    rows = bench_compare.compare(args.image, os.environ["MLFLOW_TRACKING_URI"], creds, stack_s3(), args.rounds,
+                                 args.calls, args.batches, args.artifact_mib)
+    print(bench_compare.table(rows, args.artifact_mib))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--artifact-mib", type=int, default=100)
+    parser.add_argument("--compare", action="store_true",
+                        help="measure a plain `mlflow server` (from --image) in the same run, alternating, "
+                             "and print a table with the ratios")
+    parser.add_argument("--image", default="mlflow-stack/mlflow:pip", help="the stack's MLflow image")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=100, help="log_metric calls per thread per round")
+    parser.add_argument("--batches", type=int, default=5, help="log_batch calls per thread per round")
     args = parser.parse_args()
+    if args.compare:
+        return run_compare(args)
     print(f"benchmark against {mlflow.get_tracking_uri()} (medians of 3 rounds)")
     for name, value in {**bench(args.artifact_mib), **ui_first_load_bytes()}.items():
         print(f"  {name:<42} {value:10.1f}")

@@ -55,7 +55,7 @@ def worker(index: int, stop: Path, base: str, experiment_id: str, out: dict) -> 
                           f"{base}/api/2.0/mlflow-artifacts/artifacts/{artifact_base}/{name}",
                           {"data": f"thread {index} step {step}\n".encode() * 64}))
         for kind, method, url, kw in calls:
-            # At most PACE requests a second per thread: under nginx's per-address rate limit.
+            # At most PACE requests a second per thread: a steady load, under nginx's per-login rate limit.
             time.sleep(max(0.0, last + 1 / PACE - time.monotonic()))
             started = last = time.monotonic()
             try:

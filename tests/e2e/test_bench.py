@@ -17,3 +17,20 @@ def test_benchmark_prints_figures(stack, capsys):
     assert len(figures) == 9, result.stdout
     with capsys.disabled():
         print("\n" + result.stdout)
+
+
+def test_comparison_with_a_plain_server_prints_a_table(stack, capsys):
+    """A short `tests/bench.py --compare` (the README's table comes from the full one)."""
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "--compare", "--rounds", "1",
+                             "--calls", "20", "--batches", "1", "--artifact-mib", "10",
+                             "--image", f"mlflow-stack/mlflow:{stack.values()['MLFLOW_VARIANT']}"],
+                            capture_output=True, text=True, timeout=900, check=False,
+                            env=stack.client_environ({"STACK_ENV_FILE": stack.environ["STACK_ENV_FILE"],
+                                                      "COMPOSE_PROJECT_NAME": stack.project}))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = re.findall(r"^\| (log_metric|log_batch|artifact)[^|]*\| ([\d,.]*) \| ([\d,./ ]+) \| (\d+\.\d\d) \|$",
+                      result.stdout, re.M)
+    # 3 concurrencies x (req/s, p50) + 3 log_batch + up, down + the two boto3 comparisons
+    assert len(rows) == 13, result.stdout
+    with capsys.disabled():
+        print("\n" + result.stdout)

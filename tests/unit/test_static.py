@@ -224,6 +224,7 @@ def test_nginx_config_passes_gixy(tmp_path, base_path):
     (tmp_path / "nginx.conf").write_text(main)
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
     for key, value in {"HTTP_PORT": "8080", "HTTPS_PORT": "8443", "S3_PORT": "9000", "MLFLOW_API_MAX_BODY_MB": "64",
+                       "API_RATE_PER_LOGIN": "500", "API_RATE_PER_ADDRESS": "1000",
                        "MLFLOW_INTERNAL_URL": "http://mlflow:5000", "S3_INTERNAL_ENDPOINT": "http://minio:9000",
                        "PROMETHEUS_INTERNAL_URL": "http://prometheus:9090", "MLFLOW_BASE_PATH": base_path,
                        # With and without the monitoring profile.

@@ -1,0 +1,228 @@
+"""The deployed stack against a plain `mlflow server`, measured in the same run
+(`tests/bench.py --compare`): prints a table with the ratios, asserts nothing.
+
+The plain server is the same MLflow from the stack's own image (the same
+pinned packages, so an upstream fix moves both sides), started with
+`mlflow server` and its defaults (SQLite, 4 uvicorn workers, proxied
+artifacts on local disk, plain HTTP) on a free loopback port. Both sides are
+measured alternately, round after round, at 1, 4 and 16 client threads with
+MLflow's client: single log_metric calls (requests/s and p50), log_batch of
+1000 metrics (metrics/s); then an artifact up and down through each server,
+and the same bytes with boto3 straight to the stack's S3 port (nginx, TLS),
+the ceiling of the stack's own network path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+PLAIN_WORKERS = 4  # mlflow server's default
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def plain_server(image: str):
+    """`mlflow server` with its defaults, in the stack's image; yields its URI."""
+    port, name = free_port(), f"mlflow-bench-plain-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:5000",
+                    "-e", "MLFLOW_SERVER_ALLOWED_HOSTS=*", "-w", "/tmp", image,
+                    "mlflow", "server", "--host", "0.0.0.0", "--port", "5000"],
+                   check=True, capture_output=True, text=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        import requests
+
+        while True:
+            try:
+                if requests.get(uri + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                logs = subprocess.run(["docker", "logs", "--tail", "40", name], capture_output=True, text=True)
+                raise RuntimeError(f"the plain server did not start:\n{logs.stdout}{logs.stderr}")
+            time.sleep(1)
+        yield uri
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
+
+
+@contextmanager
+def target(uri: str, creds: dict[str, str]):
+    """MLflow's client pointed at one server (its URI and login) for the block."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    for k in keys[1:]:
+        os.environ.pop(k, None)
+    os.environ.update(creds)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _threads(count: int, fn) -> float:
+    """Run fn(index) in count threads at once; wall seconds."""
+    pool = [threading.Thread(target=fn, args=(i,)) for i in range(count)]
+    started = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return time.perf_counter() - started
+
+
+def log_metric_round(threads: int, calls: int) -> tuple[float, float]:
+    """(requests/s, p50 ms) of `calls` single log_metric calls per thread."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.create_experiment(f"compare-{uuid.uuid4().hex[:10]}")
+    runs = [client.create_run(exp).info.run_id for _ in range(threads)]
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        mine = []
+        for n in range(calls):
+            t = time.perf_counter()
+            client.log_metric(runs[i], "m", float(n), step=n)
+            mine.append(time.perf_counter() - t)
+        with lock:
+            latencies.extend(mine)
+
+    seconds = _threads(threads, work)
+    return threads * calls / seconds, statistics.median(latencies) * 1000
+
+
+def log_batch_round(threads: int, batches: int) -> float:
+    """metrics/s of `batches` log_batch calls of 1000 metrics per thread."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.create_experiment(f"compare-{uuid.uuid4().hex[:10]}")
+    runs = [client.create_run(exp).info.run_id for _ in range(threads)]
+    now = int(time.time() * 1000)
+
+    def work(i: int) -> None:
+        for b in range(batches):
+            client.log_batch(runs[i], metrics=[Metric("b", float(k), now, b * 1000 + k) for k in range(1000)])
+
+    return threads * batches * 1000 / _threads(threads, work)
+
+
+def artifact_round(blob: Path, mib: int) -> tuple[float, float]:
+    """(up, down) MiB/s of one artifact through the tracking server."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.create_experiment(f"compare-{uuid.uuid4().hex[:10]}")
+    run_id = client.create_run(exp).info.run_id
+    started = time.perf_counter()
+    client.log_artifact(run_id, str(blob))
+    up = mib / (time.perf_counter() - started)
+    dest = Path(tempfile.mkdtemp())
+    started = time.perf_counter()
+    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=blob.name, dst_path=str(dest))
+    down = mib / (time.perf_counter() - started)
+    (dest / blob.name).unlink()
+    return up, down
+
+
+def boto3_round(blob: Path, mib: int, s3: dict[str, str]) -> tuple[float, float]:
+    """(up, down) MiB/s of the same bytes with boto3 straight to the stack's S3 port."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=s3["key"],
+                          aws_secret_access_key=s3["secret"], region_name="us-east-1", verify=s3["ca"])
+    key = f"bench/{uuid.uuid4().hex}"
+    started = time.perf_counter()
+    client.upload_file(str(blob), s3["bucket"], key)
+    up = mib / (time.perf_counter() - started)
+    dest = Path(tempfile.mkdtemp()) / "down.bin"
+    started = time.perf_counter()
+    client.download_file(s3["bucket"], key, str(dest))
+    down = mib / (time.perf_counter() - started)
+    dest.unlink()
+    client.delete_object(Bucket=s3["bucket"], Key=key)
+    return up, down
+
+
+def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[str, str], rounds: int,
+            calls: int, batches: int, artifact_mib: int, concurrency=(1, 4, 16)) -> list[tuple[str, float, float]]:
+    """Rows (measure, plain, stack): medians over the rounds, the two sides alternating."""
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def add(side: str, name: str, value: float) -> None:
+        results.setdefault(name, {"plain": [], "stack": []})[side].append(value)
+
+    work = Path(tempfile.mkdtemp())
+    blob = work / f"compare-{artifact_mib}mib.bin"
+    with open(blob, "wb") as fh:
+        for _ in range(artifact_mib):
+            fh.write(os.urandom(1 << 20))
+    with plain_server(image) as plain_uri:
+        sides = {"plain": (plain_uri, {}), "stack": (stack_uri, stack_creds)}
+        for _ in range(rounds):
+            for side, (uri, creds) in sides.items():
+                with target(uri, creds):
+                    for n in concurrency:
+                        rate, p50 = log_metric_round(n, calls)
+                        add(side, f"log_metric, {n} thread{'s' * (n > 1)}: req/s", rate)
+                        add(side, f"log_metric, {n} thread{'s' * (n > 1)}: p50 ms", p50)
+                    for n in concurrency:
+                        add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: metrics/s", log_batch_round(n, batches))
+                    up, down = artifact_round(blob, artifact_mib)
+                    add(side, f"artifact {artifact_mib} MiB up: MiB/s", up)
+                    add(side, f"artifact {artifact_mib} MiB down: MiB/s", down)
+            up, down = boto3_round(blob, artifact_mib, s3)
+            add("stack", f"boto3 to the S3 port {artifact_mib} MiB up: MiB/s", up)
+            add("stack", f"boto3 to the S3 port {artifact_mib} MiB down: MiB/s", down)
+    blob.unlink()
+    rows = []
+    for name, sides_values in results.items():
+        plain = statistics.median(sides_values["plain"]) if sides_values["plain"] else float("nan")
+        stack = statistics.median(sides_values["stack"])
+        rows.append((name, plain, stack))
+    return rows
+
+
+def table(rows: list[tuple[str, float, float]], artifact_mib: int) -> str:
+    """Markdown: each measure with both sides and stack/plain (for p50, plain/stack: higher is better);
+    the artifact rows also against boto3 on the stack's S3 port."""
+    by_name = {name: (plain, stack) for name, plain, stack in rows}
+    lines = ["| measure | plain server | stack | stack / plain |", "|---|---|---|---|"]
+    for name, plain, stack in rows:
+        if name.startswith("boto3"):
+            continue
+        ratio = plain / stack if name.endswith("p50 ms") else stack / plain
+        lines.append(f"| {name} | {plain:,.1f} | {stack:,.1f} | {ratio:.2f} |")
+    for direction in ("up", "down"):
+        raw = by_name.get(f"boto3 to the S3 port {artifact_mib} MiB {direction}: MiB/s")
+        through = by_name.get(f"artifact {artifact_mib} MiB {direction}: MiB/s")
+        if raw and through:
+            lines.append(f"| artifact {direction} through MLflow / boto3 to the S3 port | | "
+                         f"{through[1]:,.1f} / {raw[1]:,.1f} | {through[1] / raw[1]:.2f} |")
+    return "\n".join(lines)

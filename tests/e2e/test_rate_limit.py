@@ -1,0 +1,39 @@
+"""nginx's API rate limit is per login: the shared deployment, redeployed with a
+low API_RATE_PER_LOGIN for this module (only nginx is recreated) and back
+after it. One login sending far more than its rate gets 429s; another login
+from the same client address, right after, is not held back."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+LIMITS = {"API_RATE_PER_LOGIN": "20", "API_RATE_PER_ADDRESS": "1000"}
+PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+@pytest.fixture(scope="module")
+def limited(stack):
+    stack.environ.update(LIMITS)
+    try:
+        stack.deploy()
+        yield stack
+    finally:
+        for key in LIMITS:
+            del stack.environ[key]
+        stack.deploy()
+
+
+def test_one_busy_login_does_not_hold_back_another(limited):
+    name, password = f"second-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    created = limited.http("POST", "/api/2.0/mlflow/users/create", json={"username": name, "password": password})
+    assert created.status_code == 200, created.text
+
+    with ThreadPoolExecutor(8) as pool:  # the admin: 120 requests as fast as they go
+        codes = list(pool.map(lambda _: limited.http("GET", PATH).status_code, range(120)))
+    assert set(codes) <= {200, 429} and codes.count(429) >= 40, codes
+    # Same address, another login, at once: its own allowance.
+    other = [limited.http("GET", PATH, auth=(name, password)).status_code for _ in range(15)]
+    assert other == [200] * 15, other

@@ -187,6 +187,15 @@ def test_downloads_used_presigned_urls_through_nginx_s3_port(stack, logged, read
     assert "X-Amz-Signature" not in logs, "presigned signatures must not be logged"
 
 
+def test_the_server_writes_metrics_through_the_stacks_tracking_store(stack, logged):
+    """MLflow finds mlflow/stack_store.py for postgresql:// URIs (its entry point), and the
+    remote client's metrics (test_remote_client_rows_are_in_postgresql) went through it."""
+    code = ("from stack import common; from mlflow.tracking._tracking_service.utils import "
+            "_tracking_store_registry as r; print(type(r.get_store(common.database_uri(), 's3://b/a')).__name__)")
+    out = stack.compose("exec", "-T", "mlflow", "python3", "-c", code).stdout.strip().splitlines()
+    assert out[-1] == "StackSqlStore", out
+
+
 def test_secrets_are_not_in_inspect_top_or_logs(stack, logged):
     values = stack.values()
     secrets = [values[k] for k in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD",

@@ -1,0 +1,116 @@
+"""The stack's tracking store (mlflow/stack_store.py) against MLflow's own, on
+SQLite: the same calls leave the same metric history and the same latest
+values, duplicates, NaN, infinities and out-of-order steps included."""
+
+import importlib.util
+import math
+import random
+import sys
+
+import pytest
+from mlflow.entities import Metric
+
+from stack.paths import ROOT
+
+_spec = importlib.util.spec_from_file_location("stack_store", ROOT / "mlflow" / "stack_store.py")
+ss = importlib.util.module_from_spec(_spec)
+sys.modules["stack_store"] = ss
+_spec.loader.exec_module(ss)
+
+
+@pytest.fixture
+def stores(tmp_path):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    stock = SqlAlchemyStore(f"sqlite:///{tmp_path / 'stock.db'}", str(tmp_path / "a"))
+    light = ss.build(f"sqlite:///{tmp_path / 'light.db'}", str(tmp_path / "b"))
+    assert type(light) is ss.store_class()
+    yield stock, light
+    stock.engine.dispose()
+    light.engine.dispose()
+
+
+def _runs(stock, light):
+    ids = []
+    for store in (stock, light):
+        exp = store.create_experiment("e")
+        ids.append(store.create_run(exp, "u", 0, [], "r").info.run_id)
+    return ids
+
+
+def _state(store, run_id, keys):
+    def point(m):
+        return m.step, m.timestamp, math.isnan(m.value), 0.0 if math.isnan(m.value) else m.value
+
+    history = {k: sorted(point(m) for m in store.get_metric_history(run_id, k)) for k in keys}
+    latest = {m.key: point(m) for m in store.get_run(run_id).data._metric_objs}
+    return history, latest
+
+
+def test_random_batches_leave_what_mlflow_leaves(stores):
+    stock, light = stores
+    rng = random.Random(7)
+    keys = ["loss", "acc", "lr"]
+    values = [0.0, 1.5, -2.0, float("nan"), float("inf"), float("-inf"), 3.25]
+    stock_run, light_run = _runs(stock, light)
+    sent = []
+    for _ in range(40):
+        batch = [Metric(rng.choice(keys), rng.choice(values), rng.randrange(5), rng.randrange(6))
+                 for _ in range(rng.randrange(1, 30))]
+        if sent and rng.random() < 0.3:  # a resent point, as a retried request carries
+            batch.append(rng.choice(sent))
+        sent += batch
+        stock.log_batch(stock_run, batch, [], [])
+        light.log_batch(light_run, batch, [], [])
+    assert _state(stock, stock_run, keys) == _state(light, light_run, keys)
+
+
+def test_single_calls_and_a_repeated_point_are_stored_once(stores):
+    stock, light = stores
+    stock_run, light_run = _runs(stock, light)
+    for store, run in ((stock, stock_run), (light, light_run)):
+        for m in [Metric("m", 1.0, 10, 2), Metric("m", 1.0, 10, 2), Metric("m", 5.0, 9, 2), Metric("m", 0.5, 11, 1)]:
+            store.log_metric(run, m)
+    assert _state(stock, stock_run, ["m"]) == _state(light, light_run, ["m"])
+    assert len(light.get_metric_history(light_run, "m")) == 3
+    # Step first, then timestamp: (2, 10, 1.0) beats (2, 9, 5.0) and (1, 11, 0.5).
+    assert light.get_run(light_run).data.metrics["m"] == 1.0
+
+
+def test_more_rows_than_one_statement_takes(stores):
+    _, light = stores
+    _, run = _runs(*stores)
+    # More than an API call carries (1000): the store's own method.
+    light._log_metrics(run, [Metric("k", float(i), 1, i) for i in range(ss.ROWS_PER_STATEMENT + 7)])
+    assert len(light.get_metric_history(run, "k")) == ss.ROWS_PER_STATEMENT + 7
+    assert light.get_run(run).data.metrics["k"] == float(ss.ROWS_PER_STATEMENT + 6)
+
+
+def test_a_deleted_run_refuses_metrics_as_mlflow_does(stores):
+    from mlflow.exceptions import MlflowException
+
+    _, light = stores
+    _, run = _runs(*stores)
+    light.delete_run(run)
+    with pytest.raises(MlflowException, match="must be in the 'active' state"):
+        light.log_metric(run, Metric("m", 1.0, 1, 1))
+    with pytest.raises(MlflowException):
+        light.log_batch(run, [Metric("m", "x", 1, 1)], [], [])
+
+
+def test_mlflow_registers_it_for_postgresql_through_the_images_entry_point(tmp_path):
+    """As in the image: the dist-info in app-meta and the module side by side on the path.
+    MLflow loads entry points while its tracking package initialises: a module-level
+    MLflow import there is a circular import, and MLflow falls back with a mere warning."""
+    import shutil
+    import subprocess
+
+    shutil.copytree(ROOT / "mlflow" / "app-meta", tmp_path, dirs_exist_ok=True)
+    shutil.copy(ROOT / "mlflow" / "stack_store.py", tmp_path)
+    code = ("import warnings; warnings.simplefilter('error');"
+            "from mlflow.tracking._tracking_service.utils import _tracking_store_registry as r;"
+            "b = r._registry['postgresql']; print(b.__module__, b.__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["stack_store", "build"], result.stdout + result.stderr[-2000:]

@@ -5,9 +5,9 @@ Stock MLflow turns every logged metric point into an ORM object and looks each
 server CPU per 1000 points (field notes), most of a log_batch. Here the same
 rows are written with two statements per call:
 
-- one multi-row INSERT into `metrics` that skips a point already stored
-  (ON CONFLICT on its primary key, what stock MLflow's IntegrityError fallback
-  does row by row), and
+- one multi-row INSERT into `metrics` (a point already stored, as a retried
+  request carries, makes it fail as a whole: then MLflow's own path runs,
+  which skips such points and stores the rest), and
 - one multi-row upsert into `latest_metrics` that replaces a key's row only
   when the new point is more recent by (step, timestamp, value): stock MLflow's
   rule, with its strict comparison, decided by the database under the row lock
@@ -31,9 +31,6 @@ import os
 # back to its stock store, with only a warning).
 
 LIGHT_DIALECTS = ("postgresql", "sqlite")
-# Rows per INSERT statement: 6 bound parameters each, far below either
-# database's limit (PostgreSQL 65535, SQLite 32766).
-ROWS_PER_STATEMENT = 1000
 
 
 def _insert(db_type: str):
@@ -61,6 +58,7 @@ def store_class():
     """StackSqlStore, defined on first use (see the import note above)."""
     from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    import sqlalchemy.exc
     from mlflow.utils.validation import _validate_metric
     from sqlalchemy import tuple_
 
@@ -89,21 +87,30 @@ def store_class():
             with self.ManagedSessionMaker(read_only=False) as session:
                 run = self._get_run(run_uuid=run_id, session=session)
                 self._check_run_is_active(run)
-                for start in range(0, len(ordered), ROWS_PER_STATEMENT):
-                    session.execute(insert(SqlMetric.__table__).values(ordered[start:start + ROWS_PER_STATEMENT])
-                                    .on_conflict_do_nothing())
-                table = SqlLatestMetric.__table__
-                newest = newest_per_key(ordered)
-                for start in range(0, len(newest), ROWS_PER_STATEMENT):
-                    statement = insert(table).values(newest[start:start + ROWS_PER_STATEMENT])
-                    new = statement.excluded
-                    session.execute(statement.on_conflict_do_update(
-                        index_elements=[table.c.key, table.c.run_uuid],
-                        set_={"value": new.value, "timestamp": new.timestamp, "step": new.step,
-                              "is_nan": new.is_nan},
-                        where=tuple_(new.step, new.timestamp, new.value)
-                        > tuple_(table.c.step, table.c.timestamp, table.c.value),
-                    ))
+                try:
+                    # Parameter lists, not literal VALUES: SQLAlchemy compiles each statement
+                    # once and sends the rows in multi-row batches ("insertmanyvalues"). A plain
+                    # INSERT: ON CONFLICT costs PostgreSQL twice the CPU on every row, for a
+                    # conflict that only a resent point causes.
+                    session.execute(insert(SqlMetric.__table__), ordered)
+                    self._upsert_latest(session, insert, ordered)
+                    return
+                except sqlalchemy.exc.IntegrityError:
+                    session.rollback()
+            # A point already stored (a retried request): MLflow's own path, which skips
+            # those and stores the rest. Nothing of the attempt above was committed.
+            return super()._log_metrics_once(run_id, metrics)
+
+        def _upsert_latest(self, session, insert, ordered):
+            table = SqlLatestMetric.__table__
+            statement = insert(table)
+            new = statement.excluded
+            session.execute(statement.on_conflict_do_update(
+                index_elements=[table.c.key, table.c.run_uuid],
+                set_={"value": new.value, "timestamp": new.timestamp, "step": new.step, "is_nan": new.is_nan},
+                where=tuple_(new.step, new.timestamp, new.value)
+                > tuple_(table.c.step, table.c.timestamp, table.c.value),
+            ), newest_per_key(ordered))
 
     return StackSqlStore
 

@@ -107,33 +107,10 @@ def base_path(environ=None) -> str:
     return setting("MLFLOW_BASE_PATH", environ)
 
 
-# On the mlflow-tmp volume, which the replicas (MLFLOW_REPLICAS) share: one
-# folder per container (its host name), for the auth ini, the CA bundle and
-# the workers' metric files. Not a tmpfs: Docker 20.10 remounts a tmpfs as
-# root-only (mode 755) when a container restarts, and the server runs as a user.
-RUNTIME_ROOT = "/tmp/mlflow-stack"
-RUNTIME_DIR = os.path.join(RUNTIME_ROOT, socket.gethostname())
-# A folder whose server has not touched it for this long is a removed
-# container's (cmd_metrics touches its own every minute).
-STALE_RUNTIME_SECONDS = 3600
-
-
-def prune_runtime_root(root: str = RUNTIME_ROOT, own: str = RUNTIME_DIR, now: float | None = None) -> list[str]:
-    """Remove what removed containers left in the shared folder (their ini holds
-    the database password); return the names removed."""
-    now = time.time() if now is None else now
-    removed = []
-    for entry in os.scandir(root) if os.path.isdir(root) else ():
-        if entry.path == own:
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            if now - entry.stat(follow_symlinks=False).st_mtime < STALE_RUNTIME_SECONDS:
-                continue  # another replica's, alive
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            os.unlink(entry.path)  # an older release kept its files here directly
-        removed.append(entry.name)
-    return removed
+# Each container's own (a tmpfs owned by the image's user, docker-compose.yml):
+# the auth ini, the CA bundle and the workers' metric files. /tmp is the
+# mlflow-tmp volume, which the replicas (MLFLOW_REPLICAS) share for uploads.
+RUNTIME_DIR = "/run/mlflow-stack"
 
 
 def metrics_dir(runtime_dir: str = RUNTIME_DIR) -> str:
@@ -204,7 +181,6 @@ def auth_environment(environ, runtime_dir: str) -> dict[str, str]:
 
 def server_environment(environ=None, runtime_dir: str = RUNTIME_DIR) -> dict[str, str]:
     os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
-    os.utime(runtime_dir)
     return {
         **s3_environment(environ),
         "MLFLOW_BACKEND_STORE_URI": database_uri(environ),
@@ -294,9 +270,7 @@ def cmd_metrics(args: list[str]) -> int:
     multiprocess.MultiProcessCollector(registry, path=metrics_dir())
     start_http_server(int(args[0]), registry=registry)
     while True:
-        # This container's folder is alive (prune_runtime_root leaves it).
-        os.utime(RUNTIME_DIR)
-        time.sleep(60)
+        time.sleep(3600)
 
 
 def cmd_nginx_metrics(_args: list[str]) -> int:
@@ -323,8 +297,6 @@ def cmd_forward(args: list[str]) -> int:
 
 def cmd_server(_args: list[str]) -> int:
     os.environ.update(server_environment())
-    for name in prune_runtime_root():
-        print(f"entrypoint: removed {RUNTIME_ROOT}/{name}, left by a removed container", flush=True)
     if auth_enabled():
         # What `mlflow server --app-name basic-auth` does before starting
         # workers (MLflow >= 3.17); with the stack's own app name it is done
@@ -338,7 +310,7 @@ def cmd_server(_args: list[str]) -> int:
     else:
         print("entrypoint: WARNING: authentication is OFF (MLFLOW_AUTH=false); anyone who can "
               "reach the server can read and change everything", file=sys.stderr, flush=True)
-    # Counters of an earlier run (a restart keeps the folder) would add up wrongly.
+    # Counters of an earlier run would add up wrongly.
     shutil.rmtree(metrics_dir(), ignore_errors=True)
     os.makedirs(metrics_dir(), mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir()

@@ -81,7 +81,9 @@ def store_class():
                 rows.setdefault((metric.key, metric.timestamp, metric.step, value, is_nan), row)
             if not rows:
                 return
-            # One order for every writer: concurrent calls lock index entries alike.
+            # The newest point per key in the order sent (ties go to the first, as in MLflow);
+            # then one order for every writer: concurrent calls lock index entries alike.
+            newest = newest_per_key(list(rows.values()))
             ordered = [rows[identity] for identity in sorted(rows)]
             insert = _insert(self.db_type)
             with self.ManagedSessionMaker(read_only=False) as session:
@@ -93,7 +95,7 @@ def store_class():
                     # INSERT: ON CONFLICT costs PostgreSQL twice the CPU on every row, for a
                     # conflict that only a resent point causes.
                     session.execute(insert(SqlMetric.__table__), ordered)
-                    self._upsert_latest(session, insert, ordered)
+                    self._upsert_latest(session, insert, newest)
                     return
                 except sqlalchemy.exc.IntegrityError:
                     session.rollback()
@@ -101,7 +103,7 @@ def store_class():
             # those and stores the rest. Nothing of the attempt above was committed.
             return super()._log_metrics_once(run_id, metrics)
 
-        def _upsert_latest(self, session, insert, ordered):
+        def _upsert_latest(self, session, insert, newest):
             table = SqlLatestMetric.__table__
             statement = insert(table)
             new = statement.excluded
@@ -110,7 +112,7 @@ def store_class():
                 set_={"value": new.value, "timestamp": new.timestamp, "step": new.step, "is_nan": new.is_nan},
                 where=tuple_(new.step, new.timestamp, new.value)
                 > tuple_(table.c.step, table.c.timestamp, table.c.value),
-            ), newest_per_key(ordered))
+            ), newest)
 
     return StackSqlStore
 
@@ -120,7 +122,15 @@ def build(store_uri, artifact_uri=None):
     from mlflow.environment_variables import MLFLOW_ENABLE_WORKSPACES
     from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
 
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
     if MLFLOW_ENABLE_WORKSPACES.get():
+        return _get_sqlalchemy_store(store_uri, artifact_uri)
+    if not hasattr(SqlAlchemyStore, "_log_metrics_once"):
+        # Another MLflow than the one this was written against (3.16-3.17): its own store.
+        import warnings
+
+        warnings.warn("stack_store: this MLflow has no _log_metrics_once; using its own SQL store", stacklevel=2)
         return _get_sqlalchemy_store(store_uri, artifact_uri)
     if artifact_uri is None:
         # As MLflow's own builder: inside the server, its configured artifact root.

@@ -70,6 +70,12 @@ def positive_number(unit: str) -> Rule:
 
 PROFILES = ("backup", "gc", "monitoring")
 
+# SQLAlchemy's default pool (5, with 10 more on demand) for each of a worker's
+# three stores (tracking, model registry, basic-auth users), and what the
+# one-shot jobs, backups, gc and the exporters may hold besides.
+CONNECTIONS_PER_WORKER = 3 * (5 + 10)
+CONNECTIONS_OTHERS = 20
+
 
 def profiles() -> Rule:
     """A comma-separated choice of the optional services' Compose profiles."""
@@ -243,9 +249,10 @@ SETTINGS: tuple[Setting, ...] = (
             doc="MLflow's job runner (async jobs); costs ~1.6 GiB of memory when on. Only with "
                 "MLFLOW_REPLICAS=1: each server keeps its own job queue and periodic tasks."),
     Setting("POSTGRES_MAX_CONNECTIONS", "200", integer(50, 5000), section=SERVER, services=("db",),
-            doc="PostgreSQL's max_connections. Each server worker may hold up to "
-                "CONNECTIONS_PER_WORKER (45: three connection pools of 5 + 10 overflow), and the jobs "
-                "and exporters up to 20 more: a deploy refuses replicas x workers that do not fit."),
+            doc=f"PostgreSQL's max_connections. Each server worker may hold up to {CONNECTIONS_PER_WORKER} (three "
+                f"connection pools of 5, plus 10 on demand), and the jobs and exporters up to {CONNECTIONS_OTHERS} "
+                "more: a deploy "
+                "refuses MLFLOW_REPLICAS x MLFLOW_WORKERS that do not fit."),
 
     Setting("MLFLOW_BUCKET", "mlflow",
             pattern(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", "use 3-63 lower-case letters, digits, '.' or '-'",
@@ -368,13 +375,6 @@ def _tls_pair(values: Mapping[str, str]) -> list[str]:
     return []
 
 
-# SQLAlchemy's default pool (5, with 10 more on demand) for each of a worker's
-# three stores (tracking, model registry, basic-auth users), and what the
-# one-shot jobs, backups, gc and the exporters may hold besides.
-CONNECTIONS_PER_WORKER = 3 * (5 + 10)
-CONNECTIONS_OTHERS = 20
-
-
 def connections_needed(values: Mapping[str, str]) -> int:
     return int(values["MLFLOW_REPLICAS"]) * int(values["MLFLOW_WORKERS"]) * CONNECTIONS_PER_WORKER \
         + CONNECTIONS_OTHERS
@@ -388,7 +388,8 @@ def _connections_fit(values: Mapping[str, str]) -> list[str]:
         return []
     return [f"MLFLOW_REPLICAS={values['MLFLOW_REPLICAS']} x MLFLOW_WORKERS={values['MLFLOW_WORKERS']} may open "
             f"{needed} database connections ({CONNECTIONS_PER_WORKER} per worker, {CONNECTIONS_OTHERS} for the "
-            f"rest), more than POSTGRES_MAX_CONNECTIONS={limit}: raise it to {needed} or lower the other two"]
+            f"rest), more than POSTGRES_MAX_CONNECTIONS={limit}: raise it to {needed} (at most 5000) or lower "
+            "the other two"]
 
 
 def _address_rate_covers_a_login(values: Mapping[str, str]) -> list[str]:

@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -26,6 +27,9 @@ import mlflow
 import requests
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+
+# The project's own modules (stack/: .env and the Compose project), for --compare.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _median_of(rounds: int, fn) -> float:
@@ -116,9 +120,6 @@ def ui_first_load_bytes() -> dict[str, float]:
 
 def stack_s3() -> dict[str, str]:
     """The deployed stack's S3 port and credentials (its .env, as the scripts read it)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from stack import compose
 
     values = compose.values_for_compose()
@@ -126,6 +127,18 @@ def stack_s3() -> dict[str, str]:
     return {"endpoint": f"https://{host}:{values['S3_PORT']}", "key": values["MINIO_ROOT_USER"],
             "secret": values["MINIO_ROOT_PASSWORD"], "bucket": values["MLFLOW_BUCKET"],
             "ca": os.environ.get("REQUESTS_CA_BUNDLE") or True}
+
+
+def stack_servers() -> list[str]:
+    """The stack's MLflow server containers (every replica)."""
+    import subprocess
+
+    from stack import paths
+
+    out = subprocess.run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={paths.project_name()}",
+                          "--filter", "label=com.docker.compose.service=mlflow"], capture_output=True, text=True,
+                         check=False).stdout
+    return out.split()
 
 
 def run_compare(args) -> int:
@@ -138,7 +151,7 @@ def run_compare(args) -> int:
           f"{bench_compare.PLAIN_WORKERS} workers, SQLite, HTTP); medians of {args.rounds} alternating rounds; "
           f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}", flush=True)
     rows = bench_compare.compare(args.image, os.environ["MLFLOW_TRACKING_URI"], creds, stack_s3(), args.rounds,
-                                 args.calls, args.batches, args.artifact_mib)
+                                 args.calls, args.batches, args.artifact_mib, stack_containers=stack_servers())
     print(bench_compare.table(rows, args.artifact_mib))
     return 0
 

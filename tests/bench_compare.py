@@ -7,7 +7,8 @@ pinned packages, so an upstream fix moves both sides), started with
 artifacts on local disk, plain HTTP) on a free loopback port. Both sides are
 measured alternately, round after round, at 1, 4 and 16 client threads with
 MLflow's client: single log_metric calls (requests/s and p50), log_batch of
-1000 metrics (metrics/s); then an artifact up and down through each server,
+1000 metrics (metrics/s, and the server containers' CPU per 1000 metrics,
+from their cgroups, when readable here); then an artifact up and down through each server,
 and the same bytes with boto3 straight to the stack's S3 port (nginx, TLS),
 the ceiling of the stack's own network path.
 """
@@ -25,7 +26,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-PLAIN_WORKERS = 4  # mlflow server's default
+PLAIN_WORKERS = 4  # mlflow server's default, passed explicitly
 
 
 def free_port() -> int:
@@ -40,7 +41,7 @@ def plain_server(image: str):
     port, name = free_port(), f"mlflow-bench-plain-{uuid.uuid4().hex[:8]}"
     subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:5000",
                     "-e", "MLFLOW_SERVER_ALLOWED_HOSTS=*", "-w", "/tmp", image,
-                    "mlflow", "server", "--host", "0.0.0.0", "--port", "5000"],
+                    "mlflow", "server", "--host", "0.0.0.0", "--port", "5000", "--workers", str(PLAIN_WORKERS)],
                    check=True, capture_output=True, text=True)
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -57,7 +58,7 @@ def plain_server(image: str):
                 logs = subprocess.run(["docker", "logs", "--tail", "40", name], capture_output=True, text=True)
                 raise RuntimeError(f"the plain server did not start:\n{logs.stdout}{logs.stderr}")
             time.sleep(1)
-        yield uri
+        yield uri, name
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, check=False)
 
@@ -113,6 +114,24 @@ def log_metric_round(threads: int, calls: int) -> tuple[float, float]:
 
     seconds = _threads(threads, work)
     return threads * calls / seconds, statistics.median(latencies) * 1000
+
+
+def container_cpu_seconds(containers: list[str]) -> float | None:
+    """CPU time the containers used so far (cgroup v1 or v2), None if unreadable here."""
+    total = 0.0
+    for name in containers:
+        cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                             check=False).stdout.strip()
+        v1 = Path(f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage")
+        v2 = Path(f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.stat")
+        if cid and v1.exists():
+            total += int(v1.read_text()) / 1e9
+        elif cid and v2.exists():
+            usage = dict(line.split() for line in v2.read_text().splitlines())
+            total += int(usage["usage_usec"]) / 1e6
+        else:
+            return None
+    return total
 
 
 def log_batch_round(threads: int, batches: int) -> float:
@@ -171,7 +190,8 @@ def boto3_round(blob: Path, mib: int, s3: dict[str, str]) -> tuple[float, float]
 
 
 def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[str, str], rounds: int,
-            calls: int, batches: int, artifact_mib: int, concurrency=(1, 4, 16)) -> list[tuple[str, float, float]]:
+            calls: int, batches: int, artifact_mib: int, concurrency=(1, 4, 16),
+            stack_containers: list[str] = ()) -> list[tuple[str, float, float]]:
     """Rows (measure, plain, stack): medians over the rounds, the two sides alternating."""
     results: dict[str, dict[str, list[float]]] = {}
 
@@ -183,8 +203,9 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
     with open(blob, "wb") as fh:
         for _ in range(artifact_mib):
             fh.write(os.urandom(1 << 20))
-    with plain_server(image) as plain_uri:
+    with plain_server(image) as (plain_uri, plain_container):
         sides = {"plain": (plain_uri, {}), "stack": (stack_uri, stack_creds)}
+        servers = {"plain": [plain_container], "stack": stack_containers}
         for _ in range(rounds):
             for side, (uri, creds) in sides.items():
                 with target(uri, creds):
@@ -193,7 +214,12 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
                         add(side, f"log_metric, {n} thread{'s' * (n > 1)}: req/s", rate)
                         add(side, f"log_metric, {n} thread{'s' * (n > 1)}: p50 ms", p50)
                     for n in concurrency:
+                        before = container_cpu_seconds(servers[side])
                         add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: metrics/s", log_batch_round(n, batches))
+                        after = container_cpu_seconds(servers[side])
+                        if before is not None and after is not None:
+                            add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: server CPU ms per 1000",
+                                (after - before) * 1000 / (n * batches))
                     up, down = artifact_round(blob, artifact_mib)
                     add(side, f"artifact {artifact_mib} MiB up: MiB/s", up)
                     add(side, f"artifact {artifact_mib} MiB down: MiB/s", down)
@@ -210,14 +236,15 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
 
 
 def table(rows: list[tuple[str, float, float]], artifact_mib: int) -> str:
-    """Markdown: each measure with both sides and stack/plain (for p50, plain/stack: higher is better);
+    """Markdown: each measure with both sides and stack/plain (for p50 and CPU, plain/stack: higher is better);
     the artifact rows also against boto3 on the stack's S3 port."""
     by_name = {name: (plain, stack) for name, plain, stack in rows}
     lines = ["| measure | plain server | stack | stack / plain |", "|---|---|---|---|"]
     for name, plain, stack in rows:
         if name.startswith("boto3"):
             continue
-        ratio = plain / stack if name.endswith("p50 ms") else stack / plain
+        # Lower is better for latency and CPU: the ratio is then plain / stack.
+        ratio = plain / stack if name.endswith(("p50 ms", "per 1000")) else stack / plain
         lines.append(f"| {name} | {plain:,.1f} | {stack:,.1f} | {ratio:.2f} |")
     for direction in ("up", "down"):
         raw = by_name.get(f"boto3 to the S3 port {artifact_mib} MiB {direction}: MiB/s")

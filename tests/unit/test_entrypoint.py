@@ -253,22 +253,3 @@ def test_the_healthcheck_reports_a_database_that_does_not_answer(monkeypatch, tm
         monkeypatch.setenv(key, value)
     problem = ep.database_answers(timeout=2)
     assert problem.startswith("the database does not answer:") and "s3cret-pw" not in problem
-
-
-def test_replicas_keep_their_runtime_files_apart_and_removed_ones_are_pruned(tmp_path):
-    import os
-
-    root = tmp_path / "mlflow-stack"
-    own, alive, gone = root / "aaa111", root / "bbb222", root / "ccc333"
-    for folder in (own, alive, gone):
-        (folder / "metrics").mkdir(parents=True)
-        (folder / "basic_auth.ini").write_text("database_uri = postgresql://u:pw@db/mlflow\n")
-    (root / "basic_auth.ini").write_text("left by an older release\n")
-    now = 1_800_000_000
-    os.utime(gone, (now - ep.STALE_RUNTIME_SECONDS - 5,) * 2)
-    os.utime(own, (now - 10 * ep.STALE_RUNTIME_SECONDS,) * 2)  # restarting after a long run: still its own
-    os.utime(alive, (now - 30,) * 2)
-    removed = ep.prune_runtime_root(str(root), str(own), now)
-    assert sorted(removed) == ["basic_auth.ini", "ccc333"]
-    assert sorted(p.name for p in root.iterdir()) == ["aaa111", "bbb222"]
-    assert ep.RUNTIME_DIR.startswith(ep.RUNTIME_ROOT + "/") and ep.metrics_dir().startswith(ep.RUNTIME_DIR)

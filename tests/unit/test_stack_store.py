@@ -94,8 +94,8 @@ def test_a_deleted_run_refuses_metrics_as_mlflow_does(stores):
     light.delete_run(run)
     with pytest.raises(MlflowException, match="must be in the 'active' state"):
         light.log_metric(run, Metric("m", 1.0, 1, 1))
-    with pytest.raises(MlflowException):
-        light.log_batch(run, [Metric("m", "x", 1, 1)], [], [])
+    with pytest.raises(MlflowException, match="must be in the 'active' state"):
+        light.log_batch(run, [Metric("m", 2.0, 1, 1)], [], [])
 
 
 def test_mlflow_registers_it_for_postgresql_through_the_images_entry_point(tmp_path):
@@ -114,3 +114,16 @@ def test_mlflow_registers_it_for_postgresql_through_the_images_entry_point(tmp_p
                             env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)}, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["stack_store", "build"], result.stdout + result.stderr[-2000:]
+
+
+def test_ties_go_to_the_first_point_sent_as_in_mlflow(stores):
+    """NaN is stored as 0 with is_nan: (step, timestamp, value) tie with a real 0.0."""
+    stock, light = stores
+    stock_run, light_run = _runs(stock, light)
+    for order in ([Metric("t", float("nan"), 5, 1), Metric("t", 0.0, 5, 1)],
+                  [Metric("u", 0.0, 5, 1), Metric("u", float("nan"), 5, 1)]):
+        stock.log_batch(stock_run, order, [], [])
+        light.log_batch(light_run, order, [], [])
+    assert _state(stock, stock_run, ["t", "u"]) == _state(light, light_run, ["t", "u"])
+    assert math.isnan(light.get_run(light_run).data.metrics["t"])
+    assert light.get_run(light_run).data.metrics["u"] == 0.0

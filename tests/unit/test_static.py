@@ -312,5 +312,7 @@ def test_services_of_the_mlflow_image_own_their_tmp_as_its_user(tmp_path):
     uid = re.search(r"^USER (\d+):(\d+)$", (ROOT / "mlflow/Dockerfile").read_text(), re.M)
     services = compose_config(tmp_path, "--profile", "*")["services"]
     for name, svc in services.items():
-        if svc["image"].startswith("mlflow-stack/mlflow:") and svc.get("tmpfs"):
-            assert svc["tmpfs"] == [f"/tmp:uid={uid[1]},gid={uid[2]}"], name
+        if svc["image"].startswith("mlflow-stack/mlflow:"):
+            for mount in svc.get("tmpfs", []):
+                assert mount.endswith(f":uid={uid[1]},gid={uid[2]}"), (name, mount)
+    assert services["mlflow"]["tmpfs"] == [f"/run/mlflow-stack:uid={uid[1]},gid={uid[2]}"]

@@ -8,7 +8,23 @@ import sys
 from stack.paths import ROOT
 
 
+def stack_memory_mib(stack) -> tuple[float, int]:
+    """The sum of `docker stats` memory over the stack's running containers (MiB), and their count."""
+    ids = stack.compose("ps", "-q").stdout.split()  # running ones only
+    out = subprocess.run(["docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", *ids],
+                         capture_output=True, text=True, check=True).stdout
+    units = {"B": 1 / 2**20, "KiB": 1 / 1024, "MiB": 1, "GiB": 1024}
+    total, count = 0.0, 0
+    for line in out.splitlines():
+        used = line.split("/")[0].strip()
+        number, unit = re.fullmatch(r"([\d.]+)\s*([KMG]?i?B)", used).groups()
+        total, count = total + float(number) * units[unit], count + 1
+    return total, count
+
+
 def test_benchmark_prints_figures(stack, capsys):
+    # Before any benchmark traffic: the stack as the earlier tests leave it, at rest.
+    memory, containers = stack_memory_mib(stack)
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "--artifact-mib", "100"],
                             capture_output=True, text=True, env=stack.client_environ(), timeout=900,
                             check=False)
@@ -16,7 +32,8 @@ def test_benchmark_prints_figures(stack, capsys):
     figures = re.findall(r"^  (.+?)\s+(\d+\.\d)$", result.stdout, re.M)
     assert len(figures) == 9, result.stdout
     with capsys.disabled():
-        print("\n" + result.stdout)
+        print(f"\nmemory at rest, before the benchmark: {memory:,.0f} MiB over {containers} running containers")
+        print(result.stdout)
 
 
 def test_comparison_with_a_plain_server_prints_a_table(stack, capsys):

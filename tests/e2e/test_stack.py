@@ -14,6 +14,7 @@ import re
 import subprocess
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 
 import boto3
 import pytest
@@ -194,6 +195,16 @@ def test_the_server_writes_metrics_through_the_stacks_tracking_store(stack, logg
             "_tracking_store_registry as r; print(type(r.get_store(common.database_uri(), 's3://b/a')).__name__)")
     out = stack.compose("exec", "-T", "mlflow", "python3", "-c", code).stdout.strip().splitlines()
     assert out[-1] == "StackSqlStore", out
+
+
+def test_the_stacks_tracking_store_leaves_what_mlflows_own_leaves_on_postgresql(stack):
+    """tests/e2e/store_check.py in the server's container, on the stack's database."""
+    script = (Path(__file__).parent / "store_check.py").read_text()
+    out = stack.compose("exec", "-T", "mlflow", "python3", "-", stdin=script).stdout.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["errors"] == [], result
+    assert result["same"] and result["points"] > 500, result
+    assert result["concurrent_same"], result
 
 
 def test_secrets_are_not_in_inspect_top_or_logs(stack, logged):

@@ -295,7 +295,13 @@ def cmd_forward(args: list[str]) -> int:
     return 0
 
 
+# Where releases before 2026-11-27 kept the runtime files, on the mlflow-tmp
+# volume (its auth ini holds the database password). Nothing writes there now.
+OLD_RUNTIME_DIR = "/tmp/mlflow-stack"
+
+
 def cmd_server(_args: list[str]) -> int:
+    shutil.rmtree(OLD_RUNTIME_DIR, ignore_errors=True)
     os.environ.update(server_environment())
     if auth_enabled():
         # What `mlflow server --app-name basic-auth` does before starting

@@ -1,8 +1,8 @@
 """The stack's tracking store: MLflow's SQL store with a lighter write path for metrics.
 
 Stock MLflow turns every logged metric point into an ORM object and looks each
-`latest_metrics` row up, locks it and rewrites it in Python: about 140 ms of
-server CPU per 1000 points (field notes), most of a log_batch. Here the same
+`latest_metrics` row up, locks it and rewrites it in Python: 67-78 ms of server
+CPU per 1000 points measured here on PostgreSQL (39 ms this way). Here the same
 rows are written with two statements per call:
 
 - one multi-row INSERT into `metrics` (a point already stored, as a retried

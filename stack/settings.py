@@ -250,7 +250,7 @@ SETTINGS: tuple[Setting, ...] = (
                 "MLFLOW_REPLICAS=1: each server keeps its own job queue and periodic tasks."),
     Setting("POSTGRES_MAX_CONNECTIONS", "200", integer(50, 5000), section=SERVER, services=("db",),
             doc=f"PostgreSQL's max_connections. Each server worker may hold up to {CONNECTIONS_PER_WORKER} (three "
-                f"connection pools of 5, plus 10 on demand), and the jobs and exporters up to {CONNECTIONS_OTHERS} "
+                f"connection pools, each of 5 plus 10 on demand), and the jobs and exporters up to {CONNECTIONS_OTHERS} "
                 "more: a deploy "
                 "refuses MLFLOW_REPLICAS x MLFLOW_WORKERS that do not fit."),
 

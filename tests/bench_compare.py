@@ -118,6 +118,8 @@ def log_metric_round(threads: int, calls: int) -> tuple[float, float]:
 
 def container_cpu_seconds(containers: list[str]) -> float | None:
     """CPU time the containers used so far (cgroup v1 or v2), None if unreadable here."""
+    if not containers:
+        return None
     total = 0.0
     for name in containers:
         cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,

@@ -53,13 +53,14 @@ def main():
         light.log_batch(runs["light"], batch, [], [])
     same = state(stock, runs["stock"], keys) == state(light, runs["light"], keys)
 
-    # Two writers at once on one run and the same keys (their points differ: a point sent
-    # twice at the same instant is a race in MLflow's own fallback too).
+    # Two writers at once on one run and the same keys, so the same latest_metrics rows
+    # (their points differ: a point sent twice at the same instant is a race in MLflow's
+    # own fallback too).
     shared = [Metric(k, float(i % 7), i, i % 13) for i in range(400) for k in ("c", "d")]
     together, errors = new_run(light, "concurrent"), []
 
     def writer(offset):
-        mine = shared[offset::2]
+        mine = [m for m in shared if m.timestamp % 2 == offset]  # both keys each, on the same rows
         try:
             for start in range(0, len(mine), 50):
                 light.log_batch(together, mine[start:start + 50], [], [])

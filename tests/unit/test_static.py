@@ -316,3 +316,31 @@ def test_services_of_the_mlflow_image_own_their_tmp_as_its_user(tmp_path):
             for mount in svc.get("tmpfs", []):
                 assert mount.endswith(f":uid={uid[1]},gid={uid[2]}"), (name, mount)
     assert services["mlflow"]["tmpfs"] == [f"/run/mlflow-stack:uid={uid[1]},gid={uid[2]}"]
+
+
+def test_every_location_that_proxies_to_the_server_is_rate_limited():
+    """Artifact transfers (and nginx's internal admin check) are the only exceptions."""
+    template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
+    mlflow_server = template.split("listen ${HTTPS_PORT} ssl;", 1)[1].split("\n}\n", 1)[0]
+    blocks = re.findall(r"\n    location (.*?) \{\n(.*?)\n    \}", mlflow_server, re.S)
+    proxied = {where.strip(): body for where, body in blocks if "proxy_pass $mlflow_upstream" in body}
+    assert len(proxied) >= 3, list(proxied)
+    for where, body in proxied.items():
+        if "mlflow-artifacts" in where or "_stack/admin-check" in where:
+            continue
+        assert "limit_req zone=api_login" in body and "limit_req zone=api_address" in body, where
+
+
+@pytest.mark.parametrize("base", ["", "/mlflow"])
+def test_only_posts_that_are_safe_twice_are_resent_to_another_replica(base):
+    template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
+    (regex,) = re.findall(r"location ~ (\S+) \{\n(?:[^\n]*\n){2}\s+proxy_next_upstream error timeout non_idempotent;",
+                          template)
+    regex = regex.replace("${MLFLOW_BASE_PATH}", base).replace("\\\\", "\\")
+    for path in ("runs/log-metric", "runs/log-batch", "runs/log-parameter", "runs/set-tag", "runs/search",
+                 "experiments/search", "logged-models/search"):
+        for api in ("api", "ajax-api"):
+            assert re.search(regex, f"{base}/{api}/2.0/mlflow/{path}"), path
+    for path in ("runs/create", "experiments/create", "registered-models/create", "model-versions/create",
+                 "users/create", "runs/log-metrics", "runs/log-metric/", "runs/delete-tag", "logged-models"):
+        assert not re.search(regex, f"{base}/api/2.0/mlflow/{path}"), path

@@ -260,8 +260,8 @@ def test_a_full_server_disk_answers_507_too():
     assert sent[0]["status"] == 507 and "server's disk is full" in json.loads(sent[1]["body"])["message"]
 
 
-def test_other_upload_failures_pass_unchanged():
-    app = guard.Guard(_server_error_then_raise(RuntimeError("boom")), auth=False, max_body=1 << 20)
+def _upload_raising(inner, exc_type):
+    """A PUT to the streamed artifact route whose app raises exc_type; what was sent before."""
     sent = []
 
     async def send(message):
@@ -270,8 +270,14 @@ def test_other_upload_failures_pass_unchanged():
     async def receive():
         return {"type": "http.request", "body": b"x", "more_body": False}
 
-    with pytest.raises(RuntimeError):
-        asyncio.run(app({"type": "http", "method": "PUT", "path": UPLOAD, "headers": []}, receive, send))
+    with pytest.raises(exc_type):
+        asyncio.run(guard.Guard(inner, auth=False, max_body=1 << 20)(
+            {"type": "http", "method": "PUT", "path": UPLOAD, "headers": []}, receive, send))
+    return sent
+
+
+def test_other_upload_failures_pass_unchanged():
+    sent = _upload_raising(_server_error_then_raise(RuntimeError("boom")), RuntimeError)
     assert sent[0]["status"] == 500 and sent[1]["body"] == b"Internal Server Error"
 
     # A handled error's body is read too (MLflow's own JSON 5xx), and passed on when it is not about space.
@@ -306,15 +312,4 @@ def test_an_error_after_a_200_began_is_raised_not_rewritten():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         raise _full_store_error()
 
-    sent = []
-
-    async def send(message):
-        sent.append(message)
-
-    async def receive():
-        return {"type": "http.request", "body": b"x", "more_body": False}
-
-    with pytest.raises(ValueError):
-        asyncio.run(guard.Guard(late, auth=False, max_body=1 << 20)(
-            {"type": "http", "method": "PUT", "path": UPLOAD, "headers": []}, receive, send))
-    assert [m.get("status") for m in sent] == [200]
+    assert [m.get("status") for m in _upload_raising(late, ValueError)] == [200]

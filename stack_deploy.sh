@@ -7,16 +7,20 @@
 
 usage() {
 	cat <<'USAGE'
-Usage: ./stack_deploy.sh [--variant pip|conda] [--standins] [--yes] [--dry-run] [--help]
+Usage: ./stack_deploy.sh [--variant pip|conda] [--standins] [--swarm] [--yes] [--dry-run] [--help]
 
-Deploys the MLflow stack with Docker Compose and prints the settings clients
-need (as export lines).
+Deploys the MLflow stack with Docker Compose (or to a Docker Swarm) and prints
+the settings clients need (as export lines).
 
   --variant pip|conda  MLflow image variant; remembered in .env (default: pip)
   --standins           where no container registry can provide an image, build
                        an offline stand-in for it here and use that: for trying
                        the stack out and for tests, NOT for production.
                        Remembered in .env (STACK_STANDINS=true)
+  --swarm              deploy to the Docker Swarm this machine manages, as stack
+                       COMPOSE_PROJECT_NAME (README "Docker Swarm"): images are
+                       pushed to STACK_REGISTRY, db and minio run on the node
+                       labelled mlflow-stack.data=true, nginx on every node
   --yes                do not ask for confirmation (e.g. switching variant on a
                        running stack)
   --dry-run            check everything and show what would be done; change nothing
@@ -30,12 +34,13 @@ and any image override such as POSTGRES_IMAGE (see README).
 USAGE
 }
 
-VARIANT="" DRY_RUN=0 ASSUME_YES=0 STANDINS=0
+VARIANT="" DRY_RUN=0 ASSUME_YES=0 STANDINS=0 SWARM=0
 while [ $# -gt 0 ]; do
 	case "$1" in
 		--variant) [ $# -ge 2 ] || die "--variant needs a value: pip or conda"; VARIANT="$2"; shift 2 ;;
 		--variant=*) VARIANT="${1#*=}"; shift ;;
 		--standins) STANDINS=1; shift ;;
+		--swarm) SWARM=1; shift ;;
 		--yes|-y) ASSUME_YES=1; shift ;;
 		--dry-run) DRY_RUN=1; shift ;;
 		--help|-h) usage; exit 0 ;;
@@ -68,7 +73,13 @@ step_preflight() {
 	local args=()
 	[ "$STANDINS" = 1 ] && args+=(--standins)
 	[ "$DRY_RUN" = 1 ] && args+=(--dry-run)
+	[ "$SWARM" = 1 ] && args+=(--swarm)
 	stack_py preflight "${args[@]}"
+	if [ "$SWARM" = 1 ]; then
+		stack_py swarm-preflight
+	elif _stack_python swarm-running; then
+		die "the stack $COMPOSE_PROJECT_NAME runs on this machine's swarm: deploy it with ./stack_deploy.sh --swarm (or take it down with ./stack_remove.sh first)"
+	fi
 }
 
 # Images: the offline stand-ins when STACK_STANDINS=true (stack/standins.py
@@ -124,6 +135,22 @@ step_up() {
 	fi
 }
 
+# On a swarm: the images built here go to STACK_REGISTRY, the stack file is made
+# from docker-compose.yml (stack/swarm.py), and `docker stack deploy` rolls the
+# services to it, one task at a time; then every service must run as deployed.
+step_swarm() {
+	stack_py swarm-push
+	local file
+	file="$(stack_py swarm-file)"
+	log "Deploying stack $COMPOSE_PROJECT_NAME to the swarm ($file); waiting until every service runs healthy (up to ${DEPLOY_TIMEOUT:-900} s)"
+	if ! timeout "${DEPLOY_TIMEOUT:-900}" docker stack deploy --detach=false --prune --with-registry-auth \
+		-c "$file" "$COMPOSE_PROJECT_NAME" >&2 || ! _stack_python swarm-check; then
+		echo >&2
+		docker stack ps --no-trunc --format '{{.Name}} on {{.Node}}: {{.CurrentState}} {{.Error}}' "$COMPOSE_PROJECT_NAME" >&2 || true
+		die "the stack did not settle on the swarm; the tasks above say why (docker service logs ${COMPOSE_PROJECT_NAME}_SERVICE for more). Fix it and run ./stack_deploy.sh --swarm again (data volumes are kept)"
+	fi
+}
+
 step_client_env() {
 	log "Deployed. Clients connect with:"
 	stack_py client-env
@@ -140,6 +167,12 @@ main() {
 		return 0
 	fi
 	step_build
+	if [ "$SWARM" = 1 ]; then
+		step_swarm
+		step_client_env
+		stack_py standins --reminder
+		return 0
+	fi
 	local upgrade_note
 	step_schema upgrade_note
 	step_up

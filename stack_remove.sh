@@ -7,12 +7,14 @@ usage() {
 	cat <<'USAGE'
 Usage: ./stack_remove.sh [--purge] [--yes] [--help]
 
-Stops and removes the MLflow stack's containers and networks. The data
+Stops and removes the MLflow stack's containers and networks, or its services,
+networks, configs and secrets when it runs on this machine's swarm. The data
 (PostgreSQL and MinIO volumes) and .env are kept, so ./stack_deploy.sh brings
 everything back.
 
   --purge  also delete the data volumes: every experiment, run and artifact
-           (asks for confirmation)
+           (asks for confirmation). On a swarm: the volumes on this node;
+           those on other nodes are named, to remove there
   --yes    do not ask for confirmation
   --help   this text
 USAGE
@@ -28,6 +30,35 @@ while [ $# -gt 0 ]; do
 	esac
 done
 export ASSUME_YES
+
+# remove_swarm_stack: `docker stack rm`, then wait until its tasks and networks are
+# gone (a re-deploy straight after would collide with them).
+remove_swarm_stack() {
+	log "Removing stack $COMPOSE_PROJECT_NAME from the swarm (services, networks, configs, secrets)"
+	docker stack rm "$COMPOSE_PROJECT_NAME" >&2
+	local _
+	for _ in $(seq 1 120); do
+		[ -z "$(docker network ls -q --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME")" ] \
+			&& [ -z "$(docker ps -q --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME")" ] && return 0
+		sleep 1
+	done
+	die "the stack's containers or networks are still there after 120 s: see docker stack ps $COMPOSE_PROJECT_NAME"
+}
+
+if _stack_python swarm-running; then
+	if [ "$PURGE" = 1 ]; then
+		confirm "Delete the swarm stack '$COMPOSE_PROJECT_NAME' AND its data volumes (all experiments, runs and artifacts)?" \
+			|| die "nothing removed"
+	fi
+	remove_swarm_stack
+	if [ "$PURGE" = 1 ]; then
+		mapfile -t volumes < <(docker volume ls -q --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME")
+		[ "${#volumes[@]}" -eq 0 ] || docker volume rm "${volumes[@]}" >&2
+		log "Removed the volumes on this node. On every other node of the swarm that ran it: docker volume ls --filter label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME, then docker volume rm them"
+	fi
+	log "Done."
+	exit 0
+fi
 
 if [ "$PURGE" = 1 ]; then
 	confirm "Delete the stack '$COMPOSE_PROJECT_NAME' AND its data volumes (all experiments, runs and artifacts)?" \

@@ -303,6 +303,9 @@ OLD_RUNTIME_DIR = "/tmp/mlflow-stack"
 def cmd_server(_args: list[str]) -> int:
     shutil.rmtree(OLD_RUNTIME_DIR, ignore_errors=True)
     os.environ.update(server_environment())
+    # After the environment: importing MLflow's auth package reads its config once.
+    if os.environ.get("STACK_WAIT_FOR_SCHEMA") == "true":
+        wait_for_schema()
     if auth_enabled():
         # What `mlflow server --app-name basic-auth` does before starting
         # workers (MLflow >= 3.17); with the stack's own app name it is done
@@ -452,33 +455,80 @@ def ensure_auth_database() -> None:
     print(f"migrate: user database {name} is current", flush=True)
 
 
-def cmd_schema_status(_args: list[str]) -> int:
-    """How the database schema compares with this image's MLflow (for upgrades)."""
+def schema_state(engine, uri: str) -> tuple[str, str, str]:
+    """("empty" | "current" | "outdated" | "newer", the database's revision, this MLflow's head)."""
     from alembic.script import ScriptDirectory
 
-    from mlflow.store.db.utils import (
-        _get_alembic_config,
-        _get_schema_version,
-        _is_empty_database,
-        create_sqlalchemy_engine_with_retry,
-    )
+    from mlflow.store.db.utils import _get_alembic_config, _get_schema_version, _is_empty_database
 
-    uri = database_uri()
-    engine = create_sqlalchemy_engine_with_retry(uri)
-    head = ScriptDirectory.from_config(_get_alembic_config(uri)).get_current_head()
+    scripts = ScriptDirectory.from_config(_get_alembic_config(uri))
+    head = scripts.get_current_head()
     if _is_empty_database(engine):
-        print("empty", head)
-        return 0
+        return "empty", head, head
     current = _get_schema_version(engine)
     if current == head:
-        print("current", current)
-        return 0
+        return "current", current, head
     try:
-        known = ScriptDirectory.from_config(_get_alembic_config(uri)).get_revision(current) is not None
+        known = scripts.get_revision(current) is not None
     except Exception:  # noqa: BLE001 - alembic raises several types for unknown revisions
         known = False
-    print("outdated" if known else "newer", current, head)
+    return ("outdated" if known else "newer"), current, head
+
+
+def cmd_schema_status(_args: list[str]) -> int:
+    """How the database schema compares with this image's MLflow (for upgrades)."""
+    from mlflow.store.db.utils import create_sqlalchemy_engine_with_retry
+
+    uri = database_uri()
+    print(*schema_state(create_sqlalchemy_engine_with_retry(uri), uri))
     return 0
+
+
+def auth_schema_current() -> bool:
+    import sqlalchemy
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from mlflow.server.auth.db.utils import _get_alembic_config
+
+    uri = auth_database_uri()
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 3}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn, opts={"version_table": "alembic_version_auth"}) \
+                .get_current_revision()
+    finally:
+        engine.dispose()
+    return current == ScriptDirectory.from_config(_get_alembic_config(uri)).get_current_head()
+
+
+def wait_for_schema(timeout: float = 900) -> None:
+    """Until the migrate job has brought both schemas to this MLflow's head. Swarm
+    has no depends_on (stack/swarm.py sets STACK_WAIT_FOR_SCHEMA); a server that
+    started on a half-made schema would fail, or create tables itself, racing the job."""
+    import sqlalchemy
+
+    uri = database_uri()
+    deadline, said = time.monotonic() + timeout, ""
+    while True:
+        try:
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 3},
+                                              poolclass=sqlalchemy.pool.NullPool)
+            try:
+                state = schema_state(engine, uri)[0]
+            finally:
+                engine.dispose()
+            if state == "current" and (not auth_enabled() or auth_schema_current()):
+                return
+            why = f"the schema is {state}" if state != "current" else "the user database is not ready"
+        except Exception as exc:  # noqa: BLE001 - not reachable yet, or the auth database not made yet
+            why = f"the database does not answer yet ({type(exc).__name__})"
+        if why != said:
+            print(f"entrypoint: waiting for the migrate job: {why}", flush=True)
+            said = why
+        if time.monotonic() > deadline:
+            raise SystemExit(f"entrypoint: gave up after {timeout:.0f} s: {why}; see the migrate job's logs")
+        time.sleep(2)
 
 
 def cmd_init_bucket(_args: list[str]) -> int:
@@ -594,6 +644,8 @@ def cmd_gc_schedule(_args: list[str]) -> int:
     import maintenance
 
     days, interval = setting_float("GC_OLDER_THAN_DAYS"), setting_float("GC_INTERVAL_HOURS") * 3600
+    if os.environ.get("STACK_WAIT_FOR_SCHEMA") == "true":
+        wait_for_schema()
     print(f"gc: scheduled every {interval / 3600:g} h, for what was deleted more than {days:g} days ago",
           flush=True)
     GC_LAST_GOOD.write_text(f"{time.time():.0f} started\n")

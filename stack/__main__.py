@@ -12,16 +12,25 @@
   paths                                   export lines: STACK_ENV_FILE, COMPOSE_PROJECT_NAME
   client-env                              export lines for clients
   show [--client-env]                     ./show_all.sh
+  swarm-preflight                         what stops a swarm deploy (./stack_deploy.sh --swarm)
+  swarm-push                              push the images built here to STACK_REGISTRY
+  swarm-file [PATH]                       write the stack file for `docker stack deploy`, print its path
+  swarm-running                           exit 0 if this stack runs on this machine's swarm
+  swarm-check                             exit 1, saying why, unless every swarm service runs as deployed
   users ...                               ./stack_users.sh
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
-from . import build, client_env, common, compose, envfile, paths, pins, preflight, settings, show, standins, tls, users
+from . import (build, client_env, common, compose, envfile, paths, pins, preflight, settings, show, standins, swarm, tls,
+               users)
 
 
 def _values() -> dict[str, str]:
@@ -53,7 +62,7 @@ def cmd_preflight(args) -> int:
         values = _values()
     if args.standins:
         values["STACK_STANDINS"] = "true"
-    checks = preflight.run(values)
+    checks = preflight.run(values, swarm=args.swarm)
     for check in checks:
         print(f"preflight: {'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
     if all(check.ok for check in checks):
@@ -185,6 +194,59 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _compose_config() -> dict:
+    """docker-compose.yml as Compose resolves it for this stack (profiles, values, paths)."""
+    argv, environ = compose.invocation()
+    result = subprocess.run([*argv, "config", "--format", "json"], env=environ, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise envfile.EnvError(f"docker compose config failed: {result.stderr.strip()}")
+    return json.loads(result.stdout)
+
+
+def cmd_swarm_preflight(_args) -> int:
+    values = _values()
+    argv, environ = compose.invocation()
+    running = subprocess.run([*argv, "ps", "-q"], env=environ, capture_output=True, text=True).stdout.strip()
+    problems = swarm.preflight(values, paths.project_name(), bool(running))
+    for problem in problems:
+        print(f"preflight: FAIL swarm: {problem}", file=sys.stderr)
+    if not problems:
+        print("preflight: ok   swarm: a manager of a swarm, the data node labelled, the images' registry set")
+    return 1 if problems else 0
+
+
+def cmd_swarm_push(_args) -> int:
+    values = _values()
+    images = swarm.built_here(svc["image"] for svc in _compose_config()["services"].values())
+    if not values["STACK_REGISTRY"]:
+        print("==> STACK_REGISTRY is empty: a one-node swarm uses the images on this machine", file=sys.stderr)
+        return 0
+    swarm.push(images, values["STACK_REGISTRY"], log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
+def cmd_swarm_file(args) -> int:
+    values = _values()
+    document = swarm.stack_file(_compose_config(), values["STACK_REGISTRY"],
+                                private_files=[os.environ["STACK_TLS_KEY"]])
+    target = Path(args.path) if args.path else paths.state_dir() / "swarm-stack.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(document, indent=1) + "\n")
+    print(target)
+    return 0
+
+
+def cmd_swarm_running(_args) -> int:
+    return 0 if swarm.stack_running(paths.project_name()) else 1
+
+
+def cmd_swarm_check(_args) -> int:
+    problems = swarm.unsettled(swarm.services(paths.project_name()))
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compose"]:
@@ -203,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_env)
     p = sub.add_parser("preflight")
     p.add_argument("--standins", action="store_true")
+    p.add_argument("--swarm", action="store_true")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_preflight)
     p = sub.add_parser("standins")
@@ -221,10 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("show")
     p.add_argument("--client-env", action="store_true")
     p.set_defaults(func=cmd_show)
+    sub.add_parser("swarm-preflight").set_defaults(func=cmd_swarm_preflight)
+    sub.add_parser("swarm-push").set_defaults(func=cmd_swarm_push)
+    p = sub.add_parser("swarm-file")
+    p.add_argument("path", nargs="?")
+    p.set_defaults(func=cmd_swarm_file)
+    sub.add_parser("swarm-check").set_defaults(func=cmd_swarm_check)
+    sub.add_parser("swarm-running").set_defaults(func=cmd_swarm_running)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (envfile.EnvError, tls.TlsError, build.BuildError) as exc:
+    except (envfile.EnvError, tls.TlsError, build.BuildError, swarm.SwarmError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

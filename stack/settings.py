@@ -234,6 +234,11 @@ SETTINGS: tuple[Setting, ...] = (
             doc="true: images that are neither on this machine nor pullable are replaced by offline "
                 "stand-ins built here (tests/standin-images.sh), for trying the stack out and for "
                 "tests, NOT for production. ./stack_deploy.sh --standins sets it."),
+    Setting("STACK_REGISTRY", "", pattern(r"[A-Za-z0-9.-]+(:\d+)?(/[a-z0-9._-]+)*", "use a registry address such as "
+                                          "registry.example.com:5000 or registry.example.com/team", "127.0.0.1:5000"),
+            section=SERVER, may_be_empty=True, host=("deploy --swarm",),
+            doc="Swarm mode (./stack_deploy.sh --swarm): the registry every node pulls the images built here "
+                "from; the deploy pushes them there. Needed once the swarm has more than one node."),
     Setting("MLFLOW_ARTIFACTS_MODE", "proxied", choice("proxied", "direct"), section=SERVER,
             services=("mlflow",), host=("client settings",),
             doc="proxied: clients send artifacts through the server (no S3 credentials needed). "

@@ -72,7 +72,30 @@ def volumes(project: str) -> list[tuple[str, str]]:
     return sorted(rows)
 
 
+def swarm_report(values: dict[str, str]) -> str:
+    """The stack as the swarm runs it: each service's goal and state, each task's node and health."""
+    from . import swarm
+
+    project = paths.project_name()
+    lines = [f"MLflow stack '{project}' on a Docker Swarm ({paths.env_path()})", "", "Services:"]
+    for row in swarm.services(project):
+        update = f"  update {row['update']}" if row["update"] else ""
+        lines.append(f"  {row['Name'][len(project) + 1:]:<14} {row['Mode']:<16} {row['Replicas']:<22}{update}")
+    lines += ["", "Tasks (running, or meant to be):"]
+    code, out = _run(["docker", "stack", "ps", "--filter", "desired-state=running", "--format",
+                      "{{.Name}}\t{{.Node}}\t{{.CurrentState}}\t{{.Error}}", project])
+    for line in (out.splitlines() if code == 0 else []):
+        name, node, state, error = (line.split("\t") + ["", "", "", ""])[:4]
+        lines.append(f"  {name[len(project) + 1:]:<40} {node:<20} {state}{'  ' + error if error else ''}")
+    lines += ["", "Published URLs (on every node, nginx runs on each):", *url_lines(values)]
+    return "\n".join(lines) + "\n"
+
+
 def report(values: dict[str, str]) -> str:
+    from . import swarm
+
+    if swarm.stack_running(paths.project_name()):
+        return swarm_report(values)
     svc = services()
     running = {s["Service"] for s in svc if s.get("State") == "running"}
     compose = compose_invocation()

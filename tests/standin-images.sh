@@ -7,7 +7,8 @@
 # An image that is present or can be pulled is used as it is, and gets no line.
 # Stand-ins have their own names (mlflow-stack-standin/...); nothing is ever
 # tagged under an upstream name. Re-runs reuse what is already built.
-# `--list` prints the image variables it can stand in for, and builds nothing.
+# `--list` prints the image variables it can stand in for, and builds nothing;
+# `--base` prints (building it if needed) the Debian base image only.
 # ./stack_deploy.sh --standins runs it (see stack/standins.py).
 set -Eeuo pipefail
 trap 'echo "standin-images.sh: line $LINENO: \"$BASH_COMMAND\" failed" >&2' ERR
@@ -112,6 +113,11 @@ build_standin() {
 main() {
 	if [ "${1:-}" = --list ]; then
 		printf '%s\n' "${!DIR_FOR[@]}" | sort
+		return 0
+	fi
+	if [ "${1:-}" = --base ]; then
+		# The Debian base the stand-ins are built on (tests/swarm builds its nodes on it too).
+		base_image
 		return 0
 	fi
 	command -v docker >/dev/null || die "docker is not installed"

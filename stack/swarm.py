@@ -1,0 +1,311 @@
+"""Docker Swarm mode: the stack file `docker stack deploy` takes, made from
+docker-compose.yml as Compose resolves it (`docker compose config`), so that
+images, secrets, healthchecks, limits and networks keep their one home there.
+
+What Swarm cannot take from a Compose file, and what it gets instead:
+
+- build, container_name, restart, security_opt (no-new-privileges): dropped;
+  Swarm has no such service options. Images are built on this machine and
+  pushed to STACK_REGISTRY; the other nodes pull them from there.
+- depends_on: dropped. The jobs retry until their store answers, and the
+  server and gc wait until the schema is current (STACK_WAIT_FOR_SCHEMA).
+- One-shot services (migrate, bucket-init): `replicated-job`, run again by a
+  deploy whose spec changed them (a new image), as `compose up` does.
+- Bind-mounted files: configs, or secrets for keys; their names carry a hash of
+  the content, because Swarm's configs and secrets cannot be changed in place.
+- tmpfs options (uid=...) and shm_size: tmpfs mounts (mode 1777, the default),
+  /dev/shm with the same size.
+- mem_limit: deploy.resources.limits.memory. Published ports: host mode, on
+  every interface of the node (Swarm has no bind address).
+- Every service is reached by DNS round robin (endpoint_mode dnsrr): nginx
+  resolves the server per request, and no virtual IP (IPVS) is needed.
+- db and minio run on the node labelled mlflow-stack.data=true, where their
+  volumes are. nginx runs on every node (global): any node's address reaches
+  the stack. The rest runs anywhere, updated one task at a time, start-first,
+  rolled back when the new task does not become healthy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+DATA_LABEL = "mlflow-stack.data"
+# `docker stack deploy --detach=false` and `replicated-job` in stack files: Docker CLI 26 or later.
+MIN_CLI = (26, 0)
+JOBS = ("migrate", "bucket-init")
+STATEFUL = ("db", "minio")
+# Edge services publish host ports: two tasks cannot share one node's port.
+GLOBAL = ("nginx",)
+# Profiles whose services need what this translation does not give them yet:
+# backups (a folder and the data volumes on one node) and monitoring (nginx
+# resolves its syslog target once, at start; Prometheus finds targets by DNS).
+UNSUPPORTED_PROFILES = ("backup", "monitoring")
+# Images built on this machine (the stack's own and the offline stand-ins):
+# pushed to STACK_REGISTRY and named there.
+BUILT_HERE = ("mlflow-stack/", "mlflow-stack-standin/")
+# Services that wait for the migrate job (depends_on in Compose).
+WAIT_FOR_SCHEMA = ("mlflow", "gc")
+
+KEPT = {"image", "command", "entrypoint", "environment", "healthcheck", "logging", "networks", "read_only",
+        "cap_add", "cap_drop", "secrets", "user", "init", "stop_grace_period", "stop_signal", "working_dir",
+        "labels", "ulimits", "sysctls", "hostname"}
+DROPPED = {"build", "container_name", "depends_on", "restart", "security_opt", "profiles", "pull_policy"}
+TRANSLATED = {"mem_limit", "tmpfs", "shm_size", "volumes", "ports", "deploy"}
+
+
+class SwarmError(ValueError):
+    """The configuration cannot run on a swarm as it is; the message says what to do."""
+
+
+def registry_image(image: str, registry: str) -> str:
+    if registry and image.startswith(BUILT_HERE):
+        return f"{registry.rstrip('/')}/{image}"
+    return image
+
+
+def built_here(images) -> list[str]:
+    return sorted({image for image in images if image.startswith(BUILT_HERE)})
+
+
+def _object_name(target: str, content: bytes) -> str:
+    """A config or secret name (the stack prefixes its own name): what it is, then a
+    hash of the content, so that a changed file becomes a new object."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", target.strip("/"))[-40:].strip("_.-")
+    return f"{slug}-{hashlib.sha256(content).hexdigest()[:8]}"
+
+
+def _tmpfs(entry: str) -> dict:
+    target, _, options = entry.partition(":")
+    mount: dict[str, Any] = {"type": "tmpfs", "target": target}
+    size = re.search(r"(?:^|,)size=(\d+)", options)
+    if size:
+        mount["tmpfs"] = {"size": int(size.group(1))}
+    return mount
+
+
+class _Objects:
+    """The configs and secrets the bind mounts become."""
+
+    def __init__(self, secret_files: set[str]):
+        self.secret_files = secret_files
+        self.configs: dict[str, dict] = {}
+        self.secrets: dict[str, dict] = {}
+
+    def file(self, source: Path, target: str) -> tuple[str, dict]:
+        content = source.read_bytes()
+        name = _object_name(target, content)
+        if str(source) in self.secret_files:
+            self.secrets[name] = {"file": str(source)}
+            return "secrets", {"source": name, "target": target, "mode": 0o400}
+        self.configs[name] = {"file": str(source)}
+        return "configs", {"source": name, "target": target, "mode": 0o444}
+
+
+def _volumes(name: str, svc: dict, objects: _Objects, out: dict) -> None:
+    mounts = []
+    for volume in svc.get("volumes", []):
+        kind = volume["type"]
+        if kind == "volume":
+            mounts.append({k: volume[k] for k in ("type", "source", "target", "read_only") if k in volume})
+            continue
+        if kind != "bind" or not volume.get("read_only"):
+            raise SwarmError(f"service {name}: a writable {kind} mount of {volume.get('source')} has no swarm "
+                             "form (the folder would have to exist on every node)")
+        source = Path(volume["source"])
+        files = [(source, volume["target"])] if source.is_file() else \
+            [(f, f"{volume['target'].rstrip('/')}/{f.name}") for f in sorted(source.iterdir())] if source.is_dir() else []
+        if not files or any(not f.is_file() for f, _ in files):
+            raise SwarmError(f"service {name}: {source} must be a file or a folder of files to become a swarm config")
+        for path, target in files:
+            kind_key, ref = objects.file(path, target)
+            out.setdefault(kind_key, []).append(ref)
+    for entry in svc.get("tmpfs", []):
+        mounts.append(_tmpfs(entry))
+    if svc.get("shm_size"):
+        mounts.append({"type": "tmpfs", "target": "/dev/shm", "tmpfs": {"size": int(svc["shm_size"])}})
+    if mounts:
+        out["volumes"] = mounts
+
+
+def _deploy(name: str, svc: dict) -> dict:
+    deploy: dict[str, Any] = {"endpoint_mode": "dnsrr"}
+    if svc.get("mem_limit"):
+        deploy["resources"] = {"limits": {"memory": str(svc["mem_limit"])}}
+    if name in JOBS:
+        deploy["mode"] = "replicated-job"
+        # Until its store answers (Compose waited for it to be healthy).
+        deploy["restart_policy"] = {"condition": "on-failure", "delay": "5s", "max_attempts": 30}
+        return deploy
+    deploy["restart_policy"] = {"condition": "any", "delay": "2s"}
+    rolling = {"parallelism": 1, "delay": "0s", "monitor": "20s"}
+    if name in STATEFUL:
+        # One task on its volume: the old one stops before the new one starts.
+        deploy["replicas"] = 1
+        deploy["placement"] = {"constraints": [f"node.labels.{DATA_LABEL} == true"]}
+        deploy["update_config"] = {**rolling, "order": "stop-first", "failure_action": "pause"}
+        return deploy
+    if name in GLOBAL:
+        deploy["mode"] = "global"
+        order = "stop-first"
+    else:
+        deploy["replicas"] = int((svc.get("deploy") or {}).get("replicas") or 1)
+        order = "start-first"
+    deploy["update_config"] = {**rolling, "order": order, "failure_action": "rollback"}
+    deploy["rollback_config"] = {"parallelism": 1, "order": order}
+    return deploy
+
+
+def _ports(svc: dict) -> list[dict]:
+    return [{"mode": "host", "target": int(p["target"]), "published": int(p["published"]),
+             "protocol": p.get("protocol", "tcp")} for p in svc.get("ports", [])]
+
+
+def stack_file(config: Mapping[str, Any], registry: str = "", private_files=()) -> dict:
+    """The stack file for `docker stack deploy`, from `docker compose config --format json`.
+    Bind-mounted files named in private_files (the TLS key) become secrets, others configs."""
+    secret_files = {str(Path(p)) for p in private_files}
+    objects = _Objects(secret_files)
+    secret_names = {key: _object_name(key, Path(s["file"]).read_bytes())
+                    for key, s in config.get("secrets", {}).items()}
+    services = {}
+    for name, svc in config["services"].items():
+        off = set(svc.get("profiles", [])) & set(UNSUPPORTED_PROFILES)
+        if off:
+            raise SwarmError(f"COMPOSE_PROFILES has {', '.join(sorted(off))}: not available in swarm mode yet "
+                             f"(the {name} service); take it out of COMPOSE_PROFILES in .env")
+        unknown = set(svc) - KEPT - DROPPED - TRANSLATED
+        if unknown:
+            raise SwarmError(f"service {name} uses {', '.join(sorted(unknown))}, which stack/swarm.py does not "
+                             "translate for Swarm yet: add it there")
+        out = {key: value for key, value in svc.items() if key in KEPT and value is not None}
+        out["image"] = registry_image(svc["image"], registry)
+        if name in WAIT_FOR_SCHEMA:
+            out["environment"] = {**out.get("environment", {}), "STACK_WAIT_FOR_SCHEMA": "true"}
+        # Compose's secrets under /run/secrets by their own names, as in Compose.
+        out["secrets"] = [{"source": secret_names[ref["source"]], "target": ref["source"]}
+                          for ref in svc.get("secrets", [])]
+        _volumes(name, svc, objects, out)
+        if svc.get("ports"):
+            out["ports"] = _ports(svc)
+        out["deploy"] = _deploy(name, svc)
+        if not out["secrets"]:
+            del out["secrets"]
+        services[name] = out
+    networks = {key: {"driver": "overlay", "attachable": True, **({"internal": True} if net.get("internal") else {})}
+                for key, net in config.get("networks", {}).items()}
+    used = {v["source"] for svc in services.values() for v in svc.get("volumes", []) if v["type"] == "volume"}
+    volumes = {key: {} for key in config.get("volumes", {}) if key in used}
+    secrets = {secret_names[key]: {"file": s["file"]} for key, s in config.get("secrets", {}).items()}
+    secrets.update(objects.secrets)
+    document = {"services": services, "networks": networks, "volumes": volumes, "secrets": secrets}
+    if objects.configs:
+        document["configs"] = objects.configs
+    return document
+
+
+# --- The engine's side ---------------------------------------------------------
+
+def _docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+
+
+def swarm_state() -> dict:
+    """{"state": "active"/"inactive"/..., "manager": bool, "nodes": int}."""
+    info = json.loads(_docker("info", "--format", "{{json .Swarm}}").stdout or "{}")
+    return {"state": info.get("LocalNodeState", ""), "manager": bool(info.get("ControlAvailable")),
+            "nodes": int(info.get("Nodes") or 0)}
+
+
+def stack_running(project: str) -> bool:
+    state = swarm_state()
+    if state["state"] != "active" or not state["manager"]:
+        return False
+    names = _docker("stack", "ls", "--format", "{{.Name}}", check=False).stdout.split()
+    return project in names
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def preflight(values: Mapping[str, str], project: str, compose_running: bool) -> list[str]:
+    """What stops a swarm deploy, each with what to do (empty: go)."""
+    problems = []
+    cli = _docker("version", "--format", "{{.Client.Version}}", check=False).stdout.strip()
+    if _version(cli) < MIN_CLI:
+        problems.append(f"the docker CLI is {cli or 'missing'}; swarm mode needs {'.'.join(map(str, MIN_CLI))} or "
+                        "later (stack files with jobs, `stack deploy --detach=false`): install a newer docker-ce-cli")
+    state = swarm_state()
+    if state["state"] != "active":
+        return problems + ["this engine is not in a swarm: `docker swarm init` here (or `docker swarm join` to an "
+                           "existing one), then run this on a manager node"]
+    if not state["manager"]:
+        return problems + ["this node is a swarm worker: run ./stack_deploy.sh --swarm on a manager node"]
+    labelled = _docker("node", "ls", "-q", "--filter", f"node.label={DATA_LABEL}=true").stdout.split()
+    if len(labelled) != 1:
+        problems.append(f"{len(labelled)} nodes carry the label {DATA_LABEL}=true; exactly one must: the node whose "
+                        f"disks keep the database and the artifacts (`docker node update --label-add "
+                        f"{DATA_LABEL}=true NODE`)")
+    if state["nodes"] > 1 and not values.get("STACK_REGISTRY"):
+        problems.append(f"the swarm has {state['nodes']} nodes: set STACK_REGISTRY in .env to a registry they all "
+                        "pull from (the images built here are pushed there)")
+    if values.get("BIND_ADDRESS") != "0.0.0.0":
+        problems.append(f"BIND_ADDRESS={values.get('BIND_ADDRESS')}: a swarm publishes nginx's ports on every "
+                        "interface of each node; set BIND_ADDRESS=0.0.0.0 in .env to accept that (and firewall "
+                        "the nodes as needed)")
+    profiles = set(filter(None, values.get("COMPOSE_PROFILES", "").split(",")))
+    if profiles & set(UNSUPPORTED_PROFILES):
+        problems.append(f"COMPOSE_PROFILES={values['COMPOSE_PROFILES']}: {', '.join(sorted(profiles & set(UNSUPPORTED_PROFILES)))} "
+                        "not available in swarm mode yet; take it out of COMPOSE_PROFILES in .env")
+    if compose_running:
+        problems.append(f"the stack {project} runs here with Docker Compose: take it down first "
+                        "(./stack_remove.sh keeps the data volumes), then deploy it to the swarm")
+    return problems
+
+
+def push(images: list[str], registry: str, log=print) -> None:
+    """Tag each image built here under the registry and push it, so every node can pull it."""
+    for image in images:
+        target = registry_image(image, registry)
+        log(f"==> Pushing {target}")
+        _docker("tag", image, target)
+        result = subprocess.run(["docker", "push", "--quiet", target], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SwarmError(f"pushing {target} failed: {result.stderr.strip()[-500:]}; check that STACK_REGISTRY="
+                             f"{registry} is a registry this machine may push to (`docker login {registry}`)")
+
+
+def services(project: str) -> list[dict]:
+    """Each service of the stack: name, mode, replicas ("2/2", "0/1 (1/1 completed)") and update state."""
+    rows = []
+    for line in _docker("service", "ls", "--filter", f"label=com.docker.stack.namespace={project}",
+                        "--format", "{{json .}}", check=False).stdout.splitlines():
+        row = json.loads(line)
+        row["update"] = _docker("service", "inspect", row["Name"], "--format",
+                                "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}", check=False).stdout.strip()
+        rows.append(row)
+    return rows
+
+
+def unsettled(rows: list[dict]) -> list[str]:
+    """Services not (yet) as wanted: tasks short of their goal, a job not completed, an update
+    not done. Empty: the stack runs as deployed (a task counts once its healthcheck passed)."""
+    problems = []
+    for row in rows:
+        replicas = row["Replicas"]
+        job = re.fullmatch(r"\d+/\d+ \((\d+)/(\d+) completed\)", replicas)
+        running = re.fullmatch(r"(\d+)/(\d+)", replicas)
+        if job:
+            done = job.group(1) == job.group(2)
+        else:
+            done = bool(running) and running.group(1) == running.group(2) and running.group(2) != "0"
+        if not done:
+            problems.append(f"{row['Name']}: {replicas}")
+        elif row["update"] in ("updating", "paused", "rollback_started", "rollback_paused", "rollback_completed"):
+            problems.append(f"{row['Name']}: update {row['update']}")
+    return problems

@@ -1,0 +1,275 @@
+"""The stack on a real three-node Docker Swarm, on this one machine.
+
+The manager is this machine's engine (where ./stack_deploy.sh --swarm runs, as
+a user would run it on a manager); two workers are containers running Debian's
+dockerd (docker-in-docker, tests/swarm/node), joined with `docker swarm join`.
+Images reach the workers through a real registry (Debian's docker-registry,
+tests/swarm/registry): the deploy pushes what it built to STACK_REGISTRY, an
+address that is 127.0.0.1 on every node (the registry's port is forwarded
+there), and the nodes pull from it.
+
+- The deploy settles: every service runs healthy, the two server replicas on
+  more than one node, db and minio on the labelled node, nginx on every node;
+  no secret appears in the services' specs; ./show_all.sh shows tasks and nodes.
+- A remote client logs a run with metrics, an artifact and a model, and reads
+  it all back (checksums), through nginx.
+- A worker running a replica is stopped (the node lost) while clients log: the
+  swarm reschedules the replica, nothing acknowledged is missing afterwards, and
+  the longest pause a client saw is printed.
+- A rolling update of the server to a changed image, with clients logging:
+  one task at a time, start-first; no metric request fails, nothing is lost.
+- ./stack_remove.sh --purge takes it all away.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from stack import swarm
+
+from .conftest import ROOT, free_port, new_stack, parse_exports, wait_for
+from .test_stack import s3_client
+
+THREADS = 3
+WORKERS = 2
+# The flags that work for docker-in-docker here (see the field notes): no --privileged;
+# SYS_PTRACE lets the node's runc enter a container running as another user (healthchecks).
+NODE_FLAGS = ["--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--cap-add", "SYS_PTRACE",
+              "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+              "--cgroupns", "host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+              "-e", "DOCKER_ALLOW_IPV6_ON_IPV4_INTERFACE=1", "-v", "/var/lib/docker"]
+
+
+def docker(*args: str, check: bool = True, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)}: {result.stderr[-3000:]}")
+    return result
+
+
+@dataclass
+class Cluster:
+    prefix: str
+    registry: str
+    workers: list[str]
+    manager: str
+
+
+def build(name: str, folder: Path, base: str) -> str:
+    tag = f"mlflow-stack-test/{name}:latest"
+    docker("build", "-q", "--build-arg", f"BASE_IMAGE={base}", "-t", tag, str(folder))
+    return tag
+
+
+@pytest.fixture(scope="module")
+def cluster(standins):
+    if json.loads(docker("info", "--format", "{{json .Swarm}}").stdout)["LocalNodeState"] != "inactive":
+        pytest.fail("this machine's engine is already in a swarm; the test makes its own (docker swarm leave)")
+    prefix = f"mlswarm{uuid.uuid4().hex[:6]}"
+    base = subprocess.run([str(ROOT / "tests" / "standin-images.sh"), "--base"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    node_image = build("swarm-node", ROOT / "tests" / "swarm" / "node", base)
+    registry_image = build("registry", ROOT / "tests" / "swarm" / "registry", base)
+    network, port = f"{prefix}-net", free_port()
+    workers = [f"{prefix}-worker{i}" for i in range(1, WORKERS + 1)]
+    try:
+        docker("network", "create", network)
+        gateway = docker("network", "inspect", network, "--format",
+                         "{{range .IPAM.Config}}{{.Gateway}}{{end}}").stdout.strip()
+        docker("run", "-d", "--name", f"{prefix}-registry", "--network", network, "-p", f"127.0.0.1:{port}:5000",
+               registry_image)
+        for name in workers:
+            docker("run", "-d", "--name", name, "--hostname", name, *NODE_FLAGS, "--network", network,
+                   "-e", f"REGISTRY_FORWARD={port}:{prefix}-registry:5000", node_image)
+        docker("swarm", "init", "--advertise-addr", gateway)
+        manager = docker("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
+        docker("node", "update", "--label-add", f"{swarm.DATA_LABEL}=true", manager)
+        token = docker("swarm", "join-token", "-q", "worker").stdout.strip()
+        for name in workers:
+            wait_for(lambda: docker("exec", name, "docker", "info", check=False).returncode == 0, 60,
+                     f"{name}'s dockerd to start")
+            docker("exec", name, "docker", "swarm", "join", "--token", token, f"{gateway}:2377")
+        wait_for(lambda: docker("node", "ls", "--format", "{{.Status}}").stdout.split() == ["Ready"] * (WORKERS + 1),
+                 60, "every node to be ready")
+        yield Cluster(prefix, f"127.0.0.1:{port}", workers, manager)
+    finally:
+        for name in workers:
+            docker("rm", "-f", "-v", name, check=False)
+        docker("swarm", "leave", "--force", check=False)
+        docker("rm", "-f", "-v", f"{prefix}-registry", check=False)
+        docker("network", "rm", network, check=False)
+
+
+def project_of(stack) -> str:
+    return stack.environ["COMPOSE_PROJECT_NAME"]
+
+
+def deploy(stack) -> subprocess.CompletedProcess:
+    result = stack.script("stack_deploy.sh", "--swarm", "--yes")
+    stack.client_env = parse_exports(result.stdout)
+    return result
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster, standins, tmp_path_factory):
+    the_stack = new_stack(standins, tmp_path_factory.mktemp("swarm"), "mlflowswarm")
+    the_stack.environ.update(BIND_ADDRESS="0.0.0.0", MLFLOW_REPLICAS="2", STACK_REGISTRY=cluster.registry)
+    failed = True
+    try:
+        the_stack.first_deploy = deploy(the_stack)
+        yield the_stack
+        failed = False
+    finally:
+        if failed or sys.exc_info()[0] is not None:
+            project = project_of(the_stack)
+            ps = docker("stack", "ps", "--no-trunc", project, check=False).stdout
+            logs = "".join(docker("service", "logs", "--tail", "40", f"{project}_{s}", check=False).stdout
+                           for s in ("mlflow", "migrate", "nginx"))
+            sys.__stderr__.write(f"\n=== {project}: stack ps ===\n{ps}\n=== logs ===\n{logs[-20000:]}\n")
+        removed = the_stack.script("stack_remove.sh", "--purge", "--yes", check=False)
+        assert removed.returncode == 0, removed.stderr[-3000:]
+
+
+def tasks(project: str, service: str) -> list[dict]:
+    out = docker("service", "ps", f"{project}_{service}", "--filter", "desired-state=running",
+                 "--format", "{{json .}}").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def running_nodes(project: str, service: str) -> list[str]:
+    return sorted(t["Node"] for t in tasks(project, service) if t["CurrentState"].startswith("Running"))
+
+
+def db_container(project: str) -> str:
+    return docker("ps", "-q", "--filter", f"label=com.docker.swarm.service.name={project}_db").stdout.split()[0]
+
+
+def psql(stack, sql: str) -> str:
+    values = stack.values()
+    return docker("exec", db_container(project_of(stack)), "psql", "-U", values["POSTGRES_USER"], "-d",
+                  values["POSTGRES_DB"], "-Atc", sql).stdout.strip()
+
+
+def test_the_stack_settles_across_the_nodes(deployed, cluster, capsys):
+    project = project_of(deployed)
+    assert swarm.unsettled(swarm.services(project)) == []
+    hostname = docker("info", "--format", "{{.Name}}").stdout.strip()
+    replicas = running_nodes(project, "mlflow")
+    with capsys.disabled():
+        print(f"\nswarm: server replicas on {replicas}")
+    assert len(replicas) == 2 and len(set(replicas)) == 2, replicas
+    assert running_nodes(project, "db") == [hostname] and running_nodes(project, "minio") == [hostname]
+    assert sorted(running_nodes(project, "nginx")) == sorted([hostname, *cluster.workers])
+    # The workers pulled the server image from the registry.
+    assert set(replicas) & set(cluster.workers)
+    # Secrets are files: none of their values is in any service's spec.
+    values = deployed.values()
+    specs = docker("service", "inspect", *[f"{project}_{s}" for s in ("db", "minio", "mlflow", "nginx")]).stdout
+    for key in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
+                "MLFLOW_CRYPTO_KEK_PASSPHRASE"):
+        assert values[key] not in specs, key
+    shown = deployed.script("show_all.sh").stdout
+    assert "on a Docker Swarm" in shown and "mlflow" in shown, shown
+    for node in replicas:
+        assert node in shown, shown
+
+
+def test_a_remote_client_round_trip(deployed):
+    out = deployed.workdir / "run.json"
+    deployed.client("write", str(out), "--blob-mib", "8", extra={"E2E_EXPERIMENT": "swarm"})
+    deployed.client("read", str(out))
+    run = json.loads(out.read_text())
+    assert psql(deployed, f"SELECT count(*) FROM metrics WHERE run_uuid = '{run['run_id']}' AND key = 'loss'") == "500"
+
+
+def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
+    """Clients log (tests/e2e/replica_client.py) while during() runs; returns the threads' records
+    after checking that every metric request got a 200 and everything acknowledged is stored."""
+    stop, out = tmp_path / "stop", tmp_path / "requests.json"
+    client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(THREADS),
+                               str(stop), str(out)], env=stack.client_environ(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(5)
+        started = time.monotonic()
+        during()
+        took = time.monotonic() - started
+    finally:
+        stop.touch()
+        stdout, stderr = client.communicate(timeout=180)
+    assert client.returncode == 0, stderr[-4000:]
+    threads = json.loads(out.read_text())
+    calls = [r for t in threads for r in t["requests"]]
+    failed = [r for r in calls if r["status"] != 200]
+    longest = max(r["end"] - r["start"] for r in calls)
+    with capsys.disabled():
+        print(f"\n{what}: {took:.0f} s, {len(calls)} requests from {THREADS} clients, longest pause "
+              f"{longest:.2f} s; failed: {[(r['kind'], r['status']) for r in failed]}")
+    assert not [r for r in failed if r["kind"] == "metric"], failed
+    # An artifact upload streaming into a server that went away cannot be resent by nginx.
+    assert all(r["kind"] == "artifact" and r["status"] in (502, 504) for r in failed), failed
+    assert len(calls) >= THREADS * 50, "the clients did not go on logging"
+    for t in threads:
+        stored = {int(float(s)) for s in psql(
+            stack, f"SELECT step FROM metrics WHERE run_uuid = '{t['run_id']}' AND key = 'm'").split()}
+        missing = set(t["steps"]) - stored
+        assert not missing, (t["run_id"], sorted(missing)[:20])
+        prefix = "artifacts/" + t["artifact_uri"].split("mlflow-artifacts:", 1)[1].strip("/") + "/"
+        listed = s3_client(stack).list_objects_v2(Bucket=stack.values()["MLFLOW_BUCKET"], Prefix=prefix)
+        names = {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
+        assert set(t["artifacts"]) <= names, sorted(set(t["artifacts"]) - names)[:20]
+    return threads
+
+
+def test_losing_a_worker_node_loses_nothing(deployed, cluster, tmp_path, capsys):
+    project = project_of(deployed)
+    victim = next(n for n in running_nodes(project, "mlflow") if n in cluster.workers)
+
+    def lose_the_node():
+        docker("stop", "-t", "0", victim)
+        wait_for(lambda: len([n for n in running_nodes(project, "mlflow") if n != victim]) == 2, 180,
+                 "the lost replica to run again on another node", interval=2,
+                 detail=lambda: tasks(project, "mlflow"))
+        time.sleep(5)
+
+    try:
+        logging_clients(deployed, tmp_path, lose_the_node, capsys, f"worker {victim} stopped")
+    finally:
+        docker("start", victim)
+    assert victim not in running_nodes(project, "mlflow")
+
+
+def test_a_rolling_update_to_a_changed_image(deployed, cluster, tmp_path, capsys):
+    """The server's image changes (a label here, as a patched image would); `docker stack
+    deploy` with the stack's own file rolls the replicas one at a time, start-first."""
+    project = project_of(deployed)
+    stack_file = Path(deployed.first_deploy.stderr.split("to the swarm (", 1)[1].split(")", 1)[0])
+    document = json.loads(stack_file.read_text())
+    current = document["services"]["mlflow"]["image"]
+    changed = f"{current}-rolled"
+    build_dir = tmp_path / "image"
+    build_dir.mkdir()
+    (build_dir / "Dockerfile").write_text(f"FROM {current}\nLABEL org.example.rolled=true\n")
+    docker("build", "-q", "-t", changed, str(build_dir))
+    docker("push", "-q", changed)
+    document["services"]["mlflow"]["image"] = changed
+    rolled = tmp_path / "rolled.json"
+    rolled.write_text(json.dumps(document))
+    before = {t["ID"] for t in tasks(project, "mlflow")}
+
+    def roll():
+        docker("stack", "deploy", "--detach=false", "--with-registry-auth", "-c", str(rolled), project, timeout=600)
+
+    logging_clients(deployed, tmp_path, roll, capsys, "rolling update of the server")
+    now = tasks(project, "mlflow")
+    assert not before & {t["ID"] for t in now}, "the replicas were not replaced"
+    assert all(t["Image"].startswith(changed) for t in now), now
+    assert swarm.unsettled(swarm.services(project)) == []

@@ -39,7 +39,7 @@ remove_swarm_stack() {
 	local _
 	for _ in $(seq 1 120); do
 		[ -z "$(docker network ls -q --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME")" ] \
-			&& [ -z "$(docker ps -q --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME")" ] && return 0
+			&& [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME")" ] && return 0
 		sleep 1
 	done
 	die "the stack's containers or networks are still there after 120 s: see docker stack ps $COMPOSE_PROJECT_NAME"

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import paths
+from . import paths, swarm
 from .compose import invocation as compose_invocation
 from .common import host_port
 
@@ -74,8 +74,6 @@ def volumes(project: str) -> list[tuple[str, str]]:
 
 def swarm_report(values: dict[str, str]) -> str:
     """The stack as the swarm runs it: each service's goal and state, each task's node and health."""
-    from . import swarm
-
     project = paths.project_name()
     lines = [f"MLflow stack '{project}' on a Docker Swarm ({paths.env_path()})", "", "Services:"]
     for row in swarm.services(project):
@@ -92,8 +90,6 @@ def swarm_report(values: dict[str, str]) -> str:
 
 
 def report(values: dict[str, str]) -> str:
-    from . import swarm
-
     if swarm.stack_running(paths.project_name()):
         return swarm_report(values)
     svc = services()

@@ -72,11 +72,20 @@ def built_here(images) -> list[str]:
     return sorted({image for image in images if image.startswith(BUILT_HERE)})
 
 
-def _object_name(target: str, content: bytes) -> str:
-    """A config or secret name (the stack prefixes its own name): what it is, then a
-    hash of the content, so that a changed file becomes a new object."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", target.strip("/"))[-40:].strip("_.-")
-    return f"{slug}-{hashlib.sha256(content).hexdigest()[:8]}"
+# Swarm's limit for a config's or secret's name, which the stack prefixes with "<stack>_".
+MAX_NAME = 64
+
+
+def _object_name(target: str, content: bytes, project: str) -> str:
+    """A config or secret name: the file's name, then a hash of the content (a changed file
+    becomes a new object), within Swarm's limit once the stack's name is in front."""
+    digest = hashlib.sha256(content).hexdigest()[:8]
+    room = MAX_NAME - len(project) - 1 - len(digest) - 1
+    if room < 4:
+        raise SwarmError(f"the stack name {project!r} is too long for Swarm's object names: use a shorter "
+                         "COMPOSE_PROJECT_NAME (at most 40 characters)")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", target.rstrip("/").rsplit("/", 1)[-1])[:room].strip("_.-") or "file"
+    return f"{slug}-{digest}"
 
 
 def _tmpfs(entry: str) -> dict:
@@ -91,14 +100,14 @@ def _tmpfs(entry: str) -> dict:
 class _Objects:
     """The configs and secrets the bind mounts become."""
 
-    def __init__(self, secret_files: set[str]):
-        self.secret_files = secret_files
+    def __init__(self, secret_files: set[str], project: str):
+        self.secret_files, self.project = secret_files, project
         self.configs: dict[str, dict] = {}
         self.secrets: dict[str, dict] = {}
 
     def file(self, source: Path, target: str) -> tuple[str, dict]:
         content = source.read_bytes()
-        name = _object_name(target, content)
+        name = _object_name(target, content, self.project)
         if str(source) in self.secret_files:
             self.secrets[name] = {"file": str(source)}
             return "secrets", {"source": name, "target": target, "mode": 0o400}
@@ -169,8 +178,8 @@ def stack_file(config: Mapping[str, Any], registry: str = "", private_files=()) 
     """The stack file for `docker stack deploy`, from `docker compose config --format json`.
     Bind-mounted files named in private_files (the TLS key) become secrets, others configs."""
     secret_files = {str(Path(p)) for p in private_files}
-    objects = _Objects(secret_files)
-    secret_names = {key: _object_name(key, Path(s["file"]).read_bytes())
+    objects = _Objects(secret_files, config["name"])
+    secret_names = {key: _object_name(key, Path(s["file"]).read_bytes(), config["name"])
                     for key, s in config.get("secrets", {}).items()}
     services = {}
     for name, svc in config["services"].items():

@@ -8,4 +8,7 @@ if [ -n "${REGISTRY_FORWARD:-}" ]; then
 	port="${REGISTRY_FORWARD%%:*}" target="${REGISTRY_FORWARD#*:}"
 	socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" "TCP:$target" &
 fi
+# A node stopped and started again (the test's lost node) keeps /var/run: its old
+# pid files would stop dockerd from starting.
+rm -f /var/run/docker.pid /var/run/docker/containerd/containerd.pid
 exec dockerd --host unix:///var/run/docker.sock "$@"

@@ -137,18 +137,28 @@ step_up() {
 
 # On a swarm: the images built here go to STACK_REGISTRY, the stack file is made
 # from docker-compose.yml (stack/swarm.py), and `docker stack deploy` rolls the
-# services to it, one task at a time; then every service must run as deployed.
+# services to it, one task at a time: first the stores and the jobs (the schema
+# is current before any new server starts), then everything; then every service
+# must run as deployed, and configs and secrets no longer named are removed.
 step_swarm() {
 	stack_py swarm-push
-	local file
-	file="$(stack_py swarm-file)"
-	log "Deploying stack $COMPOSE_PROJECT_NAME to the swarm ($file); waiting until every service runs healthy (up to ${DEPLOY_TIMEOUT:-900} s)"
-	if ! timeout "${DEPLOY_TIMEOUT:-900}" docker stack deploy --detach=false --prune --with-registry-auth \
-		-c "$file" "$COMPOSE_PROJECT_NAME" >&2 || ! _stack_python swarm-check; then
+	local files
+	mapfile -t files < <(stack_py swarm-file)
+	log "Deploying stack $COMPOSE_PROJECT_NAME to the swarm (${files[1]}): the stores and jobs first, then the rest; waiting until every service runs healthy (up to ${DEPLOY_TIMEOUT:-900} s each)"
+	if ! swarm_deploy "${files[0]}" || ! swarm_deploy "${files[1]}" --prune || ! _stack_python swarm-check; then
 		echo >&2
 		docker stack ps --no-trunc --format '{{.Name}} on {{.Node}}: {{.CurrentState}} {{.Error}}' "$COMPOSE_PROJECT_NAME" >&2 || true
 		die "the stack did not settle on the swarm; the tasks above say why (docker service logs ${COMPOSE_PROJECT_NAME}_SERVICE for more). Fix it and run ./stack_deploy.sh --swarm again (data volumes are kept)"
 	fi
+	stack_py swarm-prune
+}
+
+# swarm_deploy FILE [ARGS...]: docker stack deploy, waiting for the services in FILE.
+swarm_deploy() {
+	local file="$1"
+	shift
+	timeout "${DEPLOY_TIMEOUT:-900}" docker stack deploy --detach=false --resolve-image changed \
+		--with-registry-auth "$@" -c "$file" "$COMPOSE_PROJECT_NAME" >&2
 }
 
 step_client_env() {
@@ -163,7 +173,11 @@ main() {
 		if [ -f "$STACK_ENV_FILE" ]; then
 			compose config --quiet
 		fi
-		log "Dry run: would build the stand-ins the checks above name (if any), the MLflow image, then 'docker compose up -d --wait'; nothing was changed"
+		if [ "$SWARM" = 1 ]; then
+			log "Dry run: would build the stand-ins the checks above name (if any) and the MLflow image, push them to STACK_REGISTRY, then 'docker stack deploy'; nothing was changed"
+		else
+			log "Dry run: would build the stand-ins the checks above name (if any), the MLflow image, then 'docker compose up -d --wait'; nothing was changed"
+		fi
 		return 0
 	fi
 	step_build

@@ -36,15 +36,19 @@ export ASSUME_YES
 remove_swarm_stack() {
 	log "Removing stack $COMPOSE_PROJECT_NAME from the swarm (services, networks, configs, secrets)"
 	docker stack rm "$COMPOSE_PROJECT_NAME" >&2
-	local _
-	for _ in $(seq 1 120); do
-		[ -z "$(docker network ls -q --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME")" ] \
-			&& [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME")" ] && return 0
+	local _ left
+	for _ in $(seq 1 180); do
+		left="$(docker ps -a --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME" --format '{{.Names}} ({{.Status}})'
+			docker network ls --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME" --format 'network {{.Name}}')"
+		[ -z "$left" ] && return 0
 		sleep 1
 	done
-	die "the stack's containers or networks are still there after 120 s: see docker stack ps $COMPOSE_PROJECT_NAME"
+	die "after 180 s these are still there: $(tr '\n' ' ' <<<"$left"); see docker stack ps $COMPOSE_PROJECT_NAME, then run ./stack_remove.sh again"
 }
 
+if _stack_python swarm-worker && [ -z "$(compose --profile '*' ps -aq 2>/dev/null)" ]; then
+	die "this machine is a swarm worker and runs no Compose stack $COMPOSE_PROJECT_NAME: run ./stack_remove.sh on a manager node to remove the swarm stack"
+fi
 if _stack_python swarm-running; then
 	if [ "$PURGE" = 1 ]; then
 		confirm "Delete the swarm stack '$COMPOSE_PROJECT_NAME' AND its data volumes (all experiments, runs and artifacts)?" \
@@ -52,7 +56,7 @@ if _stack_python swarm-running; then
 	fi
 	remove_swarm_stack
 	if [ "$PURGE" = 1 ]; then
-		mapfile -t volumes < <(docker volume ls -q --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME")
+		mapfile -t volumes < <(stack_py swarm-volumes)
 		[ "${#volumes[@]}" -eq 0 ] || docker volume rm "${volumes[@]}" >&2
 		log "Removed the volumes on this node. On every other node of the swarm that ran it: docker volume ls --filter label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME, then docker volume rm them"
 	fi

@@ -522,7 +522,12 @@ def wait_for_schema(timeout: float = 900) -> None:
                 return
             why = f"the schema is {state}" if state != "current" else "the user database is not ready"
         except Exception as exc:  # noqa: BLE001 - not reachable yet, or the auth database not made yet
-            why = f"the database does not answer yet ({type(exc).__name__})"
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            why = f"the database does not answer yet ({type(exc).__name__}: {first})"
+            state = ""
+        if state == "newer":
+            raise SystemExit("entrypoint: the database schema is newer than this image's MLflow knows: deploy "
+                             "the MLflow version that wrote it, or restore a backup made with this one")
         if why != said:
             print(f"entrypoint: waiting for the migrate job: {why}", flush=True)
             said = why

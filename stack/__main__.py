@@ -14,7 +14,9 @@
   show [--client-env]                     ./show_all.sh
   swarm-preflight                         what stops a swarm deploy (./stack_deploy.sh --swarm)
   swarm-push                              push the images built here to STACK_REGISTRY
-  swarm-file [PATH]                       write the stack file for `docker stack deploy`, print its path
+  swarm-file [PATH]                       write the stack file (and its stores-and-jobs part, deployed
+                                          first) for `docker stack deploy`; print both paths
+  swarm-prune                             remove the stack's configs and secrets the file no longer names
   swarm-running                           exit 0 if this stack runs on this machine's swarm
   swarm-check                             exit 1, saying why, unless every swarm service runs as deployed
   users ...                               ./stack_users.sh
@@ -25,12 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 
-from . import (build, client_env, common, compose, envfile, paths, pins, preflight, settings, show, standins, swarm, tls,
-               users)
+from . import (build, client_env, common, compose, envfile, paths, pins, preflight, secretfiles, settings, show,
+               standins, swarm, tls, users)
 
 
 def _values() -> dict[str, str]:
@@ -215,29 +218,75 @@ def cmd_swarm_preflight(_args) -> int:
     return 1 if problems else 0
 
 
+def _swarm_name_key() -> bytes:
+    """The key of the objects' name hashes, made once, kept beside the secret files."""
+    path = secretfiles.secrets_dir().parent / ".swarm-names.key"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def _swarm_document(config: dict) -> dict:
+    values = _values()
+    _argv, environ = compose.invocation()
+    return swarm.stack_file(config, values["STACK_REGISTRY"], private_files=[environ["STACK_TLS_KEY"]],
+                            ids=swarm.image_ids(svc["image"] for svc in config["services"].values()),
+                            key=_swarm_name_key())
+
+
 def cmd_swarm_push(_args) -> int:
     values = _values()
-    images = swarm.built_here(svc["image"] for svc in _compose_config()["services"].values())
-    if not values["STACK_REGISTRY"]:
-        print("==> STACK_REGISTRY is empty: a one-node swarm uses the images on this machine", file=sys.stderr)
-        return 0
-    swarm.push(images, values["STACK_REGISTRY"], log=lambda line: print(line, file=sys.stderr))
+    ids = swarm.image_ids(svc["image"] for svc in _compose_config()["services"].values())
+    swarm.push(ids, values["STACK_REGISTRY"], log=lambda line: print(line, file=sys.stderr))
     return 0
 
 
 def cmd_swarm_file(args) -> int:
-    values = _values()
-    document = swarm.stack_file(_compose_config(), values["STACK_REGISTRY"],
-                                private_files=[os.environ["STACK_TLS_KEY"]])
+    """Writes the stack file and, beside it, the stores-and-jobs part deployed first; prints both paths."""
+    config = _compose_config()
+    document = _swarm_document(config)
     target = Path(args.path) if args.path else paths.state_dir() / "swarm-stack.json"
     target.parent.mkdir(parents=True, exist_ok=True)
+    first = target.with_name(target.stem + "-stores" + target.suffix)
     target.write_text(json.dumps(document, indent=1) + "\n")
+    first.write_text(json.dumps(swarm.stores_first(document, config), indent=1) + "\n")
+    print(first)
     print(target)
+    return 0
+
+
+def cmd_swarm_prune(_args) -> int:
+    document = json.loads((paths.state_dir() / "swarm-stack.json").read_text())
+    for removed in swarm.prune_objects(paths.project_name(), document):
+        print(f"==> Removed {removed} (no longer used)", file=sys.stderr)
     return 0
 
 
 def cmd_swarm_running(_args) -> int:
     return 0 if swarm.stack_running(paths.project_name()) else 1
+
+
+def cmd_swarm_worker(_args) -> int:
+    state = swarm.swarm_state()
+    return 0 if state["state"] == "active" and not state["manager"] else 1
+
+
+def cmd_swarm_volumes(_args) -> int:
+    """This stack's volumes on this node: those the swarm labelled, and those of the same
+    names that Compose made before (a stack moved from Compose to the swarm keeps them)."""
+    project = paths.project_name()
+    names = {f"{project}_{key}" for key in _compose_config().get("volumes", {})}
+    listed = subprocess.run(["docker", "volume", "ls", "-q"], capture_output=True, text=True).stdout.split()
+    labelled = subprocess.run(["docker", "volume", "ls", "-q", "--filter",
+                               f"label=com.docker.stack.namespace={project}"],
+                              capture_output=True, text=True).stdout.split()
+    found = sorted((names & set(listed)) | set(labelled))
+    if found:
+        print("\n".join(found))
+    return 0
 
 
 def cmd_swarm_check(_args) -> int:
@@ -291,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_swarm_file)
     sub.add_parser("swarm-check").set_defaults(func=cmd_swarm_check)
     sub.add_parser("swarm-running").set_defaults(func=cmd_swarm_running)
+    sub.add_parser("swarm-prune").set_defaults(func=cmd_swarm_prune)
+    sub.add_parser("swarm-worker").set_defaults(func=cmd_swarm_worker)
+    sub.add_parser("swarm-volumes").set_defaults(func=cmd_swarm_volumes)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

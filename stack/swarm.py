@@ -9,8 +9,10 @@ What Swarm cannot take from a Compose file, and what it gets instead:
   pushed to STACK_REGISTRY; the other nodes pull them from there.
 - depends_on: dropped. The jobs retry until their store answers, and the
   server and gc wait until the schema is current (STACK_WAIT_FOR_SCHEMA).
-- One-shot services (migrate, bucket-init): `replicated-job`, run again by a
-  deploy whose spec changed them (a new image), as `compose up` does.
+- One-shot services (those with `restart: "no"`: migrate, bucket-init):
+  `replicated-job`s. Swarm runs a job again at every deploy; both are no-ops
+  on a current schema and an existing bucket. The deploy runs them (with the
+  stores) before it updates the rest, so servers start on a current schema.
 - Bind-mounted files: configs, or secrets for keys; their names carry a hash of
   the content, because Swarm's configs and secrets cannot be changed in place.
 - tmpfs options (uid=...) and shm_size: tmpfs mounts (mode 1777, the default),
@@ -28,6 +30,7 @@ What Swarm cannot take from a Compose file, and what it gets instead:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 import subprocess
@@ -37,7 +40,6 @@ from typing import Any, Mapping
 DATA_LABEL = "mlflow-stack.data"
 # `docker stack deploy --detach=false` and `replicated-job` in stack files: Docker CLI 26 or later.
 MIN_CLI = (26, 0)
-JOBS = ("migrate", "bucket-init")
 STATEFUL = ("db", "minio")
 # Edge services publish host ports: two tasks cannot share one node's port.
 GLOBAL = ("nginx",)
@@ -48,8 +50,8 @@ UNSUPPORTED_PROFILES = ("backup", "monitoring")
 # Images built on this machine (the stack's own and the offline stand-ins):
 # pushed to STACK_REGISTRY and named there.
 BUILT_HERE = ("mlflow-stack/", "mlflow-stack-standin/")
-# Services that wait for the migrate job (depends_on in Compose).
-WAIT_FOR_SCHEMA = ("mlflow", "gc")
+# The job the servers' schema comes from (those that depend on it in Compose wait for it on a swarm).
+MIGRATE = "migrate"
 
 KEPT = {"image", "command", "entrypoint", "environment", "healthcheck", "logging", "networks", "read_only",
         "cap_add", "cap_drop", "secrets", "user", "init", "stop_grace_period", "stop_signal", "working_dir",
@@ -62,10 +64,34 @@ class SwarmError(ValueError):
     """The configuration cannot run on a swarm as it is; the message says what to do."""
 
 
-def registry_image(image: str, registry: str) -> str:
+def registry_image(image: str, registry: str, image_id: str = "") -> str:
+    """An image built here, as the nodes pull it: under the registry, its tag followed by
+    the image's own ID, so that a rebuilt image is a new name (Swarm would keep the old
+    one under an unchanged tag, as a deploy does not look tags up again)."""
     if registry and image.startswith(BUILT_HERE):
-        return f"{registry.rstrip('/')}/{image}"
+        name, _, tag = image.rpartition(":")
+        digest = image_id.split(":")[-1][:12]
+        return f"{registry.rstrip('/')}/{name}:{tag}-{digest}" if digest else f"{registry.rstrip('/')}/{image}"
     return image
+
+
+def image_ids(images) -> dict[str, str]:
+    """The local image ID of each image built here."""
+    ids = {}
+    for image in built_here(images):
+        result = _docker("image", "inspect", "--format", "{{.Id}}", image, check=False)
+        if result.returncode != 0:
+            raise SwarmError(f"the image {image} is not on this machine: run ./stack_deploy.sh --swarm (it builds it)")
+        ids[image] = result.stdout.strip()
+    return ids
+
+
+def jobs(config: Mapping[str, Any]) -> list[str]:
+    return sorted(name for name, svc in config["services"].items() if svc.get("restart") == "no")
+
+
+def waits_for_schema(config: Mapping[str, Any]) -> list[str]:
+    return sorted(name for name, svc in config["services"].items() if MIGRATE in (svc.get("depends_on") or {}))
 
 
 def built_here(images) -> list[str]:
@@ -76,38 +102,46 @@ def built_here(images) -> list[str]:
 MAX_NAME = 64
 
 
-def _object_name(target: str, content: bytes, project: str) -> str:
-    """A config or secret name: the file's name, then a hash of the content (a changed file
-    becomes a new object), within Swarm's limit once the stack's name is in front."""
-    digest = hashlib.sha256(content).hexdigest()[:8]
+# The longest stack name that leaves room for the objects' names.
+MAX_PROJECT = MAX_NAME - 1 - 9 - 12
+
+
+def _object_name(target: str, content: bytes, project: str, key: bytes) -> str:
+    """A config or secret name: the file's name, then a keyed hash of the content (a changed
+    file becomes a new object; the key keeps a secret's name from being a test of guesses),
+    within Swarm's limit once the stack's name is in front."""
+    digest = hmac.new(key, content, hashlib.sha256).hexdigest()[:8]
     room = MAX_NAME - len(project) - 1 - len(digest) - 1
-    if room < 4:
-        raise SwarmError(f"the stack name {project!r} is too long for Swarm's object names: use a shorter "
-                         "COMPOSE_PROJECT_NAME (at most 40 characters)")
+    if len(project) > MAX_PROJECT:
+        raise SwarmError(f"the stack name {project!r} is too long for Swarm's object names: use a "
+                         f"COMPOSE_PROJECT_NAME of at most {MAX_PROJECT} characters")
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", target.rstrip("/").rsplit("/", 1)[-1])[:room].strip("_.-") or "file"
     return f"{slug}-{digest}"
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def _tmpfs(entry: str) -> dict:
     target, _, options = entry.partition(":")
     mount: dict[str, Any] = {"type": "tmpfs", "target": target}
-    size = re.search(r"(?:^|,)size=(\d+)", options)
+    size = re.search(r"(?:^|,)size=(\d+)([kmg]?)", options, re.I)
     if size:
-        mount["tmpfs"] = {"size": int(size.group(1))}
+        mount["tmpfs"] = {"size": int(size.group(1)) * _UNITS[size.group(2).lower()]}
     return mount
 
 
 class _Objects:
     """The configs and secrets the bind mounts become."""
 
-    def __init__(self, secret_files: set[str], project: str):
-        self.secret_files, self.project = secret_files, project
+    def __init__(self, secret_files: set[str], project: str, key: bytes):
+        self.secret_files, self.project, self.key = secret_files, project, key
         self.configs: dict[str, dict] = {}
         self.secrets: dict[str, dict] = {}
 
     def file(self, source: Path, target: str) -> tuple[str, dict]:
         content = source.read_bytes()
-        name = _object_name(target, content, self.project)
+        name = _object_name(target, content, self.project, self.key)
         if str(source) in self.secret_files:
             self.secrets[name] = {"file": str(source)}
             return "secrets", {"source": name, "target": target, "mode": 0o400}
@@ -141,11 +175,15 @@ def _volumes(name: str, svc: dict, objects: _Objects, out: dict) -> None:
         out["volumes"] = mounts
 
 
-def _deploy(name: str, svc: dict) -> dict:
+def _deploy(name: str, svc: dict, is_job: bool) -> dict:
+    unknown = set(svc.get("deploy") or {}) - {"replicas", "resources", "placement"}
+    if unknown or (svc.get("deploy") or {}).get("resources") or (svc.get("deploy") or {}).get("placement"):
+        raise SwarmError(f"service {name}: deploy options ({', '.join(sorted(svc['deploy']))}) other than "
+                         "replicas are not carried to Swarm by stack/swarm.py yet: add them there")
     deploy: dict[str, Any] = {"endpoint_mode": "dnsrr"}
     if svc.get("mem_limit"):
         deploy["resources"] = {"limits": {"memory": str(svc["mem_limit"])}}
-    if name in JOBS:
+    if is_job:
         deploy["mode"] = "replicated-job"
         # Until its store answers (Compose waited for it to be healthy).
         deploy["restart_policy"] = {"condition": "on-failure", "delay": "5s", "max_attempts": 30}
@@ -174,13 +212,24 @@ def _ports(svc: dict) -> list[dict]:
              "protocol": p.get("protocol", "tcp")} for p in svc.get("ports", [])]
 
 
-def stack_file(config: Mapping[str, Any], registry: str = "", private_files=()) -> dict:
+def stack_file(config: Mapping[str, Any], registry: str = "", private_files=(), ids: Mapping[str, str] = None,
+               key: bytes = b"") -> dict:
     """The stack file for `docker stack deploy`, from `docker compose config --format json`.
-    Bind-mounted files named in private_files (the TLS key) become secrets, others configs."""
+    Bind-mounted files named in private_files (the TLS key) become secrets, others configs;
+    ids: the local image IDs of the images built here (image_ids); key: for the objects' names."""
+    ids = ids or {}
     secret_files = {str(Path(p)) for p in private_files}
-    objects = _Objects(secret_files, config["name"])
-    secret_names = {key: _object_name(key, Path(s["file"]).read_bytes(), config["name"])
-                    for key, s in config.get("secrets", {}).items()}
+    objects = _Objects(secret_files, config["name"], key)
+    job_names, waiting = jobs(config), waits_for_schema(config)
+    for name, network in config.get("networks", {}).items():
+        if set(network) - {"name", "internal", "ipam"} or network.get("ipam"):
+            raise SwarmError(f"network {name}: options {sorted(network)} are not carried to Swarm by stack/swarm.py")
+    for name, volume in config.get("volumes", {}).items():
+        if set(volume) - {"name"}:
+            raise SwarmError(f"volume {name}: options {sorted(volume)} are not carried to Swarm by stack/swarm.py "
+                             "(a volume on another driver would silently become a local one)")
+    secret_names = {key_: _object_name(key_, Path(s["file"]).read_bytes(), config["name"], key)
+                    for key_, s in config.get("secrets", {}).items()}
     services = {}
     for name, svc in config["services"].items():
         off = set(svc.get("profiles", [])) & set(UNSUPPORTED_PROFILES)
@@ -192,8 +241,12 @@ def stack_file(config: Mapping[str, Any], registry: str = "", private_files=()) 
             raise SwarmError(f"service {name} uses {', '.join(sorted(unknown))}, which stack/swarm.py does not "
                              "translate for Swarm yet: add it there")
         out = {key: value for key, value in svc.items() if key in KEPT and value is not None}
-        out["image"] = registry_image(svc["image"], registry)
-        if name in WAIT_FOR_SCHEMA:
+        out["image"] = registry_image(svc["image"], registry, ids.get(svc["image"], ""))
+        hardening = set(svc.get("security_opt") or []) - {"no-new-privileges:true"}
+        if hardening:
+            raise SwarmError(f"service {name}: security_opt {sorted(hardening)} has no Swarm form; stack/swarm.py "
+                             "drops only no-new-privileges (Swarm services cannot set it)")
+        if name in waiting:
             out["environment"] = {**out.get("environment", {}), "STACK_WAIT_FOR_SCHEMA": "true"}
         # Compose's secrets under /run/secrets by their own names, as in Compose.
         out["secrets"] = [{"source": secret_names[ref["source"]], "target": ref["source"]}
@@ -201,15 +254,15 @@ def stack_file(config: Mapping[str, Any], registry: str = "", private_files=()) 
         _volumes(name, svc, objects, out)
         if svc.get("ports"):
             out["ports"] = _ports(svc)
-        out["deploy"] = _deploy(name, svc)
+        out["deploy"] = _deploy(name, svc, name in job_names)
         if not out["secrets"]:
             del out["secrets"]
         services[name] = out
-    networks = {key: {"driver": "overlay", "attachable": True, **({"internal": True} if net.get("internal") else {})}
-                for key, net in config.get("networks", {}).items()}
+    networks = {key_: {"driver": "overlay", **({"internal": True} if net.get("internal") else {})}
+                for key_, net in config.get("networks", {}).items()}
     used = {v["source"] for svc in services.values() for v in svc.get("volumes", []) if v["type"] == "volume"}
-    volumes = {key: {} for key in config.get("volumes", {}) if key in used}
-    secrets = {secret_names[key]: {"file": s["file"]} for key, s in config.get("secrets", {}).items()}
+    volumes = {key_: {} for key_ in config.get("volumes", {}) if key_ in used}
+    secrets = {secret_names[key_]: {"file": s["file"]} for key_, s in config.get("secrets", {}).items()}
     secrets.update(objects.secrets)
     document = {"services": services, "networks": networks, "volumes": volumes, "secrets": secrets}
     if objects.configs:
@@ -225,7 +278,8 @@ def _docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def swarm_state() -> dict:
     """{"state": "active"/"inactive"/..., "manager": bool, "nodes": int}."""
-    info = json.loads(_docker("info", "--format", "{{json .Swarm}}").stdout or "{}")
+    result = _docker("info", "--format", "{{json .Swarm}}", check=False)
+    info = json.loads(result.stdout or "{}") if result.returncode == 0 else {}
     return {"state": info.get("LocalNodeState", ""), "manager": bool(info.get("ControlAvailable")),
             "nodes": int(info.get("Nodes") or 0)}
 
@@ -260,9 +314,10 @@ def preflight(values: Mapping[str, str], project: str, compose_running: bool) ->
         problems.append(f"{len(labelled)} nodes carry the label {DATA_LABEL}=true; exactly one must: the node whose "
                         f"disks keep the database and the artifacts (`docker node update --label-add "
                         f"{DATA_LABEL}=true NODE`)")
-    if state["nodes"] > 1 and not values.get("STACK_REGISTRY"):
-        problems.append(f"the swarm has {state['nodes']} nodes: set STACK_REGISTRY in .env to a registry they all "
-                        "pull from (the images built here are pushed there)")
+    if not values.get("STACK_REGISTRY"):
+        problems.append("set STACK_REGISTRY in .env to a registry every node pulls from (the images built here "
+                        "are pushed there, and a one-node swarm needs it too: only a registry gives a rebuilt "
+                        "image the digest Swarm rolls out by)")
     if values.get("BIND_ADDRESS") != "0.0.0.0":
         problems.append(f"BIND_ADDRESS={values.get('BIND_ADDRESS')}: a swarm publishes nginx's ports on every "
                         "interface of each node; set BIND_ADDRESS=0.0.0.0 in .env to accept that (and firewall "
@@ -277,10 +332,10 @@ def preflight(values: Mapping[str, str], project: str, compose_running: bool) ->
     return problems
 
 
-def push(images: list[str], registry: str, log=print) -> None:
+def push(ids: Mapping[str, str], registry: str, log=print) -> None:
     """Tag each image built here under the registry and push it, so every node can pull it."""
-    for image in images:
-        target = registry_image(image, registry)
+    for image, image_id in sorted(ids.items()):
+        target = registry_image(image, registry, image_id)
         log(f"==> Pushing {target}")
         _docker("tag", image, target)
         result = subprocess.run(["docker", "push", "--quiet", target], capture_output=True, text=True)
@@ -318,3 +373,25 @@ def unsettled(rows: list[dict]) -> list[str]:
         elif row["update"] in ("updating", "paused", "rollback_started", "rollback_paused", "rollback_completed"):
             problems.append(f"{row['Name']}: update {row['update']}")
     return problems
+
+
+def stores_first(document: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
+    """The stores and the jobs alone: deployed (and waited for) before the rest, so that
+    the servers start on a schema the migrate job has made current."""
+    keep = set(STATEFUL) | set(jobs(config))
+    return {**document, "services": {k: v for k, v in document["services"].items() if k in keep}}
+
+
+def prune_objects(project: str, document: Mapping[str, Any]) -> list[str]:
+    """Remove this stack's configs and secrets that the deployed file no longer names (a
+    changed value is a new object; the old one would stay in the swarm's store). Run once
+    the stack has settled: a rollback before that may still need them."""
+    removed = []
+    for kind in ("secret", "config"):
+        wanted = {f"{project}_{name}" for name in document.get(f"{kind}s", {})}
+        listed = _docker(kind, "ls", "--filter", f"label=com.docker.stack.namespace={project}",
+                         "--format", "{{.Name}}", check=False).stdout.split()
+        for name in sorted(set(listed) - wanted):
+            if _docker(kind, "rm", name, check=False).returncode == 0:  # one still in use stays
+                removed.append(f"{kind} {name}")
+    return removed

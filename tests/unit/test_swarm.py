@@ -32,8 +32,12 @@ def key_path(config):
     return next(v["source"] for v in config["services"]["nginx"]["volumes"] if v["target"].endswith(".key"))
 
 
-def make(config, registry="registry.example.com:5000"):
-    return swarm.stack_file(config, registry, private_files=[key_path(config)])
+IMAGE_ID = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+
+def make(config, registry="registry.example.com:5000", key=b"k"):
+    ids = {svc["image"]: IMAGE_ID for svc in config["services"].values() if svc["image"].startswith(swarm.BUILT_HERE)}
+    return swarm.stack_file(config, registry, private_files=[key_path(config)], ids=ids, key=key)
 
 
 def test_every_service_keeps_its_image_command_healthcheck_and_hardening(config):
@@ -54,15 +58,24 @@ def test_every_service_keeps_its_image_command_healthcheck_and_hardening(config)
 
 def test_images_built_here_come_from_the_registry(config):
     services = make(config)["services"]
-    assert services["mlflow"]["image"] == "registry.example.com:5000/" + config["services"]["mlflow"]["image"]
+    # Named by the image's own ID: a rebuilt image is a new name, which Swarm rolls out.
+    assert services["mlflow"]["image"] == \
+        "registry.example.com:5000/" + config["services"]["mlflow"]["image"] + "-0123456789ab"
     # Upstream images are pulled by their own names.
     assert services["db"]["image"] == config["services"]["db"]["image"]
     assert make(config, registry="")["services"]["mlflow"]["image"] == config["services"]["mlflow"]["image"]
 
 
+def test_jobs_and_waits_come_from_the_compose_file(config):
+    assert swarm.jobs(config) == ["bucket-init", "migrate"]
+    assert swarm.waits_for_schema(config) == ["gc", "mlflow"]
+    first = swarm.stores_first(make(config), config)
+    assert set(first["services"]) == {"db", "minio", "migrate", "bucket-init"}
+
+
 def test_jobs_stores_and_the_edge_get_their_own_deploy_rules(config):
     services = make(config)["services"]
-    for job in swarm.JOBS:
+    for job in swarm.jobs(config):
         assert services[job]["deploy"]["mode"] == "replicated-job"
         assert services[job]["deploy"]["restart_policy"]["condition"] == "on-failure"
     for name in swarm.STATEFUL:
@@ -75,7 +88,7 @@ def test_jobs_stores_and_the_edge_get_their_own_deploy_rules(config):
     assert mlflow["replicas"] == config["services"]["mlflow"]["deploy"]["replicas"]
     assert mlflow["update_config"]["order"] == "start-first"
     assert mlflow["update_config"]["failure_action"] == "rollback"
-    for name in swarm.WAIT_FOR_SCHEMA:
+    for name in swarm.waits_for_schema(config):
         assert services[name]["environment"]["STACK_WAIT_FOR_SCHEMA"] == "true"
 
 
@@ -98,8 +111,11 @@ def test_bind_mounts_become_configs_and_the_key_a_private_secret(config):
 
 
 def test_a_changed_file_gets_a_new_name_and_no_value_is_in_the_file(config, tmp_path):
-    """Swarm cannot change a config or secret in place: a changed file must be a new object."""
+    """Swarm cannot change a config or secret in place: a changed file must be a new object.
+    The names' hashes are keyed: without the key, a name does not confirm a guessed value."""
     before = make(config)
+    assert make(config) == before
+    assert set(make(config, key=b"other")["secrets"]) != set(before["secrets"])
     path = config["secrets"]["postgres_password"]["file"]
     value = open(path).read()
     with open(path, "w") as fh:
@@ -114,7 +130,7 @@ def test_object_names_fit_swarms_limit_with_the_stack_name_in_front(config):
     document = make(config)
     for name in [*document["secrets"], *document["configs"]]:
         assert len(f"{config['name']}_{name}") <= swarm.MAX_NAME, name
-    config["name"] = "x" * 60
+    config["name"] = "x" * (swarm.MAX_PROJECT + 1)
     with pytest.raises(swarm.SwarmError, match="COMPOSE_PROJECT_NAME"):
         make(config)
 
@@ -130,14 +146,29 @@ def test_tmpfs_and_shm_become_mounts(config):
 
 def test_the_store_network_stays_internal_and_both_are_overlays(config):
     networks = make(config)["networks"]
-    assert networks["backend"] == {"driver": "overlay", "attachable": True, "internal": True}
+    assert networks["backend"] == {"driver": "overlay", "internal": True}
     assert networks["frontend"]["driver"] == "overlay" and "internal" not in networks["frontend"]
+
+
+def test_tmpfs_sizes_keep_their_unit():
+    assert swarm._tmpfs("/cache:size=64m,uid=1")["tmpfs"]["size"] == 64 << 20
+    assert swarm._tmpfs("/x") == {"type": "tmpfs", "target": "/x"}
+
+
+def test_options_it_would_lose_are_refused(config):
+    config["volumes"]["db-data"]["driver"] = "nfs"
+    with pytest.raises(swarm.SwarmError, match="driver"):
+        make(config)
+    del config["volumes"]["db-data"]["driver"]
+    config["services"]["db"]["security_opt"] = ["seccomp=unconfined"]
+    with pytest.raises(swarm.SwarmError, match="security_opt"):
+        make(config)
 
 
 def test_profiles_and_keys_it_cannot_carry_are_refused(config, tmp_path):
     with_monitoring = compose_config(tmp_path, "--profile", "monitoring")
     with pytest.raises(swarm.SwarmError, match="monitoring"):
-        swarm.stack_file(with_monitoring, "")
+        swarm.stack_file(with_monitoring, "", private_files=[key_path(config)])
     config["services"]["mlflow"]["devices"] = ["/dev/fuse"]
     with pytest.raises(swarm.SwarmError, match="devices"):
         make(config)
@@ -162,3 +193,43 @@ def test_docker_stack_accepts_the_file(config, tmp_path):
 ])
 def test_unsettled_names_what_is_not_as_deployed(rows, problems):
     assert swarm.unsettled(rows) == problems
+
+
+class FakeDocker:
+    """swarm._docker's answers for preflight: docker info, node ls, version."""
+
+    def __init__(self, state="active", manager=True, nodes=3, labelled=1, cli="28.2.2"):
+        self.info = {"LocalNodeState": state, "ControlAvailable": manager, "Nodes": nodes}
+        self.labelled, self.cli = labelled, cli
+
+    def __call__(self, *args, check=True):
+        if args[:1] == ("info",):
+            out = json.dumps(self.info)
+        elif args[:2] == ("node", "ls"):
+            out = "\n".join(f"node{i}" for i in range(self.labelled))
+        else:
+            out = self.cli
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+
+GOOD = {"STACK_REGISTRY": "registry.example.com:5000", "BIND_ADDRESS": "0.0.0.0", "COMPOSE_PROFILES": "gc"}
+
+
+@pytest.mark.parametrize("docker, values, compose_running, expected", [
+    (FakeDocker(), GOOD, False, []),
+    (FakeDocker(state="inactive"), GOOD, False, ["docker swarm init"]),
+    (FakeDocker(manager=False), GOOD, False, ["manager node"]),
+    (FakeDocker(labelled=0), GOOD, False, ["0 nodes carry the label"]),
+    (FakeDocker(labelled=2), GOOD, False, ["2 nodes carry the label"]),
+    (FakeDocker(cli="20.10.24"), GOOD, False, ["26.0 or later"]),
+    (FakeDocker(), {**GOOD, "STACK_REGISTRY": ""}, False, ["set STACK_REGISTRY"]),
+    (FakeDocker(), {**GOOD, "BIND_ADDRESS": "127.0.0.1"}, False, ["BIND_ADDRESS=0.0.0.0"]),
+    (FakeDocker(), {**GOOD, "COMPOSE_PROFILES": "gc,monitoring"}, False, ["not available in swarm mode"]),
+    (FakeDocker(), GOOD, True, ["take it down first"]),
+])
+def test_preflight_says_what_stops_a_swarm_deploy(monkeypatch, docker, values, compose_running, expected):
+    monkeypatch.setattr(swarm, "_docker", docker)
+    problems = swarm.preflight(values, "mlflow-stack", compose_running)
+    assert len(problems) == len(expected), problems
+    for problem, words in zip(problems, expected):
+        assert words in problem, problem

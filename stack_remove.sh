@@ -36,11 +36,15 @@ export ASSUME_YES
 remove_swarm_stack() {
 	log "Removing stack $COMPOSE_PROJECT_NAME from the swarm (services, networks, configs, secrets)"
 	docker stack rm "$COMPOSE_PROJECT_NAME" >&2
-	local _ left
+	local _ left label="label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME"
 	for _ in $(seq 1 180); do
-		left="$(docker ps -a --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME" --format '{{.Names}} ({{.Status}})'
-			docker network ls --filter "label=com.docker.stack.namespace=$COMPOSE_PROJECT_NAME" --format 'network {{.Name}}')"
-		[ -z "$left" ] && return 0
+		left="$(docker ps --filter "$label" --format '{{.Names}} ({{.Status}})'
+			docker network ls --filter "$label" --format 'network {{.Name}}')"
+		if [ -z "$left" ]; then
+			# Swarm leaves the containers of finished job tasks behind.
+			docker ps -aq --filter "$label" | xargs -r docker rm -f >/dev/null
+			return 0
+		fi
 		sleep 1
 	done
 	die "after 180 s these are still there: $(tr '\n' ' ' <<<"$left"); see docker stack ps $COMPOSE_PROJECT_NAME, then run ./stack_remove.sh again"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -240,10 +241,30 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
+# A relay target that takes longer than this to accept is taken to be gone.
+RELAY_CONNECT_SECONDS = 2
+
+
+async def _connect_any(host: str, port: int):
+    """A connection to one of the name's addresses, in random order, each given
+    RELAY_CONNECT_SECONDS: on a swarm the name resolves to nginx on every node,
+    and one on a node that was lost stays listed for a while (no reset comes back)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    random.shuffle(infos)
+    last: Exception = OSError(f"{host} has no address")
+    for family, _type, _proto, _name, address in infos:
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(address[0], address[1], family=family),
+                                          RELAY_CONNECT_SECONDS)
+        except (OSError, asyncio.TimeoutError) as exc:
+            last = exc
+    raise OSError(str(last))
+
+
 async def _relay(listen_port: int, target_host: str, target_port: int) -> None:
     async def handle(client_r, client_w):
         try:
-            up_r, up_w = await asyncio.open_connection(target_host, target_port)
+            up_r, up_w = await _connect_any(target_host, target_port)
         except OSError:
             client_w.close()
             return

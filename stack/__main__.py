@@ -209,7 +209,8 @@ def _compose_config() -> dict:
 def cmd_swarm_preflight(_args) -> int:
     values = _values()
     argv, environ = compose.invocation()
-    running = subprocess.run([*argv, "ps", "-q"], env=environ, capture_output=True, text=True).stdout.strip()
+    running = subprocess.run([*argv, "--profile", "*", "ps", "-aq"], env=environ, capture_output=True,
+                             text=True).stdout.strip()
     problems = swarm.preflight(values, paths.project_name(), bool(running))
     for problem in problems:
         print(f"preflight: FAIL swarm: {problem}", file=sys.stderr)

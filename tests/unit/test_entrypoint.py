@@ -253,3 +253,46 @@ def test_the_healthcheck_reports_a_database_that_does_not_answer(monkeypatch, tm
         monkeypatch.setenv(key, value)
     problem = ep.database_answers(timeout=2)
     assert problem.startswith("the database does not answer:") and "s3cret-pw" not in problem
+
+
+def test_the_relay_skips_an_address_that_does_not_answer(monkeypatch):
+    """On a swarm the relay's target (nginx) resolves to a task per node; one on a lost node
+    stays listed for a while and answers nothing. The relay gives each address 2 s."""
+    import asyncio
+    import socket
+    import time
+
+    async def scenario():
+        async def accept(reader, writer):
+            writer.write(b"live")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        dead = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", port))
+        live = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))
+
+        async def both(*_args, **_kw):
+            return [dead, live]
+
+        real_open = asyncio.open_connection
+
+        async def open_connection(host, port, **kw):
+            if host == "192.0.2.1":  # a lost node: no answer, no reset
+                await asyncio.sleep(3600)
+            return await real_open(host, port, **kw)
+
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", both)
+        monkeypatch.setattr(ep.asyncio, "open_connection", open_connection)
+        monkeypatch.setattr(ep.random, "shuffle", lambda items: None)  # the dead one first
+        started = time.monotonic()
+        reader, writer = await ep._connect_any("nginx", port)
+        got = await reader.read()
+        writer.close()
+        server.close()
+        return got, time.monotonic() - started
+
+    got, took = asyncio.run(scenario())
+    assert got == b"live"
+    assert took >= ep.RELAY_CONNECT_SECONDS  # it waited for the silent one, then went on

@@ -158,7 +158,7 @@ def test_preflight_prints_each_fix_once_and_last(tmp_path, monkeypatch, capsys):
     envfile.ensure(env)
     monkeypatch.setenv("STACK_ENV_FILE", str(env))
     fix = "No registry can provide a, b.\n  To try the stack out anyway:  ./stack_deploy.sh --standins"
-    monkeypatch.setattr(preflight, "run", lambda values: [
+    monkeypatch.setattr(preflight, "run", lambda values, swarm=False: [
         preflight.Check("docker engine", True, "20.10"),
         preflight.Check("image A", False, "a: no", fix=fix),
         preflight.Check("port 1 (HTTP_PORT)", False, "in use"),
@@ -175,7 +175,7 @@ def test_preflight_standins_option_counts_as_the_setting(tmp_path, monkeypatch):
     envfile.ensure(env)
     monkeypatch.setenv("STACK_ENV_FILE", str(env))
     seen = {}
-    monkeypatch.setattr(preflight, "run", lambda values: seen.update(values) or [])
+    monkeypatch.setattr(preflight, "run", lambda values, swarm=False: seen.update(values) or [])
     assert cli.main(["preflight", "--standins"]) == 0
     assert seen["STACK_STANDINS"] == "true"
     assert envfile.parse(env.read_text())["STACK_STANDINS"] == "false"

@@ -30,10 +30,19 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 _failures: list[str] = []
 
 
+# Runs after every other module: it makes this machine's engine a swarm manager and
+# then leaves the swarm, and leaving broke name resolution inside the Compose stacks
+# still running on Debian's 20.10 engine ("could not translate host name db", seen
+# in CI: every later module that used the shared stack failed).
+LAST_MODULE = "test_swarm.py"
+
+
 def pytest_collection_modifyitems(session, config, items):
     # Unit tests first (quick feedback); otherwise the order pytest collected.
-    # Every e2e module sets up the data it checks, so any module order works.
-    items.sort(key=lambda item: Path(str(item.fspath)).parent.name != "unit")
+    # Every e2e module sets up the data it checks, so any module order works, but
+    # the swarm module goes last (LAST_MODULE).
+    items.sort(key=lambda item: (Path(str(item.fspath)).parent.name != "unit",
+                                 Path(str(item.fspath)).name == LAST_MODULE))
 
 
 @pytest.hookimpl(hookwrapper=True)

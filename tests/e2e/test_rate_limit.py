@@ -5,6 +5,7 @@ from the same client address, right after, is not held back."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,9 +33,15 @@ def test_one_busy_login_does_not_hold_back_another(limited):
     created = limited.http("POST", "/api/2.0/mlflow/users/create", json={"username": name, "password": password})
     assert created.status_code == 200, created.text
 
+    started = time.monotonic()
     with ThreadPoolExecutor(8) as pool:  # the admin: 120 requests as fast as they go
         codes = list(pool.map(lambda _: limited.http("GET", PATH).status_code, range(120)))
-    assert set(codes) <= {200, 429} and codes.count(429) >= 40, codes
+    took = time.monotonic() - started
+    # nginx lets through the burst (a second's worth) plus the rate over the time they took;
+    # how many that is depends on the machine's speed, so the bound does too.
+    rate = int(LIMITS["API_RATE_PER_LOGIN"])
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(429) >= 1 and codes.count(200) <= rate + rate * took + 2, (took, codes)
     # Same address, another login, at once: its own allowance.
     other = [limited.http("GET", PATH, auth=(name, password)).status_code for _ in range(15)]
     assert other == [200] * 15, other

@@ -262,8 +262,10 @@ def test_losing_a_worker_node_loses_nothing(deployed, cluster, tmp_path, capsys)
     victim = next(n for n in running_nodes(project, "mlflow") if n in cluster.workers)
 
     def lose_the_node():
-        lost_at = time.monotonic()
         docker("stop", "-t", "0", victim)
+        # Once `docker stop` returns the node is gone; a request that started before then may
+        # have been in flight there (one started while the stop was under way was, in CI).
+        lost_at = time.monotonic()
         wait_for(lambda: len([n for n in running_nodes(project, "mlflow") if n != victim]) == 2, 180,
                  "the lost replica to run again on another node", interval=2,
                  detail=lambda: tasks(project, "mlflow"))

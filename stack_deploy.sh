@@ -92,6 +92,19 @@ step_build() {
 	stack_py build
 }
 
+# step_stores: the stores outside the stack (POSTGRES_HOST, S3_ENDPOINT_URL) must
+# answer with its credentials, asked from a container (the way the services
+# will reach them), before anything starts.
+step_stores() {
+	local outside=()
+	[[ " $STACK_OWN_STORES " == *" db "* ]] || outside+=(postgres)
+	[[ " $STACK_OWN_STORES " == *" minio "* ]] || outside+=(s3)
+	[ "${#outside[@]}" -gt 0 ] || return 0
+	log "Checking the stores outside the stack: ${outside[*]}"
+	compose run --rm --no-deps -T migrate check-stores "${outside[@]}" >&2 \
+		|| die "fix the settings above in $STACK_ENV_FILE (or the store), then run ./stack_deploy.sh again; nothing was started"
+}
+
 # step_schema NOTE_VAR: an existing database whose schema is older than the
 # MLflow being deployed is backed up before the migrate job upgrades it (MLflow
 # has no downgrade); NOTE_VAR receives what to tell the user afterwards.
@@ -99,9 +112,13 @@ step_build() {
 step_schema() {
 	local -n note="$1"
 	note=""
-	docker volume inspect "${COMPOSE_PROJECT_NAME}_db-data" >/dev/null 2>&1 || return 0
-	log "Checking the database schema against MLflow in the new image"
-	compose up -d --wait db >&2
+	if [[ " $STACK_OWN_STORES " == *" db "* ]]; then
+		docker volume inspect "${COMPOSE_PROJECT_NAME}_db-data" >/dev/null 2>&1 || return 0
+		log "Checking the database schema against MLflow in the new image"
+		compose up -d --wait db >&2
+	else
+		log "Checking the database schema at $STACK_POSTGRES_HOST against MLflow in the new image"
+	fi
 	local status from to
 	read -r status from to < <(compose run --rm --no-deps -T migrate schema-status)
 	case "$status" in
@@ -111,7 +128,8 @@ step_schema() {
 			# shellcheck source=db/backup_lib.sh
 			. "$STACK_ROOT/db/backup_lib.sh"
 			backup_prepare
-			compose up -d --wait db minio >&2
+			# shellcheck disable=SC2086 # the stores' service names: single words
+			[ -z "$STACK_OWN_STORES" ] || compose up -d --wait $STACK_OWN_STORES >&2
 			local name
 			name="$(backup_job -- backup --kind pre-upgrade)"
 			note="Upgraded the MLflow schema from $from to $to. Pre-upgrade backup: $BACKUP_DIR/$name
@@ -181,6 +199,7 @@ main() {
 		return 0
 	fi
 	step_build
+	step_stores
 	if [ "$SWARM" = 1 ]; then
 		step_swarm
 		step_client_env

@@ -42,7 +42,8 @@ while [ "$#" -gt 0 ]; do
 done
 
 load_compose_env
-require_running db minio
+# shellcheck disable=SC2086 # the stores' service names: single words
+require_running $STACK_OWN_STORES
 if [ "$dry_run" = 0 ]; then
 	confirm "Remove for good, with their artifacts, the runs, experiments and logged models deleted that long ago? (./stack_gc.sh --dry-run lists them)" \
 		|| die "nothing changed"

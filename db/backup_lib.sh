@@ -27,6 +27,13 @@ backup_job() {
 		"${opts[@]}" backup "$@"
 }
 
+# require_own_stores WHAT: a cold copy is of the stack's own volumes, so both
+# stores must be the stack's (not POSTGRES_HOST / S3_ENDPOINT_URL).
+require_own_stores() {
+	[ "$STACK_OWN_STORES" = "db minio" ] \
+		|| die "$1: a cold copy is of the stack's own data volumes, but POSTGRES_HOST or S3_ENDPOINT_URL in .env names a store outside the stack; use the default online backup (and your provider's snapshots for that store)"
+}
+
 volume_name() { echo "${COMPOSE_PROJECT_NAME}_$1"; }
 
 # volume_mounts MODE: docker-run options mounting both data volumes under /volumes.

@@ -40,9 +40,11 @@ keep_args=()
 
 backup_prepare
 if [ "$COLD" = 1 ]; then
+	require_own_stores "--cold"
 	name="$(backup_cold "${keep_args[@]}")"
 else
-	require_running db minio
+	# shellcheck disable=SC2086 # the stores' service names: single words
+	require_running $STACK_OWN_STORES
 	name="$(backup_job -- backup "${keep_args[@]}")"
 fi
 echo "$BACKUP_DIR/$name"

@@ -45,6 +45,7 @@ SET_MOUNT=(-v "$(dirname "$SET"):/restore:ro")
 
 # restore_cold: a cold set replaces the volumes of the stopped stack.
 restore_cold() {
+	require_own_stores "$NAME is a cold set"
 	confirm "Replace ALL data of the stack with the cold set $NAME? The stack is stopped meanwhile" \
 		|| die "nothing changed"
 	log "Safety copy of the current volumes first"
@@ -63,7 +64,8 @@ restore_cold() {
 # restore_live: a pg_dump set replaces the database and the bucket of the
 # running stores, with the MLflow server stopped meanwhile.
 restore_live() {
-	require_running db minio
+	# shellcheck disable=SC2086 # the stores' service names: single words
+	require_running $STACK_OWN_STORES
 	local counts runs safety=""
 	counts="$(backup_job -- counts)"
 	runs="$(python3 -c 'import json,sys; c=json.loads(sys.argv[1]); print(c.get("runs", 0) + max(c.get("experiments", 0) - 1, 0))' "$counts")"

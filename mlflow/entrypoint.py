@@ -6,6 +6,8 @@ Subcommands:
   migrate       bring the database schema up to date (`mlflow db upgrade`), then exit
   init-bucket   create the artifact bucket if it is missing, then exit
   schema-status print "empty", "current", "outdated DB HEAD" or "newer DB HEAD" (exit 0)
+  check-stores [postgres] [s3]
+                exit 0 when the stores outside the stack (POSTGRES_HOST, S3_ENDPOINT_URL) take its credentials
   healthcheck   exit 0 when the server answers /health, the database a query (and the S3 relay, if any, accepts)
   forward       internal: relay a loopback port to another host (see s3_relay_target)
   metrics PORT  internal: serve the server workers' Prometheus metrics on PORT
@@ -71,7 +73,10 @@ def s3_endpoint(environ=None) -> str:
 
     MLflow signs presigned URLs for this endpoint, so it must be the public
     one: a client follows the URL as given, and SigV4 signs the Host header.
+    A store outside the stack (S3_ENDPOINT_URL) is reached as it is named.
     """
+    if common.external_s3(environ):
+        return common.external_s3(environ)
     host, _ = public_origin(environ)
     return f"{SCHEME}://{host_port(host, setting('S3_PORT', environ), SCHEME)}"
 
@@ -141,6 +146,7 @@ def s3_environment(environ=None) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": secret("AWS_ACCESS_KEY_ID", environ),
         "AWS_SECRET_ACCESS_KEY": secret("AWS_SECRET_ACCESS_KEY", environ),
         "MLFLOW_S3_ENDPOINT_URL": s3_endpoint(environ),
+        "AWS_DEFAULT_REGION": setting("S3_REGION", environ),
     }
 
 
@@ -224,7 +230,7 @@ def s3_relay_target(environ=None) -> tuple[int, str, int] | None:
     gives nginx that name as a network alias.
     """
     host, _ = public_origin(environ)
-    if not is_loopback(host.strip("[]")):
+    if common.external_s3(environ) or not is_loopback(host.strip("[]")):
         return None
     port = int(setting("S3_PORT", environ))
     return port, env("S3_RELAY_HOST", "nginx", environ=environ), port
@@ -505,6 +511,76 @@ def cmd_schema_status(_args: list[str]) -> int:
     return 0
 
 
+def postgres_problems() -> list[str]:
+    """Why the stack cannot use the PostgreSQL server POSTGRES_HOST names (empty: it can)."""
+    import psycopg2
+
+    p = common.postgres_params()
+    where = f"PostgreSQL at {host_port(p['host'], p['port'], 'postgresql')}"
+    try:
+        conn = psycopg2.connect(connect_timeout=10, **p)
+    except psycopg2.OperationalError as exc:
+        text = str(exc).strip()
+        if "password authentication failed" in text or "no pg_hba.conf entry" in text:
+            return [f"{where} refused the role {p['user']!r} with POSTGRES_PASSWORD ({text.splitlines()[-1][:200]}): "
+                    "set POSTGRES_USER and POSTGRES_PASSWORD in .env to a role of that server"]
+        if "does not exist" in text and "database" in text:
+            return [f"{where} has no database {p['dbname']!r}: create it (CREATE DATABASE {p['dbname']} OWNER "
+                    f"{p['user']};) or set POSTGRES_DB in .env to one that exists"]
+        return [f"{where} does not answer from the stack's containers ({text.splitlines()[0][:200]}): check "
+                "POSTGRES_HOST and POSTGRES_PORT in .env, and that this machine may reach it"]
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
+            may_create = cur.fetchone()[0]
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (common.auth_database(),))
+            auth_db = cur.fetchone() is not None
+    finally:
+        conn.close()
+    if not may_create and auth_enabled() and not auth_db:
+        return [f"{where}: the role {p['user']!r} may not create databases, and the user store "
+                f"{common.auth_database()!r} does not exist: ALTER ROLE {p['user']} CREATEDB; (restores need it "
+                f"too), or create that database owned by {p['user']}"]
+    return []
+
+
+def s3_problems() -> list[str]:
+    """Why the stack cannot use the S3 store S3_ENDPOINT_URL names (empty: it can)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    where, bucket = f"the S3 store at {common.external_s3()}", setting("MLFLOW_BUCKET")
+    try:
+        common.s3_client(attempts=2).head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            return []  # init-bucket makes it
+        if code in ("301", "PermanentRedirect", "400", "AuthorizationHeaderMalformed"):
+            region = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+            return [f"{where} keeps the bucket {bucket!r} in another region{f' ({region})' if region else ''}: "
+                    "set S3_REGION in .env to it"]
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+            return [f"{where} refused MINIO_ROOT_USER/MINIO_ROOT_PASSWORD for the bucket {bucket!r} ({code}): set "
+                    "them in .env to an access key and secret key of that store that may read and write it"]
+        return [f"{where} answered {code or status} for the bucket {bucket!r}"]
+    except BotoCoreError as exc:
+        return [f"{where} does not answer from the stack's containers ({exc}): check S3_ENDPOINT_URL in .env, "
+                "and that this machine may reach it"]
+    return []
+
+
+def cmd_check_stores(args: list[str]) -> int:
+    """Exit 0 when each store named (postgres, s3: those outside the stack)
+    takes the stack's credentials; else one line each on what to fix."""
+    problems = [*(postgres_problems() if "postgres" in args else []), *(s3_problems() if "s3" in args else [])]
+    for problem in problems:
+        print(f"check-stores: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"check-stores: {' and '.join(args)} answer with the stack's credentials", flush=True)
+    return 1 if problems else 0
+
+
 def auth_schema_current() -> bool:
     import sqlalchemy
     from alembic.migration import MigrationContext
@@ -572,20 +648,25 @@ def cmd_init_bucket(_args: list[str]) -> int:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchBucket", "NotFound"):
-                client.create_bucket(Bucket=bucket)
+                region = setting("S3_REGION")
+                # AWS makes buckets in us-east-1 unless told otherwise.
+                where = {} if region == "us-east-1" else {
+                    "CreateBucketConfiguration": {"LocationConstraint": region}}
+                client.create_bucket(Bucket=bucket, **where)
                 print(f"init-bucket: created bucket {bucket!r}", flush=True)
                 return 0
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                whose = (f"the key of {common.external_s3()}, with access to the bucket" if common.external_s3()
+                         else "the ones the minio volume was created with")
                 print(f"init-bucket: the object store refused the credentials ({code});"
-                      " MINIO_ROOT_USER/MINIO_ROOT_PASSWORD in .env must match the ones the"
-                      " minio volume was created with", file=sys.stderr)
+                      f" MINIO_ROOT_USER/MINIO_ROOT_PASSWORD in .env must be {whose}", file=sys.stderr)
                 return 1
             print(f"init-bucket: {code}, retrying", flush=True)
         except BotoCoreError as exc:
             print(f"init-bucket: object store not reachable yet ({type(exc).__name__})",
                   flush=True)
         time.sleep(2)
-    print("init-bucket: gave up after 120 s; check the minio service", file=sys.stderr)
+    print(f"init-bucket: gave up after 120 s; check {common.external_s3() or 'the minio service'}", file=sys.stderr)
     return 1
 
 
@@ -708,6 +789,7 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "init-bucket": cmd_init_bucket,
     "schema-status": cmd_schema_status,
+    "check-stores": cmd_check_stores,
     "healthcheck": cmd_healthcheck,
     "forward": cmd_forward,
     "metrics": cmd_metrics,

@@ -127,7 +127,7 @@ def cmd_inactive(_args) -> int:
     """The services of profiles now off (a deploy stops and removes them: Compose leaves
     them running), and the backup metric goes with scheduled backups."""
     values = _values()
-    off = pins.inactive_services(set(filter(None, values["COMPOSE_PROFILES"].split(","))))
+    off = pins.inactive_services(set(filter(None, settings.compose_profiles(values).split(","))))
     if "backup" in off:
         (paths.backup_dir(values) / common.BACKUP_METRICS_FILE).unlink(missing_ok=True)
     print("\n".join(off))

@@ -8,6 +8,7 @@ is no other copy.
   secret(NAME)        NAME from the file named by NAME_FILE (Docker secrets), else NAME
   host_port(...)      host[:port] as a client writes it
   postgres_params()   connection settings of the stack's database
+  external_s3()       the object store's URL when it is not the stack's own
   s3_client(...)      boto3 client for the stack's object store
   write_ca_bundle()   the system CAs plus one more, for clients that take one bundle
   maintenance_lock()  held by a backup or a garbage collection, so they never overlap
@@ -87,6 +88,11 @@ def auth_database(environ: Optional[Mapping[str, str]] = None) -> str:
     return env("POSTGRES_DB", environ=environ) + "_auth"
 
 
+def external_s3(environ: Optional[Mapping[str, str]] = None) -> str:
+    """S3_ENDPOINT_URL: the store outside the stack that keeps the artifacts, or "" (the stack's minio)."""
+    return _environ(environ).get("S3_ENDPOINT_URL", "").rstrip("/")
+
+
 def s3_client(environ: Optional[Mapping[str, str]] = None, endpoint: Optional[str] = None, attempts: int = 5):
     """The stack's object store, by default straight on the backend network.
 
@@ -101,7 +107,7 @@ def s3_client(environ: Optional[Mapping[str, str]] = None, endpoint: Optional[st
         endpoint_url=endpoint or env("S3_INTERNAL_ENDPOINT", "http://minio:9000", environ),
         aws_access_key_id=secret("AWS_ACCESS_KEY_ID", environ),
         aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY", environ),
-        region_name="us-east-1",
+        region_name=env("S3_REGION", "us-east-1", environ),
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": attempts, "mode": "standard"},
                       request_checksum_calculation="when_required",
                       response_checksum_validation="when_required"),

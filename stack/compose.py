@@ -52,6 +52,7 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_SECRETS_DIR", str(folder)),
         ("BACKUP_DIR", str(paths.backup_dir(values))),
         ("NGINX_METRICS_LOG", common.nginx_metrics_log(values["COMPOSE_PROFILES"])),
+        *stores(values),
     ]
     if values["MLFLOW_VARIANT"] == "conda":
         base = next(u for u in pins.upstream_images(values, environ) if u.base)
@@ -60,6 +61,20 @@ def derived(values: Mapping[str, str], create: bool,
     # Stand-ins this stack was deployed with (STACK_STANDINS=true), unless overridden.
     pairs += sorted(standins.in_use(values, environ).items())
     return pairs
+
+
+def stores(values: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Where the services find the two stores: the stack's own (db, minio) or those
+    POSTGRES_HOST and S3_ENDPOINT_URL name. A store outside needs a route out of
+    the backend network, which otherwise has none."""
+    own = settings.own_stores(values)
+    return [
+        ("STACK_OWN_STORES", " ".join(own)),
+        ("STACK_POSTGRES_HOST", "db" if "db" in own else values["POSTGRES_HOST"]),
+        ("STACK_POSTGRES_PORT", "5432" if "db" in own else values["POSTGRES_PORT"]),
+        ("STACK_S3_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
+        ("STACK_BACKEND_INTERNAL", "true" if len(own) == len(settings.STORES_SETTINGS) else "false"),
+    ]
 
 
 def environment(values: Mapping[str, str], create: bool,
@@ -77,8 +92,12 @@ def invocation(environ: Mapping[str, str] | None = None) -> tuple[list[str], dic
     stack works with an old .env, or none.
     """
     env = dict(os.environ if environ is None else environ)
-    for key, value in environment(values_for_compose(env), create=False, environ=env):
+    values = values_for_compose(env)
+    for key, value in environment(values, create=False, environ=env):
         env.setdefault(key, value)
+    # The stores the stack runs are services under profiles of their own, added
+    # here on every call (never exported: COMPOSE_PROFILES in the shell is the user's).
+    env["COMPOSE_PROFILES"] = settings.compose_profiles({**values, "COMPOSE_PROFILES": env["COMPOSE_PROFILES"]})
     argv = paths.compose_cmd(env)
     if not paths.env_path(env).exists():
         argv[argv.index("--env-file") + 1] = os.devnull

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from . import settings
+
 ROOT = Path(__file__).resolve().parent.parent
 _COMPOSE_PIN = re.compile(r"\$\{([A-Z][A-Z0-9_]*_IMAGE):-([^}]+)\}")
 _DOCKERFILE_PIN = re.compile(r"^ARG (MLFLOW_BASE_IMAGE|MLFLOW_CONDA_BASE_IMAGE)=(\S+)$", re.M)
@@ -94,7 +96,7 @@ def upstream_images(values: Mapping[str, str], environ: Mapping[str, str], root:
     base is the PostgreSQL image."""
     pins = image_pins(root)
     base_pin = pins["MLFLOW_CONDA_BASE_IMAGE" if values.get("MLFLOW_VARIANT") == "conda" else "MLFLOW_BASE_IMAGE"]
-    active = set(filter(None, values.get("COMPOSE_PROFILES", "").split(",")))
+    active = set(filter(None, settings.compose_profiles(values).split(",")))
     needed = pin_profiles(root)
     # Images of services whose profile is off are neither pulled nor checked.
     wanted = [(var, pin, False) for var, pin in service_pins(root).items()

@@ -114,6 +114,12 @@ def host() -> Rule:
                 ("mlflow.example.org",))
 
 
+def url() -> Rule:
+    return Rule(lambda v: bool(re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+(:\d+)?/?", v)),
+                "use the store's endpoint as an http(s) URL without a path, such as "
+                "https://s3.eu-central-1.amazonaws.com or http://10.0.0.5:9000", ("https://s3.example.com",))
+
+
 def ip_address() -> Rule:
     return Rule(_is_ip, "use an IP address (0.0.0.0 or 127.0.0.1)", ("127.0.0.1", "0.0.0.0"))
 
@@ -278,13 +284,35 @@ SETTINGS: tuple[Setting, ...] = (
             services=("backup", "db", "gc", "migrate", "mlflow", "postgres-exporter"),
             doc="Database password. PostgreSQL keeps the one it was initialised with: changing it here "
                 "later needs ALTER ROLE too."),
+    Setting("POSTGRES_HOST", "", host(), section=STORES, may_be_empty=True,
+            services=("backup", "bucket-init", "gc", "migrate", "mlflow"),
+            host=("deploy", "backup scripts", "show"),
+            doc="Empty: the stack runs PostgreSQL itself (service db, volume db-data). A host name or address: "
+                "use that PostgreSQL server instead (e.g. a managed database), reached from the containers. It "
+                "must have the role POSTGRES_USER with POSTGRES_PASSWORD, allowed to create databases (the "
+                "first deploy makes POSTGRES_DB_auth, a restore re-creates both), and the database POSTGRES_DB."),
+    Setting("POSTGRES_PORT", "5432", port(), section=STORES, host=("deploy",),
+            doc="Port of POSTGRES_HOST (not used when the stack runs PostgreSQL itself)."),
+    Setting("S3_ENDPOINT_URL", "", url(), section=STORES, may_be_empty=True,
+            services=("backup", "bucket-init", "gc", "migrate", "mlflow", "nginx"),
+            host=("deploy", "backup scripts", "show", "client settings (direct mode)"),
+            doc="Empty: the stack runs MinIO itself (service minio, volume minio-data), behind nginx's S3_PORT. "
+                "A URL: keep artifacts in that S3 store instead (AWS S3 or any S3-compatible one), with "
+                "MINIO_ROOT_USER and MINIO_ROOT_PASSWORD as its access key and secret key and the bucket "
+                "MLFLOW_BUCKET (made if missing). Presigned URLs then name this endpoint, and S3_PORT serves "
+                "nothing."),
+    Setting("S3_REGION", "us-east-1", pattern(r"[a-z0-9-]{2,32}", "use a region name such as eu-central-1",
+                                              "eu-central-1"),
+            section=STORES, services=("backup", "bucket-init", "gc", "migrate", "mlflow"),
+            doc="Region the S3 requests are signed for (AWS: the bucket's region; MinIO ignores it)."),
     Setting("MINIO_ROOT_USER", "mlflow-admin",
             pattern(r"\S{3,128}", "use at least 3 characters, no spaces", "store-admin"),
             section=STORES, file="minio_root_user", services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"),
-            host=("client settings (direct mode)",), doc="Object store access key."),
+            host=("client settings (direct mode)",),
+            doc="Object store access key (MinIO's root user, or the key of the store at S3_ENDPOINT_URL)."),
     Setting("MINIO_ROOT_PASSWORD", GENERATED, secret(), section=STORES, file="minio_root_password",
             services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"), host=("client settings (direct mode)",),
-            doc="Object store secret key."),
+            doc="Object store secret key (of that user)."),
 
     Setting("MLFLOW_API_MAX_BODY_MB", "64", integer(2, 1024, "MiB"), section=LIMITS, services=("mlflow", "nginx"),
             doc="Largest API request body (not artifacts, which have no limit), enforced by nginx and by "
@@ -412,9 +440,34 @@ def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
     return []
 
 
+def _stores_outside_with_monitoring(values: Mapping[str, str]) -> list[str]:
+    if "monitoring" in values.get("COMPOSE_PROFILES", "").split(",") and len(own_stores(values)) < 2:
+        return ["COMPOSE_PROFILES has monitoring, but POSTGRES_HOST or S3_ENDPOINT_URL names a store the stack "
+                "does not run: the monitoring profile watches the stack's own stores and volumes only (not "
+                "available with external stores yet); take monitoring out of COMPOSE_PROFILES, or the store "
+                "settings"]
+    return []
+
+
+# The stores the stack runs itself, each a service with a Compose profile of the same name.
+STORES_SETTINGS = (("db", "POSTGRES_HOST"), ("minio", "S3_ENDPOINT_URL"))
+
+
+def own_stores(values: Mapping[str, str]) -> list[str]:
+    """db unless POSTGRES_HOST names another server, minio unless S3_ENDPOINT_URL names another store."""
+    return [service for service, key in STORES_SETTINGS if not values.get(key)]
+
+
+def compose_profiles(values: Mapping[str, str]) -> str:
+    """COMPOSE_PROFILES as Compose gets it: the optional services chosen, and the stores the stack runs."""
+    chosen = [p for p in values.get("COMPOSE_PROFILES", "").split(",") if p]
+    return ",".join(chosen + own_stores(values))
+
+
 # Rules that span keys; each sees only values that passed their own rule.
 CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (
-    _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica, _address_rate_covers_a_login)
+    _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica, _address_rate_covers_a_login,
+    _stores_outside_with_monitoring)
 
 
 def key_errors(key: str, values: Mapping[str, str]) -> list[str]:

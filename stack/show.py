@@ -23,6 +23,16 @@ for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=env("ML
 print(count, size)
 """
 
+# Also in the mlflow container: the database is the stack's db or the one POSTGRES_HOST names.
+_COUNTS = """
+import psycopg2
+from stack.common import postgres_params
+conn = psycopg2.connect(connect_timeout=5, **postgres_params())
+with conn.cursor() as cur:
+    cur.execute(%r)
+    print(*cur.fetchone(), sep="|")
+"""
+
 _COUNTS_SQL = ("SELECT (SELECT count(*) FROM experiments WHERE lifecycle_stage = 'active'), "
                "(SELECT count(*) FROM runs WHERE lifecycle_stage = 'active'), "
                "(SELECT count(*) FROM registered_models)")
@@ -149,8 +159,15 @@ def url_lines(values: dict[str, str]) -> list[str]:
     redirect = f"http://{host_port(values['MLFLOW_PUBLIC_HOST'], values['HTTP_PORT'], 'http')}"
     login = ("on (./stack_users.sh manages accounts)" if values["MLFLOW_AUTH"] == "true"
              else "OFF: anyone who reaches the ports has full access")
+    if values.get("S3_ENDPOINT_URL"):
+        s3 = f"{values['S3_ENDPOINT_URL']}  (outside the stack: S3_ENDPOINT_URL"
+    else:
+        s3 += "  (the stack's minio"
+    database = (f"{host_port(values['POSTGRES_HOST'], values['POSTGRES_PORT'], 'postgresql')}  (outside the stack: "
+                "POSTGRES_HOST)" if values.get("POSTGRES_HOST") else "the stack's db")
     return [f"  MLflow UI/API  {base}  (bound to {values['BIND_ADDRESS']}; {redirect} redirects)",
-            f"  S3 API         {s3}  (bucket {values['MLFLOW_BUCKET']})",
+            f"  S3 API         {s3}, bucket {values['MLFLOW_BUCKET']})",
+            f"  database       {database}, database {values['POSTGRES_DB']}",
             f"  login          {login}"]
 
 
@@ -163,9 +180,8 @@ def mlflow_lines(values: dict[str, str], running: set[str], compose: tuple[list[
         lines.append(f"  version        {out if code == 0 else 'unknown'}")
     else:
         lines.append("  version        (server not running)")
-    if "db" in running:
-        code, out = _run([*argv, "exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"],
-                          "-d", values["POSTGRES_DB"], "-Atc", _COUNTS_SQL], env=env)
+    if "mlflow" in running:
+        code, out = _run([*argv, "exec", "-T", "mlflow", "python3", "-"], stdin=_COUNTS % _COUNTS_SQL, env=env)
         if code == 0 and out.count("|") == 2:
             exps, runs, models = out.split("|")
             lines += [f"  experiments    {exps} active", f"  runs           {runs} active",

@@ -37,10 +37,12 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import settings
+
 DATA_LABEL = "mlflow-stack.data"
 # `docker stack deploy --detach=false` and `replicated-job` in stack files: Docker CLI 26 or later.
 MIN_CLI = (26, 0)
-STATEFUL = ("db", "minio")
+STATEFUL = tuple(service for service, _ in settings.STORES_SETTINGS)
 # Edge services publish host ports: two tasks cannot share one node's port.
 GLOBAL = ("nginx",)
 # Profiles whose services need what this translation does not give them yet:
@@ -310,7 +312,8 @@ def preflight(values: Mapping[str, str], project: str, compose_running: bool) ->
     if not state["manager"]:
         return problems + ["this node is a swarm worker: run ./stack_deploy.sh --swarm on a manager node"]
     labelled = _docker("node", "ls", "-q", "--filter", f"node.label={DATA_LABEL}=true").stdout.split()
-    if len(labelled) != 1:
+    # Only the stores the stack runs itself are pinned (POSTGRES_HOST, S3_ENDPOINT_URL name others).
+    if settings.own_stores(values) and len(labelled) != 1:
         problems.append(f"{len(labelled)} nodes carry the label {DATA_LABEL}=true; exactly one must: the node whose "
                         f"disks keep the database and the artifacts (`docker node update --label-add "
                         f"{DATA_LABEL}=true NODE`)")

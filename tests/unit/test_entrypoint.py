@@ -24,7 +24,7 @@ def environ(tmp_path):
         "POSTGRES_USER": "mlflow", "POSTGRES_DB": "mlflow", "POSTGRES_PASSWORD_FILE": str(pw),
         "AWS_ACCESS_KEY_ID_FILE": str(key), "AWS_SECRET_ACCESS_KEY_FILE": str(secret),
         "MLFLOW_BUCKET": "mlflow", "MLFLOW_PUBLIC_HOST": "mlflow.example.com",
-        "HTTPS_PORT": "8443", "S3_PORT": "9000", "MLFLOW_INTERNAL_URL": "http://mlflow:5000",
+        "HTTPS_PORT": "8443", "S3_PORT": "9000", "S3_REGION": "us-east-1", "MLFLOW_INTERNAL_URL": "http://mlflow:5000",
         "MLFLOW_AUTH": "true", "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_WORKERS": "2",
         "MLFLOW_ARTIFACTS_MODE": "proxied", "MLFLOW_DEFAULT_PERMISSION": "READ",
         "MLFLOW_AUTH_CACHE_SECONDS": "30", "MLFLOW_ENABLE_JOBS": "false", "MLFLOW_API_MAX_BODY_MB": "64",
@@ -81,6 +81,15 @@ def test_loopback_public_host_allows_loopback_spellings_and_gets_a_relay(environ
 def test_real_host_name_needs_no_relay(environ):
     environ["MLFLOW_PUBLIC_HOST"] = "mlflow.invalid"
     assert ep.s3_relay_target(environ) is None
+
+
+def test_an_object_store_outside_the_stack_is_reached_as_named_without_relay(environ):
+    environ.update(MLFLOW_PUBLIC_HOST="localhost", S3_ENDPOINT_URL="https://s3.eu-central-1.amazonaws.com/",
+                   S3_REGION="eu-central-1")
+    assert ep.s3_relay_target(environ) is None
+    env = ep.s3_environment(environ)
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "https://s3.eu-central-1.amazonaws.com"
+    assert env["AWS_DEFAULT_REGION"] == "eu-central-1"
 
 
 def test_ipv6_literal_is_bracketed(environ):

@@ -196,3 +196,23 @@ def test_the_defaults_and_two_replicas_fit():
     assert settings.validate(_valid()) == []
     assert settings.validate({**_valid(), "MLFLOW_REPLICAS": "2"}) == []
     assert settings.connections_needed({"MLFLOW_REPLICAS": "2", "MLFLOW_WORKERS": "2"}) == 200
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"POSTGRES_HOST": "https://pg.example.com"}, "without scheme or port"),
+    ({"S3_ENDPOINT_URL": "s3.example.com"}, "http(s) URL"),
+    ({"S3_ENDPOINT_URL": "https://s3.example.com/bucket"}, "without a path"),
+    ({"S3_REGION": "EU Central"}, "region name"),
+    ({"POSTGRES_HOST": "pg.example.com", "COMPOSE_PROFILES": "monitoring"}, "not available with external stores"),
+])
+def test_outside_stores_are_named_plainly(changes, fragment):
+    errors = settings.validate({**_valid(), **changes})
+    assert any(fragment in e for e in errors), errors
+
+
+def test_outside_stores_are_valid_settings():
+    assert settings.validate({**_valid(), "POSTGRES_HOST": "10.0.0.5", "POSTGRES_PORT": "6432",
+                              "S3_ENDPOINT_URL": "https://s3.eu-central-1.amazonaws.com",
+                              "S3_REGION": "eu-central-1", "COMPOSE_PROFILES": "backup,gc"}) == []
+    assert settings.own_stores({"POSTGRES_HOST": "10.0.0.5"}) == ["minio"]
+    assert settings.compose_profiles({"COMPOSE_PROFILES": "gc", "S3_ENDPOINT_URL": "http://s3:9000"}) == "gc,db"

@@ -8,11 +8,12 @@ import time
 import pytest
 
 from stack import __main__ as cli
-from stack import compose, envfile, paths, pins, preflight, standins
+from stack import compose, envfile, paths, pins, preflight, settings, standins
 
-# What a default deploy needs (no optional profile on; test_static checks those).
+# What a default deploy needs (no optional profile on, the stack's own stores; test_static checks those).
+DEFAULT_PROFILES = set(settings.compose_profiles({}).split(","))
 PINS = {var: pin for var, pin in pins.image_pins().items()
-        if var != "MLFLOW_CONDA_BASE_IMAGE" and not pins.pin_profiles().get(var)}
+        if var != "MLFLOW_CONDA_BASE_IMAGE" and not pins.pin_profiles().get(var, set()) - DEFAULT_PROFILES}
 ALL_STANDINS = frozenset(PINS)
 NO_DNS = "no DNS answer for registry-1.docker.io"
 

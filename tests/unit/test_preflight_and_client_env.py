@@ -52,7 +52,7 @@ def test_low_disk_is_a_clear_failure(monkeypatch):
 
 
 def _values(mode, auth="true"):
-    return {"MLFLOW_PUBLIC_HOST": "mlflow.example.com", "HTTPS_PORT": "8443", "S3_PORT": "9000",
+    return {"MLFLOW_PUBLIC_HOST": "mlflow.example.com", "HTTPS_PORT": "8443", "S3_PORT": "9000", "S3_REGION": "us-east-1",
             "MLFLOW_ARTIFACTS_MODE": mode, "MINIO_ROOT_USER": "admin", "MLFLOW_BASE_PATH": "",
             "MINIO_ROOT_PASSWORD": "it's secret", "MLFLOW_AUTH": auth,
             "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_ADMIN_PASSWORD": "pw-123456789012"}
@@ -79,3 +79,10 @@ def test_direct_clients_get_s3_settings_shell_quoted():
     assert "export MLFLOW_S3_ENDPOINT_URL=https://mlflow.example.com:9000" in text
     assert "export AWS_SECRET_ACCESS_KEY='it'\"'\"'s secret'" in text
     assert "export AWS_CA_BUNDLE=/s/certs/ca-bundle.pem" in text
+
+
+def test_direct_clients_of_an_outside_store_get_its_endpoint_and_region():
+    env = dict(client_env.client_env({**_values("direct"), "S3_ENDPOINT_URL": "https://s3.eu-central-1.amazonaws.com",
+                                      "S3_REGION": "eu-central-1"}))
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "https://s3.eu-central-1.amazonaws.com"
+    assert env["AWS_DEFAULT_REGION"] == "eu-central-1"

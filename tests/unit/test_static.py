@@ -109,15 +109,42 @@ def test_compose_without_env_names_the_fix(tmp_path):
     assert "stack_deploy.sh" in result.stderr or ".env.example" in result.stderr
 
 
-def test_only_nginx_publishes_ports_and_stores_are_internal():
-    text = (ROOT / "docker-compose.yml").read_text()
-    services = [s.strip() for s in re.split(r"\n  (?=[a-z-]+:\n)", text.split("\nservices:\n", 1)[1].split("\nnetworks:\n", 1)[0])]
-    publishing = [s.split(":", 1)[0] for s in services if "\n    ports:" in s]
-    assert publishing == ["nginx"]
-    assert re.search(r"backend:\n    internal: true", text)
+def test_only_nginx_publishes_ports_and_stores_are_internal(tmp_path):
+    config = compose_config(tmp_path, "--profile", "*")
+    assert [n for n, svc in config["services"].items() if svc.get("ports")] == ["nginx"]
+    assert config["networks"]["backend"].get("internal") is True
     for name in ("db", "minio"):
-        block = next(s for s in services if s.startswith(name + ":"))
-        assert "networks: [backend]" in block
+        assert set(config["services"][name]["networks"]) == {"backend"}
+
+
+@pytest.mark.parametrize("outside, gone", [
+    ({"POSTGRES_HOST": "pg.example.com", "POSTGRES_PORT": "6432"}, {"db"}),
+    ({"S3_ENDPOINT_URL": "https://s3.example.com/"}, {"minio"}),
+    ({"POSTGRES_HOST": "10.1.2.3", "S3_ENDPOINT_URL": "http://10.1.2.3:9000"}, {"db", "minio"}),
+])
+def test_stores_outside_the_stack_are_not_started_and_are_reached_by_route_out(tmp_path, outside, gone):
+    default = compose_config(tmp_path)
+    assert {"db", "minio"} <= set(default["services"])
+    config = compose_config(tmp_path, extra=outside)
+    assert set(default["services"]) - set(config["services"]) == gone
+    # A store outside needs a route out of the backend network.
+    assert config["networks"]["backend"].get("internal") is not True
+    env = config["services"]["migrate"]["environment"]
+    if "db" in gone:
+        assert (env["POSTGRES_HOST"], env["POSTGRES_PORT"]) == (outside["POSTGRES_HOST"],
+                                                               outside.get("POSTGRES_PORT", "5432"))
+        # Compose keeps the dependency, and starts without it: it is not required.
+        assert config["services"]["migrate"]["depends_on"]["db"]["required"] is False
+    else:
+        assert (env["POSTGRES_HOST"], env["POSTGRES_PORT"]) == ("db", "5432")
+    if "minio" in gone:
+        assert env["S3_INTERNAL_ENDPOINT"] == outside["S3_ENDPOINT_URL"].rstrip("/")
+        assert config["services"]["nginx"]["depends_on"]["minio"]["required"] is False
+    else:
+        assert env["S3_INTERNAL_ENDPOINT"] == "http://minio:9000"
+    # The user's COMPOSE_PROFILES is not changed by the stores' profiles.
+    assert "db" not in compose.environment({**envfile.load(tmp_path / ".env"), **outside}, create=False,
+                                           environ={"STACK_ENV_FILE": str(tmp_path / ".env")})[0][1]
 
 
 def test_every_long_running_service_has_healthcheck_restart_and_log_rotation():
@@ -288,10 +315,14 @@ def test_the_profiles_setting_knows_every_compose_profile_and_a_deploy_retires_t
     from stack import pins
 
     blocks = pins._service_blocks(ROOT)
-    assert set().union(*(profiles for _, profiles in blocks.values())) == set(settings.PROFILES)
-    assert pins.inactive_services(set(settings.PROFILES)) == []
-    assert pins.inactive_services({"backup"}) == ["gc", "nginx-exporter", "node-exporter", "postgres-exporter",
-                                                  "prometheus"]
+    stores = {service for service, _ in settings.STORES_SETTINGS}
+    assert set().union(*(profiles for _, profiles in blocks.values())) == set(settings.PROFILES) | stores
+    assert pins.inactive_services(set(settings.PROFILES) | stores) == []
+    active = set(settings.compose_profiles({"COMPOSE_PROFILES": "backup"}).split(","))
+    assert pins.inactive_services(active) == ["gc", "nginx-exporter", "node-exporter", "postgres-exporter",
+                                              "prometheus"]
+    active = set(settings.compose_profiles({"COMPOSE_PROFILES": "", "POSTGRES_HOST": "pg.example.com"}).split(","))
+    assert "db" in pins.inactive_services(active) and "minio" not in pins.inactive_services(active)
     assert "mlflow" not in pins.inactive_services(set())
 
 

@@ -16,7 +16,7 @@ from test_static import compose_config
 def config(tmp_path):
     """The resolved compose file (gc profile on), with the files it names made: the stack
     file reads the secret, certificate and template files it turns into swarm objects."""
-    resolved = compose_config(tmp_path, "--profile", "gc")
+    resolved = compose_config(tmp_path, extra={"COMPOSE_PROFILES": "gc"})
     values = envfile.effective(envfile.parse((tmp_path / ".env").read_text()))
     secretfiles.write(values, Path(next(iter(resolved["secrets"].values()))["file"]).parent)
     for svc in resolved["services"].values():
@@ -166,7 +166,7 @@ def test_options_it_would_lose_are_refused(config):
 
 
 def test_profiles_and_keys_it_cannot_carry_are_refused(config, tmp_path):
-    with_monitoring = compose_config(tmp_path, "--profile", "monitoring")
+    with_monitoring = compose_config(tmp_path, extra={"COMPOSE_PROFILES": "monitoring"})
     with pytest.raises(swarm.SwarmError, match="monitoring"):
         swarm.stack_file(with_monitoring, "", private_files=[key_path(config)])
     config["services"]["mlflow"]["devices"] = ["/dev/fuse"]
@@ -226,6 +226,10 @@ GOOD = {"STACK_REGISTRY": "registry.example.com:5000", "BIND_ADDRESS": "0.0.0.0"
     (FakeDocker(), {**GOOD, "BIND_ADDRESS": "127.0.0.1"}, False, ["BIND_ADDRESS=0.0.0.0"]),
     (FakeDocker(), {**GOOD, "COMPOSE_PROFILES": "gc,monitoring"}, False, ["not available in swarm mode"]),
     (FakeDocker(), GOOD, True, ["take it down first"]),
+    # Stores outside the stack: no node keeps data, so none needs the label.
+    (FakeDocker(labelled=0), {**GOOD, "POSTGRES_HOST": "pg.example.com", "S3_ENDPOINT_URL": "https://s3.example.com"},
+     False, []),
+    (FakeDocker(labelled=0), {**GOOD, "POSTGRES_HOST": "pg.example.com"}, False, ["0 nodes carry the label"]),
 ])
 def test_preflight_says_what_stops_a_swarm_deploy(monkeypatch, docker, values, compose_running, expected):
     monkeypatch.setattr(swarm, "_docker", docker)

@@ -16,7 +16,10 @@ from test_static import compose_config
 def config(tmp_path):
     """The resolved compose file (gc profile on), with the files it names made: the stack
     file reads the secret, certificate and template files it turns into swarm objects."""
-    resolved = compose_config(tmp_path, extra={"COMPOSE_PROFILES": "gc"})
+    return with_files(compose_config(tmp_path, extra={"COMPOSE_PROFILES": "gc"}), tmp_path)
+
+
+def with_files(resolved, tmp_path):
     values = envfile.effective(envfile.parse((tmp_path / ".env").read_text()))
     secretfiles.write(values, Path(next(iter(resolved["secrets"].values()))["file"]).parent)
     for svc in resolved["services"].values():
@@ -237,3 +240,14 @@ def test_preflight_says_what_stops_a_swarm_deploy(monkeypatch, docker, values, c
     assert len(problems) == len(expected), problems
     for problem, words in zip(problems, expected):
         assert words in problem, problem
+
+
+def test_stores_outside_the_stack_leave_no_stateful_service_and_a_route_out(tmp_path):
+    outside = with_files(compose_config(tmp_path, extra={"POSTGRES_HOST": "pg.example.com",
+                                                         "S3_ENDPOINT_URL": "https://s3.example.com"}), tmp_path)
+    document = make(outside)
+    assert not {"db", "minio"} & set(document["services"])
+    assert not any("placement" in svc["deploy"] for svc in document["services"].values())
+    assert document["networks"]["backend"].get("internal") is not True
+    assert set(swarm.stores_first(document, outside)["services"]) == {"migrate", "bucket-init"}
+    assert document["services"]["migrate"]["environment"]["POSTGRES_HOST"] == "pg.example.com"

@@ -73,6 +73,20 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 1.0, detail
         time.sleep(interval)
 
 
+def assert_acknowledged_stored(threads: list[dict], psql, s3, bucket: str) -> None:
+    """Every metric step and artifact that replica_client.py threads saw acknowledged is
+    stored: rows in PostgreSQL (psql: SQL -> output) and objects in the bucket (s3: a client)."""
+    for t in threads:
+        stored = {int(float(s)) for s in psql(
+            f"SELECT step FROM metrics WHERE run_uuid = '{t['run_id']}' AND key = 'm'").split()}
+        missing = set(t["steps"]) - stored
+        assert not missing, (t["run_id"], sorted(missing)[:20])
+        prefix = "artifacts/" + t["artifact_uri"].split("mlflow-artifacts:", 1)[1].strip("/") + "/"
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        names = {o["Key"].rsplit("/", 1)[1] for page in pages for o in page.get("Contents", [])}
+        assert set(t["artifacts"]) <= names, sorted(set(t["artifacts"]) - names)[:20]
+
+
 def parse_exports(text: str) -> dict[str, str]:
     values = {}
     for line in text.splitlines():

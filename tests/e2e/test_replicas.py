@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import wait_for
+from .conftest import assert_acknowledged_stored, wait_for
 from .test_stack import s3_client
 
 THREADS = 4
@@ -116,16 +116,7 @@ def test_a_killed_replica_costs_the_clients_nothing(replicated, tmp_path, capsys
                for r in failed), [dict(r, start=r["start"] - killed_at, end=r["end"] - killed_at) for r in failed]
     assert len(after_kill) >= THREADS * 100, "the clients did not go on logging"
 
-    # Everything acknowledged is stored.
-    for t in threads:
-        stored = {int(float(s)) for s in replicated.psql(
-            f"SELECT step FROM metrics WHERE run_uuid = '{t['run_id']}' AND key = 'm'").split()}
-        missing = set(t["steps"]) - stored
-        assert not missing, (t["run_id"], sorted(missing)[:20])
-        prefix = "artifacts/" + t["artifact_uri"].split("mlflow-artifacts:", 1)[1].strip("/") + "/"
-        listed = s3_client(replicated).list_objects_v2(Bucket=replicated.values()["MLFLOW_BUCKET"], Prefix=prefix)
-        names = {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
-        assert set(t["artifacts"]) <= names, sorted(set(t["artifacts"]) - names)[:20]
+    assert_acknowledged_stored(threads, replicated.psql, s3_client(replicated), replicated.values()["MLFLOW_BUCKET"])
 
     # The restart policy brings the killed replica back.
     wait_for(lambda: all_healthy(replicated, 2), 180, "the killed replica to be healthy again", interval=3,

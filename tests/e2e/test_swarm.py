@@ -37,7 +37,7 @@ import pytest
 
 from stack import swarm
 
-from .conftest import ROOT, free_port, new_stack, parse_exports, wait_for
+from .conftest import ROOT, assert_acknowledged_stored, free_port, new_stack, parse_exports, wait_for
 from .test_stack import s3_client
 
 THREADS = 3
@@ -240,15 +240,7 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
     assert all(lost_at is not None and r["kind"] == "artifact" and r["status"] in (0, 502, 504)
                and r["start"] <= lost_at for r in failed), failed
     assert len(calls) >= THREADS * 50, "the clients did not go on logging"
-    for t in threads:
-        stored = {int(float(s)) for s in psql(
-            stack, f"SELECT step FROM metrics WHERE run_uuid = '{t['run_id']}' AND key = 'm'").split()}
-        missing = set(t["steps"]) - stored
-        assert not missing, (t["run_id"], sorted(missing)[:20])
-        prefix = "artifacts/" + t["artifact_uri"].split("mlflow-artifacts:", 1)[1].strip("/") + "/"
-        listed = s3_client(stack).list_objects_v2(Bucket=stack.values()["MLFLOW_BUCKET"], Prefix=prefix)
-        names = {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
-        assert set(t["artifacts"]) <= names, sorted(set(t["artifacts"]) - names)[:20]
+    assert_acknowledged_stored(threads, lambda sql: psql(stack, sql), s3_client(stack), stack.values()["MLFLOW_BUCKET"])
     return threads
 
 

@@ -92,16 +92,36 @@ step_build() {
 	stack_py build
 }
 
+# step_network: the backend network is internal with the stack's own stores and
+# has a route out with a store outside; neither Compose nor Swarm changes that on
+# an existing network, so a switch between the two needs the stack taken down.
+step_network() {
+	local net="${COMPOSE_PROJECT_NAME}_backend" internal
+	internal="$(docker network inspect --format '{{.Internal}}' "$net" 2>/dev/null)" || return 0
+	[ "$internal" = "$STACK_BACKEND_INTERNAL" ] \
+		|| die "POSTGRES_HOST or S3_ENDPOINT_URL changed between the stack's own stores and stores outside it, and the stack's network $net was made for the other way: take the stack down first with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh again"
+}
+
 # step_stores: the stores outside the stack (POSTGRES_HOST, S3_ENDPOINT_URL) must
 # answer with its credentials, asked from a container (the way the services
-# will reach them), before anything starts.
+# will reach them), before anything starts. The check runs as a Compose project
+# of its own, so the stack's networks are left as they are.
 step_stores() {
-	local outside=()
-	[[ " $STACK_OWN_STORES " == *" db "* ]] || outside+=(postgres)
-	[[ " $STACK_OWN_STORES " == *" minio "* ]] || outside+=(s3)
-	[ "${#outside[@]}" -gt 0 ] || return 0
-	log "Checking the stores outside the stack: ${outside[*]}"
-	compose run --rm --no-deps -T migrate check-stores "${outside[@]}" >&2 \
+	local service
+	for service in db minio; do
+		if [[ " $STACK_OWN_STORES " != *" $service "* ]] \
+			&& docker volume inspect "${COMPOSE_PROJECT_NAME}_$service-data" >/dev/null 2>&1; then
+			log "Note: the volume ${COMPOSE_PROJECT_NAME}_$service-data (the stack's own $service) is kept but not used while a store outside replaces it; README \"External stores\" says how to move its data"
+		fi
+	done
+	[ -n "$STACK_OUTSIDE_STORES" ] || return 0
+	log "Checking the stores outside the stack: $STACK_OUTSIDE_STORES"
+	local check="${COMPOSE_PROJECT_NAME}-storecheck" status=0
+	# shellcheck disable=SC2086 # the stores' names: single words
+	COMPOSE_PROJECT_NAME="$check" compose run --rm --no-deps -T migrate check-stores $STACK_OUTSIDE_STORES >&2 \
+		|| status=$?
+	COMPOSE_PROJECT_NAME="$check" compose down --remove-orphans >/dev/null 2>&1 || true
+	[ "$status" = 0 ] \
 		|| die "fix the settings above in $STACK_ENV_FILE (or the store), then run ./stack_deploy.sh again; nothing was started"
 }
 
@@ -199,6 +219,7 @@ main() {
 		return 0
 	fi
 	step_build
+	step_network
 	step_stores
 	if [ "$SWARM" = 1 ]; then
 		step_swarm

@@ -30,7 +30,7 @@ backup_job() {
 # require_own_stores WHAT: a cold copy is of the stack's own volumes, so both
 # stores must be the stack's (not POSTGRES_HOST / S3_ENDPOINT_URL).
 require_own_stores() {
-	[ "$STACK_OWN_STORES" = "db minio" ] \
+	[ -z "$STACK_OUTSIDE_STORES" ] \
 		|| die "$1: a cold copy is of the stack's own data volumes, but POSTGRES_HOST or S3_ENDPOINT_URL in .env names a store outside the stack; use the default online backup (and your provider's snapshots for that store)"
 }
 

@@ -66,6 +66,7 @@ restore_cold() {
 restore_live() {
 	# shellcheck disable=SC2086 # the stores' service names: single words
 	require_running $STACK_OWN_STORES
+	[ -n "$(compose ps -aq mlflow 2>/dev/null)" ] || die "the stack is not deployed: run ./stack_deploy.sh first, then restore"
 	local counts runs safety=""
 	counts="$(backup_job -- counts)"
 	runs="$(python3 -c 'import json,sys; c=json.loads(sys.argv[1]); print(c.get("runs", 0) + max(c.get("experiments", 0) - 1, 0))' "$counts")"

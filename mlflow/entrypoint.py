@@ -75,8 +75,9 @@ def s3_endpoint(environ=None) -> str:
     one: a client follows the URL as given, and SigV4 signs the Host header.
     A store outside the stack (S3_ENDPOINT_URL) is reached as it is named.
     """
-    if common.external_s3(environ):
-        return common.external_s3(environ)
+    outside = common.external_s3(environ)
+    if outside:
+        return outside
     host, _ = public_origin(environ)
     return f"{SCHEME}://{host_port(host, setting('S3_PORT', environ), SCHEME)}"
 
@@ -99,8 +100,12 @@ def cors_origins(environ=None) -> str:
     return f"{SCHEME}://{host_port(host, port, SCHEME)}"
 
 
+# Where in the bucket MLflow keeps artifacts: nothing else of the stack's is there.
+ARTIFACTS_PREFIX = "artifacts"
+
+
 def artifact_args(environ=None) -> list[str]:
-    root = f"s3://{setting('MLFLOW_BUCKET', environ)}/artifacts"
+    root = f"s3://{setting('MLFLOW_BUCKET', environ)}/{ARTIFACTS_PREFIX}"
     if setting("MLFLOW_ARTIFACTS_MODE", environ) == "proxied":
         return ["--serve-artifacts", "--artifacts-destination", root]
     return ["--no-serve-artifacts", "--default-artifact-root", root]
@@ -517,31 +522,46 @@ def postgres_problems() -> list[str]:
 
     p = common.postgres_params()
     where = f"PostgreSQL at {host_port(p['host'], p['port'], 'postgresql')}"
-    try:
-        conn = psycopg2.connect(connect_timeout=10, **p)
-    except psycopg2.OperationalError as exc:
-        text = str(exc).strip()
-        if "password authentication failed" in text or "no pg_hba.conf entry" in text:
-            return [f"{where} refused the role {p['user']!r} with POSTGRES_PASSWORD ({text.splitlines()[-1][:200]}): "
-                    "set POSTGRES_USER and POSTGRES_PASSWORD in .env to a role of that server"]
-        if "does not exist" in text and "database" in text:
-            return [f"{where} has no database {p['dbname']!r}: create it (CREATE DATABASE {p['dbname']} OWNER "
-                    f"{p['user']};) or set POSTGRES_DB in .env to one that exists"]
-        return [f"{where} does not answer from the stack's containers ({text.splitlines()[0][:200]}): check "
-                "POSTGRES_HOST and POSTGRES_PORT in .env, and that this machine may reach it"]
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
-            may_create = cur.fetchone()[0]
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (common.auth_database(),))
-            auth_db = cur.fetchone() is not None
-    finally:
-        conn.close()
-    if not may_create and auth_enabled() and not auth_db:
-        return [f"{where}: the role {p['user']!r} may not create databases, and the user store "
-                f"{common.auth_database()!r} does not exist: ALTER ROLE {p['user']} CREATEDB; (restores need it "
-                f"too), or create that database owned by {p['user']}"]
-    return []
+    problems = []
+    # MLflow's database, and the maintenance database the backup lock and restores use.
+    for dbname in (p["dbname"], "postgres"):
+        try:
+            conn = psycopg2.connect(connect_timeout=10, **{**p, "dbname": dbname})
+        except psycopg2.OperationalError as exc:
+            text = str(exc).strip()
+            last = text.splitlines()[-1][:200]
+            if "password authentication failed" in text:
+                return [f"{where} refused the role {p['user']!r} with POSTGRES_PASSWORD ({last}): set POSTGRES_USER "
+                        "and POSTGRES_PASSWORD in .env to a role of that server"]
+            if "no pg_hba.conf entry" in text:
+                return [f"{where} does not let the role {p['user']!r} in from this machine ({last}): allow this "
+                        "machine's address for it in the server's pg_hba.conf (or the service's network rules)"]
+            if "does not exist" in text and "database" in text:
+                return [f"{where} has no database {dbname!r}: create it (CREATE DATABASE {dbname} OWNER "
+                        f"{p['user']};)" + (" or set POSTGRES_DB in .env to one that exists" if dbname == p["dbname"]
+                                            else "")]
+            return [f"{where} does not answer from the stack's containers ({text.splitlines()[0][:200]}): check "
+                    "POSTGRES_HOST and POSTGRES_PORT in .env, and that this machine may reach it"]
+        if dbname != p["dbname"]:
+            conn.close()
+            continue
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
+                may_create = cur.fetchone()[0]
+                cur.execute("SELECT pg_catalog.pg_get_userbyid(datdba) = current_user FROM pg_database "
+                            "WHERE datname = current_database()")
+                owner = cur.fetchone()[0]
+        finally:
+            conn.close()
+        if not may_create:
+            problems.append(f"{where}: the role {p['user']!r} may not create databases, which the stack needs (the "
+                            f"user store {common.auth_database()!r}, each backup's check of its dump, restores): "
+                            f"ALTER ROLE {p['user']} CREATEDB;")
+        if not owner:
+            problems.append(f"{where}: the database {p['dbname']!r} is not owned by {p['user']!r}, so the schema "
+                            f"cannot be made or restored: ALTER DATABASE {p['dbname']} OWNER TO {p['user']};")
+    return problems
 
 
 def s3_problems() -> list[str]:
@@ -549,8 +569,11 @@ def s3_problems() -> list[str]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     where, bucket = f"the S3 store at {common.external_s3()}", setting("MLFLOW_BUCKET")
+    client = common.s3_client(attempts=2)
     try:
-        common.s3_client(attempts=2).head_bucket(Bucket=bucket)
+        client.head_bucket(Bucket=bucket)
+        # Backups take, and restores replace, the whole bucket: it must be the stack's own.
+        top = client.list_objects_v2(Bucket=bucket, Delimiter="/", MaxKeys=50)
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -562,11 +585,17 @@ def s3_problems() -> list[str]:
                     "set S3_REGION in .env to it"]
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
             return [f"{where} refused MINIO_ROOT_USER/MINIO_ROOT_PASSWORD for the bucket {bucket!r} ({code}): set "
-                    "them in .env to an access key and secret key of that store that may read and write it"]
+                    "them in .env to an access key and secret key of that store that may read and write it (on AWS "
+                    "also: bucket names are global, and this one may belong to another account)"]
         return [f"{where} answered {code or status} for the bucket {bucket!r}"]
     except BotoCoreError as exc:
         return [f"{where} does not answer from the stack's containers ({exc}): check S3_ENDPOINT_URL in .env, "
                 "and that this machine may reach it"]
+    others = sorted({o["Key"] for o in top.get("Contents", [])} | {c["Prefix"] for c in top.get("CommonPrefixes", [])}
+                    - {ARTIFACTS_PREFIX + "/"})
+    if others:
+        return [f"{where}: the bucket {bucket!r} holds objects the stack did not write (e.g. {others[:3]}): backups "
+                "would take them and a restore would delete them; give the stack a bucket of its own (MLFLOW_BUCKET)"]
     return []
 
 
@@ -652,7 +681,13 @@ def cmd_init_bucket(_args: list[str]) -> int:
                 # AWS makes buckets in us-east-1 unless told otherwise.
                 where = {} if region == "us-east-1" else {
                     "CreateBucketConfiguration": {"LocationConstraint": region}}
-                client.create_bucket(Bucket=bucket, **where)
+                try:
+                    client.create_bucket(Bucket=bucket, **where)
+                except ClientError as failed:
+                    print(f"init-bucket: the object store did not create the bucket {bucket!r} "
+                          f"({failed.response.get('Error', {}).get('Code', '')}): create it there, or give "
+                          "MINIO_ROOT_USER the right to", file=sys.stderr)
+                    return 1
                 print(f"init-bucket: created bucket {bucket!r}", flush=True)
                 return 0
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):

@@ -26,7 +26,7 @@ def client_env(values: dict[str, str], tls: dict[str, str] | None = None) -> lis
     if values["MLFLOW_ARTIFACTS_MODE"] == "direct":
         # Direct mode: the client writes artifacts to S3 itself.
         settings += [
-            ("MLFLOW_S3_ENDPOINT_URL", values.get("S3_ENDPOINT_URL") or f"https://{host_port(host, values['S3_PORT'])}"),
+            ("MLFLOW_S3_ENDPOINT_URL", values.get("S3_ENDPOINT_URL", "").rstrip("/") or f"https://{host_port(host, values['S3_PORT'])}"),
             ("AWS_DEFAULT_REGION", values["S3_REGION"]),
             ("AWS_ACCESS_KEY_ID", values["MINIO_ROOT_USER"]),
             ("AWS_SECRET_ACCESS_KEY", values["MINIO_ROOT_PASSWORD"]),

@@ -31,7 +31,8 @@ def values_for_compose(environ: Mapping[str, str] | None = None) -> dict[str, st
     values = envfile.effective(envfile.parse(path.read_text(), str(path)), environ) if path.exists() else {}
     for s in settings.SETTINGS:
         if s.key not in values:
-            values[s.key] = environ.get(s.key, PLACEHOLDER_SECRET if s.generated else s.default)
+            values[s.key] = environ.get(s.key, PLACEHOLDER_SECRET if s.generated else s.default) \
+                if s.from_shell else s.default
     return values
 
 
@@ -70,6 +71,7 @@ def stores(values: Mapping[str, str]) -> list[tuple[str, str]]:
     own = settings.own_stores(values)
     return [
         ("STACK_OWN_STORES", " ".join(own)),
+        ("STACK_OUTSIDE_STORES", " ".join(settings.outside_stores(values))),
         ("STACK_POSTGRES_HOST", "db" if "db" in own else values["POSTGRES_HOST"]),
         ("STACK_POSTGRES_PORT", "5432" if "db" in own else values["POSTGRES_PORT"]),
         ("STACK_S3_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
@@ -95,6 +97,9 @@ def invocation(environ: Mapping[str, str] | None = None) -> tuple[list[str], dic
     values = values_for_compose(env)
     for key, value in environment(values, create=False, environ=env):
         env.setdefault(key, value)
+    for s in settings.SETTINGS:
+        if not s.from_shell:
+            env[s.key] = values[s.key]
     # The stores the stack runs are services under profiles of their own, added
     # here on every call (never exported: COMPOSE_PROFILES in the shell is the user's).
     env["COMPOSE_PROFILES"] = settings.compose_profiles({**values, "COMPOSE_PROFILES": env["COMPOSE_PROFILES"]})

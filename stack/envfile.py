@@ -128,9 +128,15 @@ def ensure(env_path: Path, variant: str | None = None, standins: bool = False) -
 
 
 def effective(values: dict[str, str], environ=None) -> dict[str, str]:
-    """What Compose will use: a variable set in the shell wins over .env."""
+    """What Compose will use: a variable set in the shell wins over .env (except
+    for the settings that only .env sets, Setting.from_shell)."""
     environ = os.environ if environ is None else environ
-    return {key: environ.get(key, value) for key, value in values.items()}
+    return {key: environ.get(key, value) if from_shell(key) else value for key, value in values.items()}
+
+
+def from_shell(key: str) -> bool:
+    setting = settings.BY_KEY.get(key)
+    return setting is None or setting.from_shell
 
 
 def check(values: dict[str, str], source: Path) -> dict[str, str]:
@@ -156,5 +162,5 @@ def load_checked(env_path: Path, environ=None) -> dict[str, str]:
     values = load(env_path)
     for setting in settings.SETTINGS:
         if setting.key not in values and not setting.generated:
-            values[setting.key] = environ.get(setting.key, setting.default)
+            values[setting.key] = environ.get(setting.key, setting.default) if setting.from_shell else setting.default
     return check(values, env_path)

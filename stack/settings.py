@@ -115,9 +115,25 @@ def host() -> Rule:
 
 
 def url() -> Rule:
-    return Rule(lambda v: bool(re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+(:\d+)?/?", v)),
+    def check(value: str) -> bool:
+        m = re.fullmatch(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?/?", value)
+        return bool(m) and (_is_ip(m.group(1).strip("[]")) if m.group(1).startswith("[") else
+                            bool(_HOSTNAME.fullmatch(m.group(1)))) and (not m.group(2) or 0 < int(m.group(2)) < 65536)
+
+    return Rule(check,
                 "use the store's endpoint as an http(s) URL without a path, such as "
                 "https://s3.eu-central-1.amazonaws.com or http://10.0.0.5:9000", ("https://s3.example.com",))
+
+
+def ipv4_or_host_name() -> Rule:
+    def check(value: str) -> bool:
+        try:
+            return ipaddress.ip_address(value).version == 4
+        except ValueError:
+            return bool(_HOSTNAME.fullmatch(value))
+
+    return Rule(check, "use a host name (pg.example.com) or an IPv4 address, without scheme or port "
+                "(for an IPv6-only server, give it a DNS name)", ("pg.example.org",))
 
 
 def ip_address() -> Rule:
@@ -155,6 +171,9 @@ class Setting:
     # Rendered into a file under /run/secrets with this name.
     file: Optional[str] = None
     may_be_empty: bool = False
+    # False: only .env sets it; a variable of the same name in the shell is ignored
+    # (a stray `export POSTGRES_HOST=...` must not point a restore at another server).
+    from_shell: bool = True
 
     @property
     def generated(self) -> bool:
@@ -284,23 +303,25 @@ SETTINGS: tuple[Setting, ...] = (
             services=("backup", "db", "gc", "migrate", "mlflow", "postgres-exporter"),
             doc="Database password. PostgreSQL keeps the one it was initialised with: changing it here "
                 "later needs ALTER ROLE too."),
-    Setting("POSTGRES_HOST", "", host(), section=STORES, may_be_empty=True,
+    Setting("POSTGRES_HOST", "", ipv4_or_host_name(), section=STORES, may_be_empty=True, from_shell=False,
             services=("backup", "bucket-init", "gc", "migrate", "mlflow"),
             host=("deploy", "backup scripts", "show"),
             doc="Empty: the stack runs PostgreSQL itself (service db, volume db-data). A host name or address: "
                 "use that PostgreSQL server instead (e.g. a managed database), reached from the containers. It "
                 "must have the role POSTGRES_USER with POSTGRES_PASSWORD, allowed to create databases (the "
-                "first deploy makes POSTGRES_DB_auth, a restore re-creates both), and the database POSTGRES_DB."),
-    Setting("POSTGRES_PORT", "5432", port(), section=STORES, host=("deploy",),
-            doc="Port of POSTGRES_HOST (not used when the stack runs PostgreSQL itself)."),
-    Setting("S3_ENDPOINT_URL", "", url(), section=STORES, may_be_empty=True,
+                "first deploy makes POSTGRES_DB_auth, backups make a scratch database, a restore re-creates "
+                "both), and own the database POSTGRES_DB. Read from .env only, never from the shell."),
+    Setting("POSTGRES_PORT", "5432", port(), section=STORES, host=("deploy",), from_shell=False,
+            doc="Port of POSTGRES_HOST (not used when the stack runs PostgreSQL itself). Read from .env only."),
+    Setting("S3_ENDPOINT_URL", "", url(), section=STORES, may_be_empty=True, from_shell=False,
             services=("backup", "bucket-init", "gc", "migrate", "mlflow", "nginx"),
             host=("deploy", "backup scripts", "show", "client settings (direct mode)"),
             doc="Empty: the stack runs MinIO itself (service minio, volume minio-data), behind nginx's S3_PORT. "
                 "A URL: keep artifacts in that S3 store instead (AWS S3 or any S3-compatible one), with "
                 "MINIO_ROOT_USER and MINIO_ROOT_PASSWORD as its access key and secret key and the bucket "
-                "MLFLOW_BUCKET (made if missing). Presigned URLs then name this endpoint, and S3_PORT serves "
-                "nothing."),
+                "MLFLOW_BUCKET (made if missing; a bucket of the stack's own: backups and restores take the "
+                "whole bucket). Presigned URLs then name this endpoint, and S3_PORT serves nothing. Read from "
+                ".env only, never from the shell."),
     Setting("S3_REGION", "us-east-1", pattern(r"[a-z0-9-]{2,32}", "use a region name such as eu-central-1",
                                               "eu-central-1"),
             section=STORES, services=("backup", "bucket-init", "gc", "migrate", "mlflow"),
@@ -441,7 +462,7 @@ def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
 
 
 def _stores_outside_with_monitoring(values: Mapping[str, str]) -> list[str]:
-    if "monitoring" in values.get("COMPOSE_PROFILES", "").split(",") and len(own_stores(values)) < 2:
+    if "monitoring" in values.get("COMPOSE_PROFILES", "").split(",") and len(own_stores(values)) < len(STORES_SETTINGS):
         return ["COMPOSE_PROFILES has monitoring, but POSTGRES_HOST or S3_ENDPOINT_URL names a store the stack "
                 "does not run: the monitoring profile watches the stack's own stores and volumes only (not "
                 "available with external stores yet); take monitoring out of COMPOSE_PROFILES, or the store "
@@ -449,13 +470,19 @@ def _stores_outside_with_monitoring(values: Mapping[str, str]) -> list[str]:
     return []
 
 
-# The stores the stack runs itself, each a service with a Compose profile of the same name.
-STORES_SETTINGS = (("db", "POSTGRES_HOST"), ("minio", "S3_ENDPOINT_URL"))
+# The stores: the service (with a Compose profile of the same name) the stack runs
+# unless the setting names one outside, and the name `check-stores` knows it by.
+STORES_SETTINGS = (("db", "POSTGRES_HOST", "postgres"), ("minio", "S3_ENDPOINT_URL", "s3"))
 
 
 def own_stores(values: Mapping[str, str]) -> list[str]:
     """db unless POSTGRES_HOST names another server, minio unless S3_ENDPOINT_URL names another store."""
-    return [service for service, key in STORES_SETTINGS if not values.get(key)]
+    return [service for service, key, _ in STORES_SETTINGS if not values.get(key)]
+
+
+def outside_stores(values: Mapping[str, str]) -> list[str]:
+    """The stores outside the stack, as `check-stores` names them (postgres, s3)."""
+    return [name for _, key, name in STORES_SETTINGS if values.get(key)]
 
 
 def compose_profiles(values: Mapping[str, str]) -> str:

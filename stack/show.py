@@ -160,7 +160,7 @@ def url_lines(values: dict[str, str]) -> list[str]:
     login = ("on (./stack_users.sh manages accounts)" if values["MLFLOW_AUTH"] == "true"
              else "OFF: anyone who reaches the ports has full access")
     if values.get("S3_ENDPOINT_URL"):
-        s3 = f"{values['S3_ENDPOINT_URL']}  (outside the stack: S3_ENDPOINT_URL"
+        s3 = f"{values['S3_ENDPOINT_URL'].rstrip('/')}  (outside the stack: S3_ENDPOINT_URL"
     else:
         s3 += "  (the stack's minio"
     database = (f"{host_port(values['POSTGRES_HOST'], values['POSTGRES_PORT'], 'postgresql')}  (outside the stack: "

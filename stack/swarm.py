@@ -42,7 +42,7 @@ from . import settings
 DATA_LABEL = "mlflow-stack.data"
 # `docker stack deploy --detach=false` and `replicated-job` in stack files: Docker CLI 26 or later.
 MIN_CLI = (26, 0)
-STATEFUL = tuple(service for service, _ in settings.STORES_SETTINGS)
+STATEFUL = tuple(service for service, *_ in settings.STORES_SETTINGS)
 # Edge services publish host ports: two tasks cannot share one node's port.
 GLOBAL = ("nginx",)
 # Profiles whose services need what this translation does not give them yet:

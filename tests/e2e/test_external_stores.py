@@ -18,6 +18,7 @@ restore round-trip through them; a cold copy is refused with the reason; and
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import uuid
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from stack import pins
+from stack import envfile, pins
 
 from .conftest import free_port, new_stack, stack_lifetime, wait_for
 
@@ -92,6 +93,17 @@ def bucket_keys(stores: dict) -> set[str]:
     return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
 
+def write_env(stack, values: dict[str, str]) -> None:
+    """Into .env: the stores' location is read from there only, never from the shell."""
+    if not stack.env_file.exists():
+        envfile.ensure(stack.env_file)
+    text = stack.env_file.read_text()
+    for key, value in values.items():
+        text, count = re.subn(rf"^{key}=.*$", lambda _m: f"{key}={value}", text, flags=re.M)
+        assert count == 1, key
+    stack.env_file.write_text(text)
+
+
 def settings_for(stores: dict, **wrong: str) -> dict[str, str]:
     return {
         "POSTGRES_HOST": stores["gateway"], "POSTGRES_PORT": str(stores["pg_port"]),
@@ -119,8 +131,8 @@ def services(stack) -> set[str]:
 
 
 def test_wrong_credentials_stop_the_deploy_before_anything_starts(stack, outside):
-    stack.environ.update(settings_for(outside, POSTGRES_PASSWORD="not-" + outside["password"],
-                                      MINIO_ROOT_PASSWORD="not-" + outside["secret_key"]))
+    write_env(stack, settings_for(outside, POSTGRES_PASSWORD="not-" + outside["password"],
+                                  MINIO_ROOT_PASSWORD="not-" + outside["secret_key"]))
     result = stack.script("stack_deploy.sh", "--yes", check=False)
     assert result.returncode != 0
     where = f"{outside['gateway']}:{outside['pg_port']}"
@@ -133,7 +145,7 @@ def test_wrong_credentials_stop_the_deploy_before_anything_starts(stack, outside
 
 
 def test_the_stack_runs_on_the_outside_stores(stack, outside, tmp_path):
-    stack.environ.update(settings_for(outside))
+    write_env(stack, settings_for(outside))
     stack.deploy()
     assert "Checking the stores outside the stack: postgres s3" in stack.deploy_output
     assert {"db", "minio"} & services(stack) == set()
@@ -164,6 +176,21 @@ def test_the_stack_runs_on_the_outside_stores(stack, outside, tmp_path):
     before = {s: (cid, started_at(cid)) for s, cid in stack.container_ids().items() if s in long_running}
     stack.deploy()
     assert {s: (cid, started_at(cid)) for s, cid in stack.container_ids().items() if s in long_running} == before
+
+
+def test_a_running_stack_is_not_switched_to_its_own_stores_in_place(stack, outside):
+    """The backend network would need a route out removed: Compose and Swarm keep an
+    existing network as it is, so the deploy stops and says to take the stack down first."""
+    running = stack.container_ids()["mlflow"]
+    saved = stack.env_file.read_text()
+    write_env(stack, {"POSTGRES_HOST": "", "S3_ENDPOINT_URL": ""})
+    try:
+        result = stack.script("stack_deploy.sh", "--yes", check=False)
+    finally:
+        stack.env_file.write_text(saved)
+    assert result.returncode != 0 and "take the stack down first with ./stack_remove.sh" in result.stderr, \
+        result.stderr[-3000:]
+    assert stack.container_ids()["mlflow"] == running and {"db", "minio"} & services(stack) == set()
 
 
 def test_backup_and_restore_go_through_the_outside_stores(stack, outside, tmp_path):

@@ -305,3 +305,92 @@ def test_the_relay_skips_an_address_that_does_not_answer(monkeypatch):
     got, took = asyncio.run(scenario())
     assert got == b"live"
     assert took >= ep.RELAY_CONNECT_SECONDS  # it waited for the silent one, then went on
+
+
+# --- check-stores: what a store outside the stack says, and what the user is told --
+
+class FakeS3:
+    def __init__(self, error=None, keys=(), prefixes=()):
+        self.error, self.keys, self.prefixes = error, keys, prefixes
+
+    def head_bucket(self, Bucket):
+        if self.error:
+            from botocore.exceptions import ClientError
+            code, headers = self.error
+            raise ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": int(code) if
+                               code.isdigit() else 400, "HTTPHeaders": headers}}, "HeadBucket")
+
+    def list_objects_v2(self, **_kw):
+        return {"Contents": [{"Key": k} for k in self.keys], "CommonPrefixes": [{"Prefix": p} for p in self.prefixes]}
+
+
+@pytest.mark.parametrize("fake, expected", [
+    (FakeS3(("404", {})), None),
+    (FakeS3(prefixes=["artifacts/"]), None),
+    (FakeS3(("403", {})), "refused MINIO_ROOT_USER/MINIO_ROOT_PASSWORD"),
+    (FakeS3(("301", {"x-amz-bucket-region": "eu-west-1"})), "another region (eu-west-1): set S3_REGION"),
+    (FakeS3(keys=["report.pdf"], prefixes=["artifacts/"]), "a bucket of its own"),
+    (FakeS3(prefixes=["artifacts/", "backups/"]), "a bucket of its own"),
+])
+def test_check_stores_says_what_is_wrong_with_an_outside_bucket(environ, monkeypatch, fake, expected):
+    environ["S3_ENDPOINT_URL"] = "https://s3.example.com"
+    monkeypatch.setattr(ep.os, "environ", environ)
+    monkeypatch.setattr(ep.common, "s3_client", lambda **_kw: fake)
+    problems = ep.s3_problems()
+    if expected is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and expected in problems[0] and "https://s3.example.com" in problems[0], problems
+
+
+class FakeConn:
+    def __init__(self, rows):
+        self.rows = list(rows)
+
+    def cursor(self):
+        conn = self
+
+        class Cursor:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def execute(self, *_a):
+                pass
+
+            def fetchone(self):
+                return conn.rows.pop(0)
+        return Cursor()
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("failure, rows, expected", [
+    ('FATAL:  password authentication failed for user "mlflow"', None, ["refused the role 'mlflow' with POSTGRES_PASSWORD"]),
+    ('FATAL:  no pg_hba.conf entry for host "10.0.0.9"', None, ["pg_hba.conf"]),
+    ('FATAL:  database "mlflow" does not exist', None, ["has no database 'mlflow'"]),
+    ("could not translate host name", None, ["does not answer from the stack's containers (could not translate"]),
+    (None, [(True,), (True,)], []),
+    (None, [(False,), (True,)], ["ALTER ROLE mlflow CREATEDB"]),
+    (None, [(True,), (False,)], ["ALTER DATABASE mlflow OWNER TO mlflow"]),
+])
+def test_check_stores_says_what_is_wrong_with_an_outside_database(environ, monkeypatch, failure, rows, expected):
+    import psycopg2
+
+    environ.update(POSTGRES_HOST="pg.example.com", POSTGRES_PORT="6432")
+    monkeypatch.setattr(ep.os, "environ", environ)
+
+    def connect(**kw):
+        assert kw["host"] == "pg.example.com" and kw["port"] == "6432"
+        if failure:
+            raise psycopg2.OperationalError(failure)
+        return FakeConn(rows if kw["dbname"] == "mlflow" else [])
+
+    monkeypatch.setattr(psycopg2, "connect", connect)
+    problems = ep.postgres_problems()
+    assert len(problems) == len(expected), problems
+    for problem, words in zip(problems, expected):
+        assert "pg.example.com:6432" in problem and words in problem, problem

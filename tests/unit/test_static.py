@@ -29,8 +29,17 @@ def compose_config(tmp_path, *args, extra=None, check=True):
     env = tmp_path / ".env"
     if not env.exists():
         envfile.ensure(env)
+    extra = dict(extra or {})
+    only_in_env = {k: extra.pop(k) for k in list(extra) if not envfile.from_shell(k)}
+    if only_in_env:
+        # Settings only .env sets (Setting.from_shell): a copy of .env with them.
+        text = env.read_text()
+        for key, value in only_in_env.items():
+            text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        env = tmp_path / ".env.outside"
+        env.write_text(text)
     argv, environ = compose.invocation({**os.environ, "STACK_ENV_FILE": str(env),
-                                        "STACK_CERT_DIR": str(tmp_path / "certs"), **(extra or {})})
+                                        "STACK_CERT_DIR": str(tmp_path / "certs"), **extra})
     result = subprocess.run([*argv, *args, "config", "--format", "json"], capture_output=True, text=True,
                             env=environ, check=False)
     if check:
@@ -143,6 +152,9 @@ def test_stores_outside_the_stack_are_not_started_and_are_reached_by_route_out(t
     else:
         assert env["S3_INTERNAL_ENDPOINT"] == "http://minio:9000"
     # The user's COMPOSE_PROFILES is not changed by the stores' profiles.
+    # From the shell they are ignored: a stray export must not move the stores.
+    argv, environ = compose.invocation({**os.environ, "STACK_ENV_FILE": str(tmp_path / ".env"), **outside})
+    assert environ["COMPOSE_PROFILES"] == "db,minio" and environ["STACK_POSTGRES_HOST"] == "db"
     exported = dict(compose.environment({**envfile.load(tmp_path / ".env"), **outside}, create=False,
                                         environ={"STACK_ENV_FILE": str(tmp_path / ".env")}))
     assert exported["COMPOSE_PROFILES"] == ""
@@ -316,7 +328,7 @@ def test_the_profiles_setting_knows_every_compose_profile_and_a_deploy_retires_t
     from stack import pins
 
     blocks = pins._service_blocks(ROOT)
-    stores = {service for service, _ in settings.STORES_SETTINGS}
+    stores = {service for service, *_ in settings.STORES_SETTINGS}
     assert set().union(*(profiles for _, profiles in blocks.values())) == set(settings.PROFILES) | stores
     assert pins.inactive_services(set(settings.PROFILES) | stores) == []
     active = set(settings.compose_profiles({"COMPOSE_PROFILES": "backup"}).split(","))

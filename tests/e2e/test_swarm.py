@@ -108,6 +108,11 @@ def cluster(standins):
         docker("swarm", "leave", "--force", check=False)
         docker("rm", "-f", "-v", f"{prefix}-registry", check=False)
         docker("network", "rm", network, check=False)
+        # The tags the deploy gave the images for this registry (the images stay under their own names).
+        tags = docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False).stdout.split()
+        pushed = [t for t in tags if t.startswith(f"127.0.0.1:{port}/")]
+        if pushed:
+            docker("rmi", *pushed, check=False)
 
 
 def project_of(stack) -> str:

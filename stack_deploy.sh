@@ -118,7 +118,8 @@ step_stores() {
 	log "Checking the stores outside the stack: $STACK_OUTSIDE_STORES"
 	local check="${COMPOSE_PROJECT_NAME}-storecheck" status=0
 	# shellcheck disable=SC2086 # the stores' names: single words
-	COMPOSE_PROJECT_NAME="$check" compose run --rm --no-deps -T migrate check-stores $STACK_OUTSIDE_STORES >&2 \
+	COMPOSE_PROJECT_NAME="$check" compose run --rm --no-deps -T -e STACK_CONNECTIONS_NEEDED migrate \
+		check-stores $STACK_OUTSIDE_STORES >&2 \
 		|| status=$?
 	COMPOSE_PROJECT_NAME="$check" compose down --remove-orphans >/dev/null 2>&1 || true
 	[ "$status" = 0 ] \

@@ -552,8 +552,16 @@ def postgres_problems() -> list[str]:
                 cur.execute("SELECT pg_catalog.pg_get_userbyid(datdba) = current_user FROM pg_database "
                             "WHERE datname = current_database()")
                 owner = cur.fetchone()[0]
+                cur.execute("SELECT current_setting('max_connections')::int")
+                limit = cur.fetchone()[0]
         finally:
             conn.close()
+        needed = int(os.environ.get("STACK_CONNECTIONS_NEEDED") or 0)
+        if limit < needed:
+            problems.append(f"{where} allows {limit} connections (max_connections) and the stack may open {needed} "
+                            f"(MLFLOW_REPLICAS x MLFLOW_WORKERS x {settings.CONNECTIONS_PER_WORKER}, and "
+                            f"{settings.CONNECTIONS_OTHERS} more): raise it there, or lower MLFLOW_REPLICAS or "
+                            "MLFLOW_WORKERS in .env")
         if not may_create:
             problems.append(f"{where}: the role {p['user']!r} may not create databases, which the stack needs (the "
                             f"user store {common.auth_database()!r}, each backup's check of its dump, restores): "

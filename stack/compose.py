@@ -72,6 +72,8 @@ def stores(values: Mapping[str, str]) -> list[tuple[str, str]]:
     return [
         ("STACK_OWN_STORES", " ".join(own)),
         ("STACK_OUTSIDE_STORES", " ".join(settings.outside_stores(values))),
+        # What a PostgreSQL outside must allow (the stack's own gets POSTGRES_MAX_CONNECTIONS).
+        ("STACK_CONNECTIONS_NEEDED", str(settings.connections_needed(values))),
         ("STACK_POSTGRES_HOST", "db" if "db" in own else values["POSTGRES_HOST"]),
         ("STACK_POSTGRES_PORT", "5432" if "db" in own else values["POSTGRES_PORT"]),
         ("STACK_S3_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),

@@ -435,7 +435,9 @@ def connections_needed(values: Mapping[str, str]) -> int:
 
 
 def _connections_fit(values: Mapping[str, str]) -> list[str]:
-    if not {"MLFLOW_REPLICAS", "MLFLOW_WORKERS", "POSTGRES_MAX_CONNECTIONS"} <= set(values):
+    # A PostgreSQL outside the stack has its own limit: the deploy's store check compares.
+    if not {"MLFLOW_REPLICAS", "MLFLOW_WORKERS", "POSTGRES_MAX_CONNECTIONS"} <= set(values) \
+            or values.get("POSTGRES_HOST"):
         return []
     needed, limit = connections_needed(values), int(values["POSTGRES_MAX_CONNECTIONS"])
     if needed <= limit:

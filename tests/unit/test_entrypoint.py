@@ -373,14 +373,15 @@ class FakeConn:
     ('FATAL:  no pg_hba.conf entry for host "10.0.0.9"', None, ["pg_hba.conf"]),
     ('FATAL:  database "mlflow" does not exist', None, ["has no database 'mlflow'"]),
     ("could not translate host name", None, ["does not answer from the stack's containers (could not translate"]),
-    (None, [(True,), (True,)], []),
-    (None, [(False,), (True,)], ["ALTER ROLE mlflow CREATEDB"]),
-    (None, [(True,), (False,)], ["ALTER DATABASE mlflow OWNER TO mlflow"]),
+    (None, [(True,), (True,), (200,)], []),
+    (None, [(False,), (True,), (200,)], ["ALTER ROLE mlflow CREATEDB"]),
+    (None, [(True,), (False,), (200,)], ["ALTER DATABASE mlflow OWNER TO mlflow"]),
+    (None, [(True,), (True,), (100,)], ["allows 100 connections (max_connections) and the stack may open 110"]),
 ])
 def test_check_stores_says_what_is_wrong_with_an_outside_database(environ, monkeypatch, failure, rows, expected):
     import psycopg2
 
-    environ.update(POSTGRES_HOST="pg.example.com", POSTGRES_PORT="6432")
+    environ.update(POSTGRES_HOST="pg.example.com", POSTGRES_PORT="6432", STACK_CONNECTIONS_NEEDED="110")
     monkeypatch.setattr(ep.os, "environ", environ)
 
     def connect(**kw):

@@ -216,3 +216,10 @@ def test_outside_stores_are_valid_settings():
                               "S3_REGION": "eu-central-1", "COMPOSE_PROFILES": "backup,gc"}) == []
     assert settings.own_stores({"POSTGRES_HOST": "10.0.0.5"}) == ["minio"]
     assert settings.compose_profiles({"COMPOSE_PROFILES": "gc", "S3_ENDPOINT_URL": "http://s3:9000"}) == "gc,db"
+
+
+def test_an_outside_database_is_not_held_to_the_own_servers_connection_limit():
+    many = {**_valid(), "MLFLOW_REPLICAS": "4", "MLFLOW_WORKERS": "4"}
+    assert any("POSTGRES_MAX_CONNECTIONS" in e for e in settings.validate(many))
+    # Its own max_connections is compared by the deploy's store check instead.
+    assert settings.validate({**many, "POSTGRES_HOST": "pg.example.com"}) == []

@@ -29,7 +29,8 @@ the settings clients need (as export lines).
 Environment: STACK_ENV_FILE (default ./.env), COMPOSE_PROJECT_NAME
 (default mlflow-stack), BUILD_CA_CERT (a CA certificate for image builds
 behind a TLS-intercepting proxy; default: the one this machine's pip uses,
-if any), DEPLOY_TIMEOUT (seconds, default 900),
+if any), DEPLOY_TIMEOUT (seconds, default 900), STACK_ALERT_RULES (Prometheus
+alert rules of your own instead of monitoring/alerts.yml, profile monitoring),
 and any image override such as POSTGRES_IMAGE (see README).
 USAGE
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 from typing import Iterable, Mapping
 
 from . import common, envfile, paths, pins, secretfiles, settings, standins, tls
@@ -53,6 +54,8 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_SECRETS_DIR", str(folder)),
         ("BACKUP_DIR", str(paths.backup_dir(values))),
         ("NGINX_METRICS_LOG", common.nginx_metrics_log(values["COMPOSE_PROFILES"])),
+        ("STACK_ALERT_RULES", str(Path(environ.get("STACK_ALERT_RULES") or paths.ROOT / "monitoring" / "alerts.yml")
+                                  .resolve())),
         *stores(values),
     ]
     if values["MLFLOW_VARIANT"] == "conda":

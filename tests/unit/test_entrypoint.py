@@ -376,7 +376,7 @@ class FakeConn:
     (None, [(True,), (True,), (200,)], []),
     (None, [(False,), (True,), (200,)], ["ALTER ROLE mlflow CREATEDB"]),
     (None, [(True,), (False,), (200,)], ["ALTER DATABASE mlflow OWNER TO mlflow"]),
-    (None, [(True,), (True,), (100,)], ["allows 100 connections (max_connections) and the stack may open 110"]),
+    (None, [(True,), (True,), (100,)], ["allows 100 connections (max_connections) and the stack may open up to 110"]),
 ])
 def test_check_stores_says_what_is_wrong_with_an_outside_database(environ, monkeypatch, failure, rows, expected):
     import psycopg2
@@ -395,3 +395,12 @@ def test_check_stores_says_what_is_wrong_with_an_outside_database(environ, monke
     assert len(problems) == len(expected), problems
     for problem, words in zip(problems, expected):
         assert "pg.example.com:6432" in problem and words in problem, problem
+
+
+def test_check_stores_fails_on_problems_and_only_says_warnings(monkeypatch, capsys):
+    monkeypatch.setattr(ep, "postgres_problems", lambda: [ep.WARNING + "few connections"])
+    monkeypatch.setattr(ep, "s3_problems", lambda: [])
+    assert ep.cmd_check_stores(["postgres", "s3"]) == 0
+    assert "check-stores: warning: few connections" in capsys.readouterr().err
+    monkeypatch.setattr(ep, "s3_problems", lambda: ["refused"])
+    assert ep.cmd_check_stores(["postgres", "s3"]) == 1

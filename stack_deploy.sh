@@ -29,8 +29,7 @@ the settings clients need (as export lines).
 Environment: STACK_ENV_FILE (default ./.env), COMPOSE_PROJECT_NAME
 (default mlflow-stack), BUILD_CA_CERT (a CA certificate for image builds
 behind a TLS-intercepting proxy; default: the one this machine's pip uses,
-if any), DEPLOY_TIMEOUT (seconds, default 900), STACK_ALERT_RULES (Prometheus
-alert rules of your own instead of monitoring/alerts.yml, profile monitoring),
+if any), DEPLOY_TIMEOUT (seconds, default 900),
 and any image override such as POSTGRES_IMAGE (see README).
 USAGE
 }
@@ -122,7 +121,7 @@ step_stores() {
 	COMPOSE_PROJECT_NAME="$check" compose run --rm --no-deps -T -e STACK_CONNECTIONS_NEEDED migrate \
 		check-stores $STACK_OUTSIDE_STORES >&2 \
 		|| status=$?
-	COMPOSE_PROJECT_NAME="$check" compose down --remove-orphans >/dev/null 2>&1 || true
+	COMPOSE_PROJECT_NAME="$check" compose down --remove-orphans --volumes >/dev/null 2>&1 || true
 	[ "$status" = 0 ] \
 		|| die "fix the settings above in $STACK_ENV_FILE (or the store), then run ./stack_deploy.sh again; nothing was started"
 }

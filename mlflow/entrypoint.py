@@ -534,14 +534,20 @@ def postgres_problems() -> list[str]:
                 return [f"{where} refused the role {p['user']!r} with POSTGRES_PASSWORD ({last}): set POSTGRES_USER "
                         "and POSTGRES_PASSWORD in .env to a role of that server"]
             if "no pg_hba.conf entry" in text:
-                return [f"{where} does not let the role {p['user']!r} in from this machine ({last}): allow this "
-                        "machine's address for it in the server's pg_hba.conf (or the service's network rules)"]
-            if "does not exist" in text and "database" in text:
-                return [f"{where} has no database {dbname!r}: create it (CREATE DATABASE {dbname} OWNER "
-                        f"{p['user']};)" + (" or set POSTGRES_DB in .env to one that exists" if dbname == p["dbname"]
-                                            else "")]
-            return [f"{where} does not answer from the stack's containers ({text.splitlines()[0][:200]}): check "
-                    "POSTGRES_HOST and POSTGRES_PORT in .env, and that this machine may reach it"]
+                problems.append(f"{where} does not let the role {p['user']!r} into the database {dbname!r} from "
+                                f"this machine ({last}): allow this machine's address for it in the server's "
+                                "pg_hba.conf (or the service's network rules)")
+            elif "permission denied for database" in text:
+                problems.append(f"{where}: the role {p['user']!r} may not connect to the database {dbname!r} "
+                                f"(backups and restores use it): GRANT CONNECT ON DATABASE {dbname} TO {p['user']};")
+            elif "does not exist" in text and "database" in text:
+                problems.append(f"{where} has no database {dbname!r}: create it (CREATE DATABASE {dbname} OWNER "
+                                f"{p['user']};)" + (" or set POSTGRES_DB in .env to one that exists"
+                                                    if dbname == p["dbname"] else ""))
+            else:
+                return [f"{where} does not answer from the stack's containers ({text.splitlines()[0][:200]}): check "
+                        "POSTGRES_HOST and POSTGRES_PORT in .env, and that this machine may reach it"]
+            continue
         if dbname != p["dbname"]:
             conn.close()
             continue
@@ -549,8 +555,9 @@ def postgres_problems() -> list[str]:
             with conn.cursor() as cur:
                 cur.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
                 may_create = cur.fetchone()[0]
-                cur.execute("SELECT pg_catalog.pg_get_userbyid(datdba) = current_user FROM pg_database "
-                            "WHERE datname = current_database()")
+                # Owner, a member of the owning role, or a superuser: each may drop and re-create it.
+                cur.execute("SELECT pg_has_role(current_user, datdba, 'MEMBER') OR (SELECT rolsuper FROM pg_roles "
+                            "WHERE rolname = current_user) FROM pg_database WHERE datname = current_database()")
                 owner = cur.fetchone()[0]
                 cur.execute("SELECT current_setting('max_connections')::int")
                 limit = cur.fetchone()[0]
@@ -604,7 +611,7 @@ def s3_problems() -> list[str]:
     others = sorted({o["Key"] for o in top.get("Contents", [])} | {c["Prefix"] for c in top.get("CommonPrefixes", [])}
                     - {ARTIFACTS_PREFIX + "/"})
     if others:
-        return [f"{where}: the bucket {bucket!r} holds objects the stack did not write (e.g. {others[:3]}): backups "
+        return [f"{where}: the bucket {bucket!r} holds objects the stack did not write (e.g. {', '.join(others[:3])}): backups "
                 "would take them and a restore would delete them; give the stack a bucket of its own (MLFLOW_BUCKET)"]
     return []
 

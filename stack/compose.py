@@ -54,8 +54,7 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_SECRETS_DIR", str(folder)),
         ("BACKUP_DIR", str(paths.backup_dir(values))),
         ("NGINX_METRICS_LOG", common.nginx_metrics_log(values["COMPOSE_PROFILES"])),
-        ("STACK_ALERT_RULES", str(Path(environ.get("STACK_ALERT_RULES") or paths.ROOT / "monitoring" / "alerts.yml")
-                                  .resolve())),
+        ("STACK_ALERT_RULES", str(alert_rules(values))),
         *stores(values),
     ]
     if values["MLFLOW_VARIANT"] == "conda":
@@ -65,6 +64,12 @@ def derived(values: Mapping[str, str], create: bool,
     # Stand-ins this stack was deployed with (STACK_STANDINS=true), unless overridden.
     pairs += sorted(standins.in_use(values, environ).items())
     return pairs
+
+
+def alert_rules(values: Mapping[str, str]) -> Path:
+    """PROMETHEUS_ALERT_RULES (relative to the project's folder), or the shipped rules."""
+    chosen = Path(values.get("PROMETHEUS_ALERT_RULES") or paths.ROOT / "monitoring" / "alerts.yml").expanduser()
+    return (chosen if chosen.is_absolute() else paths.ROOT / chosen).resolve()
 
 
 def stores(values: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -102,9 +107,11 @@ def invocation(environ: Mapping[str, str] | None = None) -> tuple[list[str], dic
     values = values_for_compose(env)
     for key, value in environment(values, create=False, environ=env):
         env.setdefault(key, value)
+    # What only .env decides, and what follows from it, even over a stale export in the shell.
     for s in settings.SETTINGS:
         if not s.from_shell:
             env[s.key] = values[s.key]
+    env.update(stores(values))
     # The stores the stack runs are services under profiles of their own, added
     # here on every call (never exported: COMPOSE_PROFILES in the shell is the user's).
     env["COMPOSE_PROFILES"] = settings.compose_profiles({**values, "COMPOSE_PROFILES": env["COMPOSE_PROFILES"]})

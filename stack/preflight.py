@@ -276,4 +276,15 @@ def run(values: Mapping[str, str], environ: Optional[Mapping[str, str]] = None, 
         checks += [] if swarm else check_ports(values)
         checks += check_disk()
         checks += check_images(values, environ)
+    checks += check_alert_rules(values)
     return checks
+
+
+def check_alert_rules(values: Mapping[str, str]) -> list[Check]:
+    """PROMETHEUS_ALERT_RULES must be a file (Compose would make a missing one a directory)."""
+    if not values.get("PROMETHEUS_ALERT_RULES") or "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
+        return []
+    path = compose.alert_rules(values)
+    ok = path.is_file()
+    return [Check("alert rules", ok, str(path) if ok else f"{path} is not a file",
+                  "" if ok else "set PROMETHEUS_ALERT_RULES in .env to a Prometheus rules file, or empty it")]

@@ -272,7 +272,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_REPLICAS", "1", integer(1, 16), section=SERVER, services=("mlflow",),
             doc="Tracking-server containers behind nginx. 2 or more: a crashed one costs no client an "
                 "error (nginx sends its requests to the others). Each has MLFLOW_WORKERS workers and "
-                "MLFLOW_MEMORY_LIMIT of memory; together they must fit POSTGRES_MAX_CONNECTIONS."),
+                "MLFLOW_MEMORY_LIMIT of memory; together they must fit POSTGRES_MAX_CONNECTIONS (with "
+                "POSTGRES_HOST: that server's max_connections, which the deploy warns about)."),
     Setting("MLFLOW_WORKERS", "2", integer(1, 64), section=SERVER, services=("mlflow",),
             doc="Server worker processes (per replica)."),
     Setting("MLFLOW_ENABLE_JOBS", "false", choice("true", "false"), section=SERVER, services=("mlflow",),
@@ -282,7 +283,7 @@ SETTINGS: tuple[Setting, ...] = (
             doc=f"PostgreSQL's max_connections. Each server worker may hold up to {CONNECTIONS_PER_WORKER} (three "
                 f"connection pools, each of 5 plus 10 on demand), and the jobs and exporters up to {CONNECTIONS_OTHERS} "
                 "more: a deploy "
-                "refuses MLFLOW_REPLICAS x MLFLOW_WORKERS that do not fit."),
+                "refuses MLFLOW_REPLICAS x MLFLOW_WORKERS that do not fit. The stack's own PostgreSQL only."),
 
     Setting("MLFLOW_BUCKET", "mlflow",
             pattern(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", "use 3-63 lower-case letters, digits, '.' or '-'",
@@ -306,7 +307,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("POSTGRES_HOST", "", ipv4_or_host_name(), section=STORES, may_be_empty=True, from_shell=False,
             services=("backup", "bucket-init", "gc", "migrate", "mlflow"),
             host=("deploy", "backup scripts", "show"),
-            doc="Empty: the stack runs PostgreSQL itself (service db, volume db-data). A host name or address: "
+            doc="Empty: the stack runs PostgreSQL itself (service db, volume db-data). A host name or IPv4 address: "
                 "use that PostgreSQL server instead (e.g. a managed database), reached from the containers. It "
                 "must have the role POSTGRES_USER with POSTGRES_PASSWORD, allowed to create databases (the "
                 "first deploy makes POSTGRES_DB_auth, backups make a scratch database, a restore re-creates "
@@ -369,6 +370,10 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Scheduled backups kept (older ones are deleted)."),
     Setting("PROMETHEUS_RETENTION_DAYS", "15", integer(1, 3650, "days"), section=BACKUPS, services=("prometheus",),
             doc="Days of metrics Prometheus keeps (profile monitoring)."),
+    Setting("PROMETHEUS_ALERT_RULES", "", anything("/etc/mlflow-stack/alerts.yml"), section=BACKUPS,
+            may_be_empty=True, services=("prometheus",), host=("preflight",),
+            doc="Prometheus alert rules of your own (a file; relative to this project's folder, or absolute). "
+                "Empty: the shipped monitoring/alerts.yml."),
     Setting("GC_OLDER_THAN_DAYS", "30", positive_number("days"), section=BACKUPS, services=("gc",),
             host=("show",),
             doc="Garbage collection (COMPOSE_PROFILES=gc, or ./stack_gc.sh) removes for good the runs, "
@@ -463,6 +468,18 @@ def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
     return []
 
 
+def _outside_is_outside(values: Mapping[str, str]) -> list[str]:
+    own = {"db", "minio", "localhost", "127.0.0.1"}
+    named = [f"{key}={values[key]}" for key, host in (("POSTGRES_HOST", values.get("POSTGRES_HOST", "")),
+                                                     ("S3_ENDPOINT_URL", re.sub(r"^https?://|[:/].*$", "",
+                                                                                values.get("S3_ENDPOINT_URL", ""))))
+             if host in own]
+    if named:
+        return [f"{', '.join(named)}: that names the stack's own store (or the container itself), not one outside "
+                "the stack; leave it empty for the stack's own, or give the outside store's host name or address"]
+    return []
+
+
 def _stores_outside_with_monitoring(values: Mapping[str, str]) -> list[str]:
     if "monitoring" in values.get("COMPOSE_PROFILES", "").split(",") and len(own_stores(values)) < len(STORES_SETTINGS):
         return ["COMPOSE_PROFILES has monitoring, but POSTGRES_HOST or S3_ENDPOINT_URL names a store the stack "
@@ -496,7 +513,7 @@ def compose_profiles(values: Mapping[str, str]) -> str:
 # Rules that span keys; each sees only values that passed their own rule.
 CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (
     _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica, _address_rate_covers_a_login,
-    _stores_outside_with_monitoring)
+    _stores_outside_with_monitoring, _outside_is_outside)
 
 
 def key_errors(key: str, values: Mapping[str, str]) -> list[str]:

@@ -9,7 +9,7 @@ the deploy under the name Compose gives the minio-data volume.
 - Filled up (8 MiB objects until the store refuses one), the volume fires
   VolumeNearlyFull (node-exporter's view) and ObjectStoreNearlyFull (MinIO's
   capacity metrics). The deployment runs monitoring/alerts.yml with every
-  `for:` window shortened to WINDOW (STACK_ALERT_RULES), so they fire within a minute.
+  `for:` window shortened to WINDOW (PROMETHEUS_ALERT_RULES), so they fire within a minute.
 - The server's healthcheck fails, saying why, while the database does not answer,
   and passes again once it is back.
 """
@@ -40,7 +40,7 @@ def small(standins, tmp_path_factory):
     shipped = (ROOT / "monitoring" / "alerts.yml").read_text()
     rules.write_text(re.sub(r"(?m)^(\s+for:) \d+[smh]$", rf"\1 {WINDOW}", shipped))
     assert rules.read_text() != shipped
-    the_stack.environ["STACK_ALERT_RULES"] = str(rules)
+    the_stack.environ["PROMETHEUS_ALERT_RULES"] = str(rules)
     project = the_stack.project
     subprocess.run(["docker", "volume", "create", "--driver", "local", "--opt", "type=tmpfs", "--opt", "device=tmpfs",
                     "--opt", f"o=size={SIZE_MIB}m", "--label", f"com.docker.compose.project={project}",

@@ -370,8 +370,11 @@ class FakeConn:
 
 @pytest.mark.parametrize("failure, rows, expected", [
     ('FATAL:  password authentication failed for user "mlflow"', None, ["refused the role 'mlflow' with POSTGRES_PASSWORD"]),
-    ('FATAL:  no pg_hba.conf entry for host "10.0.0.9"', None, ["pg_hba.conf"]),
-    ('FATAL:  database "mlflow" does not exist', None, ["has no database 'mlflow'"]),
+    ('FATAL:  no pg_hba.conf entry for host "10.0.0.9"', None,
+     ["into the database 'mlflow' from this machine", "into the database 'postgres' from this machine"]),
+    ('FATAL:  database "mlflow" does not exist', None, ["has no database 'mlflow'", "has no database 'postgres'"]),
+    ('FATAL:  permission denied for database "mlflow"', None,
+     ["may not connect to the database 'mlflow'", "may not connect to the database 'postgres'"]),
     ("could not translate host name", None, ["does not answer from the stack's containers (could not translate"]),
     (None, [(True,), (True,), (200,)], []),
     (None, [(False,), (True,), (200,)], ["ALTER ROLE mlflow CREATEDB"]),

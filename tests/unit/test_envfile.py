@@ -204,6 +204,9 @@ def test_the_defaults_and_two_replicas_fit():
     ({"S3_ENDPOINT_URL": "https://s3.example.com/bucket"}, "without a path"),
     ({"S3_REGION": "EU Central"}, "region name"),
     ({"POSTGRES_HOST": "pg.example.com", "COMPOSE_PROFILES": "monitoring"}, "not available with external stores"),
+    ({"POSTGRES_HOST": "db"}, "names the stack's own store"),
+    ({"S3_ENDPOINT_URL": "http://minio:9000"}, "names the stack's own store"),
+    ({"POSTGRES_HOST": "fd00::5"}, "IPv4"),
 ])
 def test_outside_stores_are_named_plainly(changes, fragment):
     errors = settings.validate({**_valid(), **changes})

@@ -153,8 +153,13 @@ def test_stores_outside_the_stack_are_not_started_and_are_reached_by_route_out(t
         assert env["S3_INTERNAL_ENDPOINT"] == "http://minio:9000"
     # The user's COMPOSE_PROFILES is not changed by the stores' profiles.
     # From the shell they are ignored: a stray export must not move the stores.
-    argv, environ = compose.invocation({**os.environ, "STACK_ENV_FILE": str(tmp_path / ".env"), **outside})
+    stale = {"STACK_POSTGRES_HOST": "evil.example", "STACK_S3_ENDPOINT": "http://evil.example",
+             "STACK_BACKEND_INTERNAL": "false", "STACK_OUTSIDE_STORES": "postgres s3"}
+    argv, environ = compose.invocation({**os.environ, "STACK_ENV_FILE": str(tmp_path / ".env"), **outside, **stale,
+                                        "COMPOSE_PROFILES": ""})
     assert environ["COMPOSE_PROFILES"] == "db,minio" and environ["STACK_POSTGRES_HOST"] == "db"
+    assert (environ["STACK_S3_ENDPOINT"], environ["STACK_BACKEND_INTERNAL"], environ["STACK_OUTSIDE_STORES"]) == \
+        ("http://minio:9000", "true", "")
     exported = dict(compose.environment({**envfile.load(tmp_path / ".env"), **outside}, create=False,
                                         environ={"STACK_ENV_FILE": str(tmp_path / ".env")}))
     assert exported["COMPOSE_PROFILES"] == ""
@@ -389,3 +394,19 @@ def test_only_posts_that_are_safe_twice_are_resent_to_another_replica(base):
     for path in ("runs/create", "experiments/create", "registered-models/create", "model-versions/create",
                  "users/create", "runs/log-metrics", "runs/log-metric/", "runs/delete-tag", "logged-models"):
         assert not re.search(regex, f"{base}/api/2.0/mlflow/{path}"), path
+
+
+def test_alert_rules_are_the_shipped_ones_or_the_file_named(tmp_path):
+    shipped = compose_config(tmp_path, extra={"COMPOSE_PROFILES": "monitoring"})
+    mounts = {v["target"]: v["source"] for v in shipped["services"]["prometheus"]["volumes"] if v["type"] == "bind"}
+    assert mounts["/etc/prometheus/alerts.yml"] == str(ROOT / "monitoring" / "alerts.yml")
+    own = compose_config(tmp_path, extra={"COMPOSE_PROFILES": "monitoring", "PROMETHEUS_ALERT_RULES": "rules/mine.yml"})
+    mounts = {v["target"]: v["source"] for v in own["services"]["prometheus"]["volumes"] if v["type"] == "bind"}
+    assert mounts["/etc/prometheus/alerts.yml"] == str(ROOT / "rules" / "mine.yml")
+    from stack import preflight
+    missing = preflight.check_alert_rules({"COMPOSE_PROFILES": "monitoring", "PROMETHEUS_ALERT_RULES": "rules/mine.yml"})
+    assert [c.ok for c in missing] == [False] and "not a file" in missing[0].detail
+    rules = tmp_path / "mine.yml"
+    rules.write_text("groups: []\n")
+    assert [c.ok for c in preflight.check_alert_rules({"COMPOSE_PROFILES": "monitoring",
+                                                       "PROMETHEUS_ALERT_RULES": str(rules)})] == [True]

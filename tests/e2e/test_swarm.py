@@ -221,7 +221,7 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
     (502/504, or an upload the client's own 60 s timeout ends) only if it was under way while
     the node was lost and its replica not yet replaced; the swarm's DNS and overlay may name a
     task that no longer, or not yet, answers (in CI, once: two 10 s timeouts). Everything
-    acknowledged must be stored, and every request after that window must succeed."""
+    acknowledged must be stored, and every request begun after that window must succeed."""
     stop, out = tmp_path / "stop", tmp_path / "requests.json"
     client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(THREADS),
                                str(stop), str(out)], env=stack.client_environ(), stdout=subprocess.PIPE,
@@ -252,9 +252,10 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
                    and r["start"] <= replaced_at]
         assert allowed == failed, [r for r in failed if r not in allowed]
         assert len([r for r in failed if r["kind"] == "metric"]) <= 2 * THREADS, failed
-        # They recovered: after the window every client logged on, without a failure.
-        assert all(len([r for r in t["requests"] if r["start"] > replaced_at and r["status"] == 200]) >= 5
-                   for t in threads), "a client did not recover"
+        # They recovered: every request begun after the window succeeded (above), and there were
+        # such requests (a client may still have been waiting out an upload cut by the loss).
+        assert len([r for r in calls if r["start"] > replaced_at and r["status"] == 200]) >= 5, \
+            "the clients did not go on after the replica was replaced"
     assert len(calls) >= THREADS * 50, "the clients did not go on logging"
     assert_acknowledged_stored(threads, lambda sql: psql(stack, sql), s3_client(stack), stack.values()["MLFLOW_BUCKET"])
     return threads

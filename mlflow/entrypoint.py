@@ -100,12 +100,8 @@ def cors_origins(environ=None) -> str:
     return f"{SCHEME}://{host_port(host, port, SCHEME)}"
 
 
-# Where in the bucket MLflow keeps artifacts: nothing else of the stack's is there.
-ARTIFACTS_PREFIX = "artifacts"
-
-
 def artifact_args(environ=None) -> list[str]:
-    root = f"s3://{setting('MLFLOW_BUCKET', environ)}/{ARTIFACTS_PREFIX}"
+    root = f"s3://{setting('MLFLOW_BUCKET', environ)}/{common.ARTIFACTS_PREFIX}"
     if setting("MLFLOW_ARTIFACTS_MODE", environ) == "proxied":
         return ["--serve-artifacts", "--artifacts-destination", root]
     return ["--no-serve-artifacts", "--default-artifact-root", root]
@@ -609,7 +605,7 @@ def s3_problems() -> list[str]:
         return [f"{where} does not answer from the stack's containers ({exc}): check S3_ENDPOINT_URL in .env, "
                 "and that this machine may reach it"]
     others = sorted({o["Key"] for o in top.get("Contents", [])} | {c["Prefix"] for c in top.get("CommonPrefixes", [])}
-                    - {ARTIFACTS_PREFIX + "/"})
+                    - {common.ARTIFACTS_PREFIX + "/"})
     if others:
         return [f"{where}: the bucket {bucket!r} holds objects the stack did not write (e.g. {', '.join(others[:3])}): backups "
                 "would take them and a restore would delete them; give the stack a bucket of its own (MLFLOW_BUCKET)"]

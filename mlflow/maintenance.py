@@ -58,7 +58,7 @@ def bucket_prefix(location: str | None, bucket: str) -> str | None:
     """The object-key prefix of an artifact location, if it lies in the stack's store."""
     if not location or re.match(r"mlflow-artifacts://[^/]", location):  # another server's
         return None
-    for scheme in ("mlflow-artifacts:", f"s3://{bucket}/artifacts"):
+    for scheme in ("mlflow-artifacts:", f"s3://{bucket}/{common.ARTIFACTS_PREFIX}"):
         if location == scheme or location.startswith(scheme + "/"):
             rest = location[len(scheme):].strip("/")
             parts = rest.split("/")
@@ -201,7 +201,7 @@ def abort_stale_uploads(client, bucket: str, older_than_s: float, dry_run: bool,
     now = time.time() if now is None else now
     count = 0
     try:
-        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix="artifacts/"):
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=common.ARTIFACTS_PREFIX + "/"):
             for upload in page.get("Uploads", []):
                 age = now - upload["Initiated"].timestamp()
                 if age <= older_than_s:
@@ -223,7 +223,7 @@ def collect(older_than_days: float, dry_run: bool, environ=None) -> Plan:
 
     bucket = common.env("MLFLOW_BUCKET", environ=environ)
     with common.maintenance_lock("gc", environ):
-        store = SqlAlchemyStore(common.database_uri(environ), f"s3://{bucket}/artifacts")
+        store = SqlAlchemyStore(common.database_uri(environ), f"s3://{bucket}/{common.ARTIFACTS_PREFIX}")
         try:
             client = common.s3_client(environ)
             todo = run(store, client, bucket, int(older_than_days * 86_400_000), dry_run)

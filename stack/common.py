@@ -130,6 +130,9 @@ def write_ca_bundle(extra: Path, dest: Path) -> Path:
     return dest
 
 
+# Where in the bucket MLflow keeps artifacts (s3://BUCKET/artifacts/): nothing else of the stack's is there.
+ARTIFACTS_PREFIX = "artifacts"
+
 # The backup job's textfile metric in BACKUP_DIR (node-exporter reads it;
 # alert BackupTooOld). Removed by a deploy that turns scheduled backups off.
 BACKUP_METRICS_FILE = "mlflow-stack-backup.prom"

@@ -93,13 +93,16 @@ step_build() {
 }
 
 # step_network: the backend network is internal with the stack's own stores and
-# has a route out with a store outside; neither Compose nor Swarm changes that on
-# an existing network, so a switch between the two needs the stack taken down.
+# has a route out with a store outside; on a swarm it is attachable (the backup
+# jobs join it). Neither Compose nor Swarm changes that on an existing network,
+# so a switch needs the stack taken down.
 step_network() {
-	local net="${COMPOSE_PROJECT_NAME}_backend" internal
-	internal="$(docker network inspect --format '{{.Internal}}' "$net" 2>/dev/null)" || return 0
-	[ "$internal" = "$STACK_BACKEND_INTERNAL" ] \
+	local net="${COMPOSE_PROJECT_NAME}_backend" found
+	found="$(docker network inspect --format '{{.Internal}} {{.Attachable}}' "$net" 2>/dev/null)" || return 0
+	[ "${found% *}" = "$STACK_BACKEND_INTERNAL" ] \
 		|| die "POSTGRES_HOST or S3_ENDPOINT_URL changed between the stack's own stores and stores outside it, and the stack's network $net was made for the other way: take the stack down first with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh again"
+	[ "$SWARM" = 0 ] || [ "${found#* }" = true ] \
+		|| die "the swarm stack's network $net was made by an earlier version, which the backup scripts cannot join: take the stack down first with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh --swarm again"
 }
 
 # step_stores: the stores outside the stack (POSTGRES_HOST, S3_ENDPOINT_URL) must
@@ -128,20 +131,26 @@ step_stores() {
 
 # step_schema NOTE_VAR: an existing database whose schema is older than the
 # MLflow being deployed is backed up before the migrate job upgrades it (MLflow
-# has no downgrade); NOTE_VAR receives what to tell the user afterwards.
+# has no downgrade); NOTE_VAR receives what to tell the user afterwards. On a
+# swarm the stores run already (step_swarm deploys them first) and the check is
+# a one-off job on the swarm stack's stores network.
 # shellcheck disable=SC2034 # note is a nameref: assigning it sets the caller's variable
 step_schema() {
 	local -n note="$1"
 	note=""
+	local run=(compose)
+	[ "$SWARM" = 1 ] && run=(_stack_python swarm-compose)
 	if [[ " $STACK_OWN_STORES " == *" db "* ]]; then
-		docker volume inspect "${COMPOSE_PROJECT_NAME}_db-data" >/dev/null 2>&1 || return 0
 		log "Checking the database schema against MLflow in the new image"
-		compose up -d --wait db >&2
+		if [ "$SWARM" = 0 ]; then
+			docker volume inspect "${COMPOSE_PROJECT_NAME}_db-data" >/dev/null 2>&1 || return 0
+			compose up -d --wait db >&2
+		fi
 	else
 		log "Checking the database schema at $STACK_POSTGRES_HOST against MLflow in the new image"
 	fi
 	local status from to
-	read -r status from to < <(compose run --rm --no-deps -T migrate schema-status)
+	read -r status from to < <("${run[@]}" run --rm --no-deps -T migrate schema-status)
 	case "$status" in
 		empty|current) log "Schema: $status" ;;
 		outdated)
@@ -149,8 +158,10 @@ step_schema() {
 			# shellcheck source=db/backup_lib.sh
 			. "$STACK_ROOT/db/backup_lib.sh"
 			backup_prepare
-			# shellcheck disable=SC2086 # the stores' service names: single words
-			[ -z "$STACK_OWN_STORES" ] || compose up -d --wait $STACK_OWN_STORES >&2
+			if [ "$SWARM" = 0 ] && [ -n "$STACK_OWN_STORES" ]; then
+				# shellcheck disable=SC2086 # the stores' service names: single words
+				compose up -d --wait $STACK_OWN_STORES >&2
+			fi
 			local name
 			name="$(backup_job -- backup --kind pre-upgrade)"
 			note="Upgraded the MLflow schema from $from to $to. Pre-upgrade backup: $BACKUP_DIR/$name
@@ -176,20 +187,30 @@ step_up() {
 
 # On a swarm: the images built here go to STACK_REGISTRY, the stack file is made
 # from docker-compose.yml (stack/swarm.py), and `docker stack deploy` rolls the
-# services to it, one task at a time: first the stores and the jobs (the schema
-# is current before any new server starts), then everything; then every service
-# must run as deployed, and configs and secrets no longer named are removed.
+# services to it, one task at a time: first the stores alone (the schema is
+# checked, and backed up before an upgrade), then the jobs (the schema is current
+# before any new server starts), then everything; then every service must run
+# as deployed, and configs and secrets no longer named are removed.
 step_swarm() {
 	stack_py swarm-push
-	local files
+	local files upgrade_note
 	mapfile -t files < <(stack_py swarm-file)
-	log "Deploying stack $COMPOSE_PROJECT_NAME to the swarm (${files[1]}): the stores and jobs first, then the rest; waiting until every service runs healthy (up to ${DEPLOY_TIMEOUT:-900} s each)"
-	if ! swarm_deploy "${files[0]}" || ! swarm_deploy "${files[1]}" --prune || ! _stack_python swarm-check; then
-		echo >&2
-		docker stack ps --no-trunc --format '{{.Name}} on {{.Node}}: {{.CurrentState}} {{.Error}}' "$COMPOSE_PROJECT_NAME" >&2 || true
-		die "the stack did not settle on the swarm; the tasks above say why (docker service logs ${COMPOSE_PROJECT_NAME}_SERVICE for more). Fix it and run ./stack_deploy.sh --swarm again (data volumes are kept)"
+	log "Deploying stack $COMPOSE_PROJECT_NAME to the swarm (${files[2]}): the stores, then the jobs, then the rest; waiting until every service runs healthy (up to ${DEPLOY_TIMEOUT:-900} s each)"
+	if [ -n "$STACK_OWN_STORES" ] && ! swarm_deploy "${files[0]}"; then
+		swarm_failed
+	fi
+	step_schema upgrade_note
+	if ! swarm_deploy "${files[1]}" || ! swarm_deploy "${files[2]}" --prune || ! _stack_python swarm-check; then
+		swarm_failed
 	fi
 	stack_py swarm-prune
+	[ -z "$upgrade_note" ] || log "$upgrade_note"
+}
+
+swarm_failed() {
+	echo >&2
+	docker stack ps --no-trunc --format '{{.Name}} on {{.Node}}: {{.CurrentState}} {{.Error}}' "$COMPOSE_PROJECT_NAME" >&2 || true
+	die "the stack did not settle on the swarm; the tasks above say why (docker service logs ${COMPOSE_PROJECT_NAME}_SERVICE for more). Fix it and run ./stack_deploy.sh --swarm again (data volumes are kept)"
 }
 
 # swarm_deploy FILE [ARGS...]: docker stack deploy, waiting for the services in FILE.

@@ -42,10 +42,10 @@ while [ "$#" -gt 0 ]; do
 done
 
 load_compose_env
-# shellcheck disable=SC2086 # the stores' service names: single words
-require_running $STACK_OWN_STORES
+detect_swarm
+require_stores_running
 if [ "$dry_run" = 0 ]; then
 	confirm "Remove for good, with their artifacts, the runs, experiments and logged models deleted that long ago? (./stack_gc.sh --dry-run lists them)" \
 		|| die "nothing changed"
 fi
-compose run --rm --no-deps -T gc gc "${args[@]}"
+job_compose run --rm --no-deps -T gc gc "${args[@]}"

@@ -3,18 +3,24 @@
 # (db/Dockerfile, service "backup") against this stack.
 
 # backup_prepare: Compose's values (BACKUP_DIR among them, absolute), the job
-# image, and what the stack runs (for versions.json; asked once here, not per
-# job, and handed to every job through the environment).
+# image, where the stack runs (detect_swarm), and what the stack runs (for versions.json; asked once here, not per job, and
+# handed to every job through the environment).
 backup_prepare() {
 	load_compose_env
 	mkdir -p "$BACKUP_DIR"
+	detect_swarm
 	log "Preparing the backup job image"
 	compose --progress quiet build --quiet backup >/dev/null
-	STACK_IMAGES="$(compose ps --format '{{.Service}}={{.Image}}' 2>/dev/null | paste -sd, - || true)"
-	STACK_MLFLOW_VERSION="$(compose exec -T mlflow python3 -c 'import mlflow; print(mlflow.__version__)' 2>/dev/null || true)"
+	if [ "$STACK_ON_SWARM" = 1 ]; then
+		local exports
+		exports="$(stack_py swarm-backup-env)"
+		eval "$exports"
+	else
+		STACK_IMAGES="$(compose ps --format '{{.Service}}={{.Image}}' 2>/dev/null | paste -sd, - || true)"
+		STACK_MLFLOW_VERSION="$(compose exec -T mlflow python3 -c 'import mlflow; print(mlflow.__version__)' 2>/dev/null || true)"
+	fi
 	export STACK_IMAGES STACK_MLFLOW_VERSION
 }
-
 
 # backup_job [DOCKER_RUN_OPTION...] -- ARGS...: one run of the backup job (e.g.
 # `-v SRC:DEST` mounts before the --); its stdout is the result.
@@ -23,7 +29,7 @@ backup_job() {
 	while [ "$#" -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
 	[ "$#" -gt 0 ] || die "backup_job: missing -- before the job's arguments"
 	shift
-	compose --progress quiet run --rm --no-deps -T -e STACK_IMAGES -e STACK_MLFLOW_VERSION \
+	job_compose --progress quiet run --rm --no-deps -T -e STACK_IMAGES -e STACK_MLFLOW_VERSION \
 		"${opts[@]}" backup "$@"
 }
 
@@ -32,6 +38,8 @@ backup_job() {
 require_own_stores() {
 	[ -z "$STACK_OUTSIDE_STORES" ] \
 		|| die "$1: a cold copy is of the stack's own data volumes, but POSTGRES_HOST or S3_ENDPOINT_URL in .env names a store outside the stack; use the default online backup (and your provider's snapshots for that store)"
+	[ "${STACK_ON_SWARM:-0}" = 0 ] \
+		|| die "$1: a cold copy is of data volumes on this machine, and the stack runs on the swarm (its volumes are on the data node); use the default online backup"
 }
 
 volume_name() { echo "${COMPOSE_PROJECT_NAME}_$1"; }

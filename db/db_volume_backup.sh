@@ -43,8 +43,7 @@ if [ "$COLD" = 1 ]; then
 	require_own_stores "--cold"
 	name="$(backup_cold "${keep_args[@]}")"
 else
-	# shellcheck disable=SC2086 # the stores' service names: single words
-	require_running $STACK_OWN_STORES
+	require_stores_running
 	name="$(backup_job -- backup "${keep_args[@]}")"
 fi
 echo "$BACKUP_DIR/$name"

@@ -61,12 +61,56 @@ restore_cold() {
 	log "Restored $NAME (cold)"
 }
 
+# The server tier (and scheduled garbage collection) stops during a live
+# restore: with Compose by `compose stop`; on a swarm by scaling its services to
+# 0 (nginx, global, stays and answers 502 meanwhile) and back to what they ran.
+SERVER_SERVICES=(mlflow gc)
+SWARM_SCALED=()
+
+servers_deployed() {
+	if [ "$STACK_ON_SWARM" = 1 ]; then
+		docker service inspect "${COMPOSE_PROJECT_NAME}_mlflow" >/dev/null 2>&1
+	else
+		[ -n "$(compose ps -aq mlflow 2>/dev/null)" ]
+	fi
+}
+
+stop_servers() {
+	log "Stopping the MLflow server (and scheduled garbage collection) during the restore"
+	if [ "$STACK_ON_SWARM" = 0 ]; then
+		compose --profile gc stop nginx "${SERVER_SERVICES[@]}" >&2
+		return 0
+	fi
+	local service replicas
+	for service in "${SERVER_SERVICES[@]}"; do
+		replicas="$(docker service inspect --format '{{.Spec.Mode.Replicated.Replicas}}' \
+			"${COMPOSE_PROJECT_NAME}_$service" 2>/dev/null)" || continue
+		SWARM_SCALED+=("${COMPOSE_PROJECT_NAME}_$service=$replicas")
+	done
+	docker service scale --detach=false "${SWARM_SCALED[@]/%=*/=0}" >/dev/null
+}
+
+# start_servers HINT: start what stop_servers stopped and wait until healthy.
+start_servers() {
+	log "Starting the server again"
+	if [ "$STACK_ON_SWARM" = 0 ]; then
+		up_and_wait "$1"
+		return 0
+	fi
+	# The migrate job runs again first: a set from an older MLflow is upgraded.
+	if ! docker service update --detach=false --force "${COMPOSE_PROJECT_NAME}_migrate" >/dev/null \
+		|| ! docker service scale --detach=false "${SWARM_SCALED[@]}" >/dev/null \
+		|| ! _stack_python swarm-check; then
+		docker stack ps --no-trunc --format '{{.Name}} on {{.Node}}: {{.CurrentState}} {{.Error}}' "$COMPOSE_PROJECT_NAME" >&2 || true
+		die "the server did not come back (the tasks above say why; docker service logs ${COMPOSE_PROJECT_NAME}_migrate). $1 --swarm"
+	fi
+}
+
 # restore_live: a pg_dump set replaces the database and the bucket of the
 # running stores, with the MLflow server stopped meanwhile.
 restore_live() {
-	# shellcheck disable=SC2086 # the stores' service names: single words
-	require_running $STACK_OWN_STORES
-	[ -n "$(compose ps -aq mlflow 2>/dev/null)" ] || die "the stack is not deployed: run ./stack_deploy.sh first, then restore"
+	require_stores_running
+	servers_deployed || die "the stack is not deployed: run ./stack_deploy.sh first, then restore"
 	local counts runs safety=""
 	counts="$(backup_job -- counts)"
 	runs="$(python3 -c 'import json,sys; c=json.loads(sys.argv[1]); print(c.get("runs", 0) + max(c.get("experiments", 0) - 1, 0))' "$counts")"
@@ -79,15 +123,13 @@ restore_live() {
 		safety="$(backup_job -- backup --kind pre-restore)"
 		log "Safety set: $BACKUP_DIR/$safety"
 	fi
-	log "Stopping the MLflow server (and scheduled garbage collection) during the restore"
-	compose --profile gc stop nginx mlflow gc >&2
+	stop_servers
 	if ! backup_job "${SET_MOUNT[@]}" -- restore "/restore/$NAME"; then
 		local hint="the server stays stopped."
 		[ -n "$safety" ] && hint="$hint To go back: db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"
 		die "the restore failed (see above); $hint"
 	fi
-	log "Starting the server again"
-	up_and_wait "The data of $NAME is restored; fix the cause and run ./stack_deploy.sh"
+	start_servers "The data of $NAME is restored; fix the cause and run ./stack_deploy.sh"
 	log "Restored $NAME"
 }
 

@@ -72,6 +72,40 @@ load_compose_env() {
 	eval "$exports"
 }
 
+# detect_swarm: STACK_ON_SWARM=1 when the stack runs on the swarm this machine
+# manages (the one-off jobs below then run from here on its network), else 0
+# (Compose; on a swarm worker, the scripts say the stack is not running here).
+detect_swarm() {
+	STACK_ON_SWARM=0
+	if _stack_python swarm-running; then
+		STACK_ON_SWARM=1
+	fi
+	export STACK_ON_SWARM
+}
+
+# job_compose ARGS: Compose for the one-off jobs; on a swarm they join the swarm
+# stack's stores network (stack/swarm-one-off.yml) from this manager.
+job_compose() {
+	if [ "${STACK_ON_SWARM:-0}" = 1 ]; then
+		_stack_python swarm-compose "$@"
+	else
+		compose "$@"
+	fi
+}
+
+# require_stores_running: the stack's own stores must be up (on Compose or the swarm).
+require_stores_running() {
+	[ -n "$STACK_OWN_STORES" ] || return 0
+	if [ "${STACK_ON_SWARM:-0}" = 1 ]; then
+		# shellcheck disable=SC2086 # the stores' service names: single words
+		_stack_python swarm-check $STACK_OWN_STORES \
+			|| die "the swarm stack's stores are not running as deployed (above): run ./stack_deploy.sh --swarm first"
+	else
+		# shellcheck disable=SC2086 # the stores' service names: single words
+		require_running $STACK_OWN_STORES
+	fi
+}
+
 # confirm PROMPT: yes when ASSUME_YES=1; refuses without a terminal to ask on.
 confirm() {
 	[ "${ASSUME_YES:-0}" = 1 ] && return 0

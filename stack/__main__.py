@@ -9,16 +9,20 @@
   compose-env                             export lines for Compose (makes TLS material and secret files)
   get KEY...                              export CURRENT_KEY=... lines, from .env as it is now
   compose ARGS...                         docker compose on this stack
+  swarm-compose ARGS...                   the same, for `run --no-deps` of a one-off job on the swarm
+                                          stack's stores network (backups, the schema check)
   paths                                   export lines: STACK_ENV_FILE, COMPOSE_PROJECT_NAME
   client-env                              export lines for clients
   show [--client-env]                     ./show_all.sh
   swarm-preflight                         what stops a swarm deploy (./stack_deploy.sh --swarm)
   swarm-push                              push the images built here to STACK_REGISTRY
-  swarm-file [PATH]                       write the stack file (and its stores-and-jobs part, deployed
-                                          first) for `docker stack deploy`; print both paths
+  swarm-file [PATH]                       write the stack file (and its stores-only and stores-and-jobs
+                                          parts, deployed first) for `docker stack deploy`; print the paths
   swarm-prune                             remove the stack's configs and secrets the file no longer names
   swarm-running                           exit 0 if this stack runs on this machine's swarm
-  swarm-check                             exit 1, saying why, unless every swarm service runs as deployed
+  swarm-check [SERVICE...]                exit 1, saying why, unless every swarm service (or those named)
+                                          runs as deployed
+  swarm-backup-env                        export lines for a backup of the swarm stack (its images, MLflow version)
   users ...                               ./stack_users.sh
 """
 
@@ -162,9 +166,9 @@ def cmd_get(args) -> int:
     return 0
 
 
-def cmd_compose(args: list[str]) -> int:
+def cmd_compose(args: list[str], on_swarm: bool = False) -> int:
     """docker compose on this stack, with everything its file needs to be read."""
-    argv, environ = compose.invocation()
+    argv, environ = compose.invocation(on_swarm=on_swarm)
     sys.stdout.flush()
     os.execvpe(argv[0], argv + args, environ)
     return 1  # not reached
@@ -246,14 +250,18 @@ def cmd_swarm_push(_args) -> int:
 
 
 def cmd_swarm_file(args) -> int:
-    """Writes the stack file and, beside it, the stores-and-jobs part deployed first; prints both paths."""
+    """Writes the stack file and, beside it, the stores-only and stores-and-jobs parts deployed
+    first; prints the three paths in the order they are deployed."""
     config = _compose_config()
     document = _swarm_document(config)
     target = Path(args.path) if args.path else paths.state_dir() / "swarm-stack.json"
     target.parent.mkdir(parents=True, exist_ok=True)
+    stores = target.with_name(target.stem + "-stores-only" + target.suffix)
     first = target.with_name(target.stem + "-stores" + target.suffix)
     target.write_text(json.dumps(document, indent=1) + "\n")
+    stores.write_text(json.dumps(swarm.stores_first(document, config, with_jobs=False), indent=1) + "\n")
     first.write_text(json.dumps(swarm.stores_first(document, config), indent=1) + "\n")
+    print(stores)
     print(first)
     print(target)
     return 0
@@ -290,19 +298,38 @@ def cmd_swarm_volumes(_args) -> int:
     return 0
 
 
-def cmd_swarm_check(_args) -> int:
-    problems = swarm.unsettled(swarm.services(paths.project_name()))
+def cmd_swarm_check(args) -> int:
+    project = paths.project_name()
+    rows = swarm.services(project)
+    if args.services:
+        named = {f"{project}_{service}" for service in args.services}
+        missing = sorted(named - {row["Name"] for row in rows})
+        rows = [row for row in rows if row["Name"] in named]
+        rows += [{"Name": name, "Replicas": "not deployed", "update": ""} for name in missing]
+    problems = swarm.unsettled(rows)
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     return 1 if problems else 0
 
 
+def cmd_swarm_backup_env(_args) -> int:
+    """What a backup set records of the swarm stack: each service's image, and the MLflow
+    version in the server's image (asked of the image here: its tasks may run on other nodes)."""
+    project = paths.project_name()
+    images = swarm.service_images(project)
+    version = swarm.image_python(images.get("mlflow", ""), "import mlflow; print(mlflow.__version__)")
+    sys.stdout.write(compose.export_lines([
+        ("STACK_IMAGES", ",".join(f"{name}={image}" for name, image in sorted(images.items()))),
+        ("STACK_MLFLOW_VERSION", version)]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["compose"]:
+    if argv[:1] in (["compose"], ["swarm-compose"]):
         # Compose's own options pass through untouched (argparse would take them).
         try:
-            return cmd_compose(argv[1:])
+            return cmd_compose(argv[1:], on_swarm=argv[0] == "swarm-compose")
         except (envfile.EnvError, tls.TlsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -339,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("swarm-file")
     p.add_argument("path", nargs="?")
     p.set_defaults(func=cmd_swarm_file)
-    sub.add_parser("swarm-check").set_defaults(func=cmd_swarm_check)
+    p = sub.add_parser("swarm-check")
+    p.add_argument("services", nargs="*")
+    p.set_defaults(func=cmd_swarm_check)
+    sub.add_parser("swarm-backup-env").set_defaults(func=cmd_swarm_backup_env)
     sub.add_parser("swarm-running").set_defaults(func=cmd_swarm_running)
     sub.add_parser("swarm-prune").set_defaults(func=cmd_swarm_prune)
     sub.add_parser("swarm-worker").set_defaults(func=cmd_swarm_worker)

@@ -96,8 +96,9 @@ def environment(values: Mapping[str, str], create: bool,
     return plain + derived(values, create, environ)
 
 
-def invocation(environ: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+def invocation(environ: Mapping[str, str] | None = None, on_swarm: bool = False) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) for `docker compose` on this stack; append the subcommand.
+    on_swarm: for `run --no-deps` of a one-off job on the swarm stack's stores network.
 
     Values already in the environment (a deploy's exports) win; the rest come
     from .env or the table's defaults, so that looking at or taking down a
@@ -115,7 +116,7 @@ def invocation(environ: Mapping[str, str] | None = None) -> tuple[list[str], dic
     # The stores the stack runs are services under profiles of their own, added
     # here on every call (never exported: COMPOSE_PROFILES in the shell is the user's).
     env["COMPOSE_PROFILES"] = settings.compose_profiles({**values, "COMPOSE_PROFILES": env["COMPOSE_PROFILES"]})
-    argv = paths.compose_cmd(env)
+    argv = paths.compose_cmd(env, on_swarm)
     if not paths.env_path(env).exists():
         argv[argv.index("--env-file") + 1] = os.devnull
     return argv, env

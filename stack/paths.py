@@ -9,6 +9,8 @@ from typing import Mapping, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+# Over COMPOSE_FILE for one-off jobs on the swarm stack's network.
+SWARM_ONE_OFF_FILE = ROOT / "stack" / "swarm-one-off.yml"
 
 
 def _environ(environ: Optional[Mapping[str, str]]) -> Mapping[str, str]:
@@ -32,8 +34,9 @@ def project_name(environ: Optional[Mapping[str, str]] = None) -> str:
     return _environ(environ).get("COMPOSE_PROJECT_NAME") or default_project()
 
 
-def compose_cmd(environ: Optional[Mapping[str, str]] = None) -> list[str]:
-    return ["docker", "compose", "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
+def compose_cmd(environ: Optional[Mapping[str, str]] = None, on_swarm: bool = False) -> list[str]:
+    files = ["-f", str(COMPOSE_FILE)] + (["-f", str(SWARM_ONE_OFF_FILE)] if on_swarm else [])
+    return ["docker", "compose", "--project-directory", str(ROOT), *files,
             "--env-file", str(env_path(environ)), "-p", project_name(environ)]
 
 

@@ -96,6 +96,8 @@ def swarm_report(values: dict[str, str]) -> str:
         name, node, state, error = (line.split("\t") + ["", "", "", ""])[:4]
         lines.append(f"  {name[len(project) + 1:]:<40} {node:<20} {state}{'  ' + error if error else ''}")
     lines += ["", "Published URLs (on every node, nginx runs on each):", *url_lines(values)]
+    lines += ["", "Backups (made from this manager, on its disk):", latest_set(values),
+              "  scheduled      not on a swarm: run db/db_volume_backup.sh --keep N from cron on this manager"]
     return "\n".join(lines) + "\n"
 
 
@@ -199,16 +201,18 @@ def mlflow_lines(values: dict[str, str], running: set[str], compose: tuple[list[
     return lines
 
 
-def backups(values: dict[str, str], svc: list[dict], compose: tuple[list[str], dict]) -> list[str]:
-    argv, env = compose
+def latest_set(values: dict[str, str]) -> str:
     root = paths.backup_dir(values)
     sets = sorted(p for p in root.glob("mlflow-backup-*") if (p / "manifest.json").exists()) if root.is_dir() else []
-    lines = []
     if sets:
         age = (time.time() - (sets[-1] / "manifest.json").stat().st_mtime) / 3600
-        lines.append(f"  latest set     {sets[-1].name} ({age:.1f} h ago), {len(sets)} sets in {root}")
-    else:
-        lines.append(f"  latest set     none in {root} (db/db_volume_backup.sh makes one)")
+        return f"  latest set     {sets[-1].name} ({age:.1f} h ago), {len(sets)} sets in {root}"
+    return f"  latest set     none in {root} (db/db_volume_backup.sh makes one)"
+
+
+def backups(values: dict[str, str], svc: list[dict], compose: tuple[list[str], dict]) -> list[str]:
+    argv, env = compose
+    lines = [latest_set(values)]
     scheduler = next((s for s in svc if s["Service"] == "backup"), None)
     if scheduler is None:
         lines.append("  scheduled      off (set COMPOSE_PROFILES=backup in .env)")

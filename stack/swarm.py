@@ -21,6 +21,8 @@ What Swarm cannot take from a Compose file, and what it gets instead:
   every interface of the node (Swarm has no bind address).
 - Every service is reached by DNS round robin (endpoint_mode dnsrr): nginx
   resolves the server per request, and no virtual IP (IPVS) is needed.
+- The stores' network is attachable: the backup scripts and the schema check
+  run their one-off jobs on it from a manager (stack/swarm-one-off.yml).
 - db and minio run on the node labelled mlflow-stack.data=true, where their
   volumes are. nginx runs on every node (global): any node's address reaches
   the stack. The rest runs anywhere, updated one task at a time, start-first,
@@ -52,6 +54,9 @@ UNSUPPORTED_PROFILES = ("backup", "monitoring")
 # Images built on this machine (the stack's own and the offline stand-ins):
 # pushed to STACK_REGISTRY and named there.
 BUILT_HERE = ("mlflow-stack/", "mlflow-stack-standin/")
+# The network one-off jobs (backups, restores, the schema check) join from a
+# manager, as `docker compose run` on the stack's own network (swarm-one-off.yml).
+ONE_OFF_NETWORK = "backend"
 # The job the servers' schema comes from (those that depend on it in Compose wait for it on a swarm).
 MIGRATE = "migrate"
 
@@ -260,7 +265,8 @@ def stack_file(config: Mapping[str, Any], registry: str = "", private_files=(), 
         if not out["secrets"]:
             del out["secrets"]
         services[name] = out
-    networks = {key_: {"driver": "overlay", **({"internal": True} if net.get("internal") else {})}
+    networks = {key_: {"driver": "overlay", **({"internal": True} if net.get("internal") else {}),
+                       **({"attachable": True} if key_ == ONE_OFF_NETWORK else {})}
                 for key_, net in config.get("networks", {}).items()}
     used = {v["source"] for svc in services.values() for v in svc.get("volumes", []) if v["type"] == "volume"}
     volumes = {key_: {} for key_ in config.get("volumes", {}) if key_ in used}
@@ -359,6 +365,24 @@ def services(project: str) -> list[dict]:
     return rows
 
 
+def service_images(project: str) -> dict[str, str]:
+    """{service: image} of the stack's services (without the stack's prefix and the digest)."""
+    images = {}
+    for line in _docker("service", "ls", "--filter", f"label=com.docker.stack.namespace={project}",
+                        "--format", "{{.Name}} {{.Image}}", check=False).stdout.splitlines():
+        name, _, image = line.partition(" ")
+        images[name.removeprefix(f"{project}_")] = image.split("@", 1)[0]
+    return images
+
+
+def image_python(image: str, code: str) -> str:
+    """What `python3 -c CODE` prints in IMAGE on this machine ("" if it cannot be asked)."""
+    if not image:
+        return ""
+    result = _docker("run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c", code, check=False)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
 def unsettled(rows: list[dict]) -> list[str]:
     """Services not (yet) as wanted: tasks short of their goal, a job not completed, an update
     not done. Empty: the stack runs as deployed (a task counts once its healthcheck passed)."""
@@ -378,10 +402,11 @@ def unsettled(rows: list[dict]) -> list[str]:
     return problems
 
 
-def stores_first(document: Mapping[str, Any], config: Mapping[str, Any]) -> dict:
+def stores_first(document: Mapping[str, Any], config: Mapping[str, Any], with_jobs: bool = True) -> dict:
     """The stores and the jobs alone: deployed (and waited for) before the rest, so that
-    the servers start on a schema the migrate job has made current."""
-    keep = set(STATEFUL) | set(jobs(config))
+    the servers start on a schema the migrate job has made current. Without the jobs:
+    the stores alone, for the schema check (and pre-upgrade backup) before migrate runs."""
+    keep = set(STATEFUL) | (set(jobs(config)) if with_jobs else set())
     return {**document, "services": {k: v for k, v in document["services"].items() if k in keep}}
 
 

@@ -13,6 +13,10 @@ there), and the nodes pull from it.
   no secret appears in the services' specs; ./show_all.sh shows tasks and nodes.
 - A remote client logs a run with metrics, an artifact and a model, and reads
   it all back (checksums), through nginx.
+- Backups and restores from the manager: db/db_volume_backup.sh writes a set
+  whose counts and objects match the stores; a run logged afterwards is gone
+  after db/db_volume_restore.sh (which took a safety set first), what the set
+  held reads back, and the servers run again as deployed. ./stack_gc.sh runs too.
 - A worker running a replica is stopped (the node lost) while clients log: the
   swarm reschedules the replica, nothing acknowledged is missing afterwards, and
   the longest pause a client saw is printed.
@@ -211,6 +215,49 @@ def test_a_remote_client_round_trip(deployed):
     deployed.client("read", str(out))
     run = json.loads(out.read_text())
     assert psql(deployed, f"SELECT count(*) FROM metrics WHERE run_uuid = '{run['run_id']}' AND key = 'loss'") == "500"
+
+
+def test_backup_and_restore_from_the_manager(deployed, capsys):
+    """The backup scripts run their jobs on this manager, on the swarm stack's own
+    (attachable) stores network; the sets land in BACKUP_DIR here."""
+    project = project_of(deployed)
+    values = deployed.values()
+    # The deploy checked the schema with such a one-off job before migrate ran (and again on the re-deploy).
+    assert "Schema: empty" in deployed.first_deploy.stderr, deployed.first_deploy.stderr[-3000:]
+    made = deployed.script("db/db_volume_backup.sh")
+    path = Path(made.stdout.strip().splitlines()[-1])
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["tables"]["runs"] == int(psql(deployed, "SELECT count(*) FROM runs")) >= 1
+    assert manifest["tables"]["metrics"] == int(psql(deployed, "SELECT count(*) FROM metrics"))
+    s3 = s3_client(deployed)
+    listed = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=values["MLFLOW_BUCKET"])
+              for o in page.get("Contents", [])]
+    assert manifest["objects"]["count"] == len(listed) >= 1
+    versions = json.loads((path / "versions.json").read_text())
+    assert versions["mlflow"] == manifest["mlflow_version"] and versions["mlflow"][0].isdigit(), versions
+    assert {"db", "minio", "mlflow", "nginx"} <= set(versions["images"]), versions
+
+    later = deployed.workdir / "later.json"
+    deployed.client("write", str(later), "--blob-mib", "1", extra={"E2E_EXPERIMENT": "after-the-backup"})
+    later_run = json.loads(later.read_text())["run_id"]
+    assert psql(deployed, f"SELECT count(*) FROM runs WHERE run_uuid = '{later_run}'") == "1"
+
+    restored = deployed.script("db/db_volume_restore.sh", str(path), "--yes")
+    assert "all match the manifest" in restored.stderr, restored.stderr[-3000:]
+    safety = sorted(path.parent.glob("mlflow-backup-*"))
+    assert any(json.loads((p / "manifest.json").read_text())["kind"] == "pre-restore" for p in safety), safety
+    assert psql(deployed, f"SELECT count(*) FROM runs WHERE run_uuid = '{later_run}'") == "0"
+    assert int(psql(deployed, "SELECT count(*) FROM runs")) == manifest["tables"]["runs"]
+    assert swarm.unsettled(swarm.services(project)) == []
+    assert len(running_nodes(project, "mlflow")) == 2
+    # What the set held reads back through nginx, checksums included.
+    deployed.client("read", str(deployed.workdir / "run.json"))
+    shown = deployed.script("show_all.sh").stdout
+    assert f"latest set     {safety[-1].name}" in shown, shown
+    gc = deployed.script("stack_gc.sh", "--dry-run")
+    with capsys.disabled():
+        print(f"\nswarm backup: {manifest['tables']['runs']} runs, {manifest['objects']['count']} objects; "
+              f"gc dry run: {gc.stdout.strip().splitlines()[-1] if gc.stdout.strip() else gc.stderr.strip()[-200:]}")
 
 
 def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:

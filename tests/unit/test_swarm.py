@@ -2,12 +2,13 @@
 Compose resolves it, and the checks of a swarm's state."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from stack import envfile, secretfiles, swarm
+from stack import compose, envfile, paths, secretfiles, swarm
 
 from test_static import compose_config
 
@@ -74,6 +75,8 @@ def test_jobs_and_waits_come_from_the_compose_file(config):
     assert swarm.waits_for_schema(config) == ["gc", "mlflow"]
     first = swarm.stores_first(make(config), config)
     assert set(first["services"]) == {"db", "minio", "migrate", "bucket-init"}
+    # Deployed before those: the stores alone, for the schema check and a pre-upgrade backup.
+    assert set(swarm.stores_first(make(config), config, with_jobs=False)["services"]) == {"db", "minio"}
 
 
 def test_jobs_stores_and_the_edge_get_their_own_deploy_rules(config):
@@ -149,7 +152,9 @@ def test_tmpfs_and_shm_become_mounts(config):
 
 def test_the_store_network_stays_internal_and_both_are_overlays(config):
     networks = make(config)["networks"]
-    assert networks["backend"] == {"driver": "overlay", "internal": True}
+    # Attachable: the backup scripts' one-off jobs join it from a manager.
+    assert networks["backend"] == {"driver": "overlay", "internal": True, "attachable": True}
+    assert "attachable" not in networks["frontend"]
     assert networks["frontend"]["driver"] == "overlay" and "internal" not in networks["frontend"]
 
 
@@ -251,3 +256,23 @@ def test_stores_outside_the_stack_leave_no_stateful_service_and_a_route_out(tmp_
     assert document["networks"]["backend"].get("internal") is not True
     assert set(swarm.stores_first(document, outside)["services"]) == {"migrate", "bucket-init"}
     assert document["services"]["migrate"]["environment"]["POSTGRES_HOST"] == "pg.example.com"
+
+
+def test_one_off_jobs_join_the_swarm_stacks_stores_network(tmp_path):
+    """`python3 -m stack swarm-compose run ...` (backups, restores, gc, the schema check on a
+    swarm): the same services, secrets and hardening as Compose's, on the swarm stack's
+    attachable backend network instead of one Compose would make."""
+    plain = compose_config(tmp_path, extra={"COMPOSE_PROJECT_NAME": "team-a"})
+    argv, environ = compose.invocation({**os.environ, "STACK_ENV_FILE": str(tmp_path / ".env"),
+                                        "STACK_CERT_DIR": str(tmp_path / "certs"), "COMPOSE_PROJECT_NAME": "team-a"},
+                                       on_swarm=True)
+    assert str(paths.SWARM_ONE_OFF_FILE) in argv
+    result = subprocess.run([*argv, "--profile", "backup", "config", "--format", "json"], capture_output=True,
+                            text=True, env=environ, check=True)
+    on_swarm = json.loads(result.stdout)
+    backend = on_swarm["networks"]["backend"]
+    assert (backend["name"], backend["external"], backend.get("internal")) == ("team-a_backend", True, None)
+    for service in ("migrate", "backup"):
+        assert on_swarm["services"][service]["networks"] == {"backend": None}
+    assert on_swarm["services"]["migrate"] == plain["services"]["migrate"]
+    assert on_swarm["secrets"] == plain["secrets"]

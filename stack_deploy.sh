@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Deploys the MLflow stack (or re-deploys it: a re-run changes nothing).
-# Steps: .env -> preflight -> stand-ins (if chosen) -> build -> start and wait
-# until healthy -> client settings.
+# Steps: .env -> preflight -> stand-ins (if chosen) -> build -> the stores outside
+# (if any) -> the schema (a backup before an upgrade) -> start and wait until
+# healthy -> client settings. On a swarm: the stores first, then the schema, the
+# jobs and the rest (step_swarm).
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
@@ -93,22 +95,25 @@ step_build() {
 }
 
 # step_network: the backend network is internal with the stack's own stores and
-# has a route out with a store outside; on a swarm it is attachable (the backup
+# has a route out with a store outside; on a swarm it is attachable (the one-off
 # jobs join it). Neither Compose nor Swarm changes that on an existing network,
 # so a switch needs the stack taken down.
 step_network() {
-	local net="${COMPOSE_PROJECT_NAME}_backend" found
-	found="$(docker network inspect --format '{{.Internal}} {{.Attachable}}' "$net" 2>/dev/null)" || return 0
-	[ "${found% *}" = "$STACK_BACKEND_INTERNAL" ] \
+	local net="${COMPOSE_PROJECT_NAME}_backend" internal
+	internal="$(docker network inspect --format '{{.Internal}}' "$net" 2>/dev/null)" || return 0
+	[ "$internal" = "$STACK_BACKEND_INTERNAL" ] \
 		|| die "POSTGRES_HOST or S3_ENDPOINT_URL changed between the stack's own stores and stores outside it, and the stack's network $net was made for the other way: take the stack down first with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh again"
-	[ "$SWARM" = 0 ] || [ "${found#* }" = true ] \
-		|| die "the swarm stack's network $net was made by an earlier version, which the backup scripts cannot join: take the stack down first with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh --swarm again"
+	if [ "$SWARM" = 1 ]; then
+		local problem
+		problem="$(swarm_network_problem)"
+		[ -z "$problem" ] || die "$problem"
+	fi
 }
 
 # step_stores: the stores outside the stack (POSTGRES_HOST, S3_ENDPOINT_URL) must
 # answer with its credentials, asked from a container (the way the services
-# will reach them), before anything starts. The check runs as a Compose project
-# of its own, so the stack's networks are left as they are.
+# will reach them), before anything starts. The check runs as a scratch project
+# (jobs_target), so the stack's networks are left as they are.
 step_stores() {
 	local service
 	for service in db minio; do
@@ -119,12 +124,12 @@ step_stores() {
 	done
 	[ -n "$STACK_OUTSIDE_STORES" ] || return 0
 	log "Checking the stores outside the stack: $STACK_OUTSIDE_STORES"
-	local check="${COMPOSE_PROJECT_NAME}-storecheck" status=0
+	local status=0
 	# shellcheck disable=SC2086 # the stores' names: single words
-	COMPOSE_PROJECT_NAME="$check" compose run --rm --no-deps -T -e STACK_CONNECTIONS_NEEDED migrate \
+	STACK_JOBS_ON=scratch job_compose run --rm --no-deps -T -e STACK_CONNECTIONS_NEEDED migrate \
 		check-stores $STACK_OUTSIDE_STORES >&2 \
 		|| status=$?
-	COMPOSE_PROJECT_NAME="$check" compose down --remove-orphans --volumes >/dev/null 2>&1 || true
+	scratch_down
 	[ "$status" = 0 ] \
 		|| die "fix the settings above in $STACK_ENV_FILE (or the store), then run ./stack_deploy.sh again; nothing was started"
 }
@@ -133,24 +138,32 @@ step_stores() {
 # MLflow being deployed is backed up before the migrate job upgrades it (MLflow
 # has no downgrade); NOTE_VAR receives what to tell the user afterwards. On a
 # swarm the stores run already (step_swarm deploys them first) and the check is
-# a one-off job on the swarm stack's stores network.
+# a one-off job from this manager (jobs_target).
 # shellcheck disable=SC2034 # note is a nameref: assigning it sets the caller's variable
 step_schema() {
 	local -n note="$1"
 	note=""
-	local run=(compose)
-	[ "$SWARM" = 1 ] && run=(_stack_python swarm-compose)
+	if [ "$SWARM" = 1 ]; then
+		# Stores all outside, first deploy: no swarm network to join yet.
+		STACK_JOBS_ON=swarm
+		docker network inspect "${COMPOSE_PROJECT_NAME}_backend" >/dev/null 2>&1 || STACK_JOBS_ON=scratch
+		export STACK_JOBS_ON
+	fi
 	if [[ " $STACK_OWN_STORES " == *" db "* ]]; then
-		log "Checking the database schema against MLflow in the new image"
 		if [ "$SWARM" = 0 ]; then
 			docker volume inspect "${COMPOSE_PROJECT_NAME}_db-data" >/dev/null 2>&1 || return 0
+			log "Checking the database schema against MLflow in the new image"
 			compose up -d --wait db >&2
+		else
+			log "Checking the database schema against MLflow in the new image"
 		fi
 	else
 		log "Checking the database schema at $STACK_POSTGRES_HOST against MLflow in the new image"
 	fi
-	local status from to
-	read -r status from to < <("${run[@]}" run --rm --no-deps -T migrate schema-status)
+	local out status from to
+	out="$(job_compose run --rm --no-deps -T migrate schema-status)" \
+		|| die "the schema check job failed (its output is above); nothing was changed. Fix the cause and run ./stack_deploy.sh again"
+	read -r status from to <<<"$out"
 	case "$status" in
 		empty|current) log "Schema: $status" ;;
 		outdated)
@@ -196,21 +209,17 @@ step_swarm() {
 	local files upgrade_note
 	mapfile -t files < <(stack_py swarm-file)
 	log "Deploying stack $COMPOSE_PROJECT_NAME to the swarm (${files[2]}): the stores, then the jobs, then the rest; waiting until every service runs healthy (up to ${DEPLOY_TIMEOUT:-900} s each)"
+	local failed="the stack did not settle on the swarm; the tasks above say why (docker service logs ${COMPOSE_PROJECT_NAME}_SERVICE for more). Fix it and run ./stack_deploy.sh --swarm again (data volumes are kept)"
 	if [ -n "$STACK_OWN_STORES" ] && ! swarm_deploy "${files[0]}"; then
-		swarm_failed
+		swarm_failed "$failed"
 	fi
 	step_schema upgrade_note
+	[ "$STACK_JOBS_ON" != scratch ] || scratch_down
 	if ! swarm_deploy "${files[1]}" || ! swarm_deploy "${files[2]}" --prune || ! _stack_python swarm-check; then
-		swarm_failed
+		swarm_failed "$failed"
 	fi
 	stack_py swarm-prune
 	[ -z "$upgrade_note" ] || log "$upgrade_note"
-}
-
-swarm_failed() {
-	echo >&2
-	docker stack ps --no-trunc --format '{{.Name}} on {{.Node}}: {{.CurrentState}} {{.Error}}' "$COMPOSE_PROJECT_NAME" >&2 || true
-	die "the stack did not settle on the swarm; the tasks above say why (docker service logs ${COMPOSE_PROJECT_NAME}_SERVICE for more). Fix it and run ./stack_deploy.sh --swarm again (data volumes are kept)"
 }
 
 # swarm_deploy FILE [ARGS...]: docker stack deploy, waiting for the services in FILE.

@@ -42,7 +42,7 @@ while [ "$#" -gt 0 ]; do
 done
 
 load_compose_env
-detect_swarm
+jobs_target
 require_stores_running
 if [ "$dry_run" = 0 ]; then
 	confirm "Remove for good, with their artifacts, the runs, experiments and logged models deleted that long ago? (./stack_gc.sh --dry-run lists them)" \

@@ -3,15 +3,16 @@
 # (db/Dockerfile, service "backup") against this stack.
 
 # backup_prepare: Compose's values (BACKUP_DIR among them, absolute), the job
-# image, where the stack runs (detect_swarm), and what the stack runs (for versions.json; asked once here, not per job, and
-# handed to every job through the environment).
+# image, where the jobs run (jobs_target), and what the stack runs (for
+# versions.json; asked once here, not per job, and handed to every job through
+# the environment).
 backup_prepare() {
 	load_compose_env
 	mkdir -p "$BACKUP_DIR"
-	detect_swarm
+	jobs_target
 	log "Preparing the backup job image"
 	compose --progress quiet build --quiet backup >/dev/null
-	if [ "$STACK_ON_SWARM" = 1 ]; then
+	if [ "$STACK_JOBS_ON" = swarm ]; then
 		local exports
 		exports="$(stack_py swarm-backup-env)"
 		eval "$exports"
@@ -38,8 +39,8 @@ backup_job() {
 require_own_stores() {
 	[ -z "$STACK_OUTSIDE_STORES" ] \
 		|| die "$1: a cold copy is of the stack's own data volumes, but POSTGRES_HOST or S3_ENDPOINT_URL in .env names a store outside the stack; use the default online backup (and your provider's snapshots for that store)"
-	[ "${STACK_ON_SWARM:-0}" = 0 ] \
-		|| die "$1: a cold copy is of data volumes on this machine, and the stack runs on the swarm (its volumes are on the data node); use the default online backup"
+	[ "${STACK_JOBS_ON:-compose}" = compose ] \
+		|| die "$1: cold copies are of data volumes on this machine, but the stack runs on the swarm (its volumes are on the data node): use online backups (the default) there"
 }
 
 volume_name() { echo "${COMPOSE_PROJECT_NAME}_$1"; }

@@ -15,9 +15,10 @@ into the deployed stack:
   1. checks the set against its manifest (a damaged or partial set stops here,
      and nothing is touched);
   2. asks for confirmation if the stack holds data (unless --yes);
-  3. takes a safety backup of the current data (kind pre-restore);
-  4. stops the MLflow server, replaces the database and the bucket, and checks
-     row counts and every object's sha256 against the manifest;
+  3. stops the MLflow server and takes a safety backup of the current data
+     (kind pre-restore);
+  4. replaces the database and the bucket, and checks row counts and every
+     object's sha256 against the manifest;
   5. starts the server again (an older schema is upgraded on the way).
 
 Works into a freshly deployed, empty stack and into one with data. A cold set
@@ -63,12 +64,13 @@ restore_cold() {
 
 # The server tier (and scheduled garbage collection) stops during a live
 # restore: with Compose by `compose stop`; on a swarm by scaling its services to
-# 0 (nginx, global, stays and answers 502 meanwhile) and back to what they ran.
-SERVER_SERVICES=(mlflow gc)
-SWARM_SCALED=()
+# 0 (nginx, global, stays and answers 502 meanwhile), and back afterwards to the
+# replicas the deployed stack file gives them (also after an earlier failure).
+SWARM_SERVERS=()
+SWARM_FIX="run ./stack_deploy.sh --swarm (it starts the servers again as deployed)"
 
 servers_deployed() {
-	if [ "$STACK_ON_SWARM" = 1 ]; then
+	if [ "$STACK_JOBS_ON" = swarm ]; then
 		docker service inspect "${COMPOSE_PROJECT_NAME}_mlflow" >/dev/null 2>&1
 	else
 		[ -n "$(compose ps -aq mlflow 2>/dev/null)" ]
@@ -77,37 +79,33 @@ servers_deployed() {
 
 stop_servers() {
 	log "Stopping the MLflow server (and scheduled garbage collection) during the restore"
-	if [ "$STACK_ON_SWARM" = 0 ]; then
-		compose --profile gc stop nginx "${SERVER_SERVICES[@]}" >&2
+	if [ "$STACK_JOBS_ON" != swarm ]; then
+		compose --profile gc stop nginx mlflow gc >&2
 		return 0
 	fi
-	local service replicas
-	for service in "${SERVER_SERVICES[@]}"; do
-		replicas="$(docker service inspect --format '{{.Spec.Mode.Replicated.Replicas}}' \
-			"${COMPOSE_PROJECT_NAME}_$service" 2>/dev/null)" || continue
-		SWARM_SCALED+=("${COMPOSE_PROJECT_NAME}_$service=$replicas")
-	done
-	docker service scale --detach=false "${SWARM_SCALED[@]/%=*/=0}" >/dev/null
+	mapfile -t SWARM_SERVERS < <(stack_py swarm-servers)
+	timeout "${DEPLOY_TIMEOUT:-900}" docker service scale --detach=false "${SWARM_SERVERS[@]/%=*/=0}" >/dev/null \
+		|| swarm_failed "the servers did not stop; nothing was changed. To start them again: $SWARM_FIX"
 }
 
 # start_servers HINT: start what stop_servers stopped and wait until healthy.
 start_servers() {
 	log "Starting the server again"
-	if [ "$STACK_ON_SWARM" = 0 ]; then
-		up_and_wait "$1"
+	if [ "$STACK_JOBS_ON" != swarm ]; then
+		up_and_wait "$1 and run ./stack_deploy.sh"
 		return 0
 	fi
 	# The migrate job runs again first: a set from an older MLflow is upgraded.
-	if ! docker service update --detach=false --force "${COMPOSE_PROJECT_NAME}_migrate" >/dev/null \
-		|| ! docker service scale --detach=false "${SWARM_SCALED[@]}" >/dev/null \
+	if ! timeout "${DEPLOY_TIMEOUT:-900}" docker service update --detach=false --force "${COMPOSE_PROJECT_NAME}_migrate" >/dev/null \
+		|| ! timeout "${DEPLOY_TIMEOUT:-900}" docker service scale --detach=false "${SWARM_SERVERS[@]}" >/dev/null \
 		|| ! _stack_python swarm-check; then
-		docker stack ps --no-trunc --format '{{.Name}} on {{.Node}}: {{.CurrentState}} {{.Error}}' "$COMPOSE_PROJECT_NAME" >&2 || true
-		die "the server did not come back (the tasks above say why; docker service logs ${COMPOSE_PROJECT_NAME}_migrate). $1 --swarm"
+		swarm_failed "the servers did not come back (the tasks above say why; docker service logs ${COMPOSE_PROJECT_NAME}_migrate). $1 and $SWARM_FIX"
 	fi
 }
 
 # restore_live: a pg_dump set replaces the database and the bucket of the
-# running stores, with the MLflow server stopped meanwhile.
+# running stores, with the MLflow server stopped from the safety backup on (so
+# nothing logged after it is lost).
 restore_live() {
 	require_stores_running
 	servers_deployed || die "the stack is not deployed: run ./stack_deploy.sh first, then restore"
@@ -118,18 +116,21 @@ restore_live() {
 		confirm "The stack holds data; replace it with $NAME? (a safety backup is taken first)" \
 			|| die "nothing changed"
 	fi
+	stop_servers
+	local restart="to start the server again: ./stack_deploy.sh"
+	[ "$STACK_JOBS_ON" = swarm ] && restart="$SWARM_FIX"
 	if [ "$counts" != "{}" ]; then
 		log "Safety backup of the current data"
-		safety="$(backup_job -- backup --kind pre-restore)"
+		safety="$(backup_job -- backup --kind pre-restore)" \
+			|| die "the safety backup failed (see above); nothing was restored, and the server is stopped: $restart"
 		log "Safety set: $BACKUP_DIR/$safety"
 	fi
-	stop_servers
 	if ! backup_job "${SET_MOUNT[@]}" -- restore "/restore/$NAME"; then
 		local hint="the server stays stopped."
 		[ -n "$safety" ] && hint="$hint To go back: db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"
 		die "the restore failed (see above); $hint"
 	fi
-	start_servers "The data of $NAME is restored; fix the cause and run ./stack_deploy.sh"
+	start_servers "The data of $NAME is restored; fix the cause"
 	log "Restored $NAME"
 }
 

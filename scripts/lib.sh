@@ -72,38 +72,72 @@ load_compose_env() {
 	eval "$exports"
 }
 
-# detect_swarm: STACK_ON_SWARM=1 when the stack runs on the swarm this machine
-# manages (the one-off jobs below then run from here on its network), else 0
-# (Compose; on a swarm worker, the scripts say the stack is not running here).
-detect_swarm() {
-	STACK_ON_SWARM=0
+# jobs_target: where the one-off jobs (backups, restores, gc, the schema check)
+# run, in STACK_JOBS_ON, decided once per script run:
+#   compose  beside the Compose stack, on its network;
+#   swarm    from this manager, on the swarm stack's attachable stores network
+#            (stack/swarm-one-off.yml);
+#   scratch  in a throwaway Compose project of their own (scratch_down removes
+#            it): the checks of stores outside the stack, and a swarm deploy whose
+#            stores are all outside before its network exists.
+jobs_target() {
+	[ -z "${STACK_JOBS_ON:-}" ] || return 0
 	if _stack_python swarm-running; then
-		STACK_ON_SWARM=1
-	fi
-	export STACK_ON_SWARM
-}
-
-# job_compose ARGS: Compose for the one-off jobs; on a swarm they join the swarm
-# stack's stores network (stack/swarm-one-off.yml) from this manager.
-job_compose() {
-	if [ "${STACK_ON_SWARM:-0}" = 1 ]; then
-		_stack_python swarm-compose "$@"
+		STACK_JOBS_ON=swarm
+	elif _stack_python swarm-worker && [ -z "$(compose --profile '*' ps -aq 2>/dev/null)" ]; then
+		die "this machine is a worker of a swarm: run this on a manager of the swarm that runs the stack (never deploy the stack with Compose on its data node while the swarm runs it)"
 	else
-		compose "$@"
+		STACK_JOBS_ON=compose
 	fi
+	export STACK_JOBS_ON
 }
 
-# require_stores_running: the stack's own stores must be up (on Compose or the swarm).
+SCRATCH_SUFFIX=-jobs
+
+# job_compose ARGS: Compose for the one-off jobs, where jobs_target says.
+job_compose() {
+	case "${STACK_JOBS_ON:-compose}" in
+		swarm) _stack_python swarm-compose "$@" ;;
+		scratch) COMPOSE_PROJECT_NAME="$COMPOSE_PROJECT_NAME$SCRATCH_SUFFIX" compose "$@" ;;
+		*) compose "$@" ;;
+	esac
+}
+
+# scratch_down: remove the throwaway project of the scratch jobs, if any.
+scratch_down() {
+	COMPOSE_PROJECT_NAME="$COMPOSE_PROJECT_NAME$SCRATCH_SUFFIX" compose down --remove-orphans --volumes >/dev/null 2>&1 || true
+}
+
+# swarm_network_problem: empty when the one-off jobs can join the swarm stack's
+# stores network; else what to do (one made by an earlier version is not attachable).
+swarm_network_problem() {
+	local net="${COMPOSE_PROJECT_NAME}_backend"
+	[ "$(docker network inspect --format '{{.Attachable}}' "$net" 2>/dev/null)" = true ] \
+		|| echo "the swarm stack's network $net was made by an earlier version, which one-off jobs (backups, restores, gc, the schema check) cannot join: take the stack down with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh --swarm again"
+}
+
+# require_stores_running: the stack's own stores must be up (on Compose or the
+# swarm), and on a swarm its network must take the jobs.
 require_stores_running() {
-	[ -n "$STACK_OWN_STORES" ] || return 0
-	if [ "${STACK_ON_SWARM:-0}" = 1 ]; then
+	if [ "${STACK_JOBS_ON:-compose}" = swarm ]; then
+		local problem
+		problem="$(swarm_network_problem)"
+		[ -z "$problem" ] || die "$problem"
+		[ -n "$STACK_OWN_STORES" ] || return 0
 		# shellcheck disable=SC2086 # the stores' service names: single words
 		_stack_python swarm-check $STACK_OWN_STORES \
 			|| die "the swarm stack's stores are not running as deployed (above): run ./stack_deploy.sh --swarm first"
-	else
+	elif [ -n "$STACK_OWN_STORES" ]; then
 		# shellcheck disable=SC2086 # the stores' service names: single words
 		require_running $STACK_OWN_STORES
 	fi
+}
+
+# swarm_failed HINT: show the swarm stack's tasks (their errors say why), then die.
+swarm_failed() {
+	echo >&2
+	docker stack ps --no-trunc --format '{{.Name}} on {{.Node}}: {{.CurrentState}} {{.Error}}' "$COMPOSE_PROJECT_NAME" >&2 || true
+	die "$1"
 }
 
 # confirm PROMPT: yes when ASSUME_YES=1; refuses without a terminal to ask on.

@@ -23,6 +23,8 @@
   swarm-check [SERVICE...]                exit 1, saying why, unless every swarm service (or those named)
                                           runs as deployed
   swarm-backup-env                        export lines for a backup of the swarm stack (its images, MLflow version)
+  swarm-servers                           STACK_SERVICE=REPLICAS of the server tier in the deployed stack file
+                                          (what a restore stops and starts again)
   users ...                               ./stack_users.sh
 """
 
@@ -257,7 +259,7 @@ def cmd_swarm_file(args) -> int:
     target = Path(args.path) if args.path else paths.state_dir() / "swarm-stack.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     stores = target.with_name(target.stem + "-stores-only" + target.suffix)
-    first = target.with_name(target.stem + "-stores" + target.suffix)
+    first = target.with_name(target.stem + "-stores-and-jobs" + target.suffix)
     target.write_text(json.dumps(document, indent=1) + "\n")
     stores.write_text(json.dumps(swarm.stores_first(document, config, with_jobs=False), indent=1) + "\n")
     first.write_text(json.dumps(swarm.stores_first(document, config), indent=1) + "\n")
@@ -310,6 +312,16 @@ def cmd_swarm_check(args) -> int:
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def cmd_swarm_servers(_args) -> int:
+    path = paths.state_dir() / "swarm-stack.json"
+    if not path.exists():
+        raise swarm.SwarmError(f"{path} is missing: run the restore on the manager that deployed the stack, or "
+                               "run ./stack_deploy.sh --swarm here first")
+    for name, replicas in swarm.servers(json.loads(path.read_text())).items():
+        print(f"{paths.project_name()}_{name}={replicas}")
+    return 0
 
 
 def cmd_swarm_backup_env(_args) -> int:
@@ -370,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("services", nargs="*")
     p.set_defaults(func=cmd_swarm_check)
     sub.add_parser("swarm-backup-env").set_defaults(func=cmd_swarm_backup_env)
+    sub.add_parser("swarm-servers").set_defaults(func=cmd_swarm_servers)
     sub.add_parser("swarm-running").set_defaults(func=cmd_swarm_running)
     sub.add_parser("swarm-prune").set_defaults(func=cmd_swarm_prune)
     sub.add_parser("swarm-worker").set_defaults(func=cmd_swarm_worker)

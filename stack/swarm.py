@@ -59,6 +59,8 @@ BUILT_HERE = ("mlflow-stack/", "mlflow-stack-standin/")
 ONE_OFF_NETWORK = "backend"
 # The job the servers' schema comes from (those that depend on it in Compose wait for it on a swarm).
 MIGRATE = "migrate"
+# What tells those that wait for it (the entrypoint waits until the schema is current).
+WAIT_FOR_SCHEMA = "STACK_WAIT_FOR_SCHEMA"
 
 KEPT = {"image", "command", "entrypoint", "environment", "healthcheck", "logging", "networks", "read_only",
         "cap_add", "cap_drop", "secrets", "user", "init", "stop_grace_period", "stop_signal", "working_dir",
@@ -254,7 +256,7 @@ def stack_file(config: Mapping[str, Any], registry: str = "", private_files=(), 
             raise SwarmError(f"service {name}: security_opt {sorted(hardening)} has no Swarm form; stack/swarm.py "
                              "drops only no-new-privileges (Swarm services cannot set it)")
         if name in waiting:
-            out["environment"] = {**out.get("environment", {}), "STACK_WAIT_FOR_SCHEMA": "true"}
+            out["environment"] = {**out.get("environment", {}), WAIT_FOR_SCHEMA: "true"}
         # Compose's secrets under /run/secrets by their own names, as in Compose.
         out["secrets"] = [{"source": secret_names[ref["source"]], "target": ref["source"]}
                           for ref in svc.get("secrets", [])]
@@ -400,6 +402,13 @@ def unsettled(rows: list[dict]) -> list[str]:
         elif row["update"] in ("updating", "paused", "rollback_started", "rollback_paused", "rollback_completed"):
             problems.append(f"{row['Name']}: update {row['update']}")
     return problems
+
+
+def servers(document: Mapping[str, Any]) -> dict[str, int]:
+    """{service: replicas} of the stack file's server tier: the services that wait for the
+    schema (what a restore stops while it replaces the data, and starts again)."""
+    return {name: int(svc["deploy"]["replicas"]) for name, svc in sorted(document["services"].items())
+            if (svc.get("environment") or {}).get(WAIT_FOR_SCHEMA) == "true"}
 
 
 def stores_first(document: Mapping[str, Any], config: Mapping[str, Any], with_jobs: bool = True) -> dict:

@@ -201,8 +201,11 @@ def test_the_stack_settles_across_the_nodes(deployed, cluster, capsys):
                 docker("secret", "ls", "--format", "{{.Name}}").stdout.split(),
                 docker("config", "ls", "--format", "{{.Name}}").stdout.split())
     before = state()
-    deploy(deployed)
+    again = deploy(deployed)
     assert state() == before
+    # The schema is checked by a one-off job before the migrate job runs, each deploy.
+    assert "Schema: empty" in deployed.first_deploy.stderr, deployed.first_deploy.stderr[-3000:]
+    assert "Schema: current" in again.stderr, again.stderr[-3000:]
     shown = deployed.script("show_all.sh").stdout
     assert "on a Docker Swarm" in shown and "mlflow" in shown, shown
     for node in replicas:
@@ -222,8 +225,6 @@ def test_backup_and_restore_from_the_manager(deployed, capsys):
     (attachable) stores network; the sets land in BACKUP_DIR here."""
     project = project_of(deployed)
     values = deployed.values()
-    # The deploy checked the schema with such a one-off job before migrate ran (and again on the re-deploy).
-    assert "Schema: empty" in deployed.first_deploy.stderr, deployed.first_deploy.stderr[-3000:]
     made = deployed.script("db/db_volume_backup.sh")
     path = Path(made.stdout.strip().splitlines()[-1])
     manifest = json.loads((path / "manifest.json").read_text())
@@ -244,8 +245,10 @@ def test_backup_and_restore_from_the_manager(deployed, capsys):
 
     restored = deployed.script("db/db_volume_restore.sh", str(path), "--yes")
     assert "all match the manifest" in restored.stderr, restored.stderr[-3000:]
-    safety = sorted(path.parent.glob("mlflow-backup-*"))
-    assert any(json.loads((p / "manifest.json").read_text())["kind"] == "pre-restore" for p in safety), safety
+    sets = {p: json.loads((p / "manifest.json").read_text()) for p in sorted(path.parent.glob("mlflow-backup-*"))}
+    safety = [p for p, m in sets.items() if m["kind"] == "pre-restore"]
+    # The safety set holds what the restore replaced: the run logged after the backup too.
+    assert len(safety) == 1 and sets[safety[0]]["tables"]["runs"] == manifest["tables"]["runs"] + 1, sets
     assert psql(deployed, f"SELECT count(*) FROM runs WHERE run_uuid = '{later_run}'") == "0"
     assert int(psql(deployed, "SELECT count(*) FROM runs")) == manifest["tables"]["runs"]
     assert swarm.unsettled(swarm.services(project)) == []
@@ -253,11 +256,12 @@ def test_backup_and_restore_from_the_manager(deployed, capsys):
     # What the set held reads back through nginx, checksums included.
     deployed.client("read", str(deployed.workdir / "run.json"))
     shown = deployed.script("show_all.sh").stdout
-    assert f"latest set     {safety[-1].name}" in shown, shown
+    assert f"latest set     {sorted(sets)[-1].name}" in shown, shown
     gc = deployed.script("stack_gc.sh", "--dry-run")
+    assert "dry run, nothing changed: 0 runs" in gc.stdout + gc.stderr, gc.stdout + gc.stderr
     with capsys.disabled():
-        print(f"\nswarm backup: {manifest['tables']['runs']} runs, {manifest['objects']['count']} objects; "
-              f"gc dry run: {gc.stdout.strip().splitlines()[-1] if gc.stdout.strip() else gc.stderr.strip()[-200:]}")
+        print(f"\nswarm backup: {manifest['tables']['runs']} runs, {manifest['objects']['count']} objects, "
+              f"restored; the safety set held {sets[safety[0]]['tables']['runs']} runs")
 
 
 def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:

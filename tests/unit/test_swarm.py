@@ -267,12 +267,21 @@ def test_one_off_jobs_join_the_swarm_stacks_stores_network(tmp_path):
                                         "STACK_CERT_DIR": str(tmp_path / "certs"), "COMPOSE_PROJECT_NAME": "team-a"},
                                        on_swarm=True)
     assert str(paths.SWARM_ONE_OFF_FILE) in argv
-    result = subprocess.run([*argv, "--profile", "backup", "config", "--format", "json"], capture_output=True,
-                            text=True, env=environ, check=True)
+    result = subprocess.run([*argv, "--profile", "backup", "--profile", "gc", "config", "--format", "json"],
+                            capture_output=True, text=True, env=environ, check=True)
     on_swarm = json.loads(result.stdout)
-    backend = on_swarm["networks"]["backend"]
+    # The network the override names is the one the stack file makes attachable.
+    assert set(on_swarm["networks"]) >= {swarm.ONE_OFF_NETWORK}
+    backend = on_swarm["networks"][swarm.ONE_OFF_NETWORK]
     assert (backend["name"], backend["external"], backend.get("internal")) == ("team-a_backend", True, None)
-    for service in ("migrate", "backup"):
-        assert on_swarm["services"][service]["networks"] == {"backend": None}
+    for service in ("migrate", "backup", "gc"):
+        assert on_swarm["services"][service]["networks"] == {swarm.ONE_OFF_NETWORK: None}
     assert on_swarm["services"]["migrate"] == plain["services"]["migrate"]
     assert on_swarm["secrets"] == plain["secrets"]
+
+
+def test_the_server_tier_a_restore_stops_comes_from_the_stack_file(config):
+    document = make(config)
+    assert swarm.servers(document) == {"gc": 1, "mlflow": 1}
+    document["services"]["mlflow"]["deploy"]["replicas"] = 3
+    assert swarm.servers(document)["mlflow"] == 3

@@ -5,6 +5,7 @@ import urllib.parse
 
 import pytest
 
+from stack import settings
 from stack.paths import ROOT
 
 _spec = importlib.util.spec_from_file_location("entrypoint", ROOT / "mlflow" / "entrypoint.py")
@@ -123,6 +124,14 @@ def test_secrets_stay_off_the_command_line(environ, tmp_path):
     assert env["AWS_SECRET_ACCESS_KEY"] == "s3-secret-value"
     for value in ("p@ss", "p%40ss", "s3-secret-value"):
         assert value not in argv
+
+
+def test_the_connection_pools_keep_what_they_open(environ, tmp_path):
+    """No connection beyond the pool (each would be closed after one use); the most a
+    worker holds is what stack/settings.py sizes PostgreSQL's max_connections by."""
+    env = ep.server_environment(environ, runtime_dir=str(tmp_path / "rt"))
+    assert env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"] == "0"
+    assert 3 * int(env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) == settings.CONNECTIONS_PER_WORKER
 
 
 def test_auth_on_writes_a_private_ini_for_its_own_database(environ, tmp_path):

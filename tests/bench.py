@@ -1,7 +1,7 @@
 """Benchmarks of a deployed stack, as a client sees it: prints figures, asserts nothing.
 
     eval "$(./show_all.sh --client-env)" && .venv/bin/python tests/bench.py [--artifact-mib 100]
-    ... tests/bench.py --compare [--rounds 3] [--artifact-mib 100]   (see bench_compare.py)
+    ... tests/bench.py --compare [--rounds 3] [--artifact-mib 100,1024]   (see bench_compare.py)
 
 Measures single log_metric calls (requests/s, p50/p95), log_batch of 1000
 metrics (metrics/s), and an artifact upload and download through the server
@@ -150,15 +150,17 @@ def run_compare(args) -> int:
     print(f"the stack at {os.environ['MLFLOW_TRACKING_URI']} against a plain `mlflow server` ({args.image}, "
           f"{bench_compare.PLAIN_WORKERS} workers, SQLite, HTTP); medians of {args.rounds} alternating rounds; "
           f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}", flush=True)
+    sizes = [int(size) for size in args.artifact_mib.split(",")]
     rows = bench_compare.compare(args.image, os.environ["MLFLOW_TRACKING_URI"], creds, stack_s3(), args.rounds,
-                                 args.calls, args.batches, args.artifact_mib, stack_containers=stack_servers())
-    print(bench_compare.table(rows, args.artifact_mib))
+                                 args.calls, args.batches, sizes, stack_containers=stack_servers())
+    print(bench_compare.table(rows, sizes))
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact-mib", type=int, default=100)
+    parser.add_argument("--artifact-mib", default="100",
+                        help="artifact size in MiB; with --compare, sizes separated by commas (e.g. 100,1024)")
     parser.add_argument("--compare", action="store_true",
                         help="measure a plain `mlflow server` (from --image) in the same run, alternating, "
                              "and print a table with the ratios")
@@ -170,7 +172,7 @@ def main() -> int:
     if args.compare:
         return run_compare(args)
     print(f"benchmark against {mlflow.get_tracking_uri()} (medians of 3 rounds)")
-    for name, value in {**bench(args.artifact_mib), **ui_first_load_bytes()}.items():
+    for name, value in {**bench(int(args.artifact_mib.split(",")[0])), **ui_first_load_bytes()}.items():
         print(f"  {name:<42} {value:10.1f}")
     return 0
 

@@ -25,6 +25,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 PLAIN_WORKERS = 4  # mlflow server's default, passed explicitly
 
@@ -192,19 +193,22 @@ def boto3_round(blob: Path, mib: int, s3: dict[str, str]) -> tuple[float, float]
 
 
 def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[str, str], rounds: int,
-            calls: int, batches: int, artifact_mib: int, concurrency=(1, 4, 16),
+            calls: int, batches: int, artifact_mib: Iterable[int], concurrency=(1, 4, 16),
             stack_containers: list[str] = ()) -> list[tuple[str, float, float]]:
-    """Rows (measure, plain, stack): medians over the rounds, the two sides alternating."""
+    """Rows (measure, plain, stack): medians over the rounds, the two sides alternating;
+    one artifact round per size in artifact_mib (MiB)."""
     results: dict[str, dict[str, list[float]]] = {}
 
     def add(side: str, name: str, value: float) -> None:
         results.setdefault(name, {"plain": [], "stack": []})[side].append(value)
 
     work = Path(tempfile.mkdtemp())
-    blob = work / f"compare-{artifact_mib}mib.bin"
-    with open(blob, "wb") as fh:
-        for _ in range(artifact_mib):
-            fh.write(os.urandom(1 << 20))
+    blobs = {}
+    for mib in artifact_mib:
+        blobs[mib] = work / f"compare-{mib}mib.bin"
+        with open(blobs[mib], "wb") as fh:
+            for _ in range(mib):
+                fh.write(os.urandom(1 << 20))
     with plain_server(image) as (plain_uri, plain_container):
         sides = {"plain": (plain_uri, {}), "stack": (stack_uri, stack_creds)}
         servers = {"plain": [plain_container], "stack": stack_containers}
@@ -222,13 +226,16 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
                         if before is not None and after is not None:
                             add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: server CPU ms per 1000",
                                 (after - before) * 1000 / (n * batches))
-                    up, down = artifact_round(blob, artifact_mib)
-                    add(side, f"artifact {artifact_mib} MiB up: MiB/s", up)
-                    add(side, f"artifact {artifact_mib} MiB down: MiB/s", down)
-            up, down = boto3_round(blob, artifact_mib, s3)
-            add("stack", f"boto3 to the S3 port {artifact_mib} MiB up: MiB/s", up)
-            add("stack", f"boto3 to the S3 port {artifact_mib} MiB down: MiB/s", down)
-    blob.unlink()
+                    for mib, blob in blobs.items():
+                        up, down = artifact_round(blob, mib)
+                        add(side, f"artifact {mib} MiB up: MiB/s", up)
+                        add(side, f"artifact {mib} MiB down: MiB/s", down)
+            for mib, blob in blobs.items():
+                up, down = boto3_round(blob, mib, s3)
+                add("stack", f"boto3 to the S3 port {mib} MiB up: MiB/s", up)
+                add("stack", f"boto3 to the S3 port {mib} MiB down: MiB/s", down)
+    for blob in blobs.values():
+        blob.unlink()
     rows = []
     for name, sides_values in results.items():
         plain = statistics.median(sides_values["plain"]) if sides_values["plain"] else float("nan")
@@ -237,7 +244,7 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
     return rows
 
 
-def table(rows: list[tuple[str, float, float]], artifact_mib: int) -> str:
+def table(rows: list[tuple[str, float, float]], artifact_mib: Iterable[int]) -> str:
     """Markdown: each measure with both sides and stack/plain (for p50 and CPU, plain/stack: higher is better);
     the artifact rows also against boto3 on the stack's S3 port."""
     by_name = {name: (plain, stack) for name, plain, stack in rows}
@@ -248,10 +255,11 @@ def table(rows: list[tuple[str, float, float]], artifact_mib: int) -> str:
         # Lower is better for latency and CPU: the ratio is then plain / stack.
         ratio = plain / stack if name.endswith(("p50 ms", "per 1000")) else stack / plain
         lines.append(f"| {name} | {plain:,.1f} | {stack:,.1f} | {ratio:.2f} |")
-    for direction in ("up", "down"):
-        raw = by_name.get(f"boto3 to the S3 port {artifact_mib} MiB {direction}: MiB/s")
-        through = by_name.get(f"artifact {artifact_mib} MiB {direction}: MiB/s")
-        if raw and through:
-            lines.append(f"| artifact {direction} through MLflow / boto3 to the S3 port | | "
-                         f"{through[1]:,.1f} / {raw[1]:,.1f} | {through[1] / raw[1]:.2f} |")
+    for mib in artifact_mib:
+        for direction in ("up", "down"):
+            raw = by_name.get(f"boto3 to the S3 port {mib} MiB {direction}: MiB/s")
+            through = by_name.get(f"artifact {mib} MiB {direction}: MiB/s")
+            if raw and through:
+                lines.append(f"| artifact {mib} MiB {direction} through MLflow / boto3 to the S3 port | | "
+                             f"{through[1]:,.1f} / {raw[1]:,.1f} | {through[1] / raw[1]:.2f} |")
     return "\n".join(lines)

@@ -144,10 +144,9 @@ step_schema() {
 	local -n note="$1"
 	note=""
 	if [ "$SWARM" = 1 ]; then
-		# Stores all outside, first deploy: no swarm network to join yet.
-		STACK_JOBS_ON=swarm
-		docker network inspect "${COMPOSE_PROJECT_NAME}_backend" >/dev/null 2>&1 || STACK_JOBS_ON=scratch
-		export STACK_JOBS_ON
+		jobs_target --swarm-deploy
+	else
+		jobs_target --compose-deploy
 	fi
 	if [[ " $STACK_OWN_STORES " == *" db "* ]]; then
 		if [ "$SWARM" = 0 ]; then

@@ -83,9 +83,8 @@ stop_servers() {
 		compose --profile gc stop nginx mlflow gc >&2
 		return 0
 	fi
-	mapfile -t SWARM_SERVERS < <(stack_py swarm-servers)
 	timeout "${DEPLOY_TIMEOUT:-900}" docker service scale --detach=false "${SWARM_SERVERS[@]/%=*/=0}" >/dev/null \
-		|| swarm_failed "the servers did not stop; nothing was changed. To start them again: $SWARM_FIX"
+		|| swarm_failed "the servers did not stop; nothing was restored. To start them again: $SWARM_FIX"
 }
 
 # start_servers HINT: start what stop_servers stopped and wait until healthy.
@@ -109,6 +108,12 @@ start_servers() {
 restore_live() {
 	require_stores_running
 	servers_deployed || die "the stack is not deployed: run ./stack_deploy.sh first, then restore"
+	if [ "$STACK_JOBS_ON" = swarm ]; then
+		local servers
+		servers="$(stack_py swarm-servers)"
+		mapfile -t SWARM_SERVERS <<<"$servers"
+		[ -n "${SWARM_SERVERS[0]}" ] || die "the swarm stack file names no server service; run ./stack_deploy.sh --swarm here first"
+	fi
 	local counts runs safety=""
 	counts="$(backup_job -- counts)"
 	runs="$(python3 -c 'import json,sys; c=json.loads(sys.argv[1]); print(c.get("runs", 0) + max(c.get("experiments", 0) - 1, 0))' "$counts")"
@@ -117,12 +122,12 @@ restore_live() {
 			|| die "nothing changed"
 	fi
 	stop_servers
-	local restart="to start the server again: ./stack_deploy.sh"
-	[ "$STACK_JOBS_ON" = swarm ] && restart="$SWARM_FIX"
 	if [ "$counts" != "{}" ]; then
 		log "Safety backup of the current data"
-		safety="$(backup_job -- backup --kind pre-restore)" \
-			|| die "the safety backup failed (see above); nothing was restored, and the server is stopped: $restart"
+		if ! safety="$(backup_job -- backup --kind pre-restore)"; then
+			start_servers "The safety backup failed (see above) and nothing was restored; fix the cause"
+			die "the safety backup failed (see above); nothing was restored, and the server runs again"
+		fi
 		log "Safety set: $BACKUP_DIR/$safety"
 	fi
 	if ! backup_job "${SET_MOUNT[@]}" -- restore "/restore/$NAME"; then

@@ -198,9 +198,9 @@ def server_environment(environ=None, runtime_dir: str = RUNTIME_DIR) -> dict[str
         # The job runner costs ~1.6 GiB; only needed for MLflow's async jobs.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": setting("MLFLOW_ENABLE_JOBS", environ),
         "MLFLOW_API_MAX_BODY_MB": setting("MLFLOW_API_MAX_BODY_MB", environ),
-        # The same most connections as SQLAlchemy's default pool, kept open (stack/settings.py).
+        # The same most connections as SQLAlchemy's default pool, nearly all kept open (stack/settings.py).
         "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": str(settings.POOL_SIZE),
-        "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "0",
+        "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": str(settings.MAX_OVERFLOW),
         # Wraps the AI gateway's stored secrets; MLflow's fallback is the same everywhere.
         "MLFLOW_CRYPTO_KEK_PASSPHRASE": secret("MLFLOW_CRYPTO_KEK_PASSPHRASE", environ),
         **trust_environment(environ, runtime_dir),

@@ -72,25 +72,41 @@ load_compose_env() {
 	eval "$exports"
 }
 
-# jobs_target: where the one-off jobs (backups, restores, gc, the schema check)
-# run, in STACK_JOBS_ON, decided once per script run:
+# jobs_target [--compose-deploy|--swarm-deploy]: where the one-off jobs
+# (backups, restores, gc, the schema check) run, in STACK_JOBS_ON, decided once
+# per script run:
 #   compose  beside the Compose stack, on its network;
 #   swarm    from this manager, on the swarm stack's attachable stores network
 #            (stack/swarm-one-off.yml);
 #   scratch  in a throwaway Compose project of their own (scratch_down removes
-#            it): the checks of stores outside the stack, and a swarm deploy whose
-#            stores are all outside before its network exists.
+#            its network): the check of stores outside the stack (step_stores),
+#            and a swarm deploy whose stores are all outside, before its network
+#            exists.
+# A deploy says which it is; the other scripts find the stack where it runs.
 jobs_target() {
 	[ -z "${STACK_JOBS_ON:-}" ] || return 0
-	if _stack_python swarm-running; then
-		STACK_JOBS_ON=swarm
-	elif _stack_python swarm-worker && [ -z "$(compose --profile '*' ps -aq 2>/dev/null)" ]; then
-		die "this machine is a worker of a swarm: run this on a manager of the swarm that runs the stack (never deploy the stack with Compose on its data node while the swarm runs it)"
-	else
-		STACK_JOBS_ON=compose
-	fi
+	case "${1:-}" in
+		--compose-deploy) STACK_JOBS_ON=compose ;;
+		--swarm-deploy)
+			STACK_JOBS_ON=scratch
+			if docker network inspect "${COMPOSE_PROJECT_NAME}_backend" >/dev/null 2>&1; then
+				STACK_JOBS_ON=swarm
+			fi
+			;;
+		*)
+			if _stack_python swarm-running; then
+				STACK_JOBS_ON=swarm
+			elif _stack_python swarm-worker && [ -z "$(compose --profile '*' ps -aq 2>/dev/null)" ]; then
+				die "this machine is a worker of a swarm: run this on a manager of the swarm that runs the stack (never deploy the stack with Compose on its data node while the swarm runs it)"
+			else
+				STACK_JOBS_ON=compose
+			fi
+			;;
+	esac
 	export STACK_JOBS_ON
 }
+# Decided here, never taken from the caller's environment.
+unset STACK_JOBS_ON
 
 SCRATCH_SUFFIX=-jobs
 
@@ -103,9 +119,10 @@ job_compose() {
 	esac
 }
 
-# scratch_down: remove the throwaway project of the scratch jobs, if any.
+# scratch_down: remove the network the scratch jobs made (their containers went
+# with `run --rm`). Only that network, by name: a busy one is left alone.
 scratch_down() {
-	COMPOSE_PROJECT_NAME="$COMPOSE_PROJECT_NAME$SCRATCH_SUFFIX" compose down --remove-orphans --volumes >/dev/null 2>&1 || true
+	docker network rm "$COMPOSE_PROJECT_NAME${SCRATCH_SUFFIX}_backend" >/dev/null 2>&1 || true
 }
 
 # swarm_network_problem: empty when the one-off jobs can join the swarm stack's

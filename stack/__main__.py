@@ -261,6 +261,8 @@ def cmd_swarm_file(args) -> int:
     stores = target.with_name(target.stem + "-stores-only" + target.suffix)
     first = target.with_name(target.stem + "-stores-and-jobs" + target.suffix)
     target.write_text(json.dumps(document, indent=1) + "\n")
+    # The name the stores-and-jobs part had before the stores-only part came.
+    target.with_name(target.stem + "-stores" + target.suffix).unlink(missing_ok=True)
     stores.write_text(json.dumps(swarm.stores_first(document, config, with_jobs=False), indent=1) + "\n")
     first.write_text(json.dumps(swarm.stores_first(document, config), indent=1) + "\n")
     print(stores)

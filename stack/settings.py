@@ -71,12 +71,14 @@ def positive_number(unit: str) -> Rule:
 PROFILES = ("backup", "gc", "monitoring")
 
 # Each of a server worker's three stores (tracking, model registry, basic-auth
-# users) keeps up to POOL_SIZE connections open and opens none beyond them.
-# SQLAlchemy's default (5, with 10 more on demand) closes every extra connection
-# after one use, and a new PostgreSQL connection costs a process and a SCRAM
-# login: at 16 client threads, one new connection per 7 requests (measured).
-POOL_SIZE = 15
-CONNECTIONS_PER_WORKER = 3 * POOL_SIZE
+# users) keeps up to POOL_SIZE connections open, and opens MAX_OVERFLOW more on
+# demand, each closed after one use. SQLAlchemy's default (5 kept, 10 more) made
+# a new PostgreSQL connection (a process and a SCRAM login) for one request in 7
+# at 16 client threads (measured). MLflow drops a MAX_OVERFLOW of 0 (`if value:`)
+# and SQLAlchemy then allows 10 more: hence 1.
+POOL_SIZE = 14
+MAX_OVERFLOW = 1
+CONNECTIONS_PER_WORKER = 3 * (POOL_SIZE + MAX_OVERFLOW)
 # What the one-shot jobs, backups, gc and the exporters may hold besides.
 CONNECTIONS_OTHERS = 20
 
@@ -285,7 +287,7 @@ SETTINGS: tuple[Setting, ...] = (
                 "MLFLOW_REPLICAS=1: each server keeps its own job queue and periodic tasks."),
     Setting("POSTGRES_MAX_CONNECTIONS", "200", integer(50, 5000), section=SERVER, services=("db",),
             doc=f"PostgreSQL's max_connections. Each server worker may hold up to {CONNECTIONS_PER_WORKER} (three "
-                f"connection pools of {POOL_SIZE}, kept open once opened), and the jobs and exporters up to {CONNECTIONS_OTHERS} "
+                f"connection pools of {POOL_SIZE} kept open once opened, plus {MAX_OVERFLOW} on demand), and the jobs and exporters up to {CONNECTIONS_OTHERS} "
                 "more: a deploy "
                 "refuses MLFLOW_REPLICAS x MLFLOW_WORKERS that do not fit. The stack's own PostgreSQL only."),
 

@@ -150,16 +150,25 @@ def run_compare(args) -> int:
     print(f"the stack at {os.environ['MLFLOW_TRACKING_URI']} against a plain `mlflow server` ({args.image}, "
           f"{bench_compare.PLAIN_WORKERS} workers, SQLite, HTTP); medians of {args.rounds} alternating rounds; "
           f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}", flush=True)
-    sizes = [int(size) for size in args.artifact_mib.split(",")]
     rows = bench_compare.compare(args.image, os.environ["MLFLOW_TRACKING_URI"], creds, stack_s3(), args.rounds,
-                                 args.calls, args.batches, sizes, stack_containers=stack_servers())
-    print(bench_compare.table(rows, sizes))
+                                 args.calls, args.batches, args.artifact_mib, stack_containers=stack_servers())
+    print(bench_compare.table(rows, args.artifact_mib))
     return 0
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: whole numbers of MiB, separated by commas") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes of at least 1 MiB")
+    return sizes
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--artifact-mib", default="100",
+    parser.add_argument("--artifact-mib", default=[100], type=_sizes,
                         help="artifact size in MiB; with --compare, sizes separated by commas (e.g. 100,1024)")
     parser.add_argument("--compare", action="store_true",
                         help="measure a plain `mlflow server` (from --image) in the same run, alternating, "
@@ -169,10 +178,12 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=100, help="log_metric calls per thread per round")
     parser.add_argument("--batches", type=int, default=5, help="log_batch calls per thread per round")
     args = parser.parse_args()
+    if len(args.artifact_mib) > 1 and not args.compare:
+        parser.error("several --artifact-mib sizes need --compare")
     if args.compare:
         return run_compare(args)
     print(f"benchmark against {mlflow.get_tracking_uri()} (medians of 3 rounds)")
-    for name, value in {**bench(int(args.artifact_mib.split(",")[0])), **ui_first_load_bytes()}.items():
+    for name, value in {**bench(args.artifact_mib[0]), **ui_first_load_bytes()}.items():
         print(f"  {name:<42} {value:10.1f}")
     return 0
 

@@ -126,12 +126,22 @@ def test_secrets_stay_off_the_command_line(environ, tmp_path):
         assert value not in argv
 
 
-def test_the_connection_pools_keep_what_they_open(environ, tmp_path):
-    """No connection beyond the pool (each would be closed after one use); the most a
-    worker holds is what stack/settings.py sizes PostgreSQL's max_connections by."""
+def test_the_connection_pools_keep_what_they_open(environ, tmp_path, monkeypatch):
+    """MLflow's own engine factory, given the server's environment, makes pools that keep
+    nearly every connection (an overflow one is closed after one use), and whose most is
+    what stack/settings.py sizes PostgreSQL's max_connections by (three stores a worker)."""
+    from unittest import mock
+
+    import mlflow.store.db.utils as db_utils
+
     env = ep.server_environment(environ, runtime_dir=str(tmp_path / "rt"))
-    assert env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"] == "0"
-    assert 3 * int(env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"]) == settings.CONNECTIONS_PER_WORKER
+    for key in ("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"):
+        monkeypatch.setenv(key, env[key])
+    with mock.patch.object(db_utils.sqlalchemy, "create_engine") as create_engine:
+        db_utils.create_sqlalchemy_engine("postgresql://u:p@db:5432/mlflow")
+    kwargs = create_engine.call_args.kwargs
+    assert kwargs["pool_size"] >= 10 and kwargs["max_overflow"] <= 2, kwargs
+    assert 3 * (kwargs["pool_size"] + kwargs["max_overflow"]) == settings.CONNECTIONS_PER_WORKER
 
 
 def test_auth_on_writes_a_private_ini_for_its_own_database(environ, tmp_path):

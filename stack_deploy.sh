@@ -103,11 +103,7 @@ step_network() {
 	internal="$(docker network inspect --format '{{.Internal}}' "$net" 2>/dev/null)" || return 0
 	[ "$internal" = "$STACK_BACKEND_INTERNAL" ] \
 		|| die "POSTGRES_HOST or S3_ENDPOINT_URL changed between the stack's own stores and stores outside it, and the stack's network $net was made for the other way: take the stack down first with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh again"
-	if [ "$SWARM" = 1 ]; then
-		local problem
-		problem="$(swarm_network_problem)"
-		[ -z "$problem" ] || die "$problem"
-	fi
+	[ "$SWARM" = 0 ] || require_swarm_network
 }
 
 # step_stores: the stores outside the stack (POSTGRES_HOST, S3_ENDPOINT_URL) must

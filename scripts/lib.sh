@@ -125,21 +125,19 @@ scratch_down() {
 	docker network rm "$COMPOSE_PROJECT_NAME${SCRATCH_SUFFIX}_backend" >/dev/null 2>&1 || true
 }
 
-# swarm_network_problem: empty when the one-off jobs can join the swarm stack's
-# stores network; else what to do (one made by an earlier version is not attachable).
-swarm_network_problem() {
+# require_swarm_network: the one-off jobs must be able to join the swarm stack's
+# stores network (one made by an earlier version is not attachable).
+require_swarm_network() {
 	local net="${COMPOSE_PROJECT_NAME}_backend"
 	[ "$(docker network inspect --format '{{.Attachable}}' "$net" 2>/dev/null)" = true ] \
-		|| echo "the swarm stack's network $net was made by an earlier version, which one-off jobs (backups, restores, gc, the schema check) cannot join: take the stack down with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh --swarm again"
+		|| die "the swarm stack's network $net was made by an earlier version, which one-off jobs (backups, restores, gc, the schema check) cannot join: take the stack down with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh --swarm again"
 }
 
 # require_stores_running: the stack's own stores must be up (on Compose or the
 # swarm), and on a swarm its network must take the jobs.
 require_stores_running() {
 	if [ "${STACK_JOBS_ON:-compose}" = swarm ]; then
-		local problem
-		problem="$(swarm_network_problem)"
-		[ -z "$problem" ] || die "$problem"
+		require_swarm_network
 		[ -n "$STACK_OWN_STORES" ] || return 0
 		# shellcheck disable=SC2086 # the stores' service names: single words
 		_stack_python swarm-check $STACK_OWN_STORES \

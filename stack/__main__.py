@@ -331,7 +331,7 @@ def cmd_swarm_backup_env(_args) -> int:
     version in the server's image (asked of the image here: its tasks may run on other nodes)."""
     project = paths.project_name()
     images = swarm.service_images(project)
-    version = swarm.image_python(images.get("mlflow", ""), "import mlflow; print(mlflow.__version__)")
+    version = swarm.image_python(images.get("mlflow", ""), common.MLFLOW_VERSION_CODE)
     sys.stdout.write(compose.export_lines([
         ("STACK_IMAGES", ",".join(f"{name}={image}" for name, image in sorted(images.items()))),
         ("STACK_MLFLOW_VERSION", version)]))

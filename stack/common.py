@@ -130,6 +130,9 @@ def write_ca_bundle(extra: Path, dest: Path) -> Path:
     return dest
 
 
+# What prints the MLflow version inside an image of the server (`python3 -c`).
+MLFLOW_VERSION_CODE = "import mlflow; print(mlflow.__version__)"
+
 # Where in the bucket MLflow keeps artifacts (s3://BUCKET/artifacts/): nothing else of the stack's is there.
 ARTIFACTS_PREFIX = "artifacts"
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import paths, swarm
+from . import common, paths, swarm
 from .compose import invocation as compose_invocation
 from .common import host_port
 
@@ -177,7 +177,7 @@ def mlflow_lines(values: dict[str, str], running: set[str], compose: tuple[list[
     argv, env = compose
     lines = []
     if "mlflow" in running:
-        code, out = _run([*argv, "exec", "-T", "mlflow", "python3", "-c", "import mlflow; print(mlflow.__version__)"],
+        code, out = _run([*argv, "exec", "-T", "mlflow", "python3", "-c", common.MLFLOW_VERSION_CODE],
                          env=env)
         lines.append(f"  version        {out if code == 0 else 'unknown'}")
     else:

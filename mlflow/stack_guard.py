@@ -17,6 +17,7 @@ import base64
 import json
 import os
 import sys
+import threading
 import urllib.parse
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ITEMS = 1000, 100, 100, 1000
@@ -337,12 +338,77 @@ async def _error(send, exc: Invalid) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+class SingleFlight:
+    """One call per key at a time; callers that arrive meanwhile wait for it."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._calls: dict = {}
+
+    def run(self, key, fn):
+        with self._guard:
+            entry = self._calls.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                return fn()
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._calls[key]
+
+
+def single_flight_logins() -> None:
+    """When a cached login expires under load, every request in flight with it
+    misses MLflow's login cache at once and each checks the password (PBKDF2,
+    ~0.2 s of CPU): 16 client threads cost 3 s of CPU per worker every
+    MLFLOW_AUTH_CACHE_SECONDS. Here one request checks it; the others wait and
+    then find it in the cache. A wrong password is still checked every time."""
+    from mlflow.server import auth
+
+    if auth._USER_AUTH_CACHE is None or getattr(auth._authenticate_cached, "single_flight", False):
+        return
+    check, flights = auth._authenticate_cached, SingleFlight()
+
+    def authenticate(username: str, password: str):
+        return flights.run(auth._auth_cache_key(username, password), lambda: check(username, password))
+
+    authenticate.single_flight = True
+    auth._authenticate_cached = authenticate
+
+
+def admin_flag_from_login_cache() -> None:
+    """MLflow's Flask routes ask the database whether the caller is an admin on
+    every request (`sender_is_admin`: a pooled connection's ping, a query and a
+    commit), although the login that was just checked came from the login cache,
+    which holds the user. Its FastAPI routes already use that cached user, so
+    here the Flask routes do too: a changed admin flag takes effect on other
+    workers within MLFLOW_AUTH_CACHE_SECONDS, as a changed password does."""
+    from mlflow.server import auth
+
+    if auth._USER_AUTH_CACHE is None or getattr(auth.sender_is_admin, "from_login_cache", False) \
+            or auth.auth_config.authorization_function != auth.DEFAULT_AUTHORIZATION_FUNCTION:
+        return
+    ask_database = auth.sender_is_admin
+
+    def sender_is_admin():
+        login = auth.authenticate_request()
+        user = auth._authenticate_cached(login.username, login.password)
+        return ask_database() if user is None else bool(user.is_admin)
+
+    sender_is_admin.from_login_cache = True
+    auth.sender_is_admin = sender_is_admin
+
+
 def create_app():
     auth = os.environ.get("MLFLOW_STACK_AUTH", "true") == "true"
     if auth:
         from mlflow.server.auth import create_app as create_auth_app
 
         inner = create_auth_app()
+        single_flight_logins()
+        admin_flag_from_login_cache()
     else:
         from mlflow.server.fastapi_app import app as inner
     return Guard(inner, auth, int(os.environ["MLFLOW_API_MAX_BODY_MB"]) << 20, os.environ.get("MLFLOW_BASE_PATH", ""))

@@ -255,7 +255,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_AUTH_CACHE_SECONDS", "30", integer(0, 3600, "seconds"), section=AUTH, services=("mlflow",),
             doc="Seconds a checked login is remembered per server worker. Checking a password costs "
                 "~0.2 s of CPU (PBKDF2), so 0 makes every API call that slow; the price of caching: a "
-                "changed or deleted login keeps working on other workers for up to this long."),
+                "changed or deleted login, or a changed admin flag, keeps working on other workers for up to "
+                "this long."),
 
     Setting("MLFLOW_VARIANT", "pip", choice("pip", "conda"), section=SERVER, services=("bucket-init", "gc", "migrate", "mlflow", "nginx-exporter"),
             host=("deploy --variant",),

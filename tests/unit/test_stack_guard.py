@@ -217,6 +217,89 @@ def test_admin_check_answers_nginx_for_admins_users_and_strangers(monkeypatch):
     assert _admin_check(guard.Guard(inner, auth=False, max_body=1 << 20), None)[0] == 204
 
 
+def test_an_expired_login_is_checked_once_while_concurrent_requests_wait(monkeypatch):
+    """MLflow's own login cache, with a store that counts password checks: 16
+    requests with an expired login make one check, not 16. Wrong passwords are
+    checked every time, and other logins are not held up meanwhile."""
+    import threading
+
+    from cachetools import TTLCache
+    from mlflow.server import auth
+
+    checks, started, user_b_in = [], threading.Barrier(16), threading.Event()
+
+    class Store:
+        def authenticate_user(self, username, password):
+            checks.append(username)
+            if username == "a":
+                # While a's password is being checked, b's check still runs.
+                assert user_b_in.wait(5), "another login waited for this one"
+            if username == "b":
+                user_b_in.set()
+            return password == "right"
+
+        def get_user(self, username):
+            return type("User", (), {"username": username, "is_admin": False})()
+
+    monkeypatch.setattr(auth, "store", Store())
+    monkeypatch.setattr(auth, "_USER_AUTH_CACHE", TTLCache(maxsize=100, ttl=600))
+    monkeypatch.setattr(auth, "_authenticate_cached", auth._authenticate_cached)
+    guard.single_flight_logins()
+    guard.single_flight_logins()  # a second app in the same process wraps nothing twice
+    results = {}
+
+    def login(i, username, password):
+        if password == "right" and username == "a":
+            started.wait(5)
+        results[i] = auth._authenticate_cached(username, password)
+
+    threads = [threading.Thread(target=login, args=(i, "a", "right")) for i in range(16)]
+    threads.append(threading.Thread(target=login, args=(16, "b", "right")))
+    threads += [threading.Thread(target=login, args=(17 + i, "a", "wrong")) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == list(range(20))
+    assert all(results[i].username == "a" for i in range(16)) and results[16].username == "b"
+    assert [results[i] for i in range(17, 20)] == [None] * 3
+    assert checks.count("a") == 1 + 3 and checks.count("b") == 1
+
+
+def test_the_admin_flag_comes_from_the_login_cache(monkeypatch):
+    """MLflow's Flask routes ask whether the caller is an admin: answered from the
+    login just checked, without a query; a change takes effect once the login
+    cache forgets the login (MLflow does that at once in the worker that made it)."""
+    from cachetools import TTLCache
+    from mlflow.server import auth
+
+    admin = {"root": True}
+    queries = []
+
+    class Store:
+        def authenticate_user(self, username, password):
+            return password == "right"
+
+        def get_user(self, username):
+            queries.append(username)
+            return type("User", (), {"username": username, "is_admin": admin[username]})()
+
+    login = type("Login", (), {"username": "root", "password": "right"})()
+    monkeypatch.setattr(auth, "store", Store())
+    monkeypatch.setattr(auth, "_USER_AUTH_CACHE", TTLCache(maxsize=100, ttl=600))
+    monkeypatch.setattr(auth, "authenticate_request", lambda: login)
+    monkeypatch.setattr(auth, "sender_is_admin", auth.sender_is_admin)
+    guard.admin_flag_from_login_cache()
+    guard.admin_flag_from_login_cache()
+    assert auth._authenticate_cached("root", "right").is_admin  # the request's own login check
+    queries.clear()
+    assert [auth.sender_is_admin() for _ in range(5)] == [True] * 5
+    assert queries == []
+    admin["root"] = False
+    auth._invalidate_user_auth_cache("root")
+    assert auth.sender_is_admin() is False
+
+
 UPLOAD = "/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/model.bin"
 
 

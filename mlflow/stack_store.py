@@ -85,7 +85,6 @@ def store_class():
             # then one order for every writer: concurrent calls lock index entries alike.
             newest = newest_per_key(list(rows.values()))
             ordered = [rows[identity] for identity in sorted(rows)]
-            insert = _insert(self.db_type)
             with self.ManagedSessionMaker(read_only=False) as session:
                 run = self._get_run(run_uuid=run_id, session=session)
                 self._check_run_is_active(run)
@@ -94,8 +93,8 @@ def store_class():
                     # once and sends the rows in multi-row batches ("insertmanyvalues"). A plain
                     # INSERT: ON CONFLICT costs PostgreSQL twice the CPU on every row, for a
                     # conflict that only a resent point causes.
-                    session.execute(insert(SqlMetric.__table__), ordered)
-                    self._upsert_latest(session, insert, newest)
+                    session.execute(_insert(self.db_type)(SqlMetric.__table__), ordered)
+                    session.execute(self._latest_upsert(self.db_type), newest)
                     return
                 except sqlalchemy.exc.IntegrityError:
                     session.rollback()
@@ -103,16 +102,20 @@ def store_class():
             # those and stores the rest. Nothing of the attempt above was committed.
             return super()._log_metrics_once(run_id, metrics)
 
-        def _upsert_latest(self, session, insert, newest):
+        @staticmethod
+        @functools.cache
+        def _latest_upsert(db_type: str):
+            # Built once: building it per call (its EXCLUDED alias and column proxies)
+            # cost ~0.13 ms of CPU, ~5% of a server worker's under single-metric load.
             table = SqlLatestMetric.__table__
-            statement = insert(table)
+            statement = _insert(db_type)(table)
             new = statement.excluded
-            session.execute(statement.on_conflict_do_update(
+            return statement.on_conflict_do_update(
                 index_elements=[table.c.key, table.c.run_uuid],
                 set_={"value": new.value, "timestamp": new.timestamp, "step": new.step, "is_nan": new.is_nan},
                 where=tuple_(new.step, new.timestamp, new.value)
                 > tuple_(table.c.step, table.c.timestamp, table.c.value),
-            ), newest)
+            )
 
     return StackSqlStore
 

@@ -7,6 +7,7 @@ Shell gets these only as `export` lines quoted with shlex.quote (see
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 from pathlib import Path
@@ -55,6 +56,9 @@ def derived(values: Mapping[str, str], create: bool,
         ("BACKUP_DIR", str(paths.backup_dir(values))),
         ("NGINX_METRICS_LOG", common.nginx_metrics_log(values["COMPOSE_PROFILES"])),
         ("STACK_ALERT_RULES", str(alert_rules(values))),
+        ("STACK_NGINX_CONFIG_DIGEST", files_digest([paths.ROOT / "nginx" / "templates", Path(material["cert"])])),
+        ("STACK_PROMETHEUS_CONFIG_DIGEST", files_digest([paths.ROOT / "monitoring" / "prometheus.yml",
+                                                         alert_rules(values)])),
         *stores(values),
     ]
     if values["MLFLOW_VARIANT"] == "conda":
@@ -64,6 +68,20 @@ def derived(values: Mapping[str, str], create: bool,
     # Stand-ins this stack was deployed with (STACK_STANDINS=true), unless overridden.
     pairs += sorted(standins.in_use(values, environ).items())
     return pairs
+
+
+def files_digest(sources: Iterable[Path]) -> str:
+    """A digest of files (a folder: its files) that a service reads only when it starts.
+    Given to it as a label, so that a deploy recreates it when they changed: an
+    upgrade's nginx templates, a renewed certificate, edited alert rules. Compose
+    itself sees only that the same paths are mounted."""
+    digest = hashlib.sha256()
+    for source in sources:
+        files = sorted(f for f in source.rglob("*") if f.is_file()) if source.is_dir() else [source]
+        for f in files:
+            digest.update(f"{f.name}\0".encode())
+            digest.update(f.read_bytes() if f.is_file() else b"(missing)")
+    return digest.hexdigest()[:16]
 
 
 def alert_rules(values: Mapping[str, str]) -> Path:

@@ -410,3 +410,30 @@ def test_alert_rules_are_the_shipped_ones_or_the_file_named(tmp_path):
     rules.write_text("groups: []\n")
     assert [c.ok for c in preflight.check_alert_rules({"COMPOSE_PROFILES": "monitoring",
                                                        "PROMETHEUS_ALERT_RULES": str(rules)})] == [True]
+
+
+def test_a_changed_file_read_at_start_changes_the_label_that_recreates_its_service(tmp_path):
+    """nginx (templates, certificate) and Prometheus (configuration, alert rules) read
+    their bind-mounted files only at start: the deploy labels them with a digest of
+    those files, so Compose recreates them when one changed, and only then."""
+    rules = tmp_path / "mine.yml"
+    rules.write_text("groups: []\n")
+    extra = {"COMPOSE_PROFILES": "monitoring", "PROMETHEUS_ALERT_RULES": str(rules)}
+
+    def labels(config):
+        return {svc: config["services"][svc]["labels"]["stack.config-digest"] for svc in ("nginx", "prometheus")}
+
+    first = labels(compose_config(tmp_path, extra=extra))
+    assert labels(compose_config(tmp_path, extra=extra)) == first
+    rules.write_text("groups: [{name: mine, rules: []}]\n")
+    second = labels(compose_config(tmp_path, extra=extra))
+    assert second["prometheus"] != first["prometheus"] and second["nginx"] == first["nginx"]
+
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "a.conf.template").write_text("server {}\n")
+    before = compose.files_digest([templates, tmp_path / "no-cert-yet.crt"])
+    (templates / "a.conf.template").write_text("server { listen 1; }\n")
+    after = compose.files_digest([templates, tmp_path / "no-cert-yet.crt"])
+    (templates / "b.conf.template").write_text("")
+    assert len({before, after, compose.files_digest([templates, tmp_path / "no-cert-yet.crt"])}) == 3

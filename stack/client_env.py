@@ -9,6 +9,12 @@ from __future__ import annotations
 from .common import host_port
 from .compose import export_lines
 
+# MLflow's client fetches an artifact from the S3 port (presigned URLs) in parts
+# of this size, several at once: boto3's own part size. With MLflow's default
+# (100 MiB parts) a 100 MiB file comes as one stream, at about half the speed
+# (README: Performance), and every part a download thread holds is in memory.
+DOWNLOAD_PART_BYTES = 8 << 20
+
 
 def client_env(values: dict[str, str], tls: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """tls: paths from stack.tls (ca, bundle) when the certificate comes from the local CA."""
@@ -23,6 +29,8 @@ def client_env(values: dict[str, str], tls: dict[str, str] | None = None) -> lis
         # which needs a bundle (the system CAs plus this one).
         settings += [("MLFLOW_TRACKING_SERVER_CERT_PATH", tls["ca"]),
                      ("REQUESTS_CA_BUNDLE", tls["bundle"])]
+    if values["MLFLOW_ARTIFACTS_MODE"] == "proxied":
+        settings.append(("MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE", str(DOWNLOAD_PART_BYTES)))
     if values["MLFLOW_ARTIFACTS_MODE"] == "direct":
         # Direct mode: the client writes artifacts to S3 itself.
         settings += [

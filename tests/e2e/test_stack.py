@@ -96,6 +96,7 @@ def test_deploy_printed_client_settings(stack):
         "MLFLOW_TRACKING_PASSWORD": values["MLFLOW_ADMIN_PASSWORD"],
         "MLFLOW_TRACKING_SERVER_CERT_PATH": f"{certs}/ca.crt",
         "REQUESTS_CA_BUNDLE": f"{certs}/ca-bundle.pem",
+        "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": "8388608",
     }
     assert "Deployed." in stack.deploy_output
 

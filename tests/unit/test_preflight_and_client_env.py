@@ -66,12 +66,13 @@ def test_proxied_clients_get_uri_login_and_ca():
     assert env == {"MLFLOW_TRACKING_URI": "https://mlflow.example.com:8443",
                    "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw-123456789012",
                    "MLFLOW_TRACKING_SERVER_CERT_PATH": "/s/certs/ca.crt",
-                   "REQUESTS_CA_BUNDLE": "/s/certs/ca-bundle.pem"}
+                   "REQUESTS_CA_BUNDLE": "/s/certs/ca-bundle.pem",
+                   "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": "8388608"}
 
 
-def test_without_auth_or_local_ca_only_the_uri():
+def test_without_auth_or_local_ca_only_the_uri_and_the_download_part_size():
     assert client_env.client_env(_values("proxied", auth="false")) == [
-        ("MLFLOW_TRACKING_URI", "https://mlflow.example.com:8443")]
+        ("MLFLOW_TRACKING_URI", "https://mlflow.example.com:8443"), ("MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE", "8388608")]
 
 
 def test_direct_clients_get_s3_settings_shell_quoted():
@@ -79,6 +80,7 @@ def test_direct_clients_get_s3_settings_shell_quoted():
     assert "export MLFLOW_S3_ENDPOINT_URL=https://mlflow.example.com:9000" in text
     assert "export AWS_SECRET_ACCESS_KEY='it'\"'\"'s secret'" in text
     assert "export AWS_CA_BUNDLE=/s/certs/ca-bundle.pem" in text
+    assert "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE" not in text  # boto3 downloads in parts of its own
 
 
 def test_direct_clients_of_an_outside_store_get_its_endpoint_and_region():

@@ -300,6 +300,41 @@ def test_the_admin_flag_comes_from_the_login_cache(monkeypatch):
     assert auth.sender_is_admin() is False
 
 
+def test_connections_accepted_on_a_socket_made_as_uvicorns_workers_make_it_get_tcp_nodelay(monkeypatch):
+    """uvicorn with several workers listens on socket.socket(AF_INET) (proto 0):
+    asyncio's own rule leaves TCP_NODELAY off there; the server's turns it on."""
+    import asyncio
+    import asyncio.base_events
+    import socket
+
+    def nodelay_of_an_accepted_connection() -> int:
+        async def main():
+            listener = socket.socket(socket.AF_INET)
+            listener.bind(("127.0.0.1", 0))
+            accepted = asyncio.get_running_loop().create_future()
+
+            class Server(asyncio.Protocol):
+                def connection_made(self, transport):
+                    accepted.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                                                       socket.TCP_NODELAY))
+                    transport.close()
+
+            server = await asyncio.get_running_loop().create_server(Server, sock=listener)
+            _, writer = await asyncio.open_connection(*listener.getsockname())
+            try:
+                return await asyncio.wait_for(accepted, 5)
+            finally:
+                writer.close()
+                server.close()
+        return asyncio.run(main())
+
+    monkeypatch.setattr(asyncio.base_events, "_set_nodelay", asyncio.base_events._set_nodelay)
+    assert nodelay_of_an_accepted_connection() == 0  # asyncio's own rule: the stall
+    guard.tcp_nodelay_on_accepted_connections()
+    guard.tcp_nodelay_on_accepted_connections()
+    assert nodelay_of_an_accepted_connection() != 0
+
+
 UPLOAD = "/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/model.bin"
 
 

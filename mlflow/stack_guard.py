@@ -339,7 +339,8 @@ async def _error(send, exc: Invalid) -> None:
 
 
 class SingleFlight:
-    """One call per key at a time; callers that arrive meanwhile wait for it."""
+    """One call per key at a time: callers that arrive while it runs wait for it
+    and get its result (or its exception), as Go's singleflight does."""
 
     def __init__(self):
         self._guard = threading.Lock()
@@ -347,24 +348,35 @@ class SingleFlight:
 
     def run(self, key, fn):
         with self._guard:
-            entry = self._calls.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
+            call = self._calls.get(key)
+            leader = call is None
+            if leader:
+                call = self._calls[key] = {"done": threading.Event()}
+        if not leader:
+            call["done"].wait()
+            if "error" in call:
+                raise call["error"]
+            return call["result"]
         try:
-            with entry[0]:
-                return fn()
+            call["result"] = fn()
+            return call["result"]
+        except BaseException as exc:
+            call["error"] = exc
+            raise
         finally:
             with self._guard:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._calls[key]
+                del self._calls[key]
+            call["done"].set()
 
 
 def single_flight_logins() -> None:
     """When a cached login expires under load, every request in flight with it
     misses MLflow's login cache at once and each checks the password (PBKDF2,
     ~0.2 s of CPU): 16 client threads cost 3 s of CPU per worker every
-    MLFLOW_AUTH_CACHE_SECONDS. Here one request checks it; the others wait and
-    then find it in the cache. A wrong password is still checked every time."""
+    MLFLOW_AUTH_CACHE_SECONDS. Here one request checks it and the others in
+    flight with the same login get its answer; so do those with the same wrong
+    password (one check instead of one each, one after another). A login that
+    arrives after the check is checked again, or found in the cache."""
     from mlflow.server import auth
 
     if auth._USER_AUTH_CACHE is None or getattr(auth._authenticate_cached, "single_flight", False):
@@ -379,10 +391,11 @@ def single_flight_logins() -> None:
 
 
 def admin_flag_from_login_cache() -> None:
-    """MLflow's Flask routes ask the database whether the caller is an admin on
-    every request (`sender_is_admin`: a pooled connection's ping, a query and a
-    commit), although the login that was just checked came from the login cache,
-    which holds the user. Its FastAPI routes already use that cached user, so
+    """MLflow's Flask routes ask the database whether the caller is an admin
+    before every request (`sender_is_admin` in `_before_request`: a pooled
+    connection's ping, a query and a commit), although the login that was just
+    checked came from the login cache, which holds the user. (A few validators,
+    which only non-admins reach, keep MLflow's own function and still ask.) Its FastAPI routes already use that cached user, so
     here the Flask routes do too: a changed admin flag takes effect on other
     workers within MLFLOW_AUTH_CACHE_SECONDS, as a changed password does."""
     from mlflow.server import auth
@@ -408,7 +421,8 @@ def tcp_nodelay_on_accepted_connections() -> None:
     connection then waits for the client's delayed ACK: 48 ms per API call here,
     against ~1 ms. nginx keeps its connections to the server alive from 1.29.7
     on (the pinned 1.30 does), so every call through it would wait. Here every
-    TCP connection the server accepts gets TCP_NODELAY."""
+    TCP connection the server accepts gets TCP_NODELAY. Not needed once uvicorn
+    fixes #3149."""
     import asyncio.base_events
     import socket
 
@@ -416,7 +430,8 @@ def tcp_nodelay_on_accepted_connections() -> None:
         return
 
     def set_nodelay(sock):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
+                and sock.proto in (0, socket.IPPROTO_TCP):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     set_nodelay.any_tcp = True

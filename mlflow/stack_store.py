@@ -106,7 +106,7 @@ def store_class():
         @functools.cache
         def _latest_upsert(db_type: str):
             # Built once: building it per call (its EXCLUDED alias and column proxies)
-            # cost ~0.13 ms of CPU, ~5% of a server worker's under single-metric load.
+            # cost 0.18 ms of CPU against 0.014 ms (measured in-process, on SQLite).
             table = SqlLatestMetric.__table__
             statement = _insert(db_type)(table)
             new = statement.excluded

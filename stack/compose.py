@@ -79,8 +79,13 @@ def files_digest(sources: Iterable[Path]) -> str:
     for source in sources:
         files = sorted(f for f in source.rglob("*") if f.is_file()) if source.is_dir() else [source]
         for f in files:
-            digest.update(f"{f.name}\0".encode())
-            digest.update(f.read_bytes() if f.is_file() else b"(missing)")
+            digest.update(f"{f.relative_to(source) if source.is_dir() else f.name}\0".encode())
+            try:
+                digest.update(f.read_bytes())
+            except OSError:
+                # Missing or unreadable here (`ps` before a first deploy; a root-only
+                # certificate): the deploy's own checks say so, not a traceback here.
+                digest.update(b"(unreadable)")
     return digest.hexdigest()[:16]
 
 

@@ -219,14 +219,16 @@ def test_admin_check_answers_nginx_for_admins_users_and_strangers(monkeypatch):
 
 def test_an_expired_login_is_checked_once_while_concurrent_requests_wait(monkeypatch):
     """MLflow's own login cache, with a store that counts password checks: 16
-    requests with an expired login make one check, not 16. Wrong passwords are
-    checked every time, and other logins are not held up meanwhile."""
+    requests with an expired login make one check, not 16, and 8 at once with
+    the same wrong password share one answer too. Other logins are not held up
+    meanwhile, and a wrong password tried again later is checked again."""
     import threading
+    import time
 
     from cachetools import TTLCache
     from mlflow.server import auth
 
-    checks, started, user_b_in = [], threading.Barrier(16), threading.Event()
+    checks, started, user_b_in, release_c = [], threading.Barrier(16), threading.Event(), threading.Event()
 
     class Store:
         def authenticate_user(self, username, password):
@@ -236,6 +238,8 @@ def test_an_expired_login_is_checked_once_while_concurrent_requests_wait(monkeyp
                 assert user_b_in.wait(5), "another login waited for this one"
             if username == "b":
                 user_b_in.set()
+            if username == "c":
+                release_c.wait(5)
             return password == "right"
 
         def get_user(self, username):
@@ -248,22 +252,36 @@ def test_an_expired_login_is_checked_once_while_concurrent_requests_wait(monkeyp
     guard.single_flight_logins()  # a second app in the same process wraps nothing twice
     results = {}
 
-    def login(i, username, password):
-        if password == "right" and username == "a":
-            started.wait(5)
+    def login(i, username, password, barrier=None):
+        if barrier:
+            barrier.wait(5)
         results[i] = auth._authenticate_cached(username, password)
 
-    threads = [threading.Thread(target=login, args=(i, "a", "right")) for i in range(16)]
-    threads.append(threading.Thread(target=login, args=(16, "b", "right")))
-    threads += [threading.Thread(target=login, args=(17 + i, "a", "wrong")) for i in range(3)]
-    for t in threads:
-        t.start()
+    def run(threads):
+        for t in threads:
+            t.start()
+        return threads
+
+    threads = run([threading.Thread(target=login, args=(i, "a", "right", started)) for i in range(16)]
+                  + [threading.Thread(target=login, args=(16, "b", "right"))])
     for t in threads:
         t.join(10)
-    assert sorted(results) == list(range(20))
+    assert sorted(results) == list(range(17))
     assert all(results[i].username == "a" for i in range(16)) and results[16].username == "b"
-    assert [results[i] for i in range(17, 20)] == [None] * 3
-    assert checks.count("a") == 1 + 3 and checks.count("b") == 1
+    assert checks.count("a") == 1 and checks.count("b") == 1
+
+    wrong = threading.Barrier(8)
+    threads = run([threading.Thread(target=login, args=(100 + i, "c", "wrong", wrong)) for i in range(8)])
+    time.sleep(1)  # the 8 meet the first one's check, which waits for this
+    release_c.set()
+    for t in threads:
+        t.join(10)
+    assert [results[100 + i] for i in range(8)] == [None] * 8
+    assert checks.count("c") <= 2  # 8 without the shared answer, one after another
+
+    for i in range(3):
+        assert auth._authenticate_cached("a", "wrong") is None
+    assert checks.count("a") == 1 + 3
 
 
 def test_the_admin_flag_comes_from_the_login_cache(monkeypatch):

@@ -369,6 +369,16 @@ class SingleFlight:
             call["done"].set()
 
 
+def replace_once(owner, name: str, make) -> None:
+    """owner.name = make(the original), unless an earlier app in this process did."""
+    original = getattr(owner, name)
+    if getattr(original, "replaced_by_stack", False):
+        return
+    replacement = make(original)
+    replacement.replaced_by_stack = True
+    setattr(owner, name, replacement)
+
+
 def single_flight_logins() -> None:
     """When a cached login expires under load, every request in flight with it
     misses MLflow's login cache at once and each checks the password (PBKDF2,
@@ -379,39 +389,41 @@ def single_flight_logins() -> None:
     arrives after the check is checked again, or found in the cache."""
     from mlflow.server import auth
 
-    if auth._USER_AUTH_CACHE is None or getattr(auth._authenticate_cached, "single_flight", False):
+    if auth._USER_AUTH_CACHE is None:
         return
-    check, flights = auth._authenticate_cached, SingleFlight()
+    flights = SingleFlight()
 
-    def authenticate(username: str, password: str):
-        return flights.run(auth._auth_cache_key(username, password), lambda: check(username, password))
+    def make(check):
+        def authenticate(username: str, password: str):
+            return flights.run(auth._auth_cache_key(username, password), lambda: check(username, password))
+        return authenticate
 
-    authenticate.single_flight = True
-    auth._authenticate_cached = authenticate
+    replace_once(auth, "_authenticate_cached", make)
 
 
 def admin_flag_from_login_cache() -> None:
     """MLflow's Flask routes ask the database whether the caller is an admin
     before every request (`sender_is_admin` in `_before_request`: a pooled
     connection's ping, a query and a commit), although the login that was just
-    checked came from the login cache, which holds the user. (A few validators,
-    which only non-admins reach, keep MLflow's own function and still ask.) Its FastAPI routes already use that cached user, so
-    here the Flask routes do too: a changed admin flag takes effect on other
-    workers within MLFLOW_AUTH_CACHE_SECONDS, as a changed password does."""
+    checked came from the login cache, which holds the user. Its FastAPI routes
+    already use that cached user, so here the Flask routes do too: a changed
+    admin flag takes effect on other workers within MLFLOW_AUTH_CACHE_SECONDS,
+    as a changed password does. (A few validators, which only non-admins reach,
+    keep MLflow's own function and still ask.)"""
     from mlflow.server import auth
 
-    if auth._USER_AUTH_CACHE is None or getattr(auth.sender_is_admin, "from_login_cache", False) \
+    if auth._USER_AUTH_CACHE is None \
             or auth.auth_config.authorization_function != auth.DEFAULT_AUTHORIZATION_FUNCTION:
         return
-    ask_database = auth.sender_is_admin
 
-    def sender_is_admin():
-        login = auth.authenticate_request()
-        user = auth._authenticate_cached(login.username, login.password)
-        return ask_database() if user is None else bool(user.is_admin)
+    def make(ask_database):
+        def sender_is_admin():
+            login = auth.authenticate_request()
+            user = auth._authenticate_cached(login.username, login.password)
+            return ask_database() if user is None else bool(user.is_admin)
+        return sender_is_admin
 
-    sender_is_admin.from_login_cache = True
-    auth.sender_is_admin = sender_is_admin
+    replace_once(auth, "sender_is_admin", make)
 
 
 def tcp_nodelay_on_accepted_connections() -> None:
@@ -426,16 +438,14 @@ def tcp_nodelay_on_accepted_connections() -> None:
     import asyncio.base_events
     import socket
 
-    if getattr(asyncio.base_events._set_nodelay, "any_tcp", False):
-        return
+    def make(_asyncios_own):
+        def set_nodelay(sock):
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
+                    and sock.proto in (0, socket.IPPROTO_TCP):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return set_nodelay
 
-    def set_nodelay(sock):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
-                and sock.proto in (0, socket.IPPROTO_TCP):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    set_nodelay.any_tcp = True
-    asyncio.base_events._set_nodelay = set_nodelay
+    replace_once(asyncio.base_events, "_set_nodelay", make)
 
 
 def create_app():

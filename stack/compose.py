@@ -44,6 +44,7 @@ def derived(values: Mapping[str, str], create: bool,
     (no certificate, no secret files): for commands that do not start services."""
     environ = os.environ if environ is None else environ
     material = tls.ensure(values, create=create, environ=environ)
+    rules = alert_rules(values)
     folder = secretfiles.secrets_dir(environ)
     if create:
         secretfiles.write(values, folder)
@@ -55,10 +56,9 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_SECRETS_DIR", str(folder)),
         ("BACKUP_DIR", str(paths.backup_dir(values))),
         ("NGINX_METRICS_LOG", common.nginx_metrics_log(values["COMPOSE_PROFILES"])),
-        ("STACK_ALERT_RULES", str(alert_rules(values))),
+        ("STACK_ALERT_RULES", str(rules)),
         ("STACK_NGINX_CONFIG_DIGEST", files_digest([paths.ROOT / "nginx" / "templates", Path(material["cert"])])),
-        ("STACK_PROMETHEUS_CONFIG_DIGEST", files_digest([paths.ROOT / "monitoring" / "prometheus.yml",
-                                                         alert_rules(values)])),
+        ("STACK_PROMETHEUS_CONFIG_DIGEST", files_digest([paths.ROOT / "monitoring" / "prometheus.yml", rules])),
         *stores(values),
     ]
     if values["MLFLOW_VARIANT"] == "conda":

@@ -20,6 +20,8 @@ import sys
 import threading
 import urllib.parse
 
+from stack.common import STORE_FULL_ADVICE
+
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ITEMS = 1000, 100, 100, 1000
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
 MAX_BODY = 1 << 20  # MLflow's own log-batch limit
@@ -318,8 +320,7 @@ def _chain_text(exc: BaseException) -> str:
 
 async def _store_full(send, reason: str) -> None:
     print(f"stack guard: artifact upload refused with 507: {reason}", file=sys.stderr, flush=True)
-    await _error(send, Invalid(f"{reason[0].upper()}{reason[1:]}. Nothing was stored. Free space (./stack_gc.sh removes the "
-                               "artifacts of deleted runs) or grow the disk, then log the artifact again.",
+    await _error(send, Invalid(f"{reason[0].upper()}{reason[1:]}. Nothing was stored. {STORE_FULL_ADVICE}",
                                507, "RESOURCE_EXHAUSTED"))
 
 

@@ -96,7 +96,10 @@ def test_deploy_printed_client_settings(stack):
         "MLFLOW_TRACKING_PASSWORD": values["MLFLOW_ADMIN_PASSWORD"],
         "MLFLOW_TRACKING_SERVER_CERT_PATH": f"{certs}/ca.crt",
         "REQUESTS_CA_BUNDLE": f"{certs}/ca-bundle.pem",
-        "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": "8388608",
+        # Artifact parts to and from the S3 port (README: Performance).
+        "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": str(8 << 20),
+        "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": str(25 << 20),
+        "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": str(25 << 20),
     }
     assert "Deployed." in stack.deploy_output
 

@@ -67,12 +67,18 @@ def test_proxied_clients_get_uri_login_and_ca():
                    "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw-123456789012",
                    "MLFLOW_TRACKING_SERVER_CERT_PATH": "/s/certs/ca.crt",
                    "REQUESTS_CA_BUNDLE": "/s/certs/ca-bundle.pem",
-                   "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": "8388608"}
+                   **PART_SIZES}
 
 
-def test_without_auth_or_local_ca_only_the_uri_and_the_download_part_size():
+# Proxied mode: parts of artifacts go to and from the S3 port (presigned URLs).
+PART_SIZES = {"MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": str(8 << 20),
+              "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": str(25 << 20),
+              "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": str(25 << 20)}
+
+
+def test_without_auth_or_local_ca_only_the_uri_and_the_part_sizes():
     assert client_env.client_env(_values("proxied", auth="false")) == [
-        ("MLFLOW_TRACKING_URI", "https://mlflow.example.com:8443"), ("MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE", "8388608")]
+        ("MLFLOW_TRACKING_URI", "https://mlflow.example.com:8443"), *PART_SIZES.items()]
 
 
 def test_direct_clients_get_s3_settings_shell_quoted():
@@ -80,7 +86,7 @@ def test_direct_clients_get_s3_settings_shell_quoted():
     assert "export MLFLOW_S3_ENDPOINT_URL=https://mlflow.example.com:9000" in text
     assert "export AWS_SECRET_ACCESS_KEY='it'\"'\"'s secret'" in text
     assert "export AWS_CA_BUNDLE=/s/certs/ca-bundle.pem" in text
-    assert "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE" not in text  # boto3 downloads in parts of its own
+    assert "MLFLOW_MULTIPART" not in text  # boto3 moves parts of its own
 
 
 def test_direct_clients_of_an_outside_store_get_its_endpoint_and_region():

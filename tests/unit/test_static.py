@@ -273,13 +273,28 @@ def test_nginx_config_passes_gixy(tmp_path, base_path):
                        "MLFLOW_INTERNAL_URL": "http://mlflow:5000", "S3_INTERNAL_ENDPOINT": "http://minio:9000",
                        "PROMETHEUS_INTERNAL_URL": "http://prometheus:9090", "MLFLOW_BASE_PATH": base_path,
                        # With and without the monitoring profile.
-                       "NGINX_METRICS_LOG": common.nginx_metrics_log("monitoring" if base_path else "")}.items():
+                       "NGINX_METRICS_LOG": common.nginx_metrics_log("monitoring" if base_path else ""),
+                       "STORE_FULL_MESSAGE": common.STORE_FULL_MESSAGE}.items():
         template = template.replace("${" + key + "}", value)
     assert not re.findall(r"\$\{[A-Z_]+\}", template), "a template variable this test does not render"
     (conf_d / "mlflow.conf").write_text(template)
     result = subprocess.run([tool("gixy"), "--skips", "host_spoofing,worker_rlimit_nofile_vs_connections",
                              str(tmp_path / "nginx.conf")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_the_store_full_message_fits_nginx_and_s3_xml():
+    """nginx returns it inside '...' and an S3 <Error>: a quote, a $, a backslash or
+    an XML special character would break its config or the clients' parsing."""
+    import xml.etree.ElementTree as ET
+
+    message = common.STORE_FULL_MESSAGE
+    assert not set(message) & set("'\"$\\<>&"), message
+    template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
+    body = re.search(r"return 507 '(.*)';", template).group(1).replace("\\n", "\n")
+    error = ET.fromstring(body.replace("${STORE_FULL_MESSAGE}", message).split("\n", 1)[1])
+    assert (error.findtext("Code"), error.findtext("Message")) == ("XMinioStorageFull", message)
+    assert "./stack_gc.sh" in message
 
 
 def test_prometheus_scrapes_the_services_at_their_ports(tmp_path):

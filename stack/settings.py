@@ -349,7 +349,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("API_RATE_PER_LOGIN", "500", integer(10, 100000, "requests a second"), section=LIMITS,
             services=("nginx",),
             doc="API and UI requests a second one login may send (bursts of a second's worth pass at once). Well "
-                "above what a replica with 2 workers answers (about 130 a second for single metric calls): "
+                "above what a replica with 2 workers answers on 2 cores (220-260 a second for single metric calls): "
                 "it stops a runaway script, not a busy training job. Artifact transfers are not limited."),
     Setting("API_RATE_PER_ADDRESS", "1000", integer(10, 100000, "requests a second"), section=LIMITS,
             services=("nginx",),

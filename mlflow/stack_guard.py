@@ -380,6 +380,97 @@ def replace_once(owner, name: str, make) -> None:
     setattr(owner, name, replacement)
 
 
+# A proxied artifact download the server has checked (login, permission) is
+# handed to nginx (X-Accel-Redirect to NGINX_FETCH), which streams the object
+# from the store by the presigned URL in FETCH_URL_HEADER: the worker neither
+# copies the file to its disk first nor relays it (MLflow 3.17 does both).
+NGINX_FETCH = "/_stack/s3-fetch"
+FETCH_URL_HEADER = "X-Stack-S3-Url"
+
+
+class NginxFetch:
+    """Where nginx fetches an artifact from: a presigned GET on the store's
+    internal endpoint, or None (then MLflow answers as it would)."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self._client = None
+        self._lock = threading.Lock()  # boto3 makes clients one thread at a time
+
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                # Credentials and region: the server's own (AWS_* in its environment).
+                self._client = boto3.client("s3", endpoint_url=self.endpoint, config=Config(
+                    signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+            return self._client
+
+    def locate(self, artifact_path: str) -> str | None:
+        import posixpath
+
+        from botocore.exceptions import ClientError
+        from mlflow.server import artifact_router
+        from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
+        from mlflow.utils.uri import validate_path_is_safe
+
+        try:
+            path = artifact_router._get_workspace_scoped_path(validate_path_is_safe(artifact_path))
+            repo = artifact_router._get_artifact_repo()
+        except Exception:  # noqa: BLE001 - MLflow's route gives its own answer
+            return None
+        if not isinstance(repo, S3ArtifactRepository):
+            return None
+        bucket, prefix = repo.parse_s3_compliant_uri(repo.artifact_uri)
+        key = posixpath.join(prefix, path)
+        try:
+            # A file, not a folder or nothing: those keep MLflow's answers.
+            self.client().head_object(Bucket=bucket, Key=key)
+        except ClientError:
+            return None
+        return self.client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                    ExpiresIn=300)
+
+
+def artifact_downloads_by_nginx(environ=None) -> None:
+    """Serve proxied artifact downloads through nginx (NGINX_FETCH), when the
+    artifacts are in the stack's own store. The route is MLflow's (its auth
+    checks the request before it), with another endpoint; done before the app
+    is built, which copies the routes."""
+    environ = os.environ if environ is None else environ
+    endpoint = environ.get("S3_INTERNAL_ENDPOINT", "")
+    if environ.get("S3_ENDPOINT_URL") or not endpoint:
+        return
+    from fastapi.responses import Response
+    from mlflow.server import artifact_router
+
+    fetch = NginxFetch(endpoint)
+
+    def make(original):
+        async def download_artifact(artifact_path: str):
+            url = await asyncio.to_thread(fetch.locate, artifact_path)
+            if url is None:
+                return await original(artifact_path)
+            name = artifact_path.rsplit("/", 1)[-1]
+            from mlflow.server.handlers import _content_disposition_attachment
+            from mlflow.utils.mime_type_utils import _guess_mime_type
+
+            return Response(headers={"X-Accel-Redirect": NGINX_FETCH, FETCH_URL_HEADER: url,
+                                     "Content-Type": _guess_mime_type(name),
+                                     "Content-Disposition": _content_disposition_attachment(name),
+                                     "X-Content-Type-Options": "nosniff"})
+        return download_artifact
+
+    original = artifact_router.download_artifact
+    replacement = make(original)
+    replacement.replaced_by_stack = True
+    for route in artifact_router.artifact_router.routes:
+        if getattr(route, "endpoint", None) is original:
+            route.endpoint = replacement
+
+
 def single_flight_logins() -> None:
     """When a cached login expires under load, every request in flight with it
     misses MLflow's login cache at once and each checks the password (PBKDF2,
@@ -451,6 +542,7 @@ def tcp_nodelay_on_accepted_connections() -> None:
 
 def create_app():
     tcp_nodelay_on_accepted_connections()
+    artifact_downloads_by_nginx()
     auth = os.environ.get("MLFLOW_STACK_AUTH", "true") == "true"
     if auth:
         from mlflow.server.auth import create_app as create_auth_app
@@ -459,5 +551,9 @@ def create_app():
         single_flight_logins()
         admin_flag_from_login_cache()
     else:
-        from mlflow.server.fastapi_app import app as inner
+        # Built here, not MLflow's module-level app: that one may have copied the
+        # routes before artifact_downloads_by_nginx() changed one.
+        from mlflow.server.fastapi_app import create_fastapi_app
+
+        inner = create_fastapi_app()
     return Guard(inner, auth, int(os.environ["MLFLOW_API_MAX_BODY_MB"]) << 20, os.environ.get("MLFLOW_BASE_PATH", ""))

@@ -9,16 +9,21 @@ from __future__ import annotations
 from .common import host_port
 from .compose import export_lines
 
-# MLflow's client fetches an artifact from the S3 port (presigned URLs) in parts
-# of this size, several at once: boto3's own part size. With MLflow's default
-# (100 MiB parts) a 100 MiB file comes as one stream, at about half the speed
-# (README: Performance), and every part a download thread holds is in memory.
+# Downloads. From the stack's own store, the client asks the server (MLflow's
+# proxied route) and nginx streams the file from the store once the server has
+# checked the request (mlflow/stack_guard.py, NGINX_FETCH): 100 MiB at 0.94x of
+# boto3's speed, 1 GiB at 0.85x (README: Performance). MLflow's default instead
+# fetches it from the S3 port in presigned parts of 100 MiB; those parts are
+# read in 10 KiB pieces, which is what holds them back (0.5-0.8x). From a store
+# outside the stack, the presigned parts stay, in boto3's part size: with 100
+# MiB parts a 100 MiB file comes as one stream, at about half the speed, and
+# every part a download thread holds is in memory.
 DOWNLOAD_PART_BYTES = 8 << 20
-# And sends a file of at least this size to the S3 port in presigned parts of
-# this size, several at once (MLflow's defaults: from 500 MiB, in 10 MiB parts);
-# a smaller one goes through the server, one stream. 100 MiB through the server
-# moved at 0.6-0.9x of boto3's speed, in these parts at 1.3x (README:
-# Performance). Every part a thread sends is in memory (2 threads per CPU).
+# Uploads. A file of at least this size goes to the S3 port in presigned parts
+# of this size, several at once (MLflow's defaults: from 500 MiB, in 10 MiB
+# parts); a smaller one goes through the server, one stream. 100 MiB through
+# the server moved at 0.6-0.9x of boto3's speed, in these parts at 1.3x
+# (README: Performance). Every part a thread sends is in memory (2 threads per CPU).
 UPLOAD_PART_BYTES = 25 << 20
 
 
@@ -36,8 +41,11 @@ def client_env(values: dict[str, str], tls: dict[str, str] | None = None) -> lis
         settings += [("MLFLOW_TRACKING_SERVER_CERT_PATH", tls["ca"]),
                      ("REQUESTS_CA_BUNDLE", tls["bundle"])]
     if values["MLFLOW_ARTIFACTS_MODE"] == "proxied":
-        settings += [("MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE", str(DOWNLOAD_PART_BYTES)),
-                     ("MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE", str(UPLOAD_PART_BYTES)),
+        if values.get("S3_ENDPOINT_URL"):
+            settings.append(("MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE", str(DOWNLOAD_PART_BYTES)))
+        else:
+            settings.append(("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false"))
+        settings += [("MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE", str(UPLOAD_PART_BYTES)),
                      ("MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE", str(UPLOAD_PART_BYTES))]
     if values["MLFLOW_ARTIFACTS_MODE"] == "direct":
         # Direct mode: the client writes artifacts to S3 itself.

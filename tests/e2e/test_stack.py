@@ -97,7 +97,7 @@ def test_deploy_printed_client_settings(stack):
         "MLFLOW_TRACKING_SERVER_CERT_PATH": f"{certs}/ca.crt",
         "REQUESTS_CA_BUNDLE": f"{certs}/ca-bundle.pem",
         # Artifact parts to and from the S3 port (README: Performance).
-        "MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": str(8 << 20),
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
         "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": str(25 << 20),
         "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": str(25 << 20),
     }
@@ -183,13 +183,38 @@ def test_a_second_client_process_reads_everything_back(read_back):
     assert "sha256 match" in read_back["stdout"]
 
 
-def test_downloads_used_presigned_urls_through_nginx_s3_port(stack, logged, read_back):
-    bucket = stack.values()["MLFLOW_BUCKET"]
-    key = f"/{bucket}/artifacts/{logged['experiment_id']}/{logged['run_id']}/artifacts/data/blob.bin"
-    assert re.search(rf'\ss3 "GET {re.escape(key)}" 20[06]', read_back["nginx"]), \
-        "no presigned GET reached the S3 port"
+def test_downloads_are_streamed_by_nginx_from_the_store(stack, logged, read_back):
+    """With the printed settings a client asks the server for a file; once the server has
+    checked the request, nginx fetches it from the store (X-Accel-Redirect to an internal
+    location, a presigned URL on the internal endpoint) and streams it."""
+    path = f"{logged['experiment_id']}/{logged['run_id']}/artifacts/data/blob.bin"
+    served = re.findall(rf'"GET /api/2\.0/mlflow-artifacts/artifacts/{re.escape(path)} HTTP/1\.1" 200 (\d+)',
+                        read_back["nginx"])
+    assert served and int(served[0]) >= logged["blob_bytes"], "the client did not get the file from the HTTPS port"
+    assert f" s3 \"GET /{stack.values()['MLFLOW_BUCKET']}/artifacts/{path}\"" not in read_back["nginx"], \
+        "the client went to the S3 port"
+
+    digest, size = hashlib.sha256(), 0
+    with stack.http("GET", f"/api/2.0/mlflow-artifacts/artifacts/{path}", stream=True) as got:
+        assert got.status_code == 200, got.text[:300]
+        for chunk in got.iter_content(MiB):
+            digest.update(chunk)
+            size += len(chunk)
+        headers = {k.lower(): v for k, v in got.headers.items()}
+    assert (size, digest.hexdigest()) == (logged["blob_bytes"], logged["artifacts"]["data/blob.bin"])
+    # Fetched from the store (its request id), the server's name for it, and nothing of the fetch's URL.
+    assert "x-amz-request-id" in headers and headers["content-disposition"] == "attachment; filename=blob.bin", headers
+    assert not any("x-stack" in k or "X-Amz-Signature" in v for k, v in headers.items()), headers
+    # Not for clients: only the server's answer leads there.
+    assert stack.http("GET", "/_stack/s3-fetch").status_code == 404
+    # A file that is not there keeps MLflow's own answer (an error, not nginx's 404 page).
+    missing = stack.http("GET", f"/api/2.0/mlflow-artifacts/artifacts/{path}.missing")
+    assert missing.status_code >= 400 and "error_code" in missing.text, missing.text[:300]
     logs = stack.compose("logs", "--no-color", "nginx").stdout
     assert "X-Amz-Signature" not in logs, "presigned signatures must not be logged"
+    # The 50 MiB upload went to the S3 port in presigned parts (25 MiB and more, printed settings).
+    parts = re.findall(rf' s3 "PUT /{stack.values()["MLFLOW_BUCKET"]}/artifacts/{re.escape(path)}" 200 ', logs)
+    assert len(parts) == 2, parts
 
 
 def test_the_server_writes_metrics_through_the_stacks_tracking_store(stack, logged):

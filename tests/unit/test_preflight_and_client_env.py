@@ -70,10 +70,17 @@ def test_proxied_clients_get_uri_login_and_ca():
                    **PART_SIZES}
 
 
-# Proxied mode: parts of artifacts go to and from the S3 port (presigned URLs).
-PART_SIZES = {"MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE": str(8 << 20),
+# Proxied mode, the stack's own store: downloads through the server's route
+# (nginx streams them), uploads of 25 MiB and more in presigned parts.
+PART_SIZES = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
               "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": str(25 << 20),
               "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": str(25 << 20)}
+
+
+def test_proxied_clients_of_an_outside_store_download_presigned_parts_of_8_mib():
+    env = dict(client_env.client_env({**_values("proxied"), "S3_ENDPOINT_URL": "https://s3.example.com"}))
+    assert env["MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE"] == str(8 << 20)
+    assert "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD" not in env
 
 
 def test_without_auth_or_local_ca_only_the_uri_and_the_part_sizes():

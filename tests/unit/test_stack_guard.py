@@ -449,3 +449,58 @@ def test_an_error_after_a_200_began_is_raised_not_rewritten():
         raise _full_store_error()
 
     assert [m.get("status") for m in _upload_raising(late, ValueError)] == [200]
+
+
+@pytest.fixture
+def artifact_routes(monkeypatch):
+    """MLflow's artifact download routes, restored after the test."""
+    from mlflow.server import artifact_router
+
+    routes = [r for r in artifact_router.artifact_router.routes if "GET" in getattr(r, "methods", ())]
+    for route in routes:
+        monkeypatch.setattr(route, "endpoint", route.endpoint)
+    return routes
+
+
+def test_downloads_stay_mlflows_when_the_store_is_outside_the_stack(artifact_routes):
+    before = [r.endpoint for r in artifact_routes]
+    guard.artifact_downloads_by_nginx({"S3_INTERNAL_ENDPOINT": "https://s3.example.com",
+                                       "S3_ENDPOINT_URL": "https://s3.example.com"})
+    assert [r.endpoint for r in artifact_routes] == before
+
+
+def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeypatch):
+    originals = [r.endpoint for r in artifact_routes]
+    assert {f.__name__ for f in originals} == {"download_artifact"}
+    located = {"1/run/artifacts/model.pkl": "http://minio:9000/mlflow/artifacts/1/run/artifacts/model.pkl?X-Amz-Signature=s"}
+    monkeypatch.setattr(guard.NginxFetch, "locate", lambda self, path: located.get(path))
+    fallback = []
+
+    async def mlflows(artifact_path):
+        fallback.append(artifact_path)
+        return "mlflow's answer"
+
+    from mlflow.server import artifact_router
+
+    monkeypatch.setattr(artifact_router, "download_artifact", mlflows)
+    for route in artifact_routes:
+        monkeypatch.setattr(route, "endpoint", mlflows)
+    env = {"S3_INTERNAL_ENDPOINT": "http://minio:9000", "S3_ENDPOINT_URL": ""}
+    guard.artifact_downloads_by_nginx(env)
+    guard.artifact_downloads_by_nginx(env)  # a second app in the process: replaced once
+    endpoint = artifact_routes[0].endpoint
+    assert endpoint is not mlflows and endpoint.replaced_by_stack
+    assert all(r.endpoint is endpoint for r in artifact_routes) and len(artifact_routes) == 2
+
+    answer = asyncio.run(endpoint("1/run/artifacts/model.pkl"))
+    assert answer.status_code == 200 and answer.body == b""
+    assert answer.headers["x-accel-redirect"] == guard.NGINX_FETCH == "/_stack/s3-fetch"
+    assert answer.headers[guard.FETCH_URL_HEADER] == located["1/run/artifacts/model.pkl"]
+    assert answer.headers["content-disposition"] == "attachment; filename=model.pkl"
+    # Not an object in the store (missing, a folder, another store): MLflow answers.
+    assert asyncio.run(endpoint("1/run/artifacts/folder")) == "mlflow's answer"
+    assert fallback == ["1/run/artifacts/folder"]
+    # nginx's location has the same name and reads the same header.
+    template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
+    assert f"location = {guard.NGINX_FETCH} {{" in template
+    assert f"$upstream_http_{guard.FETCH_URL_HEADER.lower().replace('-', '_')};" in template

@@ -411,7 +411,7 @@ class NginxFetch:
     def locate(self, artifact_path: str) -> str | None:
         import posixpath
 
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
         from mlflow.server import artifact_router
         from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
         from mlflow.utils.uri import validate_path_is_safe
@@ -426,9 +426,10 @@ class NginxFetch:
         bucket, prefix = repo.parse_s3_compliant_uri(repo.artifact_uri)
         key = posixpath.join(prefix, path)
         try:
-            # A file, not a folder or nothing: those keep MLflow's answers.
+            # A file, not a folder or nothing: those keep MLflow's answers (so does
+            # a store that does not answer).
             self.client().head_object(Bucket=bucket, Key=key)
-        except ClientError:
+        except (ClientError, BotoCoreError):
             return None
         return self.client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
                                                     ExpiresIn=300)
@@ -436,15 +437,18 @@ class NginxFetch:
 
 def artifact_downloads_by_nginx(environ=None) -> None:
     """Serve proxied artifact downloads through nginx (NGINX_FETCH), when the
-    artifacts are in the stack's own store. The route is MLflow's (its auth
-    checks the request before it), with another endpoint; done before the app
-    is built, which copies the routes."""
+    artifacts are in the stack's own store (S3_ENDPOINT_URL empty; a store
+    elsewhere is not nginx's to reach). The route is MLflow's (its auth checks
+    the request before it), with another endpoint; done before the app is
+    built, which copies the routes."""
     environ = os.environ if environ is None else environ
     endpoint = environ.get("S3_INTERNAL_ENDPOINT", "")
     if environ.get("S3_ENDPOINT_URL") or not endpoint:
         return
     from fastapi.responses import Response
     from mlflow.server import artifact_router
+    from mlflow.server.handlers import _content_disposition_attachment
+    from mlflow.utils.mime_type_utils import _guess_mime_type
 
     fetch = NginxFetch(endpoint)
 
@@ -454,9 +458,6 @@ def artifact_downloads_by_nginx(environ=None) -> None:
             if url is None:
                 return await original(artifact_path)
             name = artifact_path.rsplit("/", 1)[-1]
-            from mlflow.server.handlers import _content_disposition_attachment
-            from mlflow.utils.mime_type_utils import _guess_mime_type
-
             return Response(headers={"X-Accel-Redirect": NGINX_FETCH, FETCH_URL_HEADER: url,
                                      "Content-Type": _guess_mime_type(name),
                                      "Content-Disposition": _content_disposition_attachment(name),

@@ -382,20 +382,24 @@ def replace_once(owner, name: str, make) -> None:
 
 # A proxied artifact download the server has checked (login, permission) is
 # handed to nginx (X-Accel-Redirect to NGINX_FETCH), which streams the object
-# from the store by the presigned URL in FETCH_URL_HEADER: the worker neither
-# copies the file to its disk first nor relays it (MLflow 3.17 does both).
+# from the store: the worker neither copies the file to its disk first nor
+# relays it (MLflow 3.17 does both). The fetch is signed in headers, not in a
+# presigned URL, so that no credential is in a URL nginx might log.
 NGINX_FETCH = "/_stack/s3-fetch"
-FETCH_URL_HEADER = "X-Stack-S3-Url"
+# nginx sets it on every request it passes on (a client's own is overwritten):
+# an answer meant for nginx goes to nobody else.
+FROM_NGINX = "X-Stack-From-Nginx"
+FETCH_HEADERS = ("X-Stack-S3-Path", "X-Stack-S3-Authorization", "X-Stack-S3-Date", "X-Stack-S3-Content-Sha256")
 
 
 class NginxFetch:
-    """Where nginx fetches an artifact from: a presigned GET on the store's
-    internal endpoint, or None (then MLflow answers as it would)."""
+    """How nginx fetches an artifact from the store's internal endpoint: its
+    path, signature and date (FETCH_HEADERS), or None (MLflow answers)."""
 
     def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-        self._client = None
-        self._lock = threading.Lock()  # boto3 makes clients one thread at a time
+        self.endpoint = endpoint.rstrip("/")
+        self._session = self._client = None
+        self._lock = threading.Lock()
 
     def client(self):
         with self._lock:
@@ -403,12 +407,31 @@ class NginxFetch:
                 import boto3
                 from botocore.config import Config
 
-                # Credentials and region: the server's own (AWS_* in its environment).
-                self._client = boto3.client("s3", endpoint_url=self.endpoint, config=Config(
-                    signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+                # Its own session: boto3's default one is not for threads. Credentials
+                # and region are the server's own (AWS_* in its environment). A store
+                # that does not answer soon leaves the download to MLflow.
+                self._session = boto3.session.Session()
+                self._client = self._session.client("s3", endpoint_url=self.endpoint, config=Config(
+                    signature_version="s3v4", s3={"addressing_style": "path"}, connect_timeout=3,
+                    read_timeout=10, retries={"max_attempts": 1}))
             return self._client
 
-    def locate(self, artifact_path: str) -> str | None:
+    def sign(self, bucket: str, key: str) -> tuple[str, str, str, str]:
+        """(path, Authorization, X-Amz-Date, X-Amz-Content-SHA256) of a GET of the
+        object, SigV4 (the last: the digest of its empty body, as botocore signs it)."""
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        client = self.client()
+        path = "/" + urllib.parse.quote(f"{bucket}/{key}", safe="/~")
+        request = AWSRequest(method="GET", url=self.endpoint + path)
+        S3SigV4Auth(self._session.get_credentials().get_frozen_credentials(), "s3",
+                    client.meta.region_name or "us-east-1").add_auth(request)
+        return (path, request.headers["Authorization"], request.headers["X-Amz-Date"],
+                request.headers["X-Amz-Content-SHA256"])
+
+    def locate(self, artifact_path: str) -> tuple[str, tuple[str, str, str, str]] | None:
+        """(file name, FETCH_HEADERS values) of an object in the stack's store."""
         import posixpath
 
         from botocore.exceptions import BotoCoreError, ClientError
@@ -417,6 +440,8 @@ class NginxFetch:
         from mlflow.utils.uri import validate_path_is_safe
 
         try:
+            if not artifact_router._is_serving_proxied_artifacts():
+                return None
             path = artifact_router._get_workspace_scoped_path(validate_path_is_safe(artifact_path))
             repo = artifact_router._get_artifact_repo()
         except Exception:  # noqa: BLE001 - MLflow's route gives its own answer
@@ -431,8 +456,7 @@ class NginxFetch:
             self.client().head_object(Bucket=bucket, Key=key)
         except (ClientError, BotoCoreError):
             return None
-        return self.client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                                    ExpiresIn=300)
+        return posixpath.basename(path), self.sign(bucket, key)
 
 
 def artifact_downloads_by_nginx(environ=None) -> None:
@@ -445,6 +469,7 @@ def artifact_downloads_by_nginx(environ=None) -> None:
     endpoint = environ.get("S3_INTERNAL_ENDPOINT", "")
     if environ.get("S3_ENDPOINT_URL") or not endpoint:
         return
+    from fastapi import Request
     from fastapi.responses import Response
     from mlflow.server import artifact_router
     from mlflow.server.handlers import _content_disposition_attachment
@@ -453,15 +478,20 @@ def artifact_downloads_by_nginx(environ=None) -> None:
     fetch = NginxFetch(endpoint)
 
     def make(original):
-        async def download_artifact(artifact_path: str):
-            url = await asyncio.to_thread(fetch.locate, artifact_path)
-            if url is None:
+        async def download_artifact(artifact_path: str, request: Request):
+            found = None
+            if request.headers.get(FROM_NGINX) == "1":
+                found = await asyncio.to_thread(fetch.locate, artifact_path)
+            if found is None:
                 return await original(artifact_path)
-            name = artifact_path.rsplit("/", 1)[-1]
-            return Response(headers={"X-Accel-Redirect": NGINX_FETCH, FETCH_URL_HEADER: url,
+            name, values = found
+            return Response(headers={"X-Accel-Redirect": NGINX_FETCH, **dict(zip(FETCH_HEADERS, values)),
                                      "Content-Type": _guess_mime_type(name),
                                      "Content-Disposition": _content_disposition_attachment(name),
                                      "X-Content-Type-Options": "nosniff"})
+        # FastAPI reads the parameters from these; this module's postponed
+        # annotations would be strings it cannot resolve (Request is not global here).
+        download_artifact.__annotations__ = {"artifact_path": str, "request": Request}
         return download_artifact
 
     original = artifact_router.download_artifact

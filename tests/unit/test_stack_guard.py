@@ -469,10 +469,17 @@ def test_downloads_stay_mlflows_when_the_store_is_outside_the_stack(artifact_rou
     assert [r.endpoint for r in artifact_routes] == before
 
 
+class _Request:
+    def __init__(self, headers):
+        self.headers = headers
+
+
 def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeypatch):
     originals = [r.endpoint for r in artifact_routes]
     assert {f.__name__ for f in originals} == {"download_artifact"}
-    located = {"1/run/artifacts/model.pkl": "http://minio:9000/mlflow/artifacts/1/run/artifacts/model.pkl?X-Amz-Signature=s"}
+    signed = ("/mlflow/artifacts/1/run/artifacts/model.pkl", "AWS4-HMAC-SHA256 Credential=k/...", "20261127T000000Z",
+              "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+    located = {"1/run/artifacts/model.pkl": ("model.pkl", signed)}
     monkeypatch.setattr(guard.NginxFetch, "locate", lambda self, path: located.get(path))
     fallback = []
 
@@ -492,15 +499,86 @@ def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeyp
     assert endpoint is not mlflows and endpoint.replaced_by_stack
     assert all(r.endpoint is endpoint for r in artifact_routes) and len(artifact_routes) == 2
 
-    answer = asyncio.run(endpoint("1/run/artifacts/model.pkl"))
+    nginx = _Request({guard.FROM_NGINX: "1"})
+    answer = asyncio.run(endpoint("1/run/artifacts/model.pkl", nginx))
     assert answer.status_code == 200 and answer.body == b""
     assert answer.headers["x-accel-redirect"] == guard.NGINX_FETCH == "/_stack/s3-fetch"
-    assert answer.headers[guard.FETCH_URL_HEADER] == located["1/run/artifacts/model.pkl"]
+    assert [answer.headers[h] for h in guard.FETCH_HEADERS] == list(signed)
     assert answer.headers["content-disposition"] == "attachment; filename=model.pkl"
     # Not an object in the store (missing, a folder, another store): MLflow answers.
-    assert asyncio.run(endpoint("1/run/artifacts/folder")) == "mlflow's answer"
-    assert fallback == ["1/run/artifacts/folder"]
-    # nginx's location has the same name and reads the same header.
+    assert asyncio.run(endpoint("1/run/artifacts/folder", nginx)) == "mlflow's answer"
+    # Nor does a caller that is not nginx get an answer meant for nginx (an empty body).
+    assert asyncio.run(endpoint("1/run/artifacts/model.pkl", _Request({}))) == "mlflow's answer"
+    assert fallback == ["1/run/artifacts/folder", "1/run/artifacts/model.pkl"]
+    # Through FastAPI, as MLflow's app includes the router: the path and the request resolve.
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.include_router(artifact_router.artifact_router)
+
+    def get(path, headers=()):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers], "scheme": "http",
+                 "server": ("mlflow", 5000), "client": ("nginx", 1), "root_path": "", "http_version": "1.1"}
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], dict((k.decode(), v.decode()) for k, v in sent[0]["headers"]), sent[1]["body"]
+
+    url = "/api/2.0/mlflow-artifacts/artifacts/1/run/artifacts/model.pkl"
+    for path in (url, url.replace("/api/", "/ajax-api/")):
+        status, headers, _ = get(path, [(guard.FROM_NGINX, "1")])
+        assert (status, headers.get("x-accel-redirect")) == (200, guard.NGINX_FETCH), (path, status, headers)
+    assert get(url)[2] == b'"mlflow\'s answer"'
+    # nginx's location has the same name, reads the same headers and sets the marker.
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
     assert f"location = {guard.NGINX_FETCH} {{" in template
-    assert f"$upstream_http_{guard.FETCH_URL_HEADER.lower().replace('-', '_')};" in template
+    for header in guard.FETCH_HEADERS:
+        assert f"$upstream_http_{header.lower().replace('-', '_')};" in template, header
+    assert f"proxy_set_header {guard.FROM_NGINX} 1;" in template
+
+
+def test_nginx_fetches_exactly_the_object_with_a_valid_signature(monkeypatch):
+    """The key is MLflow's (destination prefix + path), missing objects fall back, and
+    the signature is SigV4 over the path nginx sends (recomputed here independently)."""
+    import hashlib
+    import hmac
+
+    from botocore.stub import Stubber
+    from mlflow.server import artifact_router
+    from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "stack-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "stack-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    repo = S3ArtifactRepository("s3://mlflow/artifacts")
+    monkeypatch.setattr(artifact_router, "_is_serving_proxied_artifacts", lambda: True)
+    monkeypatch.setattr(artifact_router, "_get_artifact_repo", lambda: repo)
+    monkeypatch.setattr(artifact_router, "_get_workspace_scoped_path", lambda path: path)
+    fetch = guard.NginxFetch("http://minio:9000/")
+    with Stubber(fetch.client()) as stub:
+        stub.add_response("head_object", {}, {"Bucket": "mlflow", "Key": "artifacts/1/r/artifacts/a b+c.bin"})
+        stub.add_client_error("head_object", "404", http_status_code=404)
+        name, (path, authorization, date, digest) = fetch.locate("1/r/artifacts/a b+c.bin")
+        assert fetch.locate("1/r/artifacts/folder") is None
+    assert name == "a b+c.bin" and path == "/mlflow/artifacts/1/r/artifacts/a%20b%2Bc.bin"
+    assert authorization.startswith(f"AWS4-HMAC-SHA256 Credential=stack-key/{date[:8]}/eu-west-3/s3/aws4_request, "
+                                    "SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature=")
+
+    assert digest == hashlib.sha256(b"").hexdigest()  # a GET's empty body
+    canonical = "\n".join(["GET", path, "", "host:minio:9000", f"x-amz-content-sha256:{digest}",
+                            f"x-amz-date:{date}", "", "host;x-amz-content-sha256;x-amz-date", digest])
+    scope = f"{date[:8]}/eu-west-3/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = b"AWS4stack-secret"
+    for part in (date[:8], "eu-west-3", "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    assert authorization.endswith("Signature=" + hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest())
+    # A path MLflow refuses keeps MLflow's answer.
+    assert fetch.locate("../../etc/passwd") is None

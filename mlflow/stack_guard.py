@@ -20,7 +20,7 @@ import sys
 import threading
 import urllib.parse
 
-from stack.common import STORE_FULL_ADVICE
+from stack.common import STORE_FULL_ADVICE, STORE_FULL_CODE
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ITEMS = 1000, 100, 100, 1000
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
@@ -302,8 +302,8 @@ async def _status(send, status: int) -> None:
 def storage_full(text: str) -> str | None:
     """What is full, if an upload's failure (an exception chain or a response
     body) says that something is."""
-    if "XMinioStorageFull" in text:
-        return "the artifact store is full (the object store refused the upload: XMinioStorageFull)"
+    if STORE_FULL_CODE in text:
+        return f"the artifact store is full (the object store refused the upload: {STORE_FULL_CODE})"
     if "No space left on device" in text:
         return "the MLflow server's disk is full (no room to take the upload in)"
     return None

@@ -147,14 +147,16 @@ NGINX_EXPORTER_SYSLOG_PORT = 5140
 NGINX_EXPORTER_METRICS_PORT = 9113
 NGINX_METRICS_TAG = "nginx_metrics"
 
-# What to do when the object store refuses an artifact for room. The server says
-# it for uploads through it (mlflow/stack_guard.py), nginx for those to the S3
-# port (presigned parts, direct mode; STACK_STORE_FULL_MESSAGE): the store's own
-# message does not know this stack.
+# MinIO's error code (with a 507) for an object or part it has no room for: the
+# server looks for it, and nginx's answer on the S3 port keeps it.
+STORE_FULL_CODE = "XMinioStorageFull"
+# What to do then. The server says it for uploads through it (mlflow/stack_guard.py),
+# nginx for those to the S3 port (presigned parts, direct mode;
+# STACK_STORE_FULL_MESSAGE): the store's own message does not know this stack.
 STORE_FULL_ADVICE = ("Free space (./stack_gc.sh removes the artifacts of deleted runs) or grow the disk, "
                      "then log the artifact again.")
 # nginx's, in an XML element in a single-quoted string of its config: no ' " $ \\ < > &.
-STORE_FULL_MESSAGE = f"The artifact store is full (XMinioStorageFull). {STORE_FULL_ADVICE}"
+STORE_FULL_MESSAGE = f"The artifact store is full ({STORE_FULL_CODE}). {STORE_FULL_ADVICE}"
 
 
 def nginx_metrics_log(profiles: str) -> str:

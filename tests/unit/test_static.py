@@ -293,7 +293,7 @@ def test_the_store_full_message_fits_nginx_and_s3_xml():
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
     body = re.search(r"return 507 '(.*)';", template).group(1).replace("\\n", "\n")
     error = ET.fromstring(body.replace("${STORE_FULL_MESSAGE}", message).split("\n", 1)[1])
-    assert (error.findtext("Code"), error.findtext("Message")) == ("XMinioStorageFull", message)
+    assert (error.findtext("Code"), error.findtext("Message")) == (common.STORE_FULL_CODE, message)
     assert "./stack_gc.sh" in message
 
 

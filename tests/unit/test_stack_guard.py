@@ -563,11 +563,12 @@ def test_nginx_fetches_exactly_the_object_with_a_valid_signature(monkeypatch):
     monkeypatch.setattr(artifact_router, "_get_workspace_scoped_path", lambda path: path)
     fetch = guard.NginxFetch("http://minio:9000/")
     with Stubber(fetch.client()) as stub:
-        stub.add_response("head_object", {}, {"Bucket": "mlflow", "Key": "artifacts/1/r/artifacts/a b+c.bin"})
+        stub.add_response("head_object", {}, {"Bucket": "mlflow", "Key": "artifacts/1/r/artifacts/a b+c=ï%~.bin"})
         stub.add_client_error("head_object", "404", http_status_code=404)
-        name, (path, authorization, date, digest) = fetch.locate("1/r/artifacts/a b+c.bin")
+        name, (path, authorization, date, digest) = fetch.locate("1/r/artifacts/a b+c=ï%~.bin")
         assert fetch.locate("1/r/artifacts/folder") is None
-    assert name == "a b+c.bin" and path == "/mlflow/artifacts/1/r/artifacts/a%20b%2Bc.bin"
+    # The store's canonical form (AWS and MinIO alike): UTF-8 bytes and all but A-Za-z0-9-._~/ escaped.
+    assert name == "a b+c=ï%~.bin" and path == "/mlflow/artifacts/1/r/artifacts/a%20b%2Bc%3D%C3%AF%25~.bin"
     assert authorization.startswith(f"AWS4-HMAC-SHA256 Credential=stack-key/{date[:8]}/eu-west-3/s3/aws4_request, "
                                     "SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature=")
 

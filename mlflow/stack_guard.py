@@ -413,7 +413,7 @@ class NginxFetch:
                 self._session = boto3.session.Session()
                 self._client = self._session.client("s3", endpoint_url=self.endpoint, config=Config(
                     signature_version="s3v4", s3={"addressing_style": "path"}, connect_timeout=3,
-                    read_timeout=10, retries={"max_attempts": 1}))
+                    read_timeout=10, retries={"total_max_attempts": 1}))
             return self._client
 
     def sign(self, bucket: str, key: str) -> tuple[str, str, str, str]:

@@ -8,6 +8,7 @@ whatever order they ran, changes nothing here.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -237,6 +238,21 @@ def test_nginx_fetches_names_that_need_escaping_and_byte_ranges(stack, logged):
     rest = stack.http("GET", url, headers={"Range": f"bytes={MiB}-"})
     assert rest.status_code == 206 and rest.content == body[MiB:], (rest.status_code, len(rest.content))
     assert rest.headers["Content-Range"] == f"bytes {MiB}-{len(body) - 1}/{len(body)}"
+
+def test_a_gzip_file_downloads_as_the_bytes_that_were_logged(stack, logged):
+    """MLflow stores a .gz file with Content-Encoding gzip (guessed from its name); nginx's
+    fetch must not pass that on, or MLflow's client (requests) saves the unpacked bytes."""
+    name = "table.csv.gz"
+    path = f"{logged['experiment_id']}/{logged['run_id']}/artifacts/gz/{name}"
+    body = gzip.compress(b"step,loss\n" + os.urandom(256 * 1024))
+    url = "/api/2.0/mlflow-artifacts/artifacts/" + path
+    assert stack.http("PUT", url, data=body).status_code == 200
+    stored = s3_client(stack).head_object(Bucket=stack.values()["MLFLOW_BUCKET"], Key=f"artifacts/{path}")
+    assert stored.get("ContentEncoding") == "gzip", stored  # what would be passed on
+    got = stack.http("GET", url)
+    assert got.status_code == 200 and "x-amz-request-id" in {k.lower() for k in got.headers}, got.headers
+    assert "content-encoding" not in {k.lower() for k in got.headers}, got.headers
+    assert got.content == body
 
 def test_the_server_writes_metrics_through_the_stacks_tracking_store(stack, logged):
     """MLflow finds mlflow/stack_store.py for postgresql:// URIs (its entry point), and the

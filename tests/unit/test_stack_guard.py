@@ -581,5 +581,6 @@ def test_nginx_fetches_exactly_the_object_with_a_valid_signature(monkeypatch):
     for part in (date[:8], "eu-west-3", "s3", "aws4_request"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
     assert authorization.endswith("Signature=" + hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest())
-    # A path MLflow refuses keeps MLflow's answer.
+    # A path MLflow refuses keeps MLflow's answer, without asking the store.
+    monkeypatch.setattr(fetch, "client", lambda: pytest.fail("the store was asked about a refused path"))
     assert fetch.locate("../../etc/passwd") is None

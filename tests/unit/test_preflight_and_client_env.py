@@ -101,3 +101,16 @@ def test_direct_clients_of_an_outside_store_get_its_endpoint_and_region():
                                       "S3_REGION": "eu-central-1"}))
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "https://s3.eu-central-1.amazonaws.com"
     assert env["AWS_DEFAULT_REGION"] == "eu-central-1"
+
+
+def test_the_readmes_example_is_what_a_default_deploy_prints():
+    """README.md's quick start copies the printed settings (the part sizes included)."""
+    from stack.paths import ROOT
+
+    values = {**_values("proxied"), "MLFLOW_PUBLIC_HOST": "localhost", "MLFLOW_ADMIN_PASSWORD": "...generated..."}
+    tls = {"ca": "/srv/mlflow-stack/certs/ca.crt", "bundle": "/srv/mlflow-stack/certs/ca-bundle.pem"}
+    printed = [line for line in client_env.render(values, tls).splitlines() if line.startswith("export ")]
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("The deploy ends with the settings a client needs"):]
+    block = block[:block.index("```\n\n")]
+    assert [line for line in block.splitlines() if line.startswith("export ")] == printed

@@ -87,6 +87,12 @@ def assert_acknowledged_stored(threads: list[dict], psql, s3, bucket: str) -> No
         assert set(t["artifacts"]) <= names, sorted(set(t["artifacts"]) - names)[:20]
 
 
+def streamed_from_the_store(response) -> bool:
+    """Whether nginx fetched the answer from the store (which names every request it
+    serves) rather than MLflow answering itself."""
+    return "x-amz-request-id" in response.headers  # requests' headers ignore case
+
+
 def parse_exports(text: str) -> dict[str, str]:
     values = {}
     for line in text.splitlines():

@@ -8,9 +8,10 @@ artifacts on local disk, plain HTTP) on a free loopback port. Both sides are
 measured alternately, round after round, at 1, 4 and 16 client threads with
 MLflow's client: single log_metric calls (requests/s and p50), log_batch of
 1000 metrics (metrics/s, and the server containers' CPU per 1000 metrics,
-from their cgroups, when readable here); then an artifact up and down through each server,
-and the same bytes with boto3 straight to the stack's S3 port (nginx, TLS),
-the ceiling of the stack's own network path.
+from their cgroups, when readable here); then an artifact up (once) and down (DOWNLOADS
+times) through each server, and on the stack's side, right after each of those, the same
+bytes with boto3 straight to the stack's S3 port (nginx, TLS): the ceiling of the stack's
+own network path, measured in the same moment as what it is compared with.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Iterable
 
 PLAIN_WORKERS = 4  # mlflow server's default, passed explicitly
+# Downloads per artifact and round: one 100 MiB download lasts about 0.4 s, short enough
+# for the machine's noise to move a single sample by a third.
+DOWNLOADS = 3
 
 
 def free_port() -> int:
@@ -154,49 +158,71 @@ def log_batch_round(threads: int, batches: int) -> float:
     return threads * batches * 1000 / _threads(threads, work)
 
 
-def artifact_round(blob: Path, mib: int) -> tuple[float, float]:
-    """(up, down) MiB/s of one artifact through the tracking server."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+class MlflowArtifact:
+    """One artifact through a tracking server (MLflow's client, the printed settings)."""
 
-    client = MlflowClient()
-    exp = client.create_experiment(f"compare-{uuid.uuid4().hex[:10]}")
-    run_id = client.create_run(exp).info.run_id
-    started = time.perf_counter()
-    client.log_artifact(run_id, str(blob))
-    up = mib / (time.perf_counter() - started)
-    dest = Path(tempfile.mkdtemp())
-    started = time.perf_counter()
-    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=blob.name, dst_path=str(dest))
-    down = mib / (time.perf_counter() - started)
-    (dest / blob.name).unlink()
-    return up, down
+    def __init__(self, blob: Path, mib: int):
+        from mlflow.tracking import MlflowClient
+
+        self.blob, self.mib = blob, mib
+        client = MlflowClient()
+        self.client = client
+        self.run_id = client.create_run(client.create_experiment(f"compare-{uuid.uuid4().hex[:10]}")).info.run_id
+
+    def up(self) -> float:
+        started = time.perf_counter()
+        self.client.log_artifact(self.run_id, str(self.blob))
+        return self.mib / (time.perf_counter() - started)
+
+    def down(self) -> float:
+        import mlflow
+
+        dest = Path(tempfile.mkdtemp())
+        started = time.perf_counter()
+        mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=self.blob.name, dst_path=str(dest))
+        rate = self.mib / (time.perf_counter() - started)
+        (dest / self.blob.name).unlink()
+        return rate
+
+    def done(self) -> None:
+        pass
 
 
-def boto3_round(blob: Path, mib: int, s3: dict[str, str]) -> tuple[float, float]:
-    """(up, down) MiB/s of the same bytes with boto3 straight to the stack's S3 port."""
-    import boto3
+class Boto3Object:
+    """The same bytes with boto3 straight to the stack's S3 port: the ceiling of its own network path."""
 
-    client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=s3["key"],
-                          aws_secret_access_key=s3["secret"], region_name="us-east-1", verify=s3["ca"])
-    key = f"bench/{uuid.uuid4().hex}"
-    started = time.perf_counter()
-    client.upload_file(str(blob), s3["bucket"], key)
-    up = mib / (time.perf_counter() - started)
-    dest = Path(tempfile.mkdtemp()) / "down.bin"
-    started = time.perf_counter()
-    client.download_file(s3["bucket"], key, str(dest))
-    down = mib / (time.perf_counter() - started)
-    dest.unlink()
-    client.delete_object(Bucket=s3["bucket"], Key=key)
-    return up, down
+    def __init__(self, blob: Path, mib: int, s3: dict[str, str]):
+        import boto3
+
+        self.blob, self.mib, self.bucket = blob, mib, s3["bucket"]
+        self.client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=s3["key"],
+                                   aws_secret_access_key=s3["secret"], region_name="us-east-1", verify=s3["ca"])
+        self.key = f"bench/{uuid.uuid4().hex}"
+
+    def up(self) -> float:
+        started = time.perf_counter()
+        self.client.upload_file(str(self.blob), self.bucket, self.key)
+        return self.mib / (time.perf_counter() - started)
+
+    def down(self) -> float:
+        dest = Path(tempfile.mkdtemp()) / "down.bin"
+        started = time.perf_counter()
+        self.client.download_file(self.bucket, self.key, str(dest))
+        rate = self.mib / (time.perf_counter() - started)
+        dest.unlink()
+        return rate
+
+    def done(self) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key)
 
 
 def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[str, str], rounds: int,
             calls: int, batches: int, artifact_mib: Iterable[int], concurrency=(1, 4, 16),
-            stack_containers: list[str] = ()) -> list[tuple[str, float, float]]:
-    """Rows (measure, plain, stack): medians over the rounds, the two sides alternating;
-    one artifact round per size in artifact_mib (MiB)."""
+            stack_containers: list[str] = (), downloads: int = DOWNLOADS) -> list[tuple[str, float, float]]:
+    """Rows (measure, plain, stack): medians over the rounds, the two sides alternating.
+    Per round and size in artifact_mib (MiB): one upload and `downloads` downloads through each
+    server; on the stack's side each is followed at once by the same with boto3 to the S3 port,
+    so that both halves of an artifact ratio see the machine in the same moment."""
     results: dict[str, dict[str, list[float]]] = {}
 
     def add(side: str, name: str, value: float) -> None:
@@ -227,13 +253,15 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
                             add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: server CPU ms per 1000",
                                 (after - before) * 1000 / (n * batches))
                     for mib, blob in blobs.items():
-                        up, down = artifact_round(blob, mib)
-                        add(side, f"artifact {mib} MiB up: MiB/s", up)
-                        add(side, f"artifact {mib} MiB down: MiB/s", down)
-            for mib, blob in blobs.items():
-                up, down = boto3_round(blob, mib, s3)
-                add("stack", f"boto3 to the S3 port {mib} MiB up: MiB/s", up)
-                add("stack", f"boto3 to the S3 port {mib} MiB down: MiB/s", down)
+                        ways = {"artifact": (side, MlflowArtifact(blob, mib))}
+                        if side == "stack":
+                            ways["boto3 to the S3 port"] = ("stack", Boto3Object(blob, mib, s3))
+                        for direction, times in (("up", 1), ("down", downloads)):
+                            for _ in range(times):
+                                for way, (who, mover) in ways.items():
+                                    add(who, f"{way} {mib} MiB {direction}: MiB/s", getattr(mover, direction)())
+                        for _, mover in ways.values():
+                            mover.done()
     for blob in blobs.values():
         blob.unlink()
     rows = []

@@ -149,7 +149,8 @@ def run_compare(args) -> int:
     creds = {k: os.environ[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if k in os.environ}
     print(f"the stack at {os.environ['MLFLOW_TRACKING_URI']} against a plain `mlflow server` ({args.image}, "
           f"{bench_compare.PLAIN_WORKERS} workers, SQLite, HTTP); medians of {args.rounds} alternating rounds "
-          f"({bench_compare.DOWNLOADS} downloads of each artifact per round, each paired with boto3's); "
+          f"(artifacts: 1 upload and {bench_compare.DOWNLOADS} downloads per round; on the stack's side each is "
+          f"paired with boto3's, and the ratio is the median of the pairs'); "
           f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}", flush=True)
     rows = bench_compare.compare(args.image, os.environ["MLFLOW_TRACKING_URI"], creds, stack_s3(), args.rounds,
                                  args.calls, args.batches, args.artifact_mib, stack_containers=stack_servers())

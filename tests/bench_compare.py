@@ -11,12 +11,14 @@ MLflow's client: single log_metric calls (requests/s and p50), log_batch of
 from their cgroups, when readable here); then an artifact up (once) and down (DOWNLOADS
 times) through each server, and on the stack's side, right after each of those, the same
 bytes with boto3 straight to the stack's S3 port (nginx, TLS): the ceiling of the stack's
-own network path, measured in the same moment as what it is compared with.
+own network path. Each such pair (who goes first alternates) gives one ratio; the table's
+artifact ratio is the median of those, so both halves of each come from the same moment.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -32,6 +34,7 @@ PLAIN_WORKERS = 4  # mlflow server's default, passed explicitly
 # Downloads per artifact and round: one 100 MiB download lasts about 0.4 s, short enough
 # for the machine's noise to move a single sample by a third.
 DOWNLOADS = 3
+RAW = "boto3 to the S3 port"
 
 
 def free_port() -> int:
@@ -178,14 +181,13 @@ class MlflowArtifact:
         import mlflow
 
         dest = Path(tempfile.mkdtemp())
-        started = time.perf_counter()
-        mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=self.blob.name, dst_path=str(dest))
-        rate = self.mib / (time.perf_counter() - started)
-        (dest / self.blob.name).unlink()
-        return rate
+        try:
+            started = time.perf_counter()
+            mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=self.blob.name, dst_path=str(dest))
+            return self.mib / (time.perf_counter() - started)
+        finally:
+            shutil.rmtree(dest)
 
-    def done(self) -> None:
-        pass
 
 
 class Boto3Object:
@@ -205,12 +207,13 @@ class Boto3Object:
         return self.mib / (time.perf_counter() - started)
 
     def down(self) -> float:
-        dest = Path(tempfile.mkdtemp()) / "down.bin"
-        started = time.perf_counter()
-        self.client.download_file(self.bucket, self.key, str(dest))
-        rate = self.mib / (time.perf_counter() - started)
-        dest.unlink()
-        return rate
+        dest = Path(tempfile.mkdtemp())
+        try:
+            started = time.perf_counter()
+            self.client.download_file(self.bucket, self.key, str(dest / "down.bin"))
+            return self.mib / (time.perf_counter() - started)
+        finally:
+            shutil.rmtree(dest)
 
     def done(self) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key)
@@ -221,14 +224,15 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
             stack_containers: list[str] = (), downloads: int = DOWNLOADS) -> list[tuple[str, float, float]]:
     """Rows (measure, plain, stack): medians over the rounds, the two sides alternating.
     Per round and size in artifact_mib (MiB): one upload and `downloads` downloads through each
-    server; on the stack's side each is followed at once by the same with boto3 to the S3 port,
-    so that both halves of an artifact ratio see the machine in the same moment."""
+    server; on the stack's side each is paired at once with the same by boto3 to the S3 port,
+    and the pair's ratio is a row of its own ("..., paired")."""
     results: dict[str, dict[str, list[float]]] = {}
 
     def add(side: str, name: str, value: float) -> None:
         results.setdefault(name, {"plain": [], "stack": []})[side].append(value)
 
     work = Path(tempfile.mkdtemp())
+    flip = False
     blobs = {}
     for mib in artifact_mib:
         blobs[mib] = work / f"compare-{mib}mib.bin"
@@ -253,17 +257,29 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
                             add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: server CPU ms per 1000",
                                 (after - before) * 1000 / (n * batches))
                     for mib, blob in blobs.items():
-                        ways = {"artifact": (side, MlflowArtifact(blob, mib))}
-                        if side == "stack":
-                            ways["boto3 to the S3 port"] = ("stack", Boto3Object(blob, mib, s3))
-                        for direction, times in (("up", 1), ("down", downloads)):
-                            for _ in range(times):
-                                for way, (who, mover) in ways.items():
-                                    add(who, f"{way} {mib} MiB {direction}: MiB/s", getattr(mover, direction)())
-                        for _, mover in ways.values():
-                            mover.done()
-    for blob in blobs.values():
-        blob.unlink()
+                        through = MlflowArtifact(blob, mib)
+                        raw = Boto3Object(blob, mib, s3) if side == "stack" else None
+                        try:
+                            for direction, times in (("up", 1), ("down", downloads)):
+                                for _ in range(times):
+                                    if raw is None:
+                                        add(side, f"artifact {mib} MiB {direction}: MiB/s",
+                                            getattr(through, direction)())
+                                        continue
+                                    # Who goes first alternates, so that an order effect (the page
+                                    # cache, say) does not always fall on the same half.
+                                    pair = [("artifact", through), (RAW, raw)]
+                                    flip = not flip
+                                    rates = {way: getattr(mover, direction)()
+                                             for way, mover in (pair[::-1] if flip else pair)}
+                                    for way, rate in rates.items():
+                                        add("stack", f"{way} {mib} MiB {direction}: MiB/s", rate)
+                                    add("stack", f"artifact {mib} MiB {direction} / {RAW}, paired",
+                                        rates["artifact"] / rates[RAW])
+                        finally:
+                            if raw is not None:
+                                raw.done()
+    shutil.rmtree(work)
     rows = []
     for name, sides_values in results.items():
         plain = statistics.median(sides_values["plain"]) if sides_values["plain"] else float("nan")
@@ -274,20 +290,22 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
 
 def table(rows: list[tuple[str, float, float]], artifact_mib: Iterable[int]) -> str:
     """Markdown: each measure with both sides and stack/plain (for p50 and CPU, plain/stack: higher is better);
-    the artifact rows also against boto3 on the stack's S3 port."""
+    the artifact rows also against boto3 on the stack's S3 port: both medians, and the median of the
+    paired ratios."""
     by_name = {name: (plain, stack) for name, plain, stack in rows}
     lines = ["| measure | plain server | stack | stack / plain |", "|---|---|---|---|"]
     for name, plain, stack in rows:
-        if name.startswith("boto3"):
+        if name.startswith(RAW) or name.endswith("paired"):
             continue
         # Lower is better for latency and CPU: the ratio is then plain / stack.
         ratio = plain / stack if name.endswith(("p50 ms", "per 1000")) else stack / plain
         lines.append(f"| {name} | {plain:,.1f} | {stack:,.1f} | {ratio:.2f} |")
     for mib in artifact_mib:
         for direction in ("up", "down"):
-            raw = by_name.get(f"boto3 to the S3 port {mib} MiB {direction}: MiB/s")
+            raw = by_name.get(f"{RAW} {mib} MiB {direction}: MiB/s")
             through = by_name.get(f"artifact {mib} MiB {direction}: MiB/s")
-            if raw and through:
+            paired = by_name.get(f"artifact {mib} MiB {direction} / {RAW}, paired")
+            if raw and through and paired:
                 lines.append(f"| artifact {mib} MiB {direction} through MLflow / boto3 to the S3 port | | "
-                             f"{through[1]:,.1f} / {raw[1]:,.1f} | {through[1] / raw[1]:.2f} |")
+                             f"{through[1]:,.1f} / {raw[1]:,.1f} | {paired[1]:.2f} |")
     return "\n".join(lines)

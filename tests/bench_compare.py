@@ -232,54 +232,57 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
         results.setdefault(name, {"plain": [], "stack": []})[side].append(value)
 
     work = Path(tempfile.mkdtemp())
-    flip = False
-    blobs = {}
-    for mib in artifact_mib:
-        blobs[mib] = work / f"compare-{mib}mib.bin"
-        with open(blobs[mib], "wb") as fh:
-            for _ in range(mib):
-                fh.write(os.urandom(1 << 20))
-    with plain_server(image) as (plain_uri, plain_container):
-        sides = {"plain": (plain_uri, {}), "stack": (stack_uri, stack_creds)}
-        servers = {"plain": [plain_container], "stack": stack_containers}
-        for _ in range(rounds):
-            for side, (uri, creds) in sides.items():
-                with target(uri, creds):
-                    for n in concurrency:
-                        rate, p50 = log_metric_round(n, calls)
-                        add(side, f"log_metric, {n} thread{'s' * (n > 1)}: req/s", rate)
-                        add(side, f"log_metric, {n} thread{'s' * (n > 1)}: p50 ms", p50)
-                    for n in concurrency:
-                        before = container_cpu_seconds(servers[side])
-                        add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: metrics/s", log_batch_round(n, batches))
-                        after = container_cpu_seconds(servers[side])
-                        if before is not None and after is not None:
-                            add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: server CPU ms per 1000",
-                                (after - before) * 1000 / (n * batches))
-                    for mib, blob in blobs.items():
-                        through = MlflowArtifact(blob, mib)
-                        raw = Boto3Object(blob, mib, s3) if side == "stack" else None
-                        try:
-                            for direction, times in (("up", 1), ("down", downloads)):
-                                for _ in range(times):
-                                    if raw is None:
-                                        add(side, f"artifact {mib} MiB {direction}: MiB/s",
-                                            getattr(through, direction)())
-                                        continue
-                                    # Who goes first alternates, so that an order effect (the page
-                                    # cache, say) does not always fall on the same half.
-                                    pair = [("artifact", through), (RAW, raw)]
-                                    flip = not flip
-                                    rates = {way: getattr(mover, direction)()
-                                             for way, mover in (pair[::-1] if flip else pair)}
-                                    for way, rate in rates.items():
-                                        add("stack", f"{way} {mib} MiB {direction}: MiB/s", rate)
-                                    add("stack", f"artifact {mib} MiB {direction} / {RAW}, paired",
-                                        rates["artifact"] / rates[RAW])
-                        finally:
-                            if raw is not None:
-                                raw.done()
-    shutil.rmtree(work)
+    first_boto3 = {"up": False, "down": False}  # per direction: each alternates on its own
+    try:
+        blobs = {}
+        for mib in artifact_mib:
+            blobs[mib] = work / f"compare-{mib}mib.bin"
+            with open(blobs[mib], "wb") as fh:
+                for _ in range(mib):
+                    fh.write(os.urandom(1 << 20))
+        with plain_server(image) as (plain_uri, plain_container):
+            sides = {"plain": (plain_uri, {}), "stack": (stack_uri, stack_creds)}
+            servers = {"plain": [plain_container], "stack": stack_containers}
+            for _ in range(rounds):
+                for side, (uri, creds) in sides.items():
+                    with target(uri, creds):
+                        for n in concurrency:
+                            rate, p50 = log_metric_round(n, calls)
+                            add(side, f"log_metric, {n} thread{'s' * (n > 1)}: req/s", rate)
+                            add(side, f"log_metric, {n} thread{'s' * (n > 1)}: p50 ms", p50)
+                        for n in concurrency:
+                            before = container_cpu_seconds(servers[side])
+                            add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: metrics/s",
+                                log_batch_round(n, batches))
+                            after = container_cpu_seconds(servers[side])
+                            if before is not None and after is not None:
+                                add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: server CPU ms per 1000",
+                                    (after - before) * 1000 / (n * batches))
+                        for mib, blob in blobs.items():
+                            through = MlflowArtifact(blob, mib)
+                            raw = Boto3Object(blob, mib, s3) if side == "stack" else None
+                            try:
+                                for direction, times in (("up", 1), ("down", downloads)):
+                                    for _ in range(times):
+                                        if raw is None:
+                                            add(side, f"artifact {mib} MiB {direction}: MiB/s",
+                                                getattr(through, direction)())
+                                            continue
+                                        # Who goes first alternates, so that an order effect (the page
+                                        # cache, say) does not always fall on the same half.
+                                        pair = [("artifact", through), (RAW, raw)]
+                                        first_boto3[direction] = not first_boto3[direction]
+                                        rates = {way: getattr(mover, direction)()
+                                                 for way, mover in (pair[::-1] if first_boto3[direction] else pair)}
+                                        for way, rate in rates.items():
+                                            add("stack", f"{way} {mib} MiB {direction}: MiB/s", rate)
+                                        add("stack", f"artifact {mib} MiB {direction} / {RAW}, paired",
+                                            rates["artifact"] / rates[RAW])
+                            finally:
+                                if raw is not None:
+                                    raw.done()
+    finally:
+        shutil.rmtree(work)
     rows = []
     for name, sides_values in results.items():
         plain = statistics.median(sides_values["plain"]) if sides_values["plain"] else float("nan")

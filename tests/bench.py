@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -183,6 +184,9 @@ def main() -> int:
     if len(args.artifact_mib) > 1 and not args.compare:
         parser.error("several --artifact-mib sizes need --compare")
     if args.compare:
+        # A stopped comparison (kill, a CI timeout) still removes its plain server: SIGTERM
+        # becomes SystemExit, so the context managers' clean-up runs as it does on Ctrl-C.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         return run_compare(args)
     print(f"benchmark against {mlflow.get_tracking_uri()} (medians of 3 rounds)")
     for name, value in {**bench(args.artifact_mib[0]), **ui_first_load_bytes()}.items():

@@ -161,6 +161,22 @@ def log_batch_round(threads: int, batches: int) -> float:
     return threads * batches * 1000 / _threads(threads, work)
 
 
+def _rate(mib: int, transfer) -> float:
+    """MiB/s of transfer()."""
+    started = time.perf_counter()
+    transfer()
+    return mib / (time.perf_counter() - started)
+
+
+def _download_rate(mib: int, fetch) -> float:
+    """MiB/s of fetch(dest), dest a fresh directory removed afterwards."""
+    dest = Path(tempfile.mkdtemp())
+    try:
+        return _rate(mib, lambda: fetch(dest))
+    finally:
+        shutil.rmtree(dest)
+
+
 class MlflowArtifact:
     """One artifact through a tracking server (MLflow's client, the printed settings)."""
 
@@ -173,20 +189,13 @@ class MlflowArtifact:
         self.run_id = client.create_run(client.create_experiment(f"compare-{uuid.uuid4().hex[:10]}")).info.run_id
 
     def up(self) -> float:
-        started = time.perf_counter()
-        self.client.log_artifact(self.run_id, str(self.blob))
-        return self.mib / (time.perf_counter() - started)
+        return _rate(self.mib, lambda: self.client.log_artifact(self.run_id, str(self.blob)))
 
     def down(self) -> float:
         import mlflow
 
-        dest = Path(tempfile.mkdtemp())
-        try:
-            started = time.perf_counter()
-            mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=self.blob.name, dst_path=str(dest))
-            return self.mib / (time.perf_counter() - started)
-        finally:
-            shutil.rmtree(dest)
+        return _download_rate(self.mib, lambda dest: mlflow.artifacts.download_artifacts(
+            run_id=self.run_id, artifact_path=self.blob.name, dst_path=str(dest)))
 
 
 
@@ -202,21 +211,41 @@ class Boto3Object:
         self.key = f"bench/{uuid.uuid4().hex}"
 
     def up(self) -> float:
-        started = time.perf_counter()
-        self.client.upload_file(str(self.blob), self.bucket, self.key)
-        return self.mib / (time.perf_counter() - started)
+        return _rate(self.mib, lambda: self.client.upload_file(str(self.blob), self.bucket, self.key))
 
     def down(self) -> float:
-        dest = Path(tempfile.mkdtemp())
-        try:
-            started = time.perf_counter()
-            self.client.download_file(self.bucket, self.key, str(dest / "down.bin"))
-            return self.mib / (time.perf_counter() - started)
-        finally:
-            shutil.rmtree(dest)
+        return _download_rate(self.mib, lambda dest: self.client.download_file(self.bucket, self.key,
+                                                                               str(dest / "down.bin")))
 
     def done(self) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key)
+
+
+def artifact_samples(add, side: str, blob: Path, mib: int, s3: dict[str, str] | None, downloads: int,
+                     first_boto3: dict[str, bool]) -> None:
+    """One upload and `downloads` downloads of blob through the current tracking server, add()ed
+    as side's; with s3 (the stack's side) each paired at once with the same by boto3, the
+    pair's ratio added too. first_boto3: whose turn it is, per direction (flipped here)."""
+    through = MlflowArtifact(blob, mib)
+    raw = Boto3Object(blob, mib, s3) if s3 is not None else None
+    try:
+        for direction, times in (("up", 1), ("down", downloads)):
+            for _ in range(times):
+                if raw is None:
+                    add(side, f"artifact {mib} MiB {direction}: MiB/s", getattr(through, direction)())
+                    continue
+                # Who goes first alternates, so that an order effect (the page cache, say)
+                # does not always fall on the same half.
+                pair = [("artifact", through), (RAW, raw)]
+                first_boto3[direction] = not first_boto3[direction]
+                rates = {way: getattr(mover, direction)()
+                         for way, mover in (pair[::-1] if first_boto3[direction] else pair)}
+                for way, rate in rates.items():
+                    add(side, f"{way} {mib} MiB {direction}: MiB/s", rate)
+                add(side, f"artifact {mib} MiB {direction} / {RAW}, paired", rates["artifact"] / rates[RAW])
+    finally:
+        if raw is not None:
+            raw.done()
 
 
 def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[str, str], rounds: int,
@@ -259,28 +288,8 @@ def compare(image: str, stack_uri: str, stack_creds: dict[str, str], s3: dict[st
                                 add(side, f"log_batch 1000, {n} thread{'s' * (n > 1)}: server CPU ms per 1000",
                                     (after - before) * 1000 / (n * batches))
                         for mib, blob in blobs.items():
-                            through = MlflowArtifact(blob, mib)
-                            raw = Boto3Object(blob, mib, s3) if side == "stack" else None
-                            try:
-                                for direction, times in (("up", 1), ("down", downloads)):
-                                    for _ in range(times):
-                                        if raw is None:
-                                            add(side, f"artifact {mib} MiB {direction}: MiB/s",
-                                                getattr(through, direction)())
-                                            continue
-                                        # Who goes first alternates, so that an order effect (the page
-                                        # cache, say) does not always fall on the same half.
-                                        pair = [("artifact", through), (RAW, raw)]
-                                        first_boto3[direction] = not first_boto3[direction]
-                                        rates = {way: getattr(mover, direction)()
-                                                 for way, mover in (pair[::-1] if first_boto3[direction] else pair)}
-                                        for way, rate in rates.items():
-                                            add("stack", f"{way} {mib} MiB {direction}: MiB/s", rate)
-                                        add("stack", f"artifact {mib} MiB {direction} / {RAW}, paired",
-                                            rates["artifact"] / rates[RAW])
-                            finally:
-                                if raw is not None:
-                                    raw.done()
+                            artifact_samples(add, side, blob, mib, s3 if side == "stack" else None, downloads,
+                                             first_boto3)
     finally:
         shutil.rmtree(work)
     rows = []

@@ -3,6 +3,7 @@
 import asyncio
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -584,3 +585,106 @@ def test_nginx_fetches_exactly_the_object_with_a_valid_signature(monkeypatch):
     # A path MLflow refuses keeps MLflow's answer, without asking the store.
     monkeypatch.setattr(fetch, "client", lambda: pytest.fail("the store was asked about a refused path"))
     assert fetch.locate("../../etc/passwd") is None
+
+
+# Run in a process of its own: MLflow puts its host and origin checks on its
+# Flask app only when mlflow.server is first imported in a server process
+# (here: with the store set in the environment, as `mlflow server` sets it).
+_DIRECT_SCRIPT = r'''
+import asyncio, importlib.util, json, os, sys, tempfile
+work = tempfile.mkdtemp()
+os.environ["_MLFLOW_SERVER_FILE_STORE"] = f"sqlite:///{work}/mlflow.db"
+os.environ["_MLFLOW_SERVER_ARTIFACT_ROOT"] = f"{work}/artifacts"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+spec = importlib.util.spec_from_file_location("stack_guard", sys.argv[1])
+guard = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(guard)
+from mlflow.server.fastapi_app import create_fastapi_app
+
+class Counting:
+    """MLflow's whole app, counting the calls that reach it."""
+    def __init__(self, app):
+        self.app, self.routes, self.calls = app, app.routes, 0
+    async def __call__(self, scope, receive, send):
+        self.calls += 1
+        await self.app(scope, receive, send)
+
+full = Counting(create_fastapi_app())
+direct = guard.FlaskCallsDirect(full)
+
+def call(app, method, path, payload=None, **headers):
+    path, _, query = path.partition("?")
+    body = json.dumps(payload).encode() if payload is not None else b""
+    headers = {"host": "localhost:5000", "content-type": "application/json",
+               "content-length": str(len(body)), **headers}
+    scope = {"type": "http", "http_version": "1.1", "method": method, "scheme": "http", "path": path,
+             "raw_path": path.encode(), "root_path": "", "query_string": query.encode(),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "server": ("localhost", 5000), "client": ("127.0.0.1", 40000)}
+    sent, messages = [], [{"type": "http.request", "body": body, "more_body": False}]
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+    async def send(message):
+        sent.append(message)
+    before = full.calls
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return {"status": start["status"], "body": data.decode(), "via_fastapi": full.calls > before,
+            "headers": sorted(k.decode().lower() for k, _ in start["headers"])}
+
+out = {"flask_found": direct.flask is not None}
+exp = json.loads(call(full, "POST", "/api/2.0/mlflow/experiments/create", {"name": "e"})["body"])["experiment_id"]
+run = json.loads(call(direct, "POST", "/api/2.0/mlflow/runs/create",
+                      {"experiment_id": exp, "start_time": 1})["body"])["run"]["info"]["run_id"]
+point = {"run_id": run, "key": "loss", "value": 0.5, "timestamp": 7, "step": 3}
+out["log_metric"] = call(direct, "POST", "/api/2.0/mlflow/runs/log-metric", point)
+history = f"/api/2.0/mlflow/metrics/get-history?run_id={run}&metric_key=loss"
+out["history"] = [call(app, "GET", history) for app in (full, direct)]
+for name, headers in {"forged_host": {"host": "evil.example.com"},
+                      "cross_origin": {"origin": "https://evil.example.com"}}.items():
+    out[name] = [call(app, "POST", "/api/2.0/mlflow/runs/log-metric", dict(point, value=9.0), **headers)
+                 for app in (full, direct)]
+out["after_refusals"] = call(direct, "GET", history)
+out["missing"] = [call(app, "POST", "/api/2.0/mlflow/runs/no-such-call", {}) for app in (full, direct)]
+out["native"] = call(direct, "POST", "/v1/traces", {})
+out["preflight"] = call(direct, "OPTIONS", "/api/2.0/mlflow/runs/log-metric",
+                        origin="http://localhost:3000", **{"access-control-request-method": "POST"})
+print(json.dumps(out))
+'''
+
+
+def test_calls_flask_serves_skip_fastapis_layer_and_get_the_same_answers_and_checks(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _DIRECT_SCRIPT, str(ROOT / "mlflow" / "stack_guard.py")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["flask_found"]
+    assert out["log_metric"]["status"] == 200 and not out["log_metric"]["via_fastapi"]
+    via_fastapi, direct = out["history"]
+    assert via_fastapi["via_fastapi"] and not direct["via_fastapi"]
+    assert json.loads(direct["body"]) == json.loads(via_fastapi["body"]) == {"metrics": [
+        {"key": "loss", "value": 0.5, "timestamp": 7, "step": 3}]}
+    # Flask's own checks refuse what FastAPI's refuse, and nothing is written.
+    for name, message in (("forged_host", "Invalid Host header"), ("cross_origin", "Cross-origin request blocked")):
+        via_fastapi, direct = out[name]
+        assert (via_fastapi["status"], direct["status"]) == (403, 403), name
+        assert message in via_fastapi["body"] and message in direct["body"], name
+        assert not direct["via_fastapi"], name
+        assert "x-content-type-options" in direct["headers"], name
+    assert json.loads(out["after_refusals"]["body"])["metrics"] == [
+        {"key": "loss", "value": 0.5, "timestamp": 7, "step": 3}]
+    assert [m["status"] for m in out["missing"]] == [404, 404]
+    # FastAPI's own routes and CORS preflights still take MLflow's way.
+    assert out["native"]["via_fastapi"] and out["preflight"]["via_fastapi"]
+
+
+def test_without_flasks_own_checks_every_call_takes_mlflows_way():
+    class App:
+        routes = []
+
+    assert guard.FlaskCallsDirect(App()).flask is None

@@ -217,12 +217,15 @@ step_swarm() {
 	[ -z "$upgrade_note" ] || log "$upgrade_note"
 }
 
-# swarm_deploy FILE [ARGS...]: docker stack deploy, waiting for the services in FILE.
+# swarm_deploy FILE [ARGS...]: docker stack deploy, then wait for the services in FILE
+# (stack/swarm.py: not --detach=false, which waits out each service's 20 s update
+# monitor in turn, changed or not).
 swarm_deploy() {
 	local file="$1"
 	shift
-	timeout "${DEPLOY_TIMEOUT:-900}" docker stack deploy --detach=false --resolve-image changed \
-		--with-registry-auth "$@" -c "$file" "$COMPOSE_PROJECT_NAME" >&2
+	docker stack deploy --detach=true --resolve-image changed \
+		--with-registry-auth "$@" -c "$file" "$COMPOSE_PROJECT_NAME" >&2 || return
+	_stack_python swarm-wait --timeout "${DEPLOY_TIMEOUT:-900}" "$file"
 }
 
 step_client_env() {

@@ -20,6 +20,8 @@
                                           parts, deployed first) for `docker stack deploy`; print the paths
   swarm-prune                             remove the stack's configs and secrets the file no longer names
   swarm-running                           exit 0 if this stack runs on this machine's swarm
+  swarm-wait FILE [--timeout S]           wait until every service of the deployed stack file FILE runs as
+                                          deployed (a changed one: Swarm completed its update)
   swarm-check [SERVICE...]                exit 1, saying why, unless every swarm service (or those named)
                                           runs as deployed
   swarm-backup-env                        export lines for a backup of the swarm stack (its images, MLflow version)
@@ -316,6 +318,35 @@ def cmd_swarm_check(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_swarm_wait(args) -> int:
+    """Wait until every service of a deployed stack file runs as deployed (see swarm.convergence),
+    printing what is still awaited when it changes."""
+    import time
+
+    names = sorted(json.loads(Path(args.file).read_text())["services"])
+    project = paths.project_name()
+    deadline = time.monotonic() + args.timeout
+    shown = None
+    while True:
+        states = swarm.deployed_state(project, names)
+        failed = [what for verdict, what in states if verdict == "failed"]
+        waiting = [what for verdict, what in states if verdict == "waiting"]
+        if failed:
+            for what in failed:
+                print(f"  {what}", file=sys.stderr)
+            return 1
+        if not waiting:
+            print(f"  {len(names)} service(s) run as deployed", file=sys.stderr)
+            return 0
+        if waiting != shown:
+            print(f"  waiting for {'; '.join(waiting)}", file=sys.stderr)
+            shown = waiting
+        if time.monotonic() > deadline:
+            print(f"  still not as deployed after {args.timeout} s", file=sys.stderr)
+            return 1
+        time.sleep(1)
+
+
 def cmd_swarm_servers(_args) -> int:
     path = paths.state_dir() / "swarm-stack.json"
     if not path.exists():
@@ -380,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("swarm-file")
     p.add_argument("path", nargs="?")
     p.set_defaults(func=cmd_swarm_file)
+    p = sub.add_parser("swarm-wait")
+    p.add_argument("file")
+    p.add_argument("--timeout", type=int, default=900)
+    p.set_defaults(func=cmd_swarm_wait)
     p = sub.add_parser("swarm-check")
     p.add_argument("services", nargs="*")
     p.set_defaults(func=cmd_swarm_check)

@@ -42,7 +42,7 @@ from typing import Any, Mapping
 from . import settings
 
 DATA_LABEL = "mlflow-stack.data"
-# `docker stack deploy --detach=false` and `replicated-job` in stack files: Docker CLI 26 or later.
+# `docker stack deploy --detach` and `replicated-job` in stack files: Docker CLI 26 or later.
 MIN_CLI = (26, 0)
 STATEFUL = tuple(service for service, *_ in settings.STORES_SETTINGS)
 # Edge services publish host ports: two tasks cannot share one node's port.
@@ -312,7 +312,7 @@ def preflight(values: Mapping[str, str], project: str, compose_running: bool) ->
     cli = _docker("version", "--format", "{{.Client.Version}}", check=False).stdout.strip()
     if _version(cli) < MIN_CLI:
         problems.append(f"the docker CLI is {cli or 'missing'}; swarm mode needs {'.'.join(map(str, MIN_CLI))} or "
-                        "later (stack files with jobs, `stack deploy --detach=false`): install a newer docker-ce-cli")
+                        "later (stack files with jobs, `stack deploy --detach`): install a newer docker-ce-cli")
     state = swarm_state()
     if state["state"] != "active":
         return problems + ["this engine is not in a swarm: `docker swarm init` here (or `docker swarm join` to an "
@@ -402,6 +402,74 @@ def unsettled(rows: list[dict]) -> list[str]:
         elif row["update"] in ("updating", "paused", "rollback_started", "rollback_paused", "rollback_completed"):
             problems.append(f"{row['Name']}: update {row['update']}")
     return problems
+
+
+# The order of task states, as `docker service ps` and Docker's CLI rank them.
+TASK_STATES = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting",
+               "running", "complete", "shutdown", "failed", "rejected", "remove", "orphaned")
+FAILED_UPDATES = ("paused", "rollback_started", "rollback_paused", "rollback_completed")
+
+
+def convergence(service: Mapping[str, Any], tasks: list[Mapping[str, Any]]) -> tuple[str, str]:
+    """("done" | "waiting" | "failed", what) for one service after a deploy: `docker service
+    inspect` of it and `docker inspect` of its up-to-date tasks (on the spec now deployed).
+
+    Docker's CLI (`stack deploy --detach=false`) judges the same way, but then watches every
+    service for its update monitor (20 s here), one after another, changed or not. Here a changed
+    service is done when Swarm has completed its update, and Swarm's updater watches each new task
+    for that monitor itself (and rolls back); a service that did not change is done at once. A
+    task counts as running once its healthcheck passed."""
+    name = service["Spec"]["Name"]
+    status = service.get("UpdateStatus") or {}
+    update = status.get("State", "")
+    if update in FAILED_UPDATES:
+        return "failed", f"{name}: update {update}" + (f" ({status['Message']})" if status.get("Message") else "")
+    if update == "updating":
+        return "waiting", f"{name}: update in progress"
+    mode = service["Spec"]["Mode"]
+    if "ReplicatedJob" in mode:
+        wanted = int(mode["ReplicatedJob"].get("TotalCompletions") or 1)
+        iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
+        current = [t for t in tasks if (t.get("JobIteration") or {}).get("Index") == iteration]
+        completed = sum(t["Status"]["State"] == "complete" for t in current)
+        failed = [t for t in current if t["Status"]["State"] in ("failed", "rejected")]
+        what = f"{name}: {completed}/{wanted} completed"
+        if failed and failed[-1]["Status"].get("Err"):
+            what += f" (last failure: {failed[-1]['Status']['Err']})"
+        return ("done" if completed >= wanted else "waiting"), what
+    live = [t for t in tasks if t["DesiredState"] == "running"]
+    # Per slot (per node for a global service) the task furthest from running speaks for it.
+    by_place: dict = {}
+    for task in live:
+        place = task["NodeID"] if "Global" in mode else task["Slot"]
+        state = task["Status"]["State"]
+        rank = TASK_STATES.index(state) if state in TASK_STATES else len(TASK_STATES)
+        by_place[place] = min(by_place.get(place, rank), rank)
+    running = sum(rank == TASK_STATES.index("running") for rank in by_place.values())
+    if "Global" in mode:
+        wanted = len(by_place)
+        done = wanted > 0 and running == wanted
+    else:
+        wanted = int(mode["Replicated"].get("Replicas") or 0)
+        done = running == wanted
+    errors = [t["Status"]["Err"] for t in tasks if t["Status"].get("Err")]
+    what = f"{name}: {running}/{wanted} running" + (f" (last error: {errors[-1]})" if errors and not done else "")
+    return ("done" if done else "waiting"), what
+
+
+def deployed_state(project: str, names: list[str]) -> list[tuple[str, str]]:
+    """convergence() of each named service of the stack, as it is now."""
+    full = [f"{project}_{name}" for name in names]
+    found = _docker("service", "inspect", *full, check=False)
+    services = {s["Spec"]["Name"]: s for s in json.loads(found.stdout or "[]")}
+    ids = _docker("service", "ps", "-q", "--no-trunc", "--filter", "_up-to-date=true",
+                  *[name for name in full if name in services], check=False).stdout.split() if services else []
+    tasks = json.loads(_docker("inspect", "--type", "task", *ids, check=False).stdout or "[]") if ids else []
+    by_service: dict[str, list] = {}
+    for task in tasks:
+        by_service.setdefault(task["ServiceID"], []).append(task)
+    return [convergence(services[name], by_service.get(services[name]["ID"], [])) if name in services
+            else ("waiting", f"{name}: not created yet") for name in full]
 
 
 def servers(document: Mapping[str, Any]) -> dict[str, int]:

@@ -285,3 +285,94 @@ def test_the_server_tier_a_restore_stops_comes_from_the_stack_file(config):
     assert swarm.servers(document) == {"gc": 1, "mlflow": 1}
     document["services"]["mlflow"]["deploy"]["replicas"] = 3
     assert swarm.servers(document)["mlflow"] == 3
+
+
+def _service(mode: dict, update: str = "", job_iteration: int | None = None) -> dict:
+    service = {"ID": "svc", "Spec": {"Name": "s_x", "Mode": mode}}
+    if update:
+        service["UpdateStatus"] = {"State": update, "Message": "update rolled back due to failure"}
+    if job_iteration is not None:
+        service["JobStatus"] = {"JobIteration": {"Index": job_iteration}}
+    return service
+
+
+def _task(state: str, slot: int = 1, node: str = "n1", desired: str = "running", iteration: int | None = None,
+          err: str = "") -> dict:
+    task = {"Slot": slot, "NodeID": node, "DesiredState": desired, "Status": {"State": state, "Err": err}}
+    if iteration is not None:
+        task["JobIteration"] = {"Index": iteration}
+    return task
+
+
+REPLICATED = {"Replicated": {"Replicas": 2}}
+
+
+@pytest.mark.parametrize("service, tasks, verdict, what", [
+    # Two slots running on the deployed spec, and no update under way (created, or unchanged).
+    (_service(REPLICATED), [_task("running", 1), _task("running", 2)], "done", "s_x: 2/2 running"),
+    (_service(REPLICATED, "completed"), [_task("running", 1), _task("running", 2)], "done", "s_x: 2/2 running"),
+    # Just deployed, no task on the new spec yet (the old ones are not up to date): not done.
+    (_service(REPLICATED), [], "waiting", "s_x: 0/2 running"),
+    # A slot whose new task still starts (its healthcheck has not passed yet).
+    (_service(REPLICATED), [_task("running", 1), _task("starting", 2)], "waiting", "s_x: 1/2 running"),
+    (_service(REPLICATED), [_task("running", 1), _task("failed", 2, desired="shutdown", err="exit 1"),
+                            _task("starting", 2)], "waiting", "s_x: 1/2 running (last error: exit 1)"),
+    # Every new task runs, but Swarm still watches them (its update monitor): not done.
+    (_service(REPLICATED, "updating"), [_task("running", 1), _task("running", 2)], "waiting",
+     "s_x: update in progress"),
+    (_service(REPLICATED, "rollback_completed"), [_task("running", 1), _task("running", 2)], "failed",
+     "s_x: update rollback_completed (update rolled back due to failure)"),
+    (_service(REPLICATED, "paused"), [], "failed", "s_x: update paused (update rolled back due to failure)"),
+    (_service({"Global": {}}), [_task("running", node="a"), _task("running", node="b")], "done", "s_x: 2/2 running"),
+    (_service({"Global": {}}), [_task("running", node="a"), _task("preparing", node="b")], "waiting",
+     "s_x: 1/2 running"),
+    (_service({"Global": {}}), [], "waiting", "s_x: 0/0 running"),
+    # A job counts the tasks of its current run only.
+    (_service({"ReplicatedJob": {"TotalCompletions": 1}}, job_iteration=3),
+     [_task("complete", desired="complete", iteration=2)], "waiting", "s_x: 0/1 completed"),
+    (_service({"ReplicatedJob": {"TotalCompletions": 1}}, job_iteration=3),
+     [_task("complete", desired="complete", iteration=2), _task("complete", desired="complete", iteration=3)],
+     "done", "s_x: 1/1 completed"),
+    (_service({"ReplicatedJob": {}}, job_iteration=0),
+     [_task("failed", desired="complete", iteration=0, err="no store")], "waiting",
+     "s_x: 0/1 completed (last failure: no store)"),
+])
+def test_a_deployed_service_is_done_when_its_tasks_on_the_new_spec_run_and_swarm_finished_updating(
+        service, tasks, verdict, what):
+    assert swarm.convergence(service, tasks) == (verdict, what)
+
+
+@pytest.mark.parametrize("states, status, said", [
+    ([[("waiting", "s_db: 0/1 running")], [("waiting", "s_db: 0/1 running")], [("done", "s_db: 1/1 running")]],
+     0, ["waiting for s_db: 0/1 running", "1 service(s) run as deployed"]),
+    ([[("waiting", "s_db: update in progress")], [("failed", "s_db: update rollback_completed")]],
+     1, ["waiting for s_db: update in progress", "s_db: update rollback_completed"]),
+])
+def test_swarm_wait_polls_until_every_service_is_done_and_stops_at_a_failure(monkeypatch, tmp_path, capsys,
+                                                                             states, status, said):
+    from stack import __main__ as cli
+
+    file = tmp_path / "stack.json"
+    file.write_text(json.dumps({"services": {"db": {}}}))
+    asked = []
+
+    def deployed_state(project, names):
+        asked.append(names)
+        return states[len(asked) - 1]
+
+    monkeypatch.setattr(swarm, "deployed_state", deployed_state)
+    monkeypatch.setattr("time.sleep", lambda _s: None)
+    assert cli.main(["swarm-wait", str(file)]) == status
+    assert asked == [["db"]] * len(states)
+    assert [line.strip() for line in capsys.readouterr().err.splitlines()] == said
+
+
+def test_swarm_wait_gives_up_after_its_timeout(monkeypatch, tmp_path, capsys):
+    from stack import __main__ as cli
+
+    file = tmp_path / "stack.json"
+    file.write_text(json.dumps({"services": {"db": {}}}))
+    monkeypatch.setattr(swarm, "deployed_state", lambda project, names: [("waiting", "s_db: 0/1 running")])
+    monkeypatch.setattr("time.sleep", lambda _s: None)
+    assert cli.main(["swarm-wait", "--timeout", "0", str(file)]) == 1
+    assert "still not as deployed after 0 s" in capsys.readouterr().err

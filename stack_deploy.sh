@@ -223,7 +223,7 @@ step_swarm() {
 swarm_deploy() {
 	local file="$1"
 	shift
-	docker stack deploy --detach=true --resolve-image changed \
+	timeout "${DEPLOY_TIMEOUT:-900}" docker stack deploy --detach=true --resolve-image changed \
 		--with-registry-auth "$@" -c "$file" "$COMPOSE_PROJECT_NAME" >&2 || return
 	_stack_python swarm-wait --timeout "${DEPLOY_TIMEOUT:-900}" "$file"
 }

@@ -577,8 +577,9 @@ class FlaskCallsDirect:
     MLflow 3.17 serves its REST API from a Flask app mounted at the root of a
     FastAPI app, and each call first passes FastAPI's middleware: host and
     origin checks, security headers, the workspace context, permission checks
-    for FastAPI's own routes, telemetry, a body limit; several of them
-    BaseHTTPMiddleware, which runs the rest of the call in a task of its own.
+    for FastAPI's own routes, telemetry (a body limit too, which MLflow leaves
+    unset); several of them BaseHTTPMiddleware, which runs the rest of the call
+    in a task of its own. (Such calls no longer reach FastAPI's own telemetry.)
     For a call Flask serves, Flask does the host and origin checks and sets the
     headers again itself (mlflow.server.security, applied to it in a server),
     and so do its auth plugin (login and permission) and workspace handler, so
@@ -609,8 +610,10 @@ class FlaskCallsDirect:
             # Starlette's router: the first route that matches in full takes it.
             first = next((r for r in self.app.routes if r.matches(scope)[0] == self._full), None)
             reaches = first is self.flask
-            if len(self._reaches_flask) < self.MAX_REMEMBERED:
-                self._reaches_flask[key] = reaches
+            self._reaches_flask[key] = reaches
+            if len(self._reaches_flask) > self.MAX_REMEMBERED:
+                # Paths with IDs in them are many: the oldest answer goes (dicts keep order).
+                del self._reaches_flask[next(iter(self._reaches_flask))]
         if not reaches:
             return self.app, scope
         return self.flask.app, {**scope, **self.flask.matches(scope)[1]}

@@ -282,8 +282,8 @@ def stack_file(config: Mapping[str, Any], registry: str = "", private_files=(), 
 
 # --- The engine's side ---------------------------------------------------------
 
-def _docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+def _docker(*args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
 def swarm_state() -> dict:
@@ -385,6 +385,10 @@ def image_python(image: str, code: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
+# Update states in which a deploy has failed: Swarm paused it or rolls it back.
+FAILED_UPDATES = ("paused", "rollback_started", "rollback_paused", "rollback_completed")
+
+
 def unsettled(rows: list[dict]) -> list[str]:
     """Services not (yet) as wanted: tasks short of their goal, a job not completed, an update
     not done. Empty: the stack runs as deployed (a task counts once its healthcheck passed)."""
@@ -399,7 +403,7 @@ def unsettled(rows: list[dict]) -> list[str]:
             done = bool(running) and running.group(1) == running.group(2) and running.group(2) != "0"
         if not done:
             problems.append(f"{row['Name']}: {replicas}")
-        elif row["update"] in ("updating", "paused", "rollback_started", "rollback_paused", "rollback_completed"):
+        elif row["update"] in ("updating", *FAILED_UPDATES):
             problems.append(f"{row['Name']}: update {row['update']}")
     return problems
 
@@ -407,7 +411,6 @@ def unsettled(rows: list[dict]) -> list[str]:
 # The order of task states, as `docker service ps` and Docker's CLI rank them.
 TASK_STATES = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting",
                "running", "complete", "shutdown", "failed", "rejected", "remove", "orphaned")
-FAILED_UPDATES = ("paused", "rollback_started", "rollback_paused", "rollback_completed")
 
 
 def convergence(service: Mapping[str, Any], tasks: list[Mapping[str, Any]]) -> tuple[str, str]:
@@ -417,8 +420,9 @@ def convergence(service: Mapping[str, Any], tasks: list[Mapping[str, Any]]) -> t
     Docker's CLI (`stack deploy --detach=false`) judges the same way, but then watches every
     service for its update monitor (20 s here), one after another, changed or not. Here a changed
     service is done when Swarm has completed its update, and Swarm's updater watches each new task
-    for that monitor itself (and rolls back); a service that did not change is done at once. A
-    task counts as running once its healthcheck passed."""
+    for that monitor itself (and pauses or rolls back a failing update: the deploy fails); a service
+    that did not change is done at once. A task counts as running once its healthcheck passed.
+    Tasks on nodes that are down are left out by the caller, as the CLI does."""
     name = service["Spec"]["Name"]
     status = service.get("UpdateStatus") or {}
     update = status.get("State", "")
@@ -432,7 +436,8 @@ def convergence(service: Mapping[str, Any], tasks: list[Mapping[str, Any]]) -> t
         iteration = ((service.get("JobStatus") or {}).get("JobIteration") or {}).get("Index")
         current = [t for t in tasks if (t.get("JobIteration") or {}).get("Index") == iteration]
         completed = sum(t["Status"]["State"] == "complete" for t in current)
-        failed = [t for t in current if t["Status"]["State"] in ("failed", "rejected")]
+        failed = sorted((t for t in current if t["Status"]["State"] in ("failed", "rejected")),
+                        key=lambda t: t["Status"].get("Timestamp", ""))
         what = f"{name}: {completed}/{wanted} completed"
         if failed and failed[-1]["Status"].get("Err"):
             what += f" (last failure: {failed[-1]['Status']['Err']})"
@@ -452,22 +457,32 @@ def convergence(service: Mapping[str, Any], tasks: list[Mapping[str, Any]]) -> t
     else:
         wanted = int(mode["Replicated"].get("Replicas") or 0)
         done = running == wanted
-    errors = [t["Status"]["Err"] for t in tasks if t["Status"].get("Err")]
+    errors = [t["Status"]["Err"] for t in sorted(tasks, key=lambda t: t["Status"].get("Timestamp", ""))
+              if t["Status"].get("Err")]
     what = f"{name}: {running}/{wanted} running" + (f" (last error: {errors[-1]})" if errors and not done else "")
     return ("done" if done else "waiting"), what
 
 
 def deployed_state(project: str, names: list[str]) -> list[tuple[str, str]]:
-    """convergence() of each named service of the stack, as it is now."""
+    """convergence() of each named service of the stack, as it is now (tasks on nodes that are
+    down left out)."""
     full = [f"{project}_{name}" for name in names]
-    found = _docker("service", "inspect", *full, check=False)
-    services = {s["Spec"]["Name"]: s for s in json.loads(found.stdout or "[]")}
-    ids = _docker("service", "ps", "-q", "--no-trunc", "--filter", "_up-to-date=true",
-                  *[name for name in full if name in services], check=False).stdout.split() if services else []
-    tasks = json.loads(_docker("inspect", "--type", "task", *ids, check=False).stdout or "[]") if ids else []
+    try:
+        found = _docker("service", "inspect", *full, check=False, timeout=60)
+        services = {s["Spec"]["Name"]: s for s in json.loads(found.stdout or "[]")}
+        ids = _docker("service", "ps", "-q", "--no-trunc", "--filter", "_up-to-date=true",
+                      *[name for name in full if name in services], check=False, timeout=60).stdout.split() \
+            if services else []
+        tasks = json.loads(_docker("inspect", "--type", "task", *ids, check=False, timeout=60).stdout or "[]") \
+            if ids else []
+        nodes = _docker("node", "ls", "--format", "{{.ID}} {{.Status}}", check=False, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        return [("waiting", "the Docker engine did not answer within 60 s")]
+    down = {line.split()[0] for line in nodes.splitlines() if line.endswith(" Down")}
     by_service: dict[str, list] = {}
     for task in tasks:
-        by_service.setdefault(task["ServiceID"], []).append(task)
+        if task.get("NodeID") not in down:
+            by_service.setdefault(task["ServiceID"], []).append(task)
     return [convergence(services[name], by_service.get(services[name]["ID"], [])) if name in services
             else ("waiting", f"{name}: not created yet") for name in full]
 

@@ -667,6 +667,9 @@ def test_calls_flask_serves_skip_fastapis_layer_and_get_the_same_answers_and_che
     assert out["log_metric"]["status"] == 200 and not out["log_metric"]["via_fastapi"]
     via_fastapi, direct = out["history"]
     assert via_fastapi["via_fastapi"] and not direct["via_fastapi"]
+    # The same headers, but Vary: FastAPI's CORS layer sends "Vary: Origin" on a call without an
+    # Origin too; Flask's does so once origins are configured (the stack configures its UI's).
+    assert set(direct["headers"]) - {"vary"} == set(via_fastapi["headers"]) - {"vary"}
     assert json.loads(direct["body"]) == json.loads(via_fastapi["body"]) == {"metrics": [
         {"key": "loss", "value": 0.5, "timestamp": 7, "step": 3}]}
     # Flask's own checks refuse what FastAPI's refuse, and nothing is written.
@@ -683,8 +686,42 @@ def test_calls_flask_serves_skip_fastapis_layer_and_get_the_same_answers_and_che
     assert out["native"]["via_fastapi"] and out["preflight"]["via_fastapi"]
 
 
-def test_without_flasks_own_checks_every_call_takes_mlflows_way():
-    class App:
-        routes = []
+def test_without_flasks_own_checks_every_call_takes_mlflows_way(monkeypatch):
+    from mlflow.server import app as flask_app
+    from mlflow.server.fastapi_app import _EfficientWSGIMiddleware
+    from starlette.routing import Mount
 
+    class App:
+        routes = [Mount("/", _EfficientWSGIMiddleware(flask_app))]
+
+    def add_security_headers(response):
+        return response
+
+    # Here (no server process) MLflow has not put its checks on Flask; a server has.
+    monkeypatch.setitem(flask_app.after_request_funcs, None,
+                        [f for f in flask_app.after_request_funcs.get(None, []) if f.__name__ != "add_security_headers"])
     assert guard.FlaskCallsDirect(App()).flask is None
+    monkeypatch.setitem(flask_app.after_request_funcs, None, [add_security_headers])
+    assert guard.FlaskCallsDirect(App()).flask is App.routes[0]
+
+
+def test_the_routes_remembered_stay_bounded(monkeypatch):
+    from mlflow.server import app as flask_app
+    from mlflow.server.fastapi_app import _EfficientWSGIMiddleware
+    from starlette.routing import Mount
+
+    def add_security_headers(response):
+        return response
+
+    monkeypatch.setitem(flask_app.after_request_funcs, None, [add_security_headers])
+
+    class App:
+        routes = [Mount("/", _EfficientWSGIMiddleware(flask_app))]
+
+    direct = guard.FlaskCallsDirect(App())
+    monkeypatch.setattr(direct, "MAX_REMEMBERED", 3)
+    for i in range(5):
+        app, _scope = direct.route({"type": "http", "method": "GET", "path": f"/api/2.0/mlflow/x/{i}",
+                                    "root_path": ""})
+        assert app is App.routes[0].app
+    assert [key[1] for key in direct._reaches_flask] == [f"/api/2.0/mlflow/x/{i}" for i in (2, 3, 4)]

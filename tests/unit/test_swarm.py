@@ -376,3 +376,33 @@ def test_swarm_wait_gives_up_after_its_timeout(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("time.sleep", lambda _s: None)
     assert cli.main(["swarm-wait", "--timeout", "0", str(file)]) == 1
     assert "still not as deployed after 0 s" in capsys.readouterr().err
+
+
+def test_deployed_state_leaves_out_tasks_on_nodes_that_are_down(monkeypatch):
+    service = {"ID": "svc", "Spec": {"Name": "p_mlflow", "Mode": {"Replicated": {"Replicas": 1}}}}
+    tasks = [dict(_task("starting", slot=1, node="lost"), ServiceID="svc"),  # its node went away
+             dict(_task("running", slot=1, node="alive"), ServiceID="svc")]
+    outputs = {"service": json.dumps([service]), "inspect": json.dumps(tasks),
+               "node": "lost Down\nalive Ready\n"}
+    calls = []
+
+    def docker(*args, check=True, timeout=None):
+        calls.append((args[:2], timeout))
+        out = "t1\nt2\n" if args[:2] == ("service", "ps") else outputs[args[0]]
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+    monkeypatch.setattr(swarm, "_docker", docker)
+    assert swarm.deployed_state("p", ["mlflow", "nginx"]) == [("done", "p_mlflow: 1/1 running"),
+                                                                ("waiting", "p_nginx: not created yet")]
+    # Each docker call has a bound: a hung engine cannot outlast the deploy's timeout.
+    assert all(timeout for _args, timeout in calls)
+    outputs["node"] = "lost Ready\nalive Ready\n"
+    assert swarm.deployed_state("p", ["mlflow"]) == [("waiting", "p_mlflow: 0/1 running")]
+
+
+def test_deployed_state_waits_when_the_engine_does_not_answer(monkeypatch):
+    def docker(*args, check=True, timeout=None):
+        raise subprocess.TimeoutExpired(["docker", *args], timeout)
+
+    monkeypatch.setattr(swarm, "_docker", docker)
+    assert swarm.deployed_state("p", ["db"]) == [("waiting", "the Docker engine did not answer within 60 s")]

@@ -549,6 +549,62 @@ def admin_flag_from_login_cache() -> None:
     replace_once(auth, "sender_is_admin", make)
 
 
+INT64 = range(-(1 << 63), 1 << 63)
+FAST_METRIC_FIELDS = {"key", "value", "timestamp", "step"}
+SPECIAL_FLOAT_VALUES = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def fast_metrics(items) -> list | None:
+    """LogBatch metrics as protobuf's ParseDict makes them from the request's JSON, for the
+    plain form MLflow's clients send: {key, value, timestamp[, step]}, numbers as JSON numbers
+    (a value may be "NaN", "Infinity" or "-Infinity"). None for anything else."""
+    from mlflow.protos.service_pb2 import Metric
+
+    made = []
+    for item in items:
+        if type(item) is not dict or not item.keys() <= FAST_METRIC_FIELDS:
+            return None
+        key, value, timestamp, step = item.get("key"), item.get("value"), item.get("timestamp"), item.get("step", 0)
+        if type(key) is not str or type(timestamp) is not int or type(step) is not int \
+                or timestamp not in INT64 or step not in INT64:
+            return None
+        if type(value) is float:
+            pass
+        elif type(value) is int and abs(value) < (1 << 53):
+            value = float(value)
+        elif type(value) is str and value in SPECIAL_FLOAT_VALUES:
+            value = SPECIAL_FLOAT_VALUES[value]
+        else:
+            return None
+        fields = {"key": key, "value": value, "timestamp": timestamp}
+        if "step" in item:
+            fields["step"] = step
+        made.append(Metric(**fields))
+    return made
+
+
+def fast_log_batch_parsing() -> None:
+    """MLflow turns a request's JSON into its protobuf message with protobuf's pure-Python
+    ParseDict: 22 ms of CPU per 1000 metrics of a log_batch here, about 40% of the server's
+    CPU for it, against 2 ms built directly. Here a log_batch's metrics in the plain form its
+    clients send are built directly, the same messages (a unit test compares the bytes);
+    everything else, and anything unusual in them, goes through ParseDict as before."""
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.server import handlers
+
+    def make(parse_dict):
+        def parse(js_dict, message):
+            metrics = js_dict.get("metrics") if type(message) is LogBatch and type(js_dict) is dict else None
+            made = fast_metrics(metrics) if type(metrics) is list and metrics else None
+            if made is None:
+                return parse_dict(js_dict, message)
+            parse_dict({k: v for k, v in js_dict.items() if k != "metrics"}, message)
+            message.metrics.extend(made)
+        return parse
+
+    replace_once(handlers, "parse_dict", make)
+
+
 def tcp_nodelay_on_accepted_connections() -> None:
     """With several workers, uvicorn accepts on a socket it made as
     socket.socket(AF_INET), whose proto is 0, and asyncio sets TCP_NODELAY only
@@ -642,6 +698,7 @@ def flask_mount(app):
 
 def create_app():
     tcp_nodelay_on_accepted_connections()
+    fast_log_batch_parsing()
     artifact_downloads_by_nginx()
     auth = os.environ.get("MLFLOW_STACK_AUTH", "true") == "true"
     if auth:

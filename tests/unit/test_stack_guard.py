@@ -725,3 +725,58 @@ def test_the_routes_remembered_stay_bounded(monkeypatch):
                                     "root_path": ""})
         assert app is App.routes[0].app
     assert [key[1] for key in direct._reaches_flask] == [f"/api/2.0/mlflow/x/{i}" for i in (2, 3, 4)]
+
+
+def _metric_cases():
+    plain = [{"key": "loss", "value": 0.5, "timestamp": 1700000000000, "step": 3},
+             {"key": "acc", "value": 1, "timestamp": 0},
+             {"key": "nan", "value": "NaN", "timestamp": 5, "step": -2},
+             {"key": "inf", "value": "Infinity", "timestamp": 5, "step": 1},
+             {"key": "-inf", "value": "-Infinity", "timestamp": 5, "step": (1 << 63) - 1},
+             {"key": "big", "value": 1e308, "timestamp": -(1 << 63), "step": 0}]
+    unusual = [{"key": "s", "value": "1.5", "timestamp": 1}, {"key": "s", "value": 1.0, "timestamp": "17"},
+               {"key": "s", "value": 1.0, "timestamp": 1, "step": "4"}, {"key": "s", "value": True, "timestamp": 1},
+               {"key": "s", "value": 1.0, "timestamp": 1.0}, {"key": "s", "value": 1.0, "timestamp": 1 << 63},
+               {"key": "s", "value": 1 << 60, "timestamp": 1}, {"key": "s", "value": 1.0, "timestamp": 1,
+                                                                  "model_id": "m", "runId": "r"},
+               {"key": 5, "value": 1.0, "timestamp": 1}, {"value": 1.0, "timestamp": 1}, "not a metric",
+               {"key": "s", "value": None, "timestamp": 1}, {"key": "s", "value": "abc", "timestamp": 1}]
+    yield {"run_id": "r1", "metrics": plain}
+    yield {"run_id": "r1", "metrics": plain, "params": [{"key": "p", "value": "v"}], "tags": [{"key": "t"}],
+           "unknown_field": 1}
+    for item in unusual:
+        yield {"run_id": "r1", "metrics": [plain[0], item]}
+    yield {"run_id": 7, "metrics": plain}
+    yield {"runId": "r2", "metrics": []}
+    yield {"run_id": "r1", "metrics": "x"}
+
+
+@pytest.mark.parametrize("request_json", list(_metric_cases()))
+def test_log_batch_metrics_built_directly_are_the_messages_parsedict_makes(request_json):
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.server import handlers
+    from mlflow.utils.proto_json_utils import parse_dict as mlflows
+
+    def outcome(parse):
+        message = LogBatch()
+        try:
+            parse(json.loads(json.dumps(request_json)), message)
+        except Exception as exc:  # noqa: BLE001 - the same failure either way is the point
+            return type(exc).__name__, str(exc)
+        return message.SerializeToString(deterministic=True)
+
+    before = handlers.parse_dict
+    try:
+        guard.fast_log_batch_parsing()
+        fast = handlers.parse_dict
+        assert fast is not mlflows and fast.replaced_by_stack
+        assert outcome(fast) == outcome(mlflows)
+    finally:
+        handlers.parse_dict = before
+
+
+def test_the_plain_form_is_built_directly_and_the_rest_goes_to_parsedict():
+    assert len(guard.fast_metrics([{"key": "k", "value": 1, "timestamp": 2}])) == 1
+    for item in ({"key": "k", "value": 1, "timestamp": 2, "model_id": "m"}, {"key": "k", "value": "1", "timestamp": 2},
+                 {"key": "k", "value": 1, "timestamp": "2"}, {"key": "k", "value": 1, "timestamp": 2, "step": False}):
+        assert guard.fast_metrics([item]) is None, item

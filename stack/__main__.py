@@ -20,7 +20,7 @@
                                           parts, deployed first) for `docker stack deploy`; print the paths
   swarm-prune                             remove the stack's configs and secrets the file no longer names
   swarm-running                           exit 0 if this stack runs on this machine's swarm
-  swarm-wait FILE [--timeout S]           wait until every service of the deployed stack file FILE runs as
+  swarm-wait FILE --timeout S             wait until every service of the deployed stack file FILE runs as
                                           deployed (a changed one: Swarm completed its update)
   swarm-check [SERVICE...]                exit 1, saying why, unless every swarm service (or those named)
                                           runs as deployed
@@ -413,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_swarm_file)
     p = sub.add_parser("swarm-wait")
     p.add_argument("file")
-    p.add_argument("--timeout", type=int, default=900)
+    # Required: its one default is DEPLOY_TIMEOUT's, in stack_deploy.sh.
+    p.add_argument("--timeout", type=int, required=True)
     p.set_defaults(func=cmd_swarm_wait)
     p = sub.add_parser("swarm-check")
     p.add_argument("services", nargs="*")

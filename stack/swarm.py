@@ -463,21 +463,25 @@ def convergence(service: Mapping[str, Any], tasks: list[Mapping[str, Any]]) -> t
     return ("done" if done else "waiting"), what
 
 
+# Seconds a docker call of swarm-wait may take: a hung engine must not outlast the deploy's timeout.
+ENGINE_TIMEOUT = 60
+
+
 def deployed_state(project: str, names: list[str]) -> list[tuple[str, str]]:
     """convergence() of each named service of the stack, as it is now (tasks on nodes that are
     down left out)."""
     full = [f"{project}_{name}" for name in names]
     try:
-        found = _docker("service", "inspect", *full, check=False, timeout=60)
+        found = _docker("service", "inspect", *full, check=False, timeout=ENGINE_TIMEOUT)
         services = {s["Spec"]["Name"]: s for s in json.loads(found.stdout or "[]")}
         ids = _docker("service", "ps", "-q", "--no-trunc", "--filter", "_up-to-date=true",
-                      *[name for name in full if name in services], check=False, timeout=60).stdout.split() \
+                      *[name for name in full if name in services], check=False, timeout=ENGINE_TIMEOUT).stdout.split() \
             if services else []
-        tasks = json.loads(_docker("inspect", "--type", "task", *ids, check=False, timeout=60).stdout or "[]") \
+        tasks = json.loads(_docker("inspect", "--type", "task", *ids, check=False, timeout=ENGINE_TIMEOUT).stdout or "[]") \
             if ids else []
-        nodes = _docker("node", "ls", "--format", "{{.ID}} {{.Status}}", check=False, timeout=60).stdout
+        nodes = _docker("node", "ls", "--format", "{{.ID}} {{.Status}}", check=False, timeout=ENGINE_TIMEOUT).stdout
     except subprocess.TimeoutExpired:
-        return [("waiting", "the Docker engine did not answer within 60 s")]
+        return [("waiting", f"the Docker engine did not answer within {ENGINE_TIMEOUT} s")]
     down = {line.split()[0] for line in nodes.splitlines() if line.endswith(" Down")}
     by_service: dict[str, list] = {}
     for task in tasks:

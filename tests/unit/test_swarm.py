@@ -362,7 +362,7 @@ def test_swarm_wait_polls_until_every_service_is_done_and_stops_at_a_failure(mon
 
     monkeypatch.setattr(swarm, "deployed_state", deployed_state)
     monkeypatch.setattr("time.sleep", lambda _s: None)
-    assert cli.main(["swarm-wait", str(file)]) == status
+    assert cli.main(["swarm-wait", "--timeout", "900", str(file)]) == status
     assert asked == [["db"]] * len(states)
     assert [line.strip() for line in capsys.readouterr().err.splitlines()] == said
 

@@ -13,6 +13,13 @@ rows are written with two statements per call:
   rule, with its strict comparison, decided by the database under the row lock
   the upsert takes.
 
+On PostgreSQL (psycopg2) the points go by COPY and the upsert takes its rows
+as arrays, in one statement: the multi-row INSERT took the database 18.5 ms
+per 1000 points (its 6000 literals parsed, then the rows) and psycopg2 sent
+the upsert once per key. Measured in the server's container, alternating, a
+log_batch of 1000 points: 46-57 ms instead of 26-35 (p50), 22.5 ms of the
+server's CPU instead of 10-14.
+
 Validation, NaN/Inf handling, duplicate removal within a call, the run's state
 check, the deadlock retry (`_log_metrics` around this) and everything else are
 MLflow's own. PostgreSQL and SQLite get this path; other databases, and
@@ -53,6 +60,64 @@ def newest_per_key(rows: list[dict]) -> list[dict]:
     return [newest[key] for key in sorted(newest)]
 
 
+# COPY's text format: these characters of a value are written escaped.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_COPY_METRICS = "COPY metrics (key, value, timestamp, run_uuid, step, is_nan) FROM STDIN"
+# The same rule as the SQLAlchemy statement (_latest_upsert): a key's row is replaced only
+# by a strictly more recent point. Arrays in the order given (sorted by key: one lock order).
+_UPSERT_LATEST = """
+INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid)
+SELECT * FROM unnest(%s::varchar[], %s::float8[], %s::int8[], %s::int8[], %s::bool[], %s::varchar[])
+ON CONFLICT (key, run_uuid) DO UPDATE
+SET value = excluded.value, timestamp = excluded.timestamp, step = excluded.step, is_nan = excluded.is_nan
+WHERE (excluded.step, excluded.timestamp, excluded.value)
+    > (latest_metrics.step, latest_metrics.timestamp, latest_metrics.value)
+"""
+
+
+def copy_lines(rows: list[dict]) -> str | None:
+    """The rows as COPY text, or None if a value is not of a type written here exactly as
+    the driver would bind it (a float step, say, which PostgreSQL rounds: the INSERT then)."""
+    lines = []
+    for row in rows:
+        value, timestamp, step = row["value"], row["timestamp"], row["step"]
+        if type(value) not in (float, int) or type(timestamp) is not int or type(step) is not int:
+            return None
+        lines.append(f"{row['key'].translate(_COPY_ESCAPES)}\t{float(value)!r}\t{timestamp}\t"
+                     f"{row['run_uuid'].translate(_COPY_ESCAPES)}\t{step}\t{'t' if row['is_nan'] else 'f'}\n")
+    return "".join(lines)
+
+
+def _copy_to_postgresql(session, ordered: list[dict], newest: list[dict]) -> bool:
+    """The points by COPY and the latest values by one upsert, on PostgreSQL through
+    psycopg2; False (nothing done) elsewhere. A driver error is raised as SQLAlchemy
+    would raise it, so MLflow's session and deadlock retry treat it alike."""
+    import io
+
+    import sqlalchemy.exc
+
+    connection = session.connection()
+    dialect = connection.dialect
+    if dialect.name != "postgresql" or dialect.driver != "psycopg2":
+        return False
+    text = copy_lines(ordered)  # newest holds some of the same rows
+    if text is None:
+        return False
+    dbapi = dialect.loaded_dbapi
+    cursor = connection.connection.dbapi_connection.cursor()
+    try:
+        cursor.copy_expert(_COPY_METRICS, io.StringIO(text))
+        cursor.execute(_UPSERT_LATEST, [[r["key"] for r in newest], [float(r["value"]) for r in newest],
+                                        [r["timestamp"] for r in newest], [r["step"] for r in newest],
+                                        [bool(r["is_nan"]) for r in newest], [r["run_uuid"] for r in newest]])
+    except dbapi.Error as exc:
+        raise sqlalchemy.exc.DBAPIError.instance(_COPY_METRICS, None, exc, dbapi.Error,
+                                                 dialect=dialect) from exc
+    finally:
+        cursor.close()
+    return True
+
+
 @functools.cache
 def store_class():
     """StackSqlStore, defined on first use (see the import note above)."""
@@ -89,12 +154,13 @@ def store_class():
                 run = self._get_run(run_uuid=run_id, session=session)
                 self._check_run_is_active(run)
                 try:
-                    # Parameter lists, not literal VALUES: SQLAlchemy compiles each statement
-                    # once and sends the rows in multi-row batches ("insertmanyvalues"). A plain
-                    # INSERT: ON CONFLICT costs PostgreSQL twice the CPU on every row, for a
-                    # conflict that only a resent point causes.
-                    session.execute(_insert(self.db_type)(SqlMetric.__table__), ordered)
-                    session.execute(self._latest_upsert(self.db_type), newest)
+                    if not _copy_to_postgresql(session, ordered, newest):
+                        # Parameter lists, not literal VALUES: SQLAlchemy compiles each statement
+                        # once and sends the rows in multi-row batches ("insertmanyvalues"). A
+                        # plain INSERT: ON CONFLICT costs PostgreSQL twice the CPU on every row,
+                        # for a conflict that only a resent point causes.
+                        session.execute(_insert(self.db_type)(SqlMetric.__table__), ordered)
+                        session.execute(self._latest_upsert(self.db_type), newest)
                     return
                 except sqlalchemy.exc.IntegrityError:
                     session.rollback()

@@ -3,6 +3,7 @@ store against MLflow's own on the stack's PostgreSQL. Prints one JSON line.
 
 - The same random batches (duplicates, resent points, NaN, infinities, ties) to a
   run of each store: the metric history and the latest values must be equal.
+- The stack's store took its COPY path, and MLflow's own after a resent point.
 - Two threads sending batches to one run of the stack's store at once (the same
   keys, different points): no error, every point stored once, and the latest
   values as MLflow's own store leaves for the same points.
@@ -38,8 +39,24 @@ def new_run(store, name):
 def main():
     stock, light = SqlAlchemyStore(URI, "s3://unused/a"), stack_store.build(URI, "s3://unused/a")
     assert type(light).__name__ == "StackSqlStore"
+    # Which way each call of the stack's store went: COPY, or MLflow's own path after a
+    # resent point made the COPY fail.
+    ways = {"copy": 0, "mlflow": 0}
+    copy, own = stack_store._copy_to_postgresql, SqlAlchemyStore._log_metrics_once
+
+    def counted_copy(*args):
+        done = copy(*args)
+        ways["copy"] += done
+        return done
+
+    def counted_own(self, *args):
+        ways["mlflow"] += self is light
+        return own(self, *args)
+
+    stack_store._copy_to_postgresql, SqlAlchemyStore._log_metrics_once = counted_copy, counted_own
     rng = random.Random(11)
-    keys = ["loss", "acc", "lr", "t"]
+    # Every character MLflow allows in a key but letters and digits (COPY's text format).
+    keys = ["loss", "acc", "lr", "t", "val/loss x:1.ü-_"]
     values = [0.0, 1.5, -2.0, float("nan"), float("inf"), float("-inf"), 3.25]
     runs = {"stock": new_run(stock, "stock"), "light": new_run(light, "light")}
     sent = []
@@ -75,7 +92,8 @@ def main():
     reference = new_run(stock, "reference")
     stock.log_batch(reference, shared, [], [])
     concurrent_same = state(light, together, ["c", "d"]) == state(stock, reference, ["c", "d"])
-    print(json.dumps({"same": same, "points": len(sent), "concurrent_same": concurrent_same, "errors": errors}))
+    print(json.dumps({"same": same, "points": len(sent), "concurrent_same": concurrent_same, "errors": errors,
+                      "ways": ways}))
 
 
 main()

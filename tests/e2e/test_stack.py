@@ -272,6 +272,7 @@ def test_the_stacks_tracking_store_leaves_what_mlflows_own_leaves_on_postgresql(
     assert result["errors"] == [], result
     assert result["same"] and result["points"] > 500, result
     assert result["concurrent_same"], result
+    assert result["ways"]["copy"] >= 10 and result["ways"]["mlflow"] >= 10, result
 
 
 def test_secrets_are_not_in_inspect_top_or_logs(stack, logged):

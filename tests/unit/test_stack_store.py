@@ -127,3 +127,16 @@ def test_ties_go_to_the_first_point_sent_as_in_mlflow(stores):
     assert _state(stock, stock_run, ["t", "u"]) == _state(light, light_run, ["t", "u"])
     assert math.isnan(light.get_run(light_run).data.metrics["t"])
     assert light.get_run(light_run).data.metrics["u"] == 0.0
+
+
+def test_copy_text_escapes_what_copy_reads_specially_and_leaves_odd_types_to_the_insert():
+    row = {"key": "a\tb\\c\nd\re", "value": 1.7976931348623157e308, "timestamp": 3, "step": -4,
+           "run_uuid": "r1", "is_nan": False}
+    assert ss.copy_lines([row]) == "a\\tb\\\\c\\nd\\re\t1.7976931348623157e+308\t3\tr1\t-4\tf\n"
+    # An int value is written as the float PostgreSQL stores; NaN rows arrive as 0 with is_nan.
+    assert ss.copy_lines([{**row, "key": "k", "value": 7, "is_nan": True}]) == "k\t7.0\t3\tr1\t-4\tt\n"
+    assert ss.copy_lines([{**row, "key": "k", "value": 0.1}]).split("\t")[1] == "0.1"
+    # Types the driver binds differently (PostgreSQL rounds a float step; a bool is no number
+    # here): the whole call takes the INSERT instead.
+    for odd in ({"step": 4.0}, {"timestamp": 3.5}, {"value": True}, {"value": "1.5"}):
+        assert ss.copy_lines([row, {**row, **odd}]) is None, odd

@@ -364,8 +364,45 @@ def cmd_server(_args: list[str]) -> int:
         )
     argv = server_argv()
     print(f"entrypoint: starting {' '.join(argv)}", flush=True)
-    os.execvp(argv[0], argv)
-    return 1  # not reached
+    drain = int(os.environ.get("STACK_STOP_DRAIN_SECONDS") or 0)
+    if drain <= 0:
+        os.execvp(argv[0], argv)
+    return serve_then_drain(argv, drain)
+
+
+def serve_then_drain(argv: list[str], drain: float) -> int:
+    """Run the server; asked to stop, let it serve `drain` seconds more, then pass the signal on.
+
+    Swarm takes a stopping task out of its DNS first, but nginx keeps the addresses it
+    resolved for STACK_DNS_SECONDS. A server that stopped at once would leave its listening
+    socket open (uvicorn's supervisor holds it) while no worker accepts: a request sent
+    there waits for nothing until the task is killed (seen in a rolling update: an upload
+    cut after 9.4 s with a 502, a metric call resent after 9.9 s). Meanwhile it is served."""
+    import signal
+    import threading
+
+    child = subprocess.Popen(argv)  # noqa: S603 - fixed argv, no shell
+    asked = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        asked.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while child.poll() is None and not asked.wait(0.5):
+        pass
+    if child.poll() is None:
+        print(f"entrypoint: stopping: serving {drain:g} s more, until nginx has forgotten this "
+              "server's address", flush=True)
+        deadline = time.monotonic() + drain
+        while child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if child.poll() is None:
+            child.send_signal(received[0])
+    code = child.wait()
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
 
 
 def cmd_migrate(_args: list[str]) -> int:

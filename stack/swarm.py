@@ -57,6 +57,13 @@ BUILT_HERE = ("mlflow-stack/", "mlflow-stack-standin/")
 # The network one-off jobs (backups, restores, the schema check) join from a
 # manager, as `docker compose run` on the stack's own network (swarm-one-off.yml).
 ONE_OFF_NETWORK = "backend"
+# Replicated services nginx reaches by name. Swarm takes a stopping task out of its DNS,
+# but nginx keeps the addresses it resolved for STACK_DNS_SECONDS (docker-compose.yml):
+# such a task serves that long and DRAIN_MARGIN more after the stop signal
+# (STACK_STOP_DRAIN_SECONDS, mlflow/entrypoint.py), then has STOP_GRACE to finish.
+BEHIND_NGINX = ("mlflow",)
+DRAIN_MARGIN = 5
+STOP_GRACE = 30
 # The job the servers' schema comes from (those that depend on it in Compose wait for it on a swarm).
 MIGRATE = "migrate"
 # What tells those that wait for it (the entrypoint waits until the schema is current).
@@ -257,6 +264,10 @@ def stack_file(config: Mapping[str, Any], registry: str = "", private_files=(), 
                              "drops only no-new-privileges (Swarm services cannot set it)")
         if name in waiting:
             out["environment"] = {**out.get("environment", {}), WAIT_FOR_SCHEMA: "true"}
+        if name in BEHIND_NGINX:
+            drain = int(out["environment"]["STACK_DNS_SECONDS"]) + DRAIN_MARGIN
+            out["environment"] = {**out["environment"], "STACK_STOP_DRAIN_SECONDS": str(drain)}
+            out["stop_grace_period"] = f"{drain + STOP_GRACE}s"
         # Compose's secrets under /run/secrets by their own names, as in Compose.
         out["secrets"] = [{"source": secret_names[ref["source"]], "target": ref["source"]}
                           for ref in svc.get("secrets", [])]

@@ -426,3 +426,43 @@ def test_check_stores_fails_on_problems_and_only_says_warnings(monkeypatch, caps
     assert "check-stores: warning: few connections" in capsys.readouterr().err
     monkeypatch.setattr(ep, "s3_problems", lambda: ["refused"])
     assert ep.cmd_check_stores(["postgres", "s3"]) == 1
+
+
+_CHILD = """
+import signal, sys, time
+def stop(signum, _frame):
+    print(f"child got {signum} at {time.monotonic():.3f}", flush=True)
+    sys.exit(3)
+signal.signal(signal.SIGTERM, stop)
+print("child up", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_stop_signal_reaches_the_server_only_after_the_drain(tmp_path):
+    """serve_then_drain in a process of its own: SIGTERM to it, the server (a child that
+    says when it got the signal) runs on for the drain, then gets the same signal; its
+    exit code is the entrypoint's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runner = (f"import importlib.util, sys, time\n"
+              f"spec = importlib.util.spec_from_file_location('ep', {str(ROOT / 'mlflow' / 'entrypoint.py')!r})\n"
+              f"ep = importlib.util.module_from_spec(spec); spec.loader.exec_module(ep)\n"
+              f"sys.exit(ep.serve_then_drain([sys.executable, '-c', {_CHILD!r}], 1.5))\n")
+    proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.stdout.readline().strip() == "child up"
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    lines = [line.strip() for line in proc.stdout]
+    assert proc.wait(timeout=20) == 3
+    assert lines[0].startswith("entrypoint: stopping: serving 1.5 s more"), lines
+    got = float(lines[1].split(" at ")[1])
+    assert lines[1].startswith(f"child got {int(signal.SIGTERM)} at ")
+    assert 1.4 <= got - sent < 5, got - sent
+

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from stack.paths import ROOT
 from stack import compose, envfile, paths, secretfiles, swarm
 
 from test_static import compose_config
@@ -52,7 +53,8 @@ def test_every_service_keeps_its_image_command_healthcheck_and_hardening(config)
         for key in ("command", "healthcheck", "environment", "read_only", "cap_drop", "cap_add", "logging"):
             if source.get(key) is not None and key != "environment":
                 assert svc[key] == source[key], (name, key)
-        assert {k: v for k, v in svc.get("environment", {}).items() if k != "STACK_WAIT_FOR_SCHEMA"} == \
+        added = ("STACK_WAIT_FOR_SCHEMA", "STACK_STOP_DRAIN_SECONDS")
+        assert {k: v for k, v in svc.get("environment", {}).items() if k not in added} == \
             source.get("environment", {}), name
         assert not set(svc) & swarm.DROPPED, name
         assert svc["deploy"]["endpoint_mode"] == "dnsrr"
@@ -96,6 +98,22 @@ def test_jobs_stores_and_the_edge_get_their_own_deploy_rules(config):
     assert mlflow["update_config"]["failure_action"] == "rollback"
     for name in swarm.waits_for_schema(config):
         assert services[name]["environment"]["STACK_WAIT_FOR_SCHEMA"] == "true"
+
+
+def test_a_server_behind_nginx_serves_on_after_its_stop_while_nginx_may_still_send_to_it(config):
+    services = make(config)["services"]
+    dns = int(config["services"]["nginx"]["environment"]["STACK_DNS_SECONDS"])
+    template = (ROOT / "nginx" / "templates" / "mlflow.conf.template").read_text()
+    assert "resolver 127.0.0.11 valid=${STACK_DNS_SECONDS}s" in template
+    assert config["services"]["mlflow"]["environment"]["STACK_DNS_SECONDS"] == str(dns)
+    server = services["mlflow"]
+    drain = int(server["environment"]["STACK_STOP_DRAIN_SECONDS"])
+    assert drain == dns + swarm.DRAIN_MARGIN and swarm.DRAIN_MARGIN > 0
+    assert server["stop_grace_period"] == f"{drain + swarm.STOP_GRACE}s"
+    assert swarm.BEHIND_NGINX == ("mlflow",)
+    for name, service in services.items():
+        if name not in swarm.BEHIND_NGINX:
+            assert "STACK_STOP_DRAIN_SECONDS" not in (service.get("environment") or {}), name
 
 
 def test_bind_mounts_become_configs_and_the_key_a_private_secret(config):

@@ -15,7 +15,8 @@ paths itself:
     /minio/v2/metrics/bucket, .../resource   valid but empty
     any other /minio/... path                404 (MinIO reserves the name)
     PUT of an object or part that does not fit
-                                             507 XMinioStorageFull, as MinIO (no_room)
+                                             507 XMinioStorageFull, as MinIO (no_room); also
+                                             when SeaweedFS fails such a write for room
 
 and relays every other request to SeaweedFS byte for byte: the request
 line and headers go on as received (Host and the SigV4-signed headers stay
@@ -539,9 +540,20 @@ class Front:
                     rhead = upstream.read_head()
                 except BadRequest as e:
                     raise OSError(f"bad upstream response: {e}") from None
+                except OSError:
+                    rhead = None
+                status = int(rhead.first.split(" ", 2)[1]) if rhead is not None else 0
+                if method == "PUT" and (rhead is None or status >= 500) and self.no_room(head):
+                    # SeaweedFS's own files (its metadata log, LevelDB) need room beyond the
+                    # object's, so it can run out where MinIO's rule let the write through; or
+                    # parts sent at once each passed the rule. MinIO answers a write its drive
+                    # had no room for with 507 XMinioStorageFull too (not a 500 or a dropped line).
+                    s, r, b, t = s3_error(507, "Insufficient Storage", "XMinioStorageFull", STORAGE_FULL, path)
+                    client.sock.sendall(response(s, r, b, t, keep=False))
+                    status, done = 507, True
+                    return False
                 if rhead is None:
                     raise EOFError("upstream closed without a response")
-                status = int(rhead.first.split(" ", 2)[1])
                 send(client.sock, rhead.raw)
                 sent += len(rhead.raw)
                 if status >= 200 or status == 101:

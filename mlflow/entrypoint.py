@@ -10,6 +10,8 @@ Subcommands:
                 exit 0 when the stores outside the stack (POSTGRES_HOST, S3_ENDPOINT_URL) take its credentials
   healthcheck   exit 0 when the server answers /health, the database a query (and the S3 relay, if any, accepts)
   forward       internal: relay a loopback port to another host (see s3_relay_target)
+  serve-then-drain SECONDS ARGV...
+                internal: run the server ARGV; asked to stop, serve SECONDS more first (on a swarm)
   metrics PORT  internal: serve the server workers' Prometheus metrics on PORT
   nginx-metrics count nginx's requests from its syslog lines, for Prometheus (nginx_metrics.py);
                 nginx-metrics-health: exit 0 while it answers
@@ -367,21 +369,28 @@ def cmd_server(_args: list[str]) -> int:
     drain = int(os.environ.get("STACK_STOP_DRAIN_SECONDS") or 0)
     if drain <= 0:
         os.execvp(argv[0], argv)
-    return serve_then_drain(argv, drain)
+    # A fresh process that stays as PID 1 while the server runs: not this one, which has
+    # imported MLflow (about 200 MiB) and may hold a pooled database connection.
+    os.execv(sys.executable, [sys.executable, __file__, "serve-then-drain", str(drain), *argv])
+    return 1  # not reached
+
+
+def cmd_serve_then_drain(args: list[str]) -> int:
+    return serve_then_drain(args[1:], float(args[0]))
 
 
 def serve_then_drain(argv: list[str], drain: float) -> int:
-    """Run the server; asked to stop, let it serve `drain` seconds more, then pass the signal on.
+    """Run the server; asked to stop, let it serve `drain` seconds more, then pass the signal
+    on (at once on a second signal).
 
     Swarm takes a stopping task out of its DNS first, but nginx keeps the addresses it
-    resolved for STACK_DNS_SECONDS. A server that stopped at once would leave its listening
+    resolved for NGINX_DNS_SECONDS. A server that stopped at once would leave its listening
     socket open (uvicorn's supervisor holds it) while no worker accepts: a request sent
     there waits for nothing until the task is killed (seen in a rolling update: an upload
     cut after 9.4 s with a 502, a metric call resent after 9.9 s). Meanwhile it is served."""
     import signal
     import threading
 
-    child = subprocess.Popen(argv)  # noqa: S603 - fixed argv, no shell
     asked = threading.Event()
     received: list[int] = []
 
@@ -389,15 +398,17 @@ def serve_then_drain(argv: list[str], drain: float) -> int:
         received.append(signum)
         asked.set()
 
+    # Before the server starts: PID 1 ignores a signal it has no handler for.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    child = subprocess.Popen(argv)  # noqa: S603 - fixed argv, no shell
     while child.poll() is None and not asked.wait(0.5):
         pass
     if child.poll() is None:
         print(f"entrypoint: stopping: serving {drain:g} s more, until nginx has forgotten this "
               "server's address", flush=True)
         deadline = time.monotonic() + drain
-        while child.poll() is None and time.monotonic() < deadline:
+        while child.poll() is None and time.monotonic() < deadline and len(received) < 2:
             time.sleep(0.2)
         if child.poll() is None:
             child.send_signal(received[0])
@@ -879,6 +890,7 @@ COMMANDS = {
     "gc-schedule": cmd_gc_schedule,
     "gc-health": cmd_gc_health,
     "server": cmd_server,
+    "serve-then-drain": cmd_serve_then_drain,
     "migrate": cmd_migrate,
     "init-bucket": cmd_init_bucket,
     "schema-status": cmd_schema_status,

@@ -58,7 +58,7 @@ BUILT_HERE = ("mlflow-stack/", "mlflow-stack-standin/")
 # manager, as `docker compose run` on the stack's own network (swarm-one-off.yml).
 ONE_OFF_NETWORK = "backend"
 # Replicated services nginx reaches by name. Swarm takes a stopping task out of its DNS,
-# but nginx keeps the addresses it resolved for STACK_DNS_SECONDS (docker-compose.yml):
+# but nginx keeps the addresses it resolved for NGINX_DNS_SECONDS (docker-compose.yml):
 # such a task serves that long and DRAIN_MARGIN more after the stop signal
 # (STACK_STOP_DRAIN_SECONDS, mlflow/entrypoint.py), then has STOP_GRACE to finish.
 BEHIND_NGINX = ("mlflow",)
@@ -265,7 +265,7 @@ def stack_file(config: Mapping[str, Any], registry: str = "", private_files=(), 
         if name in waiting:
             out["environment"] = {**out.get("environment", {}), WAIT_FOR_SCHEMA: "true"}
         if name in BEHIND_NGINX:
-            drain = int(out["environment"]["STACK_DNS_SECONDS"]) + DRAIN_MARGIN
+            drain = int(out["environment"]["NGINX_DNS_SECONDS"]) + DRAIN_MARGIN
             out["environment"] = {**out["environment"], "STACK_STOP_DRAIN_SECONDS": str(drain)}
             out["stop_grace_period"] = f"{drain + STOP_GRACE}s"
         # Compose's secrets under /run/secrets by their own names, as in Compose.

@@ -55,14 +55,16 @@ def main():
 
     stack_store._copy_to_postgresql, SqlAlchemyStore._log_metrics_once = counted_copy, counted_own
     rng = random.Random(11)
-    # Every character MLflow allows in a key but letters and digits (COPY's text format).
-    keys = ["loss", "acc", "lr", "t", "val/loss x:1.ü-_"]
-    values = [0.0, 1.5, -2.0, float("nan"), float("inf"), float("-inf"), 3.25]
+    # Every character MLflow allows in a key but letters and digits, and a final newline
+    # (its name check lets one through), as COPY's text format must carry them.
+    keys = ["loss", "acc", "lr", "t", "val/loss x:1.ü-_", "loss\n"]
+    # Values no short decimal writes exactly, the smallest and near the largest double, -0.
+    values = [0.0, 1.5, -2.0, float("nan"), float("inf"), float("-inf"), 3.25, 0.1, 1 / 3, 5e-324, -0.0, 1e300]
     runs = {"stock": new_run(stock, "stock"), "light": new_run(light, "light")}
     sent = []
     for _ in range(60):
-        batch = [Metric(rng.choice(keys), rng.choice(values), rng.randrange(5), rng.randrange(6))
-                 for _ in range(rng.randrange(1, 40))]
+        batch = [Metric(rng.choice(keys), rng.choice(values), 1_700_000_000_000 + rng.randrange(5),
+                        rng.randrange(-3, 3)) for _ in range(rng.randrange(1, 40))]
         if sent and rng.random() < 0.3:
             batch.append(rng.choice(sent))
         sent += batch

@@ -300,7 +300,7 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
         assert not failed, (failed, what_went_wrong(stack))
     else:
         lost_at, replaced_at = window
-        allowed = [r for r in failed if r["status"] in (0, 502, 504) and r["end"] >= lost_at - 60
+        allowed = [r for r in failed if r["status"] in (0, 502, 504) and r["end"] >= lost_at
                    and r["start"] <= replaced_at]
         assert allowed == failed, ([r for r in failed if r not in allowed], what_went_wrong(stack))
         assert len([r for r in failed if r["kind"] == "metric"]) <= 2 * THREADS, failed
@@ -345,19 +345,19 @@ def test_losing_a_worker_node_loses_nothing(deployed, cluster, tmp_path, capsys)
     victim = next(n for n in running_nodes(project, "mlflow") if n in cluster.workers)
 
     def lose_the_node():
-        docker("stop", "-t", "0", victim)
-        # Once `docker stop` returns the node is gone; a request that started before then may
-        # have been in flight there (one started while the stop was under way was, in CI).
+        # A request in flight on the node when the stop began may fail (one started while the
+        # stop was under way did, in CI); none that ended before.
         lost_at = time.monotonic()
+        docker("stop", "-t", "0", victim)
         wait_for(lambda: len([n for n in running_nodes(project, "mlflow") if n != victim]) == 2, 180,
                  "the lost replica to run again on another node", interval=2,
                  detail=lambda: tasks(project, "mlflow"))
         replaced_at = time.monotonic()
         with capsys.disabled():
-            print(f"\nnode {victim} lost: its replica ran again elsewhere after {replaced_at - lost_at:.0f} s")
+            print(f"\nnode {victim} stopped: its replica ran again elsewhere after {replaced_at - lost_at:.0f} s")
         # nginx may still send to the lost task's address for as long as it keeps what the
-        # DNS said (STACK_DNS_SECONDS); the clients go on past that.
-        dns = int(stack_document(deployed)["services"]["nginx"]["environment"]["STACK_DNS_SECONDS"])
+        # DNS said (NGINX_DNS_SECONDS); the clients go on past that.
+        dns = int(stack_document(deployed)["services"]["nginx"]["environment"]["NGINX_DNS_SECONDS"])
         time.sleep(dns + 5)
         return lost_at, replaced_at + dns
 

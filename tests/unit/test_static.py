@@ -274,7 +274,7 @@ def test_nginx_config_passes_gixy(tmp_path, base_path):
                        "PROMETHEUS_INTERNAL_URL": "http://prometheus:9090", "MLFLOW_BASE_PATH": base_path,
                        # With and without the monitoring profile.
                        "NGINX_METRICS_LOG": common.nginx_metrics_log("monitoring" if base_path else ""),
-                       "STORE_FULL_MESSAGE": common.STORE_FULL_MESSAGE, "STACK_DNS_SECONDS": "10"}.items():
+                       "STORE_FULL_MESSAGE": common.STORE_FULL_MESSAGE, "NGINX_DNS_SECONDS": "10"}.items():
         template = template.replace("${" + key + "}", value)
     assert not re.findall(r"\$\{[A-Z_]+\}", template), "a template variable this test does not render"
     (conf_d / "mlflow.conf").write_text(template)

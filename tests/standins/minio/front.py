@@ -493,7 +493,7 @@ class Front:
                             csock.sendall(response(s, r, b, t, extra=("Retry-After: 1",),
                                                    head_only=method == "HEAD", keep=False))
                             return
-                    if method == "PUT" and path.strip("/").count("/") >= 1 and self.no_room(head):
+                    if self.refused_for_room(method, path, head):
                         # MinIO refuses a write that would leave its drive (almost) full, before the body.
                         s, r, b, t = s3_error(507, "Insufficient Storage", "XMinioStorageFull", STORAGE_FULL, path)
                         csock.sendall(response(s, r, b, t, keep=False))
@@ -514,6 +514,10 @@ class Front:
             if upstream is not None:
                 upstream.sock.close()
             close_gently(csock)
+
+    def refused_for_room(self, method, path, head):
+        """A PUT of an object or a part that MinIO would refuse for room (no_room)."""
+        return method == "PUT" and path.strip("/").count("/") >= 1 and self.no_room(head)
 
     def no_room(self, head):
         """MinIO's rule (cmd/erasure-server-pool.go): an object or part whose size
@@ -543,11 +547,13 @@ class Front:
                 except OSError:
                     rhead = None
                 status = int(rhead.first.split(" ", 2)[1]) if rhead is not None else 0
-                if method == "PUT" and (rhead is None or status >= 500) and self.no_room(head):
+                if (rhead is None or status >= 500) and self.refused_for_room(method, path, head):
                     # SeaweedFS's own files (its metadata log, LevelDB) need room beyond the
                     # object's, so it can run out where MinIO's rule let the write through; or
                     # parts sent at once each passed the rule. MinIO answers a write its drive
                     # had no room for with 507 XMinioStorageFull too (not a 500 or a dropped line).
+                    print(f"front: {method} {path}: SeaweedFS answered {status or 'nothing'} with the drive "
+                          "full: 507 XMinioStorageFull instead", file=sys.stderr, flush=True)
                     s, r, b, t = s3_error(507, "Insufficient Storage", "XMinioStorageFull", STORAGE_FULL, path)
                     client.sock.sendall(response(s, r, b, t, keep=False))
                     status, done = 507, True

@@ -118,7 +118,9 @@ def fill(stack) -> int:
 
     client, bucket = s3_client(stack), stack.values()["MLFLOW_BUCKET"]
     stored = 0
-    for size, most in ((8 << 20, SIZE_MIB // 8 + 2), (256 << 10, 8 * 4 + 8)):
+    # At most: the store's size in 8 MiB objects; then what an 8 MiB refusal leaves (under
+    # 8 MiB and the 1% MinIO keeps) in 256 KiB ones.
+    for size, most in ((8 << 20, SIZE_MIB // 8 + 2), (256 << 10, 4 * (8 + 2))):
         for _ in range(most):
             try:
                 client.put_object(Bucket=bucket, Key=f"filler/{stored}", Body=b"\0" * size)

@@ -472,4 +472,3 @@ def test_a_stop_signal_reaches_the_server_only_after_the_drain(tmp_path, signals
         assert 1.4 <= got - sent < 5, got - sent
     else:
         assert 0.3 <= got - sent < 1.0, got - sent
-

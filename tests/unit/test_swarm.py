@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from stack.paths import ROOT
 from stack import compose, envfile, paths, secretfiles, swarm
 
 from test_static import compose_config
@@ -103,7 +102,7 @@ def test_jobs_stores_and_the_edge_get_their_own_deploy_rules(config):
 def test_a_server_behind_nginx_serves_on_after_its_stop_while_nginx_may_still_send_to_it(config):
     services = make(config)["services"]
     dns = int(config["services"]["nginx"]["environment"]["NGINX_DNS_SECONDS"])
-    template = (ROOT / "nginx" / "templates" / "mlflow.conf.template").read_text()
+    template = (paths.ROOT / "nginx" / "templates" / "mlflow.conf.template").read_text()
     assert "resolver 127.0.0.11 valid=${NGINX_DNS_SECONDS}s" in template
     assert config["services"]["mlflow"]["environment"]["NGINX_DNS_SECONDS"] == str(dns)
     server = services["mlflow"]

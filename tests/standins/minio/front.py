@@ -386,6 +386,12 @@ def close_gently(sock):
     sock.close()
 
 
+def store_full(path):
+    """MinIO's answer to a write its drive has no room for; the connection closes after it."""
+    s, r, b, t = s3_error(507, "Insufficient Storage", "XMinioStorageFull", STORAGE_FULL, path)
+    return response(s, r, b, t, keep=False)
+
+
 def keeps_alive(head, version):
     return "close" not in head.tokens and (version != "HTTP/1.0" or "keep-alive" in head.tokens)
 
@@ -495,8 +501,7 @@ class Front:
                             return
                     if self.refused_for_room(method, path, head):
                         # MinIO refuses a write that would leave its drive (almost) full, before the body.
-                        s, r, b, t = s3_error(507, "Insufficient Storage", "XMinioStorageFull", STORAGE_FULL, path)
-                        csock.sendall(response(s, r, b, t, keep=False))
+                        csock.sendall(store_full(path))
                         return
                     keep = self.proxy(client, upstream, head, method, path, query, version, framing)
                 if not keep:
@@ -554,8 +559,7 @@ class Front:
                     # had no room for with 507 XMinioStorageFull too (not a 500 or a dropped line).
                     print(f"front: {method} {path}: SeaweedFS answered {status or 'nothing'} with the drive "
                           "full: 507 XMinioStorageFull instead", file=sys.stderr, flush=True)
-                    s, r, b, t = s3_error(507, "Insufficient Storage", "XMinioStorageFull", STORAGE_FULL, path)
-                    client.sock.sendall(response(s, r, b, t, keep=False))
+                    client.sock.sendall(store_full(path))
                     status, done = 507, True
                     return False
                 if rhead is None:

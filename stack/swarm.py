@@ -402,7 +402,7 @@ FAILED_UPDATES = ("paused", "rollback_started", "rollback_paused", "rollback_com
 
 def unsettled(rows: list[dict]) -> list[str]:
     """Services not (yet) as wanted: tasks short of their goal, a job not completed, an update
-    not done. Empty: the stack runs as deployed (a task counts once its healthcheck passed)."""
+    not done (tasks beyond the goal are stopping ones, not a problem). Empty: the stack runs as deployed (a task counts once its healthcheck passed)."""
     problems = []
     for row in rows:
         replicas = row["Replicas"]
@@ -411,7 +411,9 @@ def unsettled(rows: list[dict]) -> list[str]:
         if job:
             done = job.group(1) == job.group(2)
         else:
-            done = bool(running) and running.group(1) == running.group(2) and running.group(2) != "0"
+            # More running than wanted: old tasks still stopping (a server serves on for
+            # STACK_STOP_DRAIN_SECONDS after an update replaced it), not a shortfall.
+            done = bool(running) and int(running.group(1)) >= int(running.group(2)) > 0
         if not done:
             problems.append(f"{row['Name']}: {replicas}")
         elif row["update"] in ("updating", *FAILED_UPDATES):

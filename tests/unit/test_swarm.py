@@ -215,6 +215,9 @@ def test_docker_stack_accepts_the_file(config, tmp_path):
     ([{"Name": "s_migrate", "Replicas": "1/1 (0/1 completed)", "update": ""}], ["s_migrate: 1/1 (0/1 completed)"]),
     ([{"Name": "s_mlflow", "Replicas": "2/2", "update": "rollback_completed"}], ["s_mlflow: update rollback_completed"]),
     ([{"Name": "s_nginx", "Replicas": "0/0", "update": ""}], ["s_nginx: 0/0"]),
+    # A replaced server still serving out its drain.
+    ([{"Name": "s_mlflow", "Replicas": "3/2", "update": "completed"}], []),
+    ([{"Name": "s_mlflow", "Replicas": "1/2", "update": "completed"}], ["s_mlflow: 1/2"]),
 ])
 def test_unsettled_names_what_is_not_as_deployed(rows, problems):
     assert swarm.unsettled(rows) == problems

@@ -123,7 +123,7 @@ def check_log_batch(body: dict) -> None:
 def check_experiment(body: dict) -> None:
     """A client-chosen artifact_location must stay inside the stack's store: no
     local paths, other buckets or hosts, no dot-segments or URL tricks."""
-    location = body.get("artifact_location")
+    location = spelled_either_way(body, "artifact_location")
     if location in (None, ""):
         return
     if not isinstance(location, str):
@@ -139,6 +139,89 @@ def check_experiment(body: dict) -> None:
                       "leave it empty to let the server choose")
 
 
+def camel_case(name: str) -> str:
+    """A proto field's JSON name, as protobuf derives it: run_id -> runId."""
+    first, *rest = name.split("_")
+    return first + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def spelled_either_way(body: dict, name: str):
+    """A field's value as the handler will see it: protobuf takes its proto name or its
+    camelCase JSON name (and MLflow refuses a body with both)."""
+    return body[name] if name in body else body.get(camel_case(name))
+
+
+# What MLflow's auth layer reads from the raw request (query string, JSON body, form),
+# by proto name, to decide whether the caller may go on. The handlers parse the same
+# body with protobuf, which also takes a field's camelCase JSON name: a body naming a
+# resource only as `runId` is authorized on another id (or none) and executed on it.
+# MLflow refuses only a body that spells one field both ways. So the camelCase
+# spellings of these are refused here, at any depth the auth layer does not parse.
+# tests/unit/test_stack_guard.py checks this set against the pinned MLflow's auth module.
+AUTH_READS = frozenset({
+    "artifact_path", "comparator", "creator", "current_password", "dataset_id", "description",
+    "endpoint", "endpoint_id", "experiment_id", "experiment_ids", "experiment_name", "filter",
+    "filter_string", "input", "is_admin", "issue_id", "job_id", "key", "log_assessments", "model",
+    "model_definition_id", "model_id", "name", "new_name", "next_page_token", "order_by", "password",
+    "path", "permission", "queue_id", "reflection_model", "request_id", "resource_id", "resource_pattern",
+    "resource_type", "role_id", "role_permission_id", "run_id", "run_uuid", "schema_id", "scorer_ids",
+    "scorer_name", "secret_id", "server_alias", "server_name", "server_version", "trace_id", "type",
+    "username", "workspace", "workspace_name", "max_results", "run_ids", "trace_ids",
+    # names in the answers it filters, which the unit test's pattern finds too
+    "access_endpoints", "mcp_access_endpoints", "mcp_servers",
+})
+AUTH_ALIASES = {camel_case(name): name for name in AUTH_READS if camel_case(name) != name}
+# Two fields for one thing: the auth layer reads run_id first, some handlers run_uuid
+# first (upload-artifact), others `run_id or run_uuid` (an empty run_id).
+SAME_THING = (("run_id", "run_uuid"),)
+# API routes whose body is not JSON: a file (the UI's upload, up to 10 MB) and the
+# sign-up form (admins only). Their auth reads the query string or the form.
+NOT_JSON = ("mlflow/upload-artifact", "mlflow/users/create-ui")
+
+
+def check_names(fields: dict, where: str) -> None:
+    """fields: the request's names and their values (a JSON object or a query string)."""
+    for name in fields:
+        if name in AUTH_ALIASES:
+            raise Invalid(f"'{name}' in the {where} is not accepted: spell it '{AUTH_ALIASES[name]}' "
+                          "(the server authorizes a request by the snake_case names)")
+    for first, second in SAME_THING:
+        if first in fields and second in fields and fields[first] != fields[second]:
+            raise Invalid(f"'{first}' and '{second}' in the {where} name different things: give one of them")
+
+
+def dot_segment(text: str) -> bool:
+    """Whether a path holds a '.' or '..' segment, as it is or once percent-decoded up to
+    three times (MLflow decodes artifact paths again; '\\' counts as '/')."""
+    for _ in range(4):
+        segments = text.replace("\\", "/").split("/")
+        if "." in segments or ".." in segments:
+            return True
+        decoded = urllib.parse.unquote(text)
+        if decoded == text:
+            return False
+        text = decoded
+    return True  # still encoded after three rounds: nobody's real path
+
+
+def check_target(path: str, query_string: bytes) -> None:
+    """The request's path and query string: no '.' or '..' segments in the path or an
+    artifact path (MLflow's auth takes the experiment from the path's first segment:
+    `./1/x` names none and falls back to the default permission), and the names MLflow's
+    auth reads spelled as it reads them."""
+    if dot_segment(path):
+        raise Invalid("the path may not contain '.' or '..' segments, nor encoded forms of them")
+    if not query_string:
+        return
+    query: dict = {}
+    for name, value in urllib.parse.parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        query.setdefault(name, value)
+    for name in ("path", "artifact_path"):
+        if dot_segment(query.get(name, "")):
+            raise Invalid(f"'{name}' may not contain '.' or '..' segments, nor encoded forms of them")
+    check_names(query, "query string")
+
+
 CHECKS = {
     "experiments/create": check_experiment,
     "runs/log-batch": check_log_batch,
@@ -149,16 +232,23 @@ CHECKS = {
 
 
 def validate(path: str, content_type: str, body: bytes) -> None:
-    """Raise Invalid for a write MLflow would mishandle; return for anything else."""
+    """Raise Invalid for a write MLflow would mishandle or authorize on other ids than
+    it executes on; return for anything else."""
     endpoint = next((path[len(p):] for p in API_PREFIXES if path.startswith(p)), None)
     if endpoint is None:
         return
-    check = CHECKS.get(endpoint.rstrip("/"))
+    endpoint = endpoint.rstrip("/")
+    check = CHECKS.get(endpoint)
     is_json = content_type.split(";")[0].strip().lower() == "application/json"
     if check is not None and not is_json:
         raise Invalid("Content-Type must be application/json", status=415, code="BAD_REQUEST")
-    if not is_json or not body.strip():
+    if not body.strip() or endpoint in NOT_JSON:
         return
+    if not is_json:
+        # The auth layer reads a body only when it says it is JSON, while the handlers of
+        # DELETE and PATCH parse it whatever it says.
+        raise Invalid("a request body must be JSON (Content-Type: application/json)", status=415,
+                      code="BAD_REQUEST")
     if len(body) > MAX_BODY and check is not None:
         raise Invalid(f"request body over {MAX_BODY} bytes", status=413, code="BAD_REQUEST")
     try:
@@ -167,6 +257,7 @@ def validate(path: str, content_type: str, body: bytes) -> None:
         raise Invalid(f"malformed JSON: {exc}", code="MALFORMED_REQUEST") from None
     if not isinstance(parsed, dict):
         raise Invalid("the request body must be a JSON object", code="MALFORMED_REQUEST")
+    check_names(parsed, "body")
     if check is not None:
         check(parsed)
 
@@ -184,21 +275,33 @@ class Guard:
         self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         path = scope.get("path", "")
         if self.base_path:
             path = path[len(self.base_path):] if path.startswith(self.base_path + "/") else ""
-            if scope["type"] == "http" and scope["method"] in ("GET", "PUT") and path.startswith(STREAMED_ARTIFACTS):
+            if scope["method"] in ("GET", "PUT") and path.startswith(STREAMED_ARTIFACTS):
                 scope = unprefixed(scope, path, self.base_path)
-        if scope["type"] == "http" and path == ADMIN_CHECK:
+        if path == ADMIN_CHECK:
             return await self.admin_check(scope, send)
-        if scope["type"] == "http" and scope["method"] == "PUT" and path.startswith(STREAMED_ARTIFACTS):
+        try:
+            check_target(scope.get("path", ""), scope.get("query_string", b""))
+        except Invalid as exc:
+            return await _error(send, exc)
+        if scope["method"] == "PUT" and path.startswith(STREAMED_ARTIFACTS):
             return await self.upload(scope, receive, send)
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") \
-                or not path.startswith(API_PREFIXES):
+        if not path.startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
+        send = whole_small_answers(send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.auth and "authorization" not in headers:
             # Let the auth layer answer 401 first; nothing reaches the store anyway.
+            return await self.app(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD"):
+            if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+                # The auth layer reads a GET's query string; a handler with none reads the body.
+                return await _error(send, Invalid("a GET request carries its parameters in the query string, "
+                                                  "not in a body"))
             return await self.app(scope, receive, send)
         chunks, size = [], 0
         while True:
@@ -227,7 +330,6 @@ class Guard:
             return await receive()
 
         return await self.app(scope, replay, send)
-
 
     async def upload(self, scope, receive, send) -> None:
         """An artifact upload; a full store's failure becomes a 507 with the reason.
@@ -268,6 +370,31 @@ class Guard:
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"), "")
         verdict = await asyncio.to_thread(admin_verdict, header)
         await _status(send, {True: 204, False: 403, None: 401}[verdict])
+
+
+def whole_small_answers(send):
+    """An API answer's status line and headers go out with its body, not on their own.
+
+    uvicorn writes each ASGI message as it comes; Flask's answers come through a thread,
+    so headers and body can leave a few milliseconds apart. A server process killed in
+    between leaves nginx with headers it has already passed on (so it can neither answer
+    502 nor send the request to another replica) and the client with a cut connection and
+    no answer: seen once in 1,353 calls while a replica was killed (test_replicas). Held
+    here, the two writes follow each other at once; a streamed answer's first part is sent
+    as soon as it comes."""
+    held = None
+
+    async def send_whole(message):
+        nonlocal held
+        if message["type"] == "http.response.start":
+            held = message
+            return
+        if held is not None:
+            start, held = held, None
+            await send(start)
+        await send(message)
+
+    return send_whole
 
 
 def admin_verdict(header: str) -> bool | None:

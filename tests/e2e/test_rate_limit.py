@@ -1,7 +1,12 @@
 """nginx's API rate limit is per login: the shared deployment, redeployed with a
 low API_RATE_PER_LOGIN for this module (only nginx is recreated) and back
 after it. One login sending far more than its rate gets 429s; another login
-from the same client address, right after, is not held back."""
+from the same client address, right after, is not held back.
+
+The rate is low enough that any client outruns it by construction: 120 requests
+exceed a burst of 5 plus 5 a second unless they take over 22 s (a slow machine of
+this kind sent them in 6 s; against a rate of 20 that was exactly the rate, and no
+429 came)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-LIMITS = {"API_RATE_PER_LOGIN": "20", "API_RATE_PER_ADDRESS": "1000"}
+LIMITS = {"API_RATE_PER_LOGIN": "5", "API_RATE_PER_ADDRESS": "1000"}
 # Served by nginx's `location /` (the searches have a location of their own, with the same limits).
 PATH = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
 
@@ -41,7 +46,9 @@ def test_one_busy_login_does_not_hold_back_another(limited):
     # how many that is depends on the machine's speed, so the bound does too.
     rate = int(LIMITS["API_RATE_PER_LOGIN"])
     assert set(codes) <= {200, 429}, codes
-    assert codes.count(429) >= 1 and codes.count(200) <= rate + rate * took + 2, (took, codes)
-    # Same address, another login, at once: its own allowance.
-    other = [limited.http("GET", PATH, auth=(name, password)).status_code for _ in range(15)]
-    assert other == [200] * 15, other
+    assert codes.count(200) <= rate + rate * took + 2, (took, codes)
+    assert len(codes) > rate + rate * took + 2, f"the client was slower than the limit ({took:.1f} s): nothing to test"
+    assert codes.count(429) >= 1, (took, codes)
+    # Same address, another login, at once: its own allowance (a burst's worth, at once).
+    other = [limited.http("GET", PATH, auth=(name, password)).status_code for _ in range(rate)]
+    assert other == [200] * rate, other

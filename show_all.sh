@@ -18,7 +18,7 @@ while [ $# -gt 0 ]; do
 	case "$1" in
 		--client-env) args+=(--client-env); shift ;;
 		--help|-h) usage; exit 0 ;;
-		*) usage >&2; die "unknown option: $1" ;;
+		*) usage_error "unknown option: $1" ;;
 	esac
 done
 

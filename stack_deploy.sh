@@ -39,17 +39,17 @@ USAGE
 VARIANT="" DRY_RUN=0 ASSUME_YES=0 STANDINS=0 SWARM=0
 while [ $# -gt 0 ]; do
 	case "$1" in
-		--variant) [ $# -ge 2 ] || die "--variant needs a value: pip or conda"; VARIANT="$2"; shift 2 ;;
+		--variant) [ $# -ge 2 ] || usage_error "--variant needs a value: pip or conda"; VARIANT="$2"; shift 2 ;;
 		--variant=*) VARIANT="${1#*=}"; shift ;;
 		--standins) STANDINS=1; shift ;;
 		--swarm) SWARM=1; shift ;;
 		--yes|-y) ASSUME_YES=1; shift ;;
 		--dry-run) DRY_RUN=1; shift ;;
 		--help|-h) usage; exit 0 ;;
-		*) usage >&2; die "unknown option: $1" ;;
+		*) usage_error "unknown option: $1" ;;
 	esac
 done
-case "$VARIANT" in ""|pip|conda) ;; *) die "--variant $VARIANT: use pip or conda" ;; esac
+case "$VARIANT" in ""|pip|conda) ;; *) usage_error "--variant $VARIANT: use pip or conda" ;; esac
 export ASSUME_YES
 
 step_env() {

@@ -33,10 +33,10 @@ while [ "$#" -gt 0 ]; do
 		--yes|-y) ASSUME_YES=1 ;;
 		--dry-run) args+=(--dry-run); dry_run=1 ;;
 		--older-than)
-			[ "$#" -ge 2 ] || die "--older-than needs a number of days"
+			[ "$#" -ge 2 ] || usage_error "--older-than needs a number of days"
 			args+=(--older-than "$2")
 			shift ;;
-		*) usage >&2; die "unknown argument: $1" ;;
+		*) usage_error "unknown argument: $1" ;;
 	esac
 	shift
 done

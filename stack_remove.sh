@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
 		--purge) PURGE=1; shift ;;
 		--yes|-y) ASSUME_YES=1; shift ;;
 		--help|-h) usage; exit 0 ;;
-		*) usage >&2; die "unknown option: $1" ;;
+		*) usage_error "unknown option: $1" ;;
 	esac
 done
 export ASSUME_YES

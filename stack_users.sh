@@ -9,6 +9,7 @@ Usage: ./stack_users.sh add NAME [--admin] [--password-stdin]
        ./stack_users.sh passwd NAME [--password-stdin]
        ./stack_users.sh grant NAME EXPERIMENT READ|USE|EDIT|MANAGE|DENY
        ./stack_users.sh delete NAME
+       ./stack_users.sh list
 
 Manages the accounts of the stack's MLflow server, as its admin (credentials
 from .env). Without --password-stdin a strong password is generated and
@@ -19,6 +20,8 @@ USAGE
 }
 
 case "${1:-}" in
-	""|--help|-h) usage; exit 0 ;;
+	--help|-h) usage; exit 0 ;;
+	"") usage_error "which action? add, passwd, grant, delete or list" ;;
+	-*) usage_error "unknown option: $1" ;;
 esac
 stack_py users "$@"

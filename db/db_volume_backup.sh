@@ -25,15 +25,15 @@ USAGE
 KEEP="" COLD=0
 while [ $# -gt 0 ]; do
 	case "$1" in
-		--keep) [ $# -ge 2 ] || die "--keep needs a number"; KEEP="$2"; shift 2 ;;
+		--keep) [ $# -ge 2 ] || usage_error "--keep needs a number"; KEEP="$2"; shift 2 ;;
 		--keep=*) KEEP="${1#*=}"; shift ;;
 		--cold) COLD=1; shift ;;
 		--help|-h) usage; exit 0 ;;
-		*) usage >&2; die "unknown option: $1" ;;
+		*) usage_error "unknown option: $1" ;;
 	esac
 done
 if [ -n "$KEEP" ] && ! [[ "$KEEP" =~ ^[1-9][0-9]*$ ]]; then
-	die "--keep $KEEP: use a whole number of 1 or more"
+	usage_error "--keep $KEEP: use a whole number of 1 or more"
 fi
 keep_args=()
 [ -n "$KEEP" ] && keep_args=(--keep "$KEEP")

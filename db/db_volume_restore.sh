@@ -31,11 +31,11 @@ while [ $# -gt 0 ]; do
 	case "$1" in
 		--yes|-y) ASSUME_YES=1; shift ;;
 		--help|-h) usage; exit 0 ;;
-		-*) usage >&2; die "unknown option: $1" ;;
-		*) [ -z "$SET" ] || die "one set at a time"; SET="$1"; shift ;;
+		-*) usage_error "unknown option: $1" ;;
+		*) [ -z "$SET" ] || usage_error "one set at a time"; SET="$1"; shift ;;
 	esac
 done
-[ -n "$SET" ] || { usage >&2; die "which set? give its folder"; }
+[ -n "$SET" ] || usage_error "which set? give its folder"
 [ -d "$SET" ] || die "$SET is not a folder: give the path db/db_volume_backup.sh printed"
 export ASSUME_YES
 

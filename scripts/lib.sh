@@ -18,6 +18,9 @@ trap on_error ERR
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# usage_error MESSAGE: a wrong command line. Every script alike (and the Python side,
+# argparse): the usage on stderr, the error, exit status 2; other failures exit 1.
+usage_error() { usage >&2; printf 'error: %s\n' "$*" >&2; exit 2; }
 
 # require_running SERVICE...: the services must be up (the stack deployed).
 require_running() {

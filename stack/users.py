@@ -4,6 +4,7 @@
     ./stack_users.sh passwd NAME [--password-stdin]
     ./stack_users.sh grant NAME EXPERIMENT READ|USE|EDIT|MANAGE|DENY
     ./stack_users.sh delete NAME
+    ./stack_users.sh list
 
 Without --password-stdin a strong password is generated and printed once.
 """
@@ -63,6 +64,17 @@ class Api:
             raise UserError(f"cannot reach {self.base} ({exc.reason}): is the stack deployed?") from None
         return json.loads(text) if text.strip() else {}
 
+    def direct_grant(self, username: str, experiment_id: str) -> int:
+        """The id of the row that holds the user's own grant on the experiment."""
+        rows = self.call("GET", "3.0/mlflow/users/permissions/list", query={"username": username})["permissions"]
+        roles = {r["role_id"] for r in rows if r["resource_type"] == "experiment"
+                 and r["resource_pattern"] == experiment_id and r["role_name"].startswith("__user_")}
+        for role in roles:
+            for row in self.call("GET", "3.0/mlflow/roles/permissions/list", query={"role_id": role})["role_permissions"]:
+                if row["resource_type"] == "experiment" and row["resource_pattern"] == experiment_id:
+                    return int(row["id"])
+        raise UserError(f"{username} has no grant of their own on experiment {experiment_id} to change")
+
     def experiment_id(self, ref: str) -> str:
         if ref.isdigit():
             return ref
@@ -102,26 +114,37 @@ def run(values: dict[str, str], args) -> int:
         if permission not in PERMISSIONS:
             raise UserError(f"permission {args.permission}: use one of {', '.join(PERMISSIONS)}")
         exp_id = api.experiment_id(args.experiment)
-        # MLflow 3.17's permission API: a grant does not replace an earlier one,
-        # so an existing grant is revoked first.
         grant = {"username": args.name, "resource_type": "experiment", "resource_id": exp_id}
         try:
             api.call("POST", "3.0/mlflow/users/permissions/grant", {**grant, "permission": permission})
         except UserError as exc:
             if "already exists" not in str(exc):
                 raise
-            api.call("POST", "3.0/mlflow/users/permissions/revoke", grant)
-            api.call("POST", "3.0/mlflow/users/permissions/grant", {**grant, "permission": permission})
+            # MLflow 3.17's grant does not replace an earlier one. Its grants live in the
+            # user's own role; that role's row is changed in place, so a failure leaves the
+            # old grant (revoking first would leave the default permission, e.g. a DENY
+            # becoming READ).
+            row = api.direct_grant(args.name, exp_id)
+            api.call("PATCH", "3.0/mlflow/roles/permissions/update",
+                     {"role_permission_id": row, "permission": permission})
         print(f"users: {args.name} has {permission} on experiment {exp_id}")
     elif args.action == "delete":
         api.call("DELETE", "2.0/mlflow/users/delete", {"username": args.name})
         print(f"users: deleted {args.name}")
+    elif args.action == "list":
+        for user in sorted(api.call("GET", "2.0/mlflow/users/list").get("users", []), key=lambda u: u["username"]):
+            print(f"{user['username']}{'  (admin)' if user.get('is_admin') else ''}")
     return 0
 
 
+PROG = "./stack_users.sh"
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("users")
-    actions = p.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("users", prog=PROG, description="Manage the accounts of the stack's MLflow server, as "
+                       "its admin (credentials from .env).")
+    actions = p.add_subparsers(dest="action", required=True, metavar="add|passwd|grant|delete|list")
+    actions.add_parser("list", help="the accounts, admins marked")
     a = actions.add_parser("add")
     a.add_argument("name")
     a.add_argument("--admin", action="store_true")

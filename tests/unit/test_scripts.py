@@ -32,11 +32,27 @@ def test_deploy_usage_offers_standins(tmp_path):
     assert "--standins" in usage and "NOT for production" in usage
 
 
-@pytest.mark.parametrize("script", ["stack_deploy.sh", "stack_remove.sh", "show_all.sh"])
-def test_help_and_unknown_options(script, tmp_path):
-    assert "Usage:" in run(script, "--help", env_file=tmp_path / ".env").stdout
+SCRIPTS = ["stack_deploy.sh", "stack_remove.sh", "show_all.sh", "stack_gc.sh", "stack_users.sh",
+           "db/db_volume_backup.sh", "db/db_volume_restore.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_one_command_line_convention(script, tmp_path):
+    """--help: the usage, naming the script as it is called, exit 0; a wrong command line:
+    the usage and the error on stderr, exit 2 (other failures exit 1), nothing done."""
+    shown = run(script, "--help", env_file=tmp_path / ".env")
+    assert shown.returncode == 0 and "Usage:" in shown.stdout and script in shown.stdout, shown
     bad = run(script, "--frobnicate", env_file=tmp_path / ".env")
-    assert bad.returncode != 0 and "unknown option: --frobnicate" in bad.stderr
+    assert bad.returncode == 2, (bad.returncode, bad.stderr)
+    assert "--frobnicate" in bad.stderr and ("Usage:" in bad.stderr or "usage:" in bad.stderr), bad.stderr
+    assert not (tmp_path / ".env").exists()
+
+
+def test_users_without_an_action_is_a_usage_error(tmp_path):
+    bare = run("stack_users.sh", env_file=tmp_path / ".env")
+    assert bare.returncode == 2 and "which action?" in bare.stderr and "list" in bare.stderr
+    helped = run("stack_users.sh", "add", "--help", env_file=tmp_path / ".env")
+    assert "./stack_users.sh add" in helped.stdout and "python3 -m stack" not in helped.stdout
 
 
 def test_dry_run_changes_nothing(tmp_path):
@@ -79,7 +95,7 @@ def test_bad_env_stops_deploy_with_the_reasons_and_keeps_the_file(tmp_path):
 
 def test_wrong_variant_is_refused_before_anything_runs(tmp_path):
     result = run("stack_deploy.sh", "--variant", "docker", env_file=tmp_path / ".env")
-    assert result.returncode != 0 and "use pip or conda" in result.stderr
+    assert result.returncode == 2 and "use pip or conda" in result.stderr
     assert not (tmp_path / ".env").exists()
 
 

@@ -228,6 +228,13 @@ SETTINGS: tuple[Setting, ...] = (
                 "deploy makes a local CA and a certificate for MLFLOW_PUBLIC_HOST (certs/)."),
     Setting("TLS_KEY_FILE", "", anything("/etc/ssl/mlflow.key"), section=CLIENTS, may_be_empty=True,
             services=("mlflow", "nginx"), doc="The key of TLS_CERT_FILE."),
+    Setting("TLS_CA_FILE", "", anything("/etc/ssl/company-root-ca.pem"), section=CLIENTS, may_be_empty=True,
+            # With TLS_CERT_FILE only (alone it is refused): then the server's STACK_TLS_TRUST.
+            host=("TLS certificate", "client settings", "users tool"),
+            doc="The CA that issued TLS_CERT_FILE (PEM), when it is not one of the system's: your company's "
+                "own root, say. The server trusts it for its calls to the public endpoints, and the client "
+                "settings name it (certs/ca-bundle.pem: the system CAs plus it). The deploy checks that the "
+                "certificate verifies against it (or the system CAs) for MLFLOW_PUBLIC_HOST."),
 
     Setting("MLFLOW_AUTH", "true", choice("true", "false"), section=AUTH,
             services=("mlflow", "migrate", "bucket-init", "backup"), host=("client settings", "users tool"),
@@ -438,6 +445,9 @@ def _distinct_ports(values: Mapping[str, str]) -> list[str]:
 def _tls_pair(values: Mapping[str, str]) -> list[str]:
     if bool(values.get("TLS_CERT_FILE")) != bool(values.get("TLS_KEY_FILE")):
         return ["set both TLS_CERT_FILE and TLS_KEY_FILE (your certificate and its key), or neither"]
+    if values.get("TLS_CA_FILE") and not values.get("TLS_CERT_FILE"):
+        return ["TLS_CA_FILE is the CA of your own certificate: set TLS_CERT_FILE and TLS_KEY_FILE too, or "
+                "leave it empty (the local CA the deploy makes is named in the client settings anyway)"]
     return []
 
 

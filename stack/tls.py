@@ -1,6 +1,9 @@
 """TLS material for nginx: the user's certificate, or a local CA made at first deploy.
 
-With TLS_CERT_FILE and TLS_KEY_FILE set in .env, those are used as they are.
+With TLS_CERT_FILE and TLS_KEY_FILE set in .env, those are used as they are, once
+the certificate verifies for MLFLOW_PUBLIC_HOST against TLS_CA_FILE (the CA that
+issued it) or the system's CAs: a certificate clients and the server's own calls
+cannot verify is refused before anything starts, with the reason.
 Otherwise certs/ gets a local CA (ca.crt, ca.key) and a server certificate for
 MLFLOW_PUBLIC_HOST signed by it (server.crt, server.key), made once with the
 openssl command and kept: re-deploys change nothing. Changing
@@ -53,6 +56,37 @@ def _san(host: str) -> str:
     return ",".join(dict.fromkeys(entries))
 
 
+def check_certificate(cert: Path, ca: Path | None, host: str) -> None:
+    """TlsError, saying why, unless the certificate (its file's first; any others are the
+    chain) verifies for host against ca, or the system's CAs when ca is None."""
+    if shutil.which("openssl") is None:
+        raise TlsError("the openssl command is needed to check TLS_CERT_FILE: install it (e.g. apt-get install openssl)")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        name = ["-verify_ip", host.strip("[]")]
+    except ValueError:
+        name = ["-verify_hostname", host]
+    trust = ["-CAfile", str(ca)] if ca is not None else []
+    result = subprocess.run(["openssl", "verify", *trust, "-untrusted", str(cert), *name, str(cert)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        return
+    lines = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if line.strip()]
+    reason = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("error ")),
+                  lines[-1] if lines else "openssl verify failed")
+    against = f"TLS_CA_FILE={ca}" if ca is not None else "the system's CAs (TLS_CA_FILE is empty)"
+    if any(word in reason.lower() for word in ("hostname", "ip address", "mismatch")):
+        fix = "make the certificate name it (a subjectAltName), or set MLFLOW_PUBLIC_HOST to a name it has"
+    elif ca is None:
+        fix = ("set TLS_CA_FILE to the CA that issued it (your company's root), with any intermediates in "
+               "TLS_CERT_FILE after the certificate")
+    else:
+        fix = ("check that TLS_CA_FILE is the CA that issued TLS_CERT_FILE (intermediates go in TLS_CERT_FILE "
+               "after the certificate)")
+    raise TlsError(f"TLS_CERT_FILE={cert} does not verify for MLFLOW_PUBLIC_HOST={host} against {against}: "
+                   f"{reason}. Clients and the server's own calls would refuse it: {fix}. Nothing was started")
+
+
 def ensure(values: dict[str, str], create: bool = True, environ=None) -> dict[str, str]:
     """Paths nginx and clients use: cert, key and (for a local CA) the CA to trust.
 
@@ -60,16 +94,25 @@ def ensure(values: dict[str, str], create: bool = True, environ=None) -> dict[st
     (for ./show_all.sh), with ca empty when no local CA exists yet.
     """
     user_cert, user_key = values.get("TLS_CERT_FILE", ""), values.get("TLS_KEY_FILE", "")
-    if user_cert or user_key:
-        cert, key = Path(user_cert).expanduser(), Path(user_key).expanduser()
-        for label, path in (("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key)):
-            if create and not path.is_file():
-                raise TlsError(f"{label}={path} does not exist: set both TLS_CERT_FILE and TLS_KEY_FILE to "
-                               "your certificate (full chain, PEM) and key, or leave both empty for a local CA")
-        return {"cert": str(cert.resolve()), "key": str(key.resolve()), "ca": "", "bundle": "",
-                "trust": str(cert.resolve())}
-
     out = cert_dir(environ)
+    if user_cert or user_key:
+        cert, key = Path(user_cert).expanduser().resolve(), Path(user_key).expanduser().resolve()
+        ca = Path(values["TLS_CA_FILE"]).expanduser().resolve() if values.get("TLS_CA_FILE") else None
+        for label, path in (("TLS_CERT_FILE", cert), ("TLS_KEY_FILE", key), ("TLS_CA_FILE", ca)):
+            if create and path is not None and not path.is_file():
+                raise TlsError(f"{label}={path} does not exist: set TLS_CERT_FILE and TLS_KEY_FILE to your "
+                               "certificate (full chain, PEM) and key, and TLS_CA_FILE to the CA that issued it "
+                               "unless it is one of the system's, or leave all three empty for a local CA")
+        material = {"cert": str(cert), "key": str(key), "ca": "", "bundle": "", "trust": str(cert)}
+        if ca is not None:
+            material.update(ca=str(ca), bundle=str(out / "ca-bundle.pem"), trust=str(ca))
+        if create:
+            check_certificate(cert, ca, values["MLFLOW_PUBLIC_HOST"])
+            if ca is not None:
+                out.mkdir(mode=0o700, exist_ok=True)
+                common.write_ca_bundle(ca, out / "ca-bundle.pem")
+        return material
+
     ca_crt, ca_key = out / "ca.crt", out / "ca.key"
     if not create:
         have = ca_crt.exists()

@@ -11,6 +11,8 @@ import pytest
 
 from stack import envfile, paths
 
+from test_tls import make_ca, make_server
+
 ROOT = paths.ROOT
 
 
@@ -134,12 +136,14 @@ def test_values_reach_shell_quoted_even_with_spaces(tmp_path):
     """A certificate path with a space survives `eval` of the exports (it broke the deploy once)."""
     folder = tmp_path / "my certs"
     folder.mkdir()
-    for name in ("server.pem", "server.key"):
-        (folder / name).write_text("x\n")
+    make_ca(folder, "root")
+    make_server(folder, "root", names="DNS:localhost")
+    (folder / "server.crt").rename(folder / "server.pem")
     env = tmp_path / ".env"
     envfile.ensure(env)
     env.write_text(env.read_text().replace("TLS_CERT_FILE=\n", f"TLS_CERT_FILE={folder}/server.pem\n")
-                   .replace("TLS_KEY_FILE=\n", f"TLS_KEY_FILE='{folder}/server.key'\n"))
+                   .replace("TLS_KEY_FILE=\n", f"TLS_KEY_FILE='{folder}/server.key'\n")
+                   .replace("TLS_CA_FILE=\n", f"TLS_CA_FILE='{folder}/root.crt'\n"))
     script = ('. "$STACK_ROOT/scripts/lib.sh"; load_compose_env; '
               'printf "%s\\n%s\\n%s\\n" "$STACK_TLS_CERT" "$STACK_TLS_KEY" "$STACK_SECRETS_DIR"')
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False,

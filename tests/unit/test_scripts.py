@@ -11,7 +11,7 @@ import pytest
 
 from stack import envfile, paths
 
-from test_tls import make_ca, make_server
+from pki import make_ca, make_server
 
 ROOT = paths.ROOT
 

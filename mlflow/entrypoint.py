@@ -29,7 +29,6 @@ this process's environment, never on a command line, so that neither
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import random
 import shutil
@@ -87,7 +86,7 @@ def s3_endpoint(environ=None) -> str:
 def allowed_hosts(environ=None) -> str:
     host, port = public_origin(environ)
     hosts = [host_port(host, port, SCHEME), host]
-    if is_loopback(host.strip("[]")):
+    if common.resolves_to_loopback(host):
         # On the stack's own machine, any loopback spelling reaches nginx.
         hosts += [host_port(h, port, SCHEME) for h in ("localhost", "127.0.0.1", "::1")]
     # The healthcheck and in-network callers use the server's own address.
@@ -218,14 +217,6 @@ def auth_database_uri(environ=None) -> str:
     return common.database_uri(environ, dbname=common.auth_database(environ))
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    return any(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
-
-
 def s3_relay_target(environ=None) -> tuple[int, str, int] | None:
     """(local port, target host, target port) when the public S3 host is loopback here.
 
@@ -236,7 +227,7 @@ def s3_relay_target(environ=None) -> tuple[int, str, int] | None:
     gives nginx that name as a network alias.
     """
     host, _ = public_origin(environ)
-    if common.external_s3(environ) or not is_loopback(host.strip("[]")):
+    if common.external_s3(environ) or not common.resolves_to_loopback(host):
         return None
     port = int(setting("S3_PORT", environ))
     return port, env("S3_RELAY_HOST", "nginx", environ=environ), port

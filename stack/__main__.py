@@ -40,8 +40,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import (build, client_env, common, compose, envfile, paths, pins, preflight, secretfiles, settings, show,
-               standins, swarm, tls, users)
+from . import (build, client_env, common, compose, envfile, host, paths, pins, preflight, secretfiles, settings,
+               show, standins, swarm, tls, users)
 
 
 def _values() -> dict[str, str]:
@@ -54,6 +54,9 @@ def cmd_env(args) -> int:
     prefix = "env: would " if args.dry_run else "env: "
     if result.create:
         print(f"{prefix}create {env_path} with generated secrets (mode 600)")
+    for key, value in result.detected.items():
+        print(f"{prefix}set {key}={value} (this machine as colleagues reach it; change it in .env to a DNS name "
+              "if it has one)")
     for key in result.added:
         print(f"{prefix}add {key} (a new setting)")
     for key, (old, new) in result.switched.items():
@@ -187,6 +190,12 @@ def cmd_paths(_args) -> int:
 def cmd_client_env(_args) -> int:
     values = _values()
     sys.stdout.write(client_env.render(values, tls.ensure(values, create=False)))
+    if common.resolves_to_loopback(values["MLFLOW_PUBLIC_HOST"]):
+        sys.stdout.flush()
+        print(f"WARNING: MLFLOW_PUBLIC_HOST={values['MLFLOW_PUBLIC_HOST']} is this machine's loopback: these "
+              "settings work on this machine only. For colleagues, set MLFLOW_PUBLIC_HOST in .env to a name or "
+              f"address they reach it by (e.g. {host.reachable_name() or 'its DNS name'}) and deploy again.",
+              file=sys.stderr)
     return 0
 
 

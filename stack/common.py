@@ -17,7 +17,9 @@ is no other copy.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import socket
 import sys
 import time
 import urllib.parse
@@ -116,6 +118,15 @@ def s3_client(environ: Optional[Mapping[str, str]] = None, endpoint: Optional[st
 
 def system_ca_bundle() -> Optional[Path]:
     return next((Path(p) for p in SYSTEM_CA_BUNDLES if Path(p).is_file()), None)
+
+
+def resolves_to_loopback(host: str) -> bool:
+    """Whether a name or address (IPv6 in brackets or not) is this machine's loopback."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None)
+    except socket.gaierror:
+        return False
+    return any(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 def write_ca_bundle(extra: Path, dest: Path) -> Path:

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import settings
+from . import host, settings
 
 GENERATED = settings.GENERATED
 _LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
@@ -51,6 +51,8 @@ class Plan:
     added: list[str] = field(default_factory=list)
     # Keys a command-line option sets: KEY -> (old value, new value).
     switched: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Values a new file got from this machine rather than the table: KEY -> value.
+    detected: dict[str, str] = field(default_factory=dict)
     text: str = ""
 
     @property
@@ -85,6 +87,12 @@ def plan(env_path: Path, variant: str | None = None, standins: bool = False) -> 
                 raw = f"{match.group(1)}={settings.new_secret()}"
             lines.append(raw)
         text = "\n".join(lines) + "\n"
+        if "MLFLOW_PUBLIC_HOST" not in os.environ:
+            # The name colleagues reach this machine by, not the table's localhost.
+            reachable = host.reachable_name()
+            if reachable:
+                result.detected["MLFLOW_PUBLIC_HOST"] = reachable
+                text = re.sub(r"(?m)^MLFLOW_PUBLIC_HOST=.*$", f"MLFLOW_PUBLIC_HOST={reachable}", text)
     else:
         text = env_path.read_text()
         current = parse(text, str(env_path))

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from . import common, paths
+from . import host as machine
 
 CA_DAYS, SERVER_DAYS = 3650, 825
 
@@ -44,7 +45,8 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _san(host: str) -> str:
-    names = [host, "localhost"] if host != "localhost" else ["localhost"]
+    # The chosen name first, then every other one a colleague (or this machine) may use.
+    names = [host, "localhost", *machine.machine_names()]
     entries = []
     for name in names:
         try:

@@ -132,13 +132,14 @@ def test_show_all_without_env_says_how_to_create_it(tmp_path):
     assert result.returncode == 2 and "run ./stack_deploy.sh" in result.stderr
 
 
-def test_values_reach_shell_quoted_even_with_spaces(tmp_path):
+def test_values_reach_shell_quoted_even_with_spaces(tmp_path, monkeypatch):
     """A certificate path with a space survives `eval` of the exports (it broke the deploy once)."""
     folder = tmp_path / "my certs"
     folder.mkdir()
     make_ca(folder, "root")
     make_server(folder, "root", names="DNS:localhost")
     (folder / "server.crt").rename(folder / "server.pem")
+    monkeypatch.setenv("MLFLOW_PUBLIC_HOST", "localhost")
     env = tmp_path / ".env"
     envfile.ensure(env)
     env.write_text(env.read_text().replace("TLS_CERT_FILE=\n", f"TLS_CERT_FILE={folder}/server.pem\n")

@@ -1,0 +1,74 @@
+"""The first day: the printed address works for a colleague.
+
+A deployment of its own whose first deploy is given no MLFLOW_PUBLIC_HOST: it prints a
+name or address that is not loopback, and a request to it over TLS, trusting the printed
+CA, sent from a container on a network of its own (not from this machine's loopback), is
+answered. Its ports bind to that address only. The shared deployment, made for localhost,
+printed the loopback warning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+
+from stack import common
+
+from .conftest import new_stack, stack_lifetime
+
+# A colleague's first call: an authenticated API request, the answer's status and experiments.
+COLLEAGUE = """
+import json, sys, requests
+url, user, password = sys.stdin.read().split()
+answer = requests.get(url + "/api/2.0/mlflow/experiments/search?max_results=5", auth=(user, password),
+                      verify="/ca/ca-bundle.pem", timeout=60)
+print(json.dumps({"status": answer.status_code, "names": [e["name"] for e in answer.json().get("experiments", [])]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def first_day(standins, tmp_path_factory):
+    from stack import host
+
+    address = host.default_route_address()
+    assert address, "this machine has no address but loopback: nothing to test"
+    the_stack = new_stack(standins, tmp_path_factory.mktemp("firstday"), "mlflowfd")
+    del the_stack.environ["MLFLOW_PUBLIC_HOST"]
+    the_stack.environ["BIND_ADDRESS"] = address
+    with stack_lifetime(the_stack) as deployed:
+        yield deployed
+
+
+def test_the_printed_address_is_not_loopback_and_a_colleague_reaches_it(first_day):
+    printed = first_day.client_env["MLFLOW_TRACKING_URI"]
+    public = urlsplit(printed).hostname
+    assert public and not common.resolves_to_loopback(public), printed
+    assert first_day.values()["MLFLOW_PUBLIC_HOST"] == public
+    assert "is this machine's loopback" not in first_day.deploy_output
+
+    network = f"colleague-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["docker", "network", "create", network], check=True, capture_output=True)
+    try:
+        values = first_day.values()
+        ref = subprocess.run(["docker", "inspect", "--format", "{{.Config.Image}}",
+                              first_day.container_ids()["mlflow"]], check=True, capture_output=True,
+                             text=True).stdout.strip()
+        certs = first_day.environ["STACK_CERT_DIR"]
+        # As root: certs/ is the deploying user's, mode 700.
+        answer = subprocess.run(
+            ["docker", "run", "--rm", "-i", "--network", network, "--user", "0", "-v", f"{certs}:/ca:ro",
+             "--entrypoint", "python3", ref, "-c", COLLEAGUE],
+            input=f"{printed} {values['MLFLOW_ADMIN_USERNAME']} {values['MLFLOW_ADMIN_PASSWORD']}",
+            capture_output=True, text=True, timeout=180, check=False)
+    finally:
+        subprocess.run(["docker", "network", "rm", network], check=False, capture_output=True)
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    seen = json.loads(answer.stdout.strip().splitlines()[-1])
+    assert seen["status"] == 200 and "Default" in seen["names"], seen
+
+
+def test_a_localhost_deploy_says_it_works_on_this_machine_only(stack):
+    assert "MLFLOW_PUBLIC_HOST=localhost is this machine's loopback" in stack.deploy_output

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: unit and static checks, then the end-to-end suite on a
-# local Docker engine. Usage: tests/run.sh [pytest args...]
+# local Docker engine. Usage: tests/run.sh [--quick] [pytest args...]
+#
+# --quick: the unit and static checks without the slow ones (about 2 minutes,
+# no Docker), for your own loop: -m "not e2e and not slow". Markers (pytest.ini)
+# select other parts, e.g. -m "e2e and not slow and not swarm" for the shared
+# deployment's modules.
 #
 # Creates .venv with the pinned test tools (tests/requirements.txt) on first
 # use. The end-to-end tests need Docker and fail (never skip) without it.
@@ -37,6 +42,10 @@ export PATH="$VENV/bin:$PATH"
 export MLFLOW_DISABLE_TELEMETRY=true
 started=$SECONDS
 status=0
+if [ "${1:-}" = --quick ]; then
+	shift
+	set -- -m "not e2e and not slow" "$@"
+fi
 python -m pytest "$@" || status=$?
 echo "==> test suite finished in $((SECONDS - started)) s (exit $status)"
 exit "$status"

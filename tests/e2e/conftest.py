@@ -43,6 +43,9 @@ def pytest_collection_modifyitems(session, config, items):
     # the swarm module goes last (LAST_MODULE).
     items.sort(key=lambda item: (Path(str(item.fspath)).parent.name != "unit",
                                  Path(str(item.fspath)).name == LAST_MODULE))
+    for item in items:
+        if Path(str(item.fspath)).parent.name == "e2e":
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.hookimpl(hookwrapper=True)

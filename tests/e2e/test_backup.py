@@ -16,6 +16,8 @@ import pytest
 from . import gateway
 from .conftest import new_stack, stack_lifetime, wait_for
 
+pytestmark = pytest.mark.slow
+
 PREFIX = "bk"  # the workload's experiments are bk-0..bk-2, its model bk-model
 LIVE = "bk_live-writer"  # the concurrent logger's experiment (outside the bk-* snapshot)
 WORKLOAD_RUNS = 7  # 3 experiments x 2 runs, and the model's run

@@ -33,6 +33,8 @@ from stack import envfile, pins
 
 from .conftest import free_port, new_stack, stack_lifetime, wait_for
 
+pytestmark = pytest.mark.slow
+
 ROLE, DATABASE, BUCKET = "tracker", "team_tracking", "team-artifacts"
 
 

@@ -28,6 +28,8 @@ from .conftest import ROOT, new_stack, stack_lifetime, wait_for
 from .test_monitoring import api
 from .test_stack import s3_client
 
+pytestmark = pytest.mark.slow
+
 SIZE_MIB = 192
 WINDOW = "20s"
 

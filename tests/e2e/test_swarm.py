@@ -44,6 +44,8 @@ from stack import swarm
 from .conftest import ROOT, assert_acknowledged_stored, free_port, new_stack, parse_exports, wait_for
 from .test_stack import s3_client
 
+pytestmark = [pytest.mark.swarm, pytest.mark.slow]
+
 THREADS = 3
 WORKERS = 2
 # The flags that work for docker-in-docker here (see the field notes): no --privileged;

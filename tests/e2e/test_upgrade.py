@@ -16,6 +16,8 @@ import pytest
 from . import gateway
 from .conftest import Stack, new_stack, stack_lifetime
 
+pytestmark = pytest.mark.slow
+
 PREVIOUS = "3.16.1"  # the newest release of the previous minor line
 
 

@@ -21,6 +21,8 @@ import pytest
 
 from stack import paths
 
+pytestmark = pytest.mark.slow
+
 ROOT = paths.ROOT
 EXAMPLES = ROOT / "examples"
 SCENARIOS = EXAMPLES / "scenarios.sh"

@@ -121,3 +121,10 @@ def test_a_killed_replica_costs_the_clients_nothing(replicated, tmp_path, capsys
     # The restart policy brings the killed replica back.
     wait_for(lambda: all_healthy(replicated, 2), 180, "the killed replica to be healthy again", interval=3,
              detail=lambda: replicas(replicated))
+
+
+def test_genai_works_with_spans_reaching_either_replica(replicated, tmp_path):
+    from .test_genai import assert_genai_works, run_genai_client
+
+    assert all_healthy(replicated, 2), replicas(replicated)
+    assert_genai_works(run_genai_client(replicated, tmp_path), replicated)

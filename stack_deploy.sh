@@ -253,6 +253,7 @@ main() {
 	if [ "$SWARM" = 1 ]; then
 		step_swarm
 		step_client_env
+		stack_py release-deployed
 		stack_py standins --reminder
 		return 0
 	fi
@@ -261,6 +262,7 @@ main() {
 	step_up
 	[ -z "$upgrade_note" ] || log "$upgrade_note"
 	step_client_env
+	stack_py release-deployed
 	stack_py standins --reminder
 }
 

@@ -298,7 +298,7 @@ def _create(kind: str | None, keep: int | None, root: Path) -> Path:
         objects = export_bucket(s3(), partial / "bucket.tar")
         version = mlflow_version()
         (partial / "versions.json").write_text(json.dumps({
-            "mlflow": version, "alembic_version": revision,
+            "stack": os.environ.get("STACK_VERSION", ""), "mlflow": version, "alembic_version": revision,
             "images": dict(pair.split("=", 1) for pair in os.environ.get("STACK_IMAGES", "").split(",")
                            if "=" in pair),
             "postgres": psql("SHOW server_version"),
@@ -307,6 +307,7 @@ def _create(kind: str | None, keep: int | None, root: Path) -> Path:
             "format": FORMAT, "kind": kind or "manual",
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "database": os.environ["POSTGRES_DB"], "bucket": bucket(),
+            "stack_version": os.environ.get("STACK_VERSION", ""),
             "mlflow_version": version, "alembic_version": revision,
             "tables": tables, "auth_tables": auth_tables, "objects": objects,
             "files": {f: sha256_file(partial / f) for f in files},

@@ -30,7 +30,7 @@ backup_job() {
 	while [ "$#" -gt 0 ] && [ "$1" != -- ]; do opts+=("$1"); shift; done
 	[ "$#" -gt 0 ] || die "backup_job: missing -- before the job's arguments"
 	shift
-	job_compose --progress quiet run --rm --no-deps -T -e STACK_IMAGES -e STACK_MLFLOW_VERSION \
+	job_compose --progress quiet run --rm --no-deps -T -e STACK_IMAGES -e STACK_MLFLOW_VERSION -e STACK_VERSION \
 		"${opts[@]}" backup "$@"
 }
 

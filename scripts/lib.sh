@@ -9,6 +9,12 @@ set -Eeuo pipefail
 STACK_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export STACK_ROOT
 
+# Every script: --version prints this release of the stack (VERSION).
+if [ "${1:-}" = --version ]; then
+	printf '%s %s\n' "${0##*/}" "$(cat "$STACK_ROOT/VERSION")"
+	exit 0
+fi
+
 on_error() {
 	local code=$? file="${BASH_SOURCE[1]:-?}" line="${BASH_LINENO[0]:-?}"
 	echo "error: ${file#"$STACK_ROOT"/}:$line: '$BASH_COMMAND' exited with $code" >&2

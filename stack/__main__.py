@@ -12,6 +12,7 @@
   swarm-compose ARGS...                   the same, for `run --no-deps` of a one-off job on the swarm
                                           stack's stores network (backups, the schema check)
   paths                                   export lines: STACK_ENV_FILE, COMPOSE_PROJECT_NAME
+  release-deployed                        remember that this release deployed the stack (a deploy's last step)
   client-env                              export lines for clients
   show [--client-env]                     ./show_all.sh
   swarm-preflight                         what stops a swarm deploy (./stack_deploy.sh --swarm)
@@ -63,7 +64,31 @@ def cmd_env(args) -> int:
         print(f"{prefix}switch {key} from {old} to {new}")
     if not result.changes:
         print(f"env: {env_path} is complete; left unchanged")
+    note = release_note()
+    if note:
+        print(note)
     envfile.check(envfile.effective(envfile.parse(result.text, str(env_path))), env_path)
+    return 0
+
+
+def release_file() -> Path:
+    return paths.state_dir() / "release"
+
+
+def release_note() -> str | None:
+    """What to say when another release deployed the stack last (a deploy's first step)."""
+    current, recorded = common.stack_version(), release_file()
+    before = recorded.read_text().strip() if recorded.exists() else ""
+    if before and before != current:
+        return (f"env: this stack was deployed by release {before}; this is {current}. What changes, and what "
+                f"to do first: CHANGELOG.md, from {current} down to {before}")
+    return None
+
+
+def cmd_release(_args) -> int:
+    """Remember that this release deployed the stack (after a deploy that worked)."""
+    release_file().parent.mkdir(parents=True, exist_ok=True)
+    release_file().write_text(common.stack_version() + "\n")
     return 0
 
 
@@ -409,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("keys", nargs="+")
     p.set_defaults(func=cmd_get)
     sub.add_parser("paths").set_defaults(func=cmd_paths)
+    sub.add_parser("release-deployed").set_defaults(func=cmd_release)
     sub.add_parser("client-env").set_defaults(func=cmd_client_env)
     users.add_parser(sub)
     sub.choices["users"].set_defaults(func=cmd_users)

@@ -120,6 +120,11 @@ def system_ca_bundle() -> Optional[Path]:
     return next((Path(p) for p in SYSTEM_CA_BUNDLES if Path(p).is_file()), None)
 
 
+def stack_version() -> str:
+    """This release of the stack (VERSION, semantic; CHANGELOG.md says what each changed)."""
+    return (Path(__file__).resolve().parent.parent / "VERSION").read_text().strip()
+
+
 def resolves_to_loopback(host: str) -> bool:
     """Whether a name or address (IPv6 in brackets or not) is this machine's loopback."""
     try:

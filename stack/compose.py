@@ -50,6 +50,7 @@ def derived(values: Mapping[str, str], create: bool,
         secretfiles.write(values, folder)
     pairs = [
         ("COMPOSE_PROJECT_NAME", paths.project_name(environ)),
+        ("STACK_VERSION", common.stack_version()),
         ("STACK_TLS_CERT", material["cert"]),
         ("STACK_TLS_KEY", material["key"]),
         ("STACK_TLS_TRUST", material["trust"]),

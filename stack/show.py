@@ -85,7 +85,8 @@ def volumes(project: str) -> list[tuple[str, str]]:
 def swarm_report(values: dict[str, str]) -> str:
     """The stack as the swarm runs it: each service's goal and state, each task's node and health."""
     project = paths.project_name()
-    lines = [f"MLflow stack '{project}' on a Docker Swarm ({paths.env_path()})", "", "Services:"]
+    lines = [f"MLflow stack '{project}' on a Docker Swarm ({paths.env_path()}), release {common.stack_version()}",
+             "", "Services:"]
     for row in swarm.services(project):
         update = f"  update {row['update']}" if row["update"] else ""
         lines.append(f"  {row['Name'][len(project) + 1:]:<14} {row['Mode']:<16} {row['Replicas']:<22}{update}")
@@ -107,7 +108,7 @@ def report(values: dict[str, str]) -> str:
     svc = services()
     running = {s["Service"] for s in svc if s.get("State") == "running"}
     compose = compose_invocation()
-    lines = [f"MLflow stack '{paths.project_name()}' ({paths.env_path()})", ""]
+    lines = [f"MLflow stack '{paths.project_name()}' ({paths.env_path()}), release {common.stack_version()}", ""]
     lines += ["Services:", *service_lines(svc)]
     lines += ["", "Published URLs:", *url_lines(values)]
     lines += ["", "Volumes:", *([f"  {name:<40} {size}" for name, size in volumes(paths.project_name())] or ["  none"])]

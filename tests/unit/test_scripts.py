@@ -48,6 +48,24 @@ def test_one_command_line_convention(script, tmp_path):
     assert bad.returncode == 2, (bad.returncode, bad.stderr)
     assert "--frobnicate" in bad.stderr and ("Usage:" in bad.stderr or "usage:" in bad.stderr), bad.stderr
     assert not (tmp_path / ".env").exists()
+    version = run(script, "--version", env_file=tmp_path / ".env")
+    assert version.returncode == 0 and version.stdout == f"{Path(script).name} {(ROOT / 'VERSION').read_text()}"
+
+
+def test_a_deploy_over_another_release_says_so(tmp_path):
+    env = tmp_path / ".env"
+    project = f"mlflowunit{uuid.uuid4().hex[:8]}"
+    recorded = tmp_path / ".stack-state" / project / "release"
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text("0.9.0\n")
+    environ = {**os.environ, "STACK_ENV_FILE": str(env), "COMPOSE_PROJECT_NAME": project, "PYTHONPATH": str(ROOT)}
+    said = subprocess.run(["python3", "-m", "stack", "env"], env=environ, capture_output=True, text=True, cwd=ROOT)
+    version = (ROOT / "VERSION").read_text().strip()
+    assert f"deployed by release 0.9.0; this is {version}" in said.stdout and "CHANGELOG.md" in said.stdout, said
+    subprocess.run(["python3", "-m", "stack", "release-deployed"], env=environ, check=True, cwd=ROOT)
+    assert recorded.read_text() == version + "\n"
+    again = subprocess.run(["python3", "-m", "stack", "env"], env=environ, capture_output=True, text=True, cwd=ROOT)
+    assert "deployed by release" not in again.stdout
 
 
 def test_users_without_an_action_is_a_usage_error(tmp_path):

@@ -52,10 +52,10 @@ def test_compose_file_is_valid_with_a_generated_env(tmp_path):
 
 
 def test_generated_files_match_the_settings_table():
-    """.env.example and the README's table come from stack/settings.py; regenerate
-    them with `python3 -m stack.settings write` after changing the table."""
+    """.env.example and the configuration reference's table come from stack/settings.py;
+    regenerate them with `python3 -m stack.settings write` after changing the table."""
     assert (ROOT / ".env.example").read_text() == settings.example_text()
-    assert settings.readme_table() in (ROOT / "README.md").read_text()
+    assert settings.settings_table() in (ROOT / settings.TABLE_PAGE).read_text()
 
 
 def test_every_default_and_rule_round_trips():

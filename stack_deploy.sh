@@ -20,7 +20,7 @@ the settings clients need (as export lines).
                        the stack out and for tests, NOT for production.
                        Remembered in .env (STACK_STANDINS=true)
   --swarm              deploy to the Docker Swarm this machine manages, as stack
-                       COMPOSE_PROJECT_NAME (README "Docker Swarm"): images are
+                       COMPOSE_PROJECT_NAME (docs/swarm.md): images are
                        pushed to STACK_REGISTRY, db and minio run on the node
                        labelled mlflow-stack.data=true, nginx on every node
   --yes                do not ask for confirmation (e.g. switching variant on a
@@ -32,7 +32,7 @@ Environment: STACK_ENV_FILE (default ./.env), COMPOSE_PROJECT_NAME
 (default mlflow-stack), BUILD_CA_CERT (a CA certificate for image builds
 behind a TLS-intercepting proxy; default: the one this machine's pip uses,
 if any), DEPLOY_TIMEOUT (seconds, default 900),
-and any image override such as POSTGRES_IMAGE (see README).
+and any image override such as POSTGRES_IMAGE (see docs/images.md).
 USAGE
 }
 
@@ -115,7 +115,7 @@ step_stores() {
 	for service in db minio; do
 		if [[ " $STACK_OWN_STORES " != *" $service "* ]] \
 			&& docker volume inspect "${COMPOSE_PROJECT_NAME}_$service-data" >/dev/null 2>&1; then
-			log "Note: the volume ${COMPOSE_PROJECT_NAME}_$service-data (the stack's own $service) is kept but not used while a store outside replaces it; README \"External stores\" says how to move its data"
+			log "Note: the volume ${COMPOSE_PROJECT_NAME}_$service-data (the stack's own $service) is kept but not used while a store outside replaces it; docs/external-stores.md says how to move its data"
 		fi
 	done
 	[ -n "$STACK_OUTSIDE_STORES" ] || return 0

@@ -12,7 +12,7 @@ from .compose import export_lines
 # Downloads. From the stack's own store, the client asks the server (MLflow's
 # proxied route) and nginx streams the file from the store once the server has
 # checked the request (mlflow/stack_guard.py, NGINX_FETCH), near boto3's speed
-# (README: Performance has the figures and their spread). MLflow's default instead
+# (docs/performance.md has the figures and their spread). MLflow's default instead
 # fetches it from the S3 port in presigned parts of 100 MiB; those parts are
 # read in 10 KiB pieces, which is what holds them back (0.5-0.8x). From a store
 # outside the stack, the presigned parts stay, in boto3's part size: with 100
@@ -22,8 +22,8 @@ DOWNLOAD_PART_BYTES = 8 << 20
 # Uploads. A file of at least this size goes to the S3 port in presigned parts
 # of this size, several at once (MLflow's defaults: from 500 MiB, in 10 MiB
 # parts); a smaller one goes through the server, one stream. 100 MiB through
-# the server moved slower than boto3, in these parts faster (README:
-# Performance). Every part a thread sends is in memory (2 threads per CPU).
+# the server moved slower than boto3, in these parts faster (docs/performance.md).
+# Every part a thread sends is in memory (2 threads per CPU).
 UPLOAD_PART_BYTES = 25 << 20
 
 

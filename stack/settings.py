@@ -172,7 +172,7 @@ class Setting:
     section: str
     # Compose services that read it (the drift test checks the compose file against this).
     services: tuple[str, ...] = ()
-    # Host-side readers, for the README (not checked: they import this table).
+    # Host-side readers, for the configuration reference (not checked: they import this table).
     host: tuple[str, ...] = ()
     # Rendered into a file under /run/secrets with this name.
     file: Optional[str] = None
@@ -196,7 +196,7 @@ AUTH = "Authentication"
 SERVER = "MLflow server"
 STORES = "Stores"
 LIMITS = "Limits"
-BACKUPS = "Backups (see README \"Backups\")"
+BACKUPS = "Backups (see docs/backups.md)"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_PUBLIC_HOST", "localhost", host(), section=CLIENTS,

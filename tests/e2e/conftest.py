@@ -235,7 +235,7 @@ def standins() -> dict[str, str]:
     images = parse_exports(result.stdout)
     print(f"stand-ins ready in {time.monotonic() - started:.0f} s: {images}")
     (ROOT / ".cache").mkdir(exist_ok=True)
-    # The README states which images the last run used as stand-ins.
+    # docs/images.md states which images the last run used as stand-ins.
     (ROOT / ".cache" / "last-e2e-standins.txt").write_text(result.stderr)
     return images
 

@@ -37,7 +37,7 @@ def test_benchmark_prints_figures(stack, capsys):
 
 
 def test_comparison_with_a_plain_server_prints_a_table(stack, capsys):
-    """A short `tests/bench.py --compare` (the README's table comes from the full one)."""
+    """A short `tests/bench.py --compare` (docs/performance.md's table comes from the full one)."""
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "--compare", "--rounds", "1",
                              "--calls", "20", "--batches", "1", "--artifact-mib", "10",
                              "--image", f"mlflow-stack/mlflow:{stack.values()['MLFLOW_VARIANT']}"],

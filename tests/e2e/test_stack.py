@@ -100,7 +100,7 @@ def test_deploy_printed_client_settings(stack):
         "MLFLOW_TRACKING_PASSWORD": values["MLFLOW_ADMIN_PASSWORD"],
         "MLFLOW_TRACKING_SERVER_CERT_PATH": f"{certs}/ca.crt",
         "REQUESTS_CA_BUNDLE": f"{certs}/ca-bundle.pem",
-        # Artifact parts to and from the S3 port (README: Performance).
+        # Artifact parts to and from the S3 port (docs/performance.md).
         "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
         "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE": str(25 << 20),
         "MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE": str(25 << 20),

@@ -176,7 +176,7 @@ AUTH_ALIASES = {camel_case(name): name for name in AUTH_READS if camel_case(name
 SAME_THING = (("run_id", "run_uuid"),)
 # API routes whose body is not JSON: a file (the UI's upload, up to 10 MB) and the
 # sign-up form (admins only). Their auth reads the query string or the form.
-NOT_JSON = ("mlflow/upload-artifact", "mlflow/users/create-ui")
+NOT_JSON = ("upload-artifact", "users/create-ui")
 
 
 def check_names(fields: dict, where: str) -> None:

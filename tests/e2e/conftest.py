@@ -37,15 +37,46 @@ _failures: list[str] = []
 LAST_MODULE = "test_swarm.py"
 
 
+# The deployments several modules share (session fixtures): under pytest-xdist
+# (tests/run.sh) the tests that use them run in one worker, in order, while each
+# module with a deployment of its own runs in another, side by side.
+SHARED_DEPLOYMENTS = {"stack", "prefixed_stack", "target"}
+
+
 def pytest_collection_modifyitems(session, config, items):
     # Unit tests first (quick feedback); otherwise the order pytest collected.
     # Every e2e module sets up the data it checks, so any module order works, but
-    # the swarm module goes last (LAST_MODULE).
+    # the swarm module goes last (LAST_MODULE; tests/run.sh runs it after the rest).
     items.sort(key=lambda item: (Path(str(item.fspath)).parent.name != "unit",
                                  Path(str(item.fspath)).name == LAST_MODULE))
     for item in items:
         if Path(str(item.fspath)).parent.name == "e2e":
             item.add_marker(pytest.mark.e2e)
+            shared = SHARED_DEPLOYMENTS & set(item.fixturenames)
+            item.add_marker(pytest.mark.xdist_group("shared" if shared else Path(str(item.fspath)).stem))
+
+
+FIGURES = ROOT / ".cache" / "test-figures.txt"
+
+
+def show(text: str) -> None:
+    """A figure or finding for the run's output. Tests that run side by side
+    (pytest-xdist) print nothing themselves: each goes to FIGURES, and the run's
+    summary prints them all (under the heading "figures")."""
+    FIGURES.parent.mkdir(exist_ok=True)
+    with open(FIGURES, "a") as fh:
+        fh.write(text.strip("\n") + "\n\n")
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):
+        FIGURES.unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES.exists():
+        terminalreporter.section("figures")
+        terminalreporter.write(FIGURES.read_text())
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -226,10 +257,16 @@ def _require_docker() -> None:
 
 @pytest.fixture(scope="session")
 def standins() -> dict[str, str]:
+    import fcntl
+
     _require_docker()
     started = time.monotonic()
-    result = subprocess.run([str(ROOT / "tests" / "standin-images.sh")], capture_output=True,
-                            text=True, timeout=1800, check=False)
+    (ROOT / ".cache").mkdir(exist_ok=True)
+    # One build at a time: workers side by side wait for the first, then find the images made.
+    with open(ROOT / ".cache" / "standins.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run([str(ROOT / "tests" / "standin-images.sh")], capture_output=True,
+                                text=True, timeout=1800, check=False)
     if result.returncode != 0:
         pytest.fail(f"building stand-in images failed:\n{result.stderr[-6000:]}", pytrace=False)
     images = parse_exports(result.stdout)

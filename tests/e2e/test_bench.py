@@ -7,6 +7,8 @@ import sys
 
 from stack.paths import ROOT
 
+from .conftest import show
+
 
 def stack_memory_mib(stack) -> tuple[float, int]:
     """The sum of `docker stats` memory over the stack's running containers (MiB), and their count."""
@@ -22,7 +24,7 @@ def stack_memory_mib(stack) -> tuple[float, int]:
     return total, count
 
 
-def test_benchmark_prints_figures(stack, capsys):
+def test_benchmark_prints_figures(stack):
     # Before any benchmark traffic: the stack as the earlier tests leave it, at rest.
     memory, containers = stack_memory_mib(stack)
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "--artifact-mib", "100"],
@@ -31,12 +33,11 @@ def test_benchmark_prints_figures(stack, capsys):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = re.findall(r"^  (.+?)\s+(\d+\.\d)$", result.stdout, re.M)
     assert len(figures) == 9, result.stdout
-    with capsys.disabled():
-        print(f"\nmemory at rest, before the benchmark: {memory:,.0f} MiB over {containers} running containers")
-        print(result.stdout)
+    show(f"memory at rest, before the benchmark: {memory:,.0f} MiB over {containers} running containers\n"
+         f"(other modules may run side by side)\n{result.stdout}")
 
 
-def test_comparison_with_a_plain_server_prints_a_table(stack, capsys):
+def test_comparison_with_a_plain_server_prints_a_table(stack):
     """A short `tests/bench.py --compare` (docs/performance.md's table comes from the full one)."""
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "--compare", "--rounds", "1",
                              "--calls", "20", "--batches", "1", "--artifact-mib", "10",
@@ -52,5 +53,4 @@ def test_comparison_with_a_plain_server_prints_a_table(stack, capsys):
     # 3 concurrencies x (req/s, p50) + 3 log_batch + up, down + the two boto3 comparisons,
     # + the server CPU per 1000 metrics at each concurrency where cgroups are readable.
     assert len(rows) in (13, 16), result.stdout
-    with capsys.disabled():
-        print("\n" + result.stdout)
+    show(result.stdout)

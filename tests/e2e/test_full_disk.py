@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from .conftest import ROOT, new_stack, stack_lifetime, wait_for
+from .conftest import ROOT, new_stack, show, stack_lifetime, wait_for
 from .test_monitoring import api
 from .test_stack import s3_client
 
@@ -71,7 +71,7 @@ def in_bucket(stack, artifact_uri: str) -> dict:
     return {"objects": [o["Key"] for o in objects], "unfinished uploads": [u["Key"] for u in uploads]}
 
 
-def test_a_full_store_refuses_an_upload_at_once_with_the_reason(small, tag, capsys):
+def test_a_full_store_refuses_an_upload_at_once_with_the_reason(small, tag):
     fits = upload(small, 40, tag)
     assert fits["ok"], fits
     assert len(in_bucket(small, fits["artifact_uri"])["objects"]) == 1
@@ -84,9 +84,8 @@ def test_a_full_store_refuses_an_upload_at_once_with_the_reason(small, tag, caps
                                ("through the server", {"MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false"}, 1)):
         before = small.compose("logs", "--no-color", "mlflow").stdout.count("artifact upload refused with 507")
         too_big = upload(small, SIZE_MIB * 2, tag, extra)
-        with capsys.disabled():
-            print(f"\n{SIZE_MIB * 2} MiB into a {SIZE_MIB} MiB store, {way}: refused after {too_big['seconds']} s "
-                  f"(the whole upload included): {too_big['error'][:400]}")
+        show(f"{SIZE_MIB * 2} MiB into a {SIZE_MIB} MiB store, {way}: refused after {too_big['seconds']} s "
+             f"(the whole upload included): {too_big['error'][:400]}")
         assert not too_big["ok"], way
         error = too_big["error"]
         assert "507" in error and "artifact store is full" in error and "./stack_gc.sh" in error, (way, error)
@@ -102,8 +101,7 @@ def test_a_full_store_refuses_an_upload_at_once_with_the_reason(small, tag, caps
             code = ("import maintenance; from stack import common; "
                     "maintenance.abort_stale_uploads(common.s3_client(), common.env('MLFLOW_BUCKET'), 0, False)")
             out = small.compose("exec", "-T", "mlflow", "python3", "-c", code).stdout
-            with capsys.disabled():
-                print(f"\nunfinished upload left by the refused one, aborted by gc's rule: {out.strip()}")
+            show(f"unfinished upload left by the refused one, aborted by gc's rule: {out.strip()}")
         assert in_bucket(small, too_big["artifact_uri"]) == {"objects": [], "unfinished uploads": []}, way
     # What was stored before is intact.
     assert len(in_bucket(small, fits["artifact_uri"])["objects"]) == 1
@@ -139,7 +137,7 @@ def fill(stack) -> int:
     raise AssertionError("not reached")
 
 
-def test_the_nearly_full_volume_fires_the_disk_alerts(small, capsys):
+def test_the_nearly_full_volume_fires_the_disk_alerts(small):
     fill(small)
     def firing():
         states = {(a["labels"]["alertname"], a["labels"].get("mountpoint", "")): a["state"]
@@ -150,8 +148,7 @@ def test_the_nearly_full_volume_fires_the_disk_alerts(small, capsys):
     # A scrape (15 s) and a rule evaluation (15 s) after the volume filled, then the window.
     states = wait_for(firing, 180, "VolumeNearlyFull for /volumes/minio and ObjectStoreNearlyFull to fire",
                       interval=5, detail=lambda: [(a["labels"], a["state"]) for a in api(small, "alerts")["alerts"]])
-    with capsys.disabled():
-        print(f"\nalerts after the store filled: {states}")
+    show(f"alerts after the store filled: {states}")
     # The one filled is the small tmpfs volume...
     size = api(small, "query", query='node_filesystem_size_bytes{mountpoint="/volumes/minio"}')["result"]
     assert [(r["metric"]["fstype"], float(r["value"][1])) for r in size] == [("tmpfs", SIZE_MIB << 20)], size

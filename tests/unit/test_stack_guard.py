@@ -899,3 +899,9 @@ def test_an_answers_headers_leave_with_its_body():
 
     asyncio.run(answer())
     assert order == ["http.response.start", "http.response.body"]
+
+
+@pytest.mark.parametrize("path, content_type", [("/ajax-api/2.0/mlflow/upload-artifact", "text/plain"),
+                                                ("/api/2.0/mlflow/users/create-ui", "application/x-www-form-urlencoded")])
+def test_the_two_api_routes_that_take_other_bodies_still_do(path, content_type):
+    guard.validate(path, content_type, b"username=a&password=b")

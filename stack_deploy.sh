@@ -52,8 +52,13 @@ done
 case "$VARIANT" in ""|pip|conda) ;; *) usage_error "--variant $VARIANT: use pip or conda" ;; esac
 export ASSUME_YES
 
+# The admin's password is printed once, by the deploy that made .env (and on
+# request: ./show_all.sh --client-env), not by every re-deploy into its logs.
+FIRST_DEPLOY=0
+
 step_env() {
 	log "Settings ($STACK_ENV_FILE)"
+	[ -f "$STACK_ENV_FILE" ] || FIRST_DEPLOY=1
 	local args=()
 	[ -n "$VARIANT" ] && args+=(--variant "$VARIANT")
 	[ "$STANDINS" = 1 ] && args+=(--standins)
@@ -230,7 +235,11 @@ swarm_deploy() {
 
 step_client_env() {
 	log "Deployed. Clients connect with:"
-	stack_py client-env
+	if [ "$FIRST_DEPLOY" = 1 ]; then
+		stack_py client-env
+	else
+		stack_py client-env --without-password
+	fi
 }
 
 main() {

@@ -416,7 +416,7 @@ def restore_database(dump: Path, db: str, want: dict[str, int]) -> None:
         pg("pg_restore", "--no-owner", "--exit-on-error", "-d", db, stdin=fh)
     counts = table_counts(db)
     if counts != want:
-        diff = {t: (counts.get(t), n) for t in sorted({*counts, *want}) if counts.get(t) != want.get(t)}
+        diff = {t: (counts.get(t), want.get(t)) for t in sorted({*counts, *want}) if counts.get(t) != want.get(t)}
         raise BackupError(f"restored row counts of {db} differ from the manifest (got, want): {diff}")
 
 

@@ -13,7 +13,7 @@
                                           stack's stores network (backups, the schema check)
   paths                                   export lines: STACK_ENV_FILE, COMPOSE_PROJECT_NAME
   release-deployed                        remember that this release deployed the stack (a deploy's last step)
-  client-env                              export lines for clients
+  client-env [--without-password]         export lines for clients (a re-deploy leaves the admin's password out)
   show [--client-env]                     ./show_all.sh
   swarm-preflight                         what stops a swarm deploy (./stack_deploy.sh --swarm)
   swarm-push                              push the images built here to STACK_REGISTRY
@@ -212,9 +212,10 @@ def cmd_paths(_args) -> int:
     return 0
 
 
-def cmd_client_env(_args) -> int:
+def cmd_client_env(args) -> int:
     values = _values()
-    sys.stdout.write(client_env.render(values, tls.ensure(values, create=False)))
+    shown = not getattr(args, "without_password", False)
+    sys.stdout.write(client_env.render(values, tls.ensure(values, create=False), password=shown))
     if common.resolves_to_loopback(values["MLFLOW_PUBLIC_HOST"]):
         sys.stdout.flush()
         print(f"WARNING: MLFLOW_PUBLIC_HOST={values['MLFLOW_PUBLIC_HOST']} is this machine's loopback: these "
@@ -435,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_get)
     sub.add_parser("paths").set_defaults(func=cmd_paths)
     sub.add_parser("release-deployed").set_defaults(func=cmd_release)
-    sub.add_parser("client-env").set_defaults(func=cmd_client_env)
+    p = sub.add_parser("client-env")
+    p.add_argument("--without-password", action="store_true")
+    p.set_defaults(func=cmd_client_env)
     users.add_parser(sub)
     sub.choices["users"].set_defaults(func=cmd_users)
     p = sub.add_parser("show")

@@ -62,10 +62,15 @@ def client_env(values: dict[str, str], tls: dict[str, str] | None = None) -> lis
     return settings
 
 
-def render(values: dict[str, str], tls: dict[str, str] | None = None) -> str:
+def render(values: dict[str, str], tls: dict[str, str] | None = None, password: bool = True) -> str:
+    """password=False: the admin's password is left out (a re-deploy's output; logs keep it)."""
     lines = []
     if tls and tls.get("ca"):
         lines.append(f"# Clients on other machines need copies of {tls['ca']} and {tls['bundle']}.")
+    settings = client_env(values, tls)
     if values["MLFLOW_AUTH"] == "true":
         lines.append("# The admin account; give each person their own: ./stack_users.sh add NAME")
-    return "".join(line + "\n" for line in lines) + export_lines(client_env(values, tls))
+        if not password:
+            lines.append("# MLFLOW_TRACKING_PASSWORD is not shown again: ./show_all.sh --client-env prints it")
+            settings = [(k, v) for k, v in settings if k != "MLFLOW_TRACKING_PASSWORD"]
+    return "".join(line + "\n" for line in lines) + export_lines(settings)

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from . import common, paths, swarm
 from .compose import invocation as compose_invocation

@@ -195,9 +195,16 @@ class Stack:
 
     def deploy(self, extra: dict | None = None) -> subprocess.CompletedProcess:
         result = self.script("stack_deploy.sh", "--yes", extra=extra)
-        self.client_env = parse_exports(result.stdout)
         self.deploy_output = result.stdout + result.stderr
+        self.refresh_client_env(result.stdout)
         return result
+
+    def refresh_client_env(self, printed: str) -> None:
+        """The client settings a deploy printed; a re-deploy leaves out the admin's password,
+        which ./show_all.sh --client-env gives on request."""
+        self.client_env = parse_exports(printed)
+        if "MLFLOW_TRACKING_PASSWORD" not in self.client_env:
+            self.client_env = parse_exports(self.script("show_all.sh", "--client-env").stdout)
 
     def compose(self, *args: str, check: bool = True, stdin: str | None = None,
                 timeout: int = 300) -> subprocess.CompletedProcess:

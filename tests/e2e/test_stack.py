@@ -328,6 +328,9 @@ def test_redeploy_of_a_running_stack_changes_nothing(stack, logged):
     env_before = stack.env_file.read_bytes()
     runs_before = stack.psql("SELECT count(*) FROM runs")
     stack.deploy()
+    # The admin's password: printed by the first deploy only (and on request).
+    assert stack.values()["MLFLOW_ADMIN_PASSWORD"] not in stack.deploy_output
+    assert "./show_all.sh --client-env prints it" in stack.deploy_output
     assert stack.env_file.read_bytes() == env_before
     after_ids = stack.container_ids()
     for service in LONG_RUNNING:

@@ -41,7 +41,7 @@ import pytest
 
 from stack import swarm
 
-from .conftest import ROOT, assert_acknowledged_stored, free_port, new_stack, parse_exports, wait_for
+from .conftest import ROOT, assert_acknowledged_stored, free_port, new_stack, wait_for
 from .test_stack import s3_client
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -127,7 +127,7 @@ def project_of(stack) -> str:
 
 def deploy(stack) -> subprocess.CompletedProcess:
     result = stack.script("stack_deploy.sh", "--swarm", "--yes")
-    stack.client_env = parse_exports(result.stdout)
+    stack.refresh_client_env(result.stdout)
     return result
 
 

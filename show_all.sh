@@ -5,11 +5,15 @@
 
 usage() {
 	cat <<'USAGE'
-Usage: ./show_all.sh [--client-env] [--help]
+Usage: ./show_all.sh [--client-env | --client-bundle DIR [--user NAME]] [--help] [--version]
 
-  --client-env  print only the client settings (export lines, with credentials
-                if the artifact mode needs them), as ./stack_deploy.sh did
-  --help        this text
+  --client-env     print only the client settings (export lines, with the admin's
+                   login and, in direct mode, the store's keys), as the first deploy did
+  --client-bundle DIR
+                   write a folder to hand to a colleague: mlflow.env (settings for
+                   their own login NAME, no admin password, no path of this machine)
+                   and the CA files beside it
+  --help           this text
 USAGE
 }
 
@@ -17,6 +21,9 @@ args=()
 while [ $# -gt 0 ]; do
 	case "$1" in
 		--client-env) args+=(--client-env); shift ;;
+		--client-bundle|--user)
+			[ $# -ge 2 ] || usage_error "$1 needs a value"
+			args+=("$1" "$2"); shift 2 ;;
 		--help|-h) usage; exit 0 ;;
 		*) usage_error "unknown option: $1" ;;
 	esac

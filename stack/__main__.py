@@ -14,7 +14,8 @@
   paths                                   export lines: STACK_ENV_FILE, COMPOSE_PROJECT_NAME
   release-deployed                        remember that this release deployed the stack (a deploy's last step)
   client-env [--without-password]         export lines for clients (a re-deploy leaves the admin's password out)
-  show [--client-env]                     ./show_all.sh
+  show [--client-env | --client-bundle DIR [--user NAME]]
+                                          ./show_all.sh
   swarm-preflight                         what stops a swarm deploy (./stack_deploy.sh --swarm)
   swarm-push                              push the images built here to STACK_REGISTRY
   swarm-file [PATH]                       write the stack file (and its stores-only and stores-and-jobs
@@ -236,6 +237,14 @@ def cmd_users(args) -> int:
 def cmd_show(args) -> int:
     if args.client_env:
         return cmd_client_env(args)
+    if args.client_bundle:
+        values = _values()
+        for path in client_env.write_bundle(values, tls.ensure(values, create=False), Path(args.client_bundle),
+                                            args.user or "YOUR_LOGIN"):
+            print(f"wrote {path}")
+        print(f"Hand the folder to a colleague: `. ./mlflow.env` there, with their own password set, and MLflow "
+              "logs to the stack.", file=sys.stderr)
+        return 0
     sys.stdout.write(show.report(_values()))
     return 0
 
@@ -443,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["users"].set_defaults(func=cmd_users)
     p = sub.add_parser("show")
     p.add_argument("--client-env", action="store_true")
+    p.add_argument("--client-bundle", metavar="DIR")
+    p.add_argument("--user")
     p.set_defaults(func=cmd_show)
     sub.add_parser("swarm-preflight").set_defaults(func=cmd_swarm_preflight)
     sub.add_parser("swarm-push").set_defaults(func=cmd_swarm_push)

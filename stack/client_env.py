@@ -6,7 +6,10 @@ places that show a credential, because the user asked for them there.
 
 from __future__ import annotations
 
-from .common import host_port
+import shlex
+from pathlib import Path
+
+from .common import host_port, stack_version
 from .compose import export_lines
 
 # Downloads. From the stack's own store, the client asks the server (MLflow's
@@ -74,3 +77,43 @@ def render(values: dict[str, str], tls: dict[str, str] | None = None, password: 
             lines.append("# MLFLOW_TRACKING_PASSWORD is not shown again: ./show_all.sh --client-env prints it")
             settings = [(k, v) for k, v in settings if k != "MLFLOW_TRACKING_PASSWORD"]
     return "".join(line + "\n" for line in lines) + export_lines(settings)
+
+
+# What a bundle leaves out: the admin's login (the colleague has their own) and, in
+# direct mode, the store's keys (they open every experiment's artifacts).
+NOT_BUNDLED = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# Settings that name a CA file: in a bundle, the copy beside the settings.
+CA_FILES = {"MLFLOW_TRACKING_SERVER_CERT_PATH": "ca.crt", "REQUESTS_CA_BUNDLE": "ca-bundle.pem",
+            "AWS_CA_BUNDLE": "ca-bundle.pem"}
+
+
+def write_bundle(values: dict[str, str], tls: dict[str, str] | None, folder: Path, user: str) -> list[Path]:
+    """A folder to hand to a colleague: mlflow.env (source it) with the settings for their own
+    login, and the CA files beside it; no admin password, no path of this machine."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, source in (("ca.crt", (tls or {}).get("ca")), ("ca-bundle.pem", (tls or {}).get("bundle"))):
+        if source:
+            shutil.copyfile(source, folder / name)
+            written.append(folder / name)
+    settings = client_env(values, tls)
+    lines = [f"# MLflow client settings for {dict(settings)['MLFLOW_TRACKING_URI']} (stack release "
+             f"{stack_version()}). Use them with: . ./mlflow.env",
+             'here="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)"']
+    if values["MLFLOW_AUTH"] == "true":
+        lines += ["# Your own login (the admin makes it: ./stack_users.sh add NAME); set your password yourself:",
+                  f"export MLFLOW_TRACKING_USERNAME={shlex.quote(user)}",
+                  "# export MLFLOW_TRACKING_PASSWORD=..."]
+    if values["MLFLOW_ARTIFACTS_MODE"] == "direct":
+        lines.append("# Direct artifact mode: the S3 keys are not in this file; ask the stack's admin for yours.")
+    for key, value in settings:
+        if key in NOT_BUNDLED:
+            continue
+        if key in CA_FILES:
+            lines.append(f'export {key}="$here/{CA_FILES[key]}"')
+        else:
+            lines.append(f"export {key}={shlex.quote(value)}")
+    (folder / "mlflow.env").write_text("\n".join(lines) + "\n")
+    return [folder / "mlflow.env", *written]

@@ -12,8 +12,10 @@ from __future__ import annotations
 import http.client
 import ssl
 import subprocess
+import sys
 import uuid
 from base64 import b64encode
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -55,7 +57,7 @@ def scene(target):
     own_model = f"mallory-model-{tag}"
     assert target.http("POST", "/api/2.0/mlflow/registered-models/create", auth=mallory,
                        json={"name": own_model}).status_code == 200
-    return {"exp_id": exp_id, "victim": victim, "secret": secret, "model": model, "mallory": mallory,
+    return {"exp_id": exp_id, "exp_name": f"victim-{tag}", "victim": victim, "secret": secret, "model": model, "mallory": mallory,
             "own": own, "own_model": own_model}
 
 
@@ -155,3 +157,20 @@ def test_the_camel_case_artifact_location_is_checked_too(target, scene, location
                            json={"name": name, "artifactLocation": location})
     assert response.status_code == 400, response.text
     assert target.psql(f"SELECT count(*) FROM experiments WHERE name = '{name}'") == "0"
+
+
+def test_a_colleagues_bundle_logs_in_as_her_and_reads_what_she_may(target, scene, tmp_path):
+    name, password = scene["mallory"]
+    target.script("show_all.sh", "--client-bundle", str(tmp_path / "bundle"), "--user", name)
+    code = ("import mlflow; names = {e.name for e in mlflow.search_experiments()}; "
+            "print('\\n'.join(sorted(names)))")
+    script = f'. ./mlflow.env && export MLFLOW_TRACKING_PASSWORD="$1" && python3 -c "{code}"'
+    environ = {k: v for k, v in target.client_environ().items()
+               if not k.startswith(("MLFLOW_", "REQUESTS_", "AWS_"))}
+    seen = subprocess.run(["bash", "-c", script, "bash", password], cwd=tmp_path / "bundle",
+                          env={**environ, "PATH": f"{Path(sys.executable).parent}:{environ.get('PATH', '')}"},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert seen.returncode == 0, seen.stderr[-3000:]
+    assert any(line.startswith("mallory-own-") for line in seen.stdout.splitlines()), seen.stdout
+    # The experiment she has DENY on is not listed to her.
+    assert scene["exp_name"] not in seen.stdout.splitlines(), seen.stdout

@@ -114,3 +114,31 @@ def test_the_readmes_example_is_what_a_default_deploy_prints():
     block = readme[readme.index("The deploy ends with the settings a client needs"):]
     block = block[:block.index("```\n\n")]
     assert [line for line in block.splitlines() if line.startswith("export ")] == printed
+
+
+@pytest.mark.parametrize("mode", ["proxied", "direct"])
+def test_a_client_bundle_travels_without_the_admins_secrets_or_this_machines_paths(tmp_path, mode):
+    import shutil
+    import subprocess
+
+    from stack import tls
+
+    certs = tmp_path / "certs"
+    made = tls.ensure({"MLFLOW_PUBLIC_HOST": "mlflow.example.com"}, environ={"STACK_CERT_DIR": str(certs)})
+    values = _values(mode)
+    client_env.write_bundle(values, made, tmp_path / "bundle", "alice")
+    text = "".join(p.read_text() for p in (tmp_path / "bundle").iterdir())
+    for secret in (values["MLFLOW_ADMIN_PASSWORD"], values["MINIO_ROOT_PASSWORD"], str(tmp_path)):
+        assert secret not in text, secret
+    # Handed over: another machine, another folder.
+    moved = shutil.move(str(tmp_path / "bundle"), str(tmp_path / "elsewhere"))
+    shutil.rmtree(certs)
+    script = 'cd /; . "$1/mlflow.env"; env | grep -E "^(MLFLOW|REQUESTS|AWS)_" | sort'
+    out = subprocess.run(["bash", "-c", script, "bash", moved], capture_output=True, text=True, check=True).stdout
+    env = dict(line.split("=", 1) for line in out.splitlines())
+    assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com:8443"
+    assert env["MLFLOW_TRACKING_USERNAME"] == "alice" and "MLFLOW_TRACKING_PASSWORD" not in env
+    assert env["MLFLOW_TRACKING_SERVER_CERT_PATH"] == f"{moved}/ca.crt"
+    assert env["REQUESTS_CA_BUNDLE"] == f"{moved}/ca-bundle.pem"
+    assert open(env["MLFLOW_TRACKING_SERVER_CERT_PATH"]).read() in open(env["REQUESTS_CA_BUNDLE"]).read()
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env

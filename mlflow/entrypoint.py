@@ -332,14 +332,11 @@ def cmd_server(_args: list[str]) -> int:
         wait_for_schema()
     if auth_enabled():
         # What `mlflow server --app-name basic-auth` does before starting
-        # workers (MLflow >= 3.17); with the stack's own app name it is done
-        # here, once. Older releases create the admin in each worker instead.
-        try:
-            from mlflow.server import _bootstrap_basic_auth
-        except ImportError:
-            _bootstrap_basic_auth = None
-        if _bootstrap_basic_auth is not None:
-            _bootstrap_basic_auth()
+        # workers; with the stack's own app name it is done here, once
+        # (mlflow/internals.py checks the name).
+        from mlflow.server import _bootstrap_basic_auth
+
+        _bootstrap_basic_auth()
     else:
         print("entrypoint: WARNING: authentication is OFF (MLFLOW_AUTH=false); anyone who can "
               "reach the server can read and change everything", file=sys.stderr, flush=True)

@@ -219,7 +219,10 @@ def abort_stale_uploads(client, bucket: str, older_than_s: float, dry_run: bool,
 
 def collect(older_than_days: float, dry_run: bool, environ=None) -> Plan:
     """One collection against the stack's database and bucket, under the maintenance lock."""
+    import internals
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    internals.require("garbage collection (mlflow/maintenance.py)", modules={internals.STORE})
 
     bucket = common.env("MLFLOW_BUCKET", environ=environ)
     with common.maintenance_lock("gc", environ):

@@ -824,6 +824,9 @@ def flask_mount(app):
 
 
 def create_app():
+    import internals
+
+    internals.require("the MLflow server (mlflow/stack_guard.py)")
     tcp_nodelay_on_accepted_connections()
     fast_log_batch_parsing()
     artifact_downloads_by_nginx()

@@ -319,13 +319,7 @@ def cmd_forward(args: list[str]) -> int:
     return 0
 
 
-# Where releases before 2026-11-27 kept the runtime files, on the mlflow-tmp
-# volume (its auth ini holds the database password). Nothing writes there now.
-OLD_RUNTIME_DIR = "/tmp/mlflow-stack"
-
-
 def cmd_server(_args: list[str]) -> int:
-    shutil.rmtree(OLD_RUNTIME_DIR, ignore_errors=True)
     os.environ.update(server_environment())
     # After the environment: importing MLflow's auth package reads its config once.
     if os.environ.get("STACK_WAIT_FOR_SCHEMA") == "true":

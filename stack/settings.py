@@ -283,17 +283,18 @@ SETTINGS: tuple[Setting, ...] = (
             doc="proxied: clients send artifacts through the server (no S3 credentials needed). "
                 "direct (the classic tutorial's scenario): clients write to S3 themselves and are given "
                 "the store's credentials."),
-    Setting("MLFLOW_REPLICAS", "1", integer(1, 16), section=SERVER, services=("mlflow",),
-            doc="Tracking-server containers behind nginx. 2 or more: a crashed one costs no client an "
-                "error (nginx sends its requests to the others). Each has MLFLOW_WORKERS workers and "
+    Setting("MLFLOW_REPLICAS", "2", integer(1, 16), section=SERVER, services=("mlflow",),
+            doc="Tracking-server containers behind nginx. 2 or more (the default): a crashed one costs no "
+                "client an error or a wait (nginx sends its requests to the others; with 1, clients wait "
+                "about 20 s for the restart). Each has MLFLOW_WORKERS workers and "
                 "MLFLOW_MEMORY_LIMIT of memory; together they must fit POSTGRES_MAX_CONNECTIONS (with "
                 "POSTGRES_HOST: that server's max_connections, which the deploy warns about)."),
     Setting("MLFLOW_WORKERS", "2", integer(1, 64), section=SERVER, services=("mlflow",),
             doc="Server worker processes (per replica)."),
     Setting("MLFLOW_ENABLE_JOBS", "false", choice("true", "false"), section=SERVER, services=("mlflow",),
             doc="MLflow's job runner (async jobs); costs ~1.6 GiB of memory when on. Only with "
-                "MLFLOW_REPLICAS=1: each server keeps its own job queue and periodic tasks."),
-    Setting("POSTGRES_MAX_CONNECTIONS", "200", integer(50, 5000), section=SERVER, services=("db",),
+                "MLFLOW_REPLICAS=1 (set it too): each server keeps its own job queue and periodic tasks."),
+    Setting("POSTGRES_MAX_CONNECTIONS", "250", integer(50, 5000), section=SERVER, services=("db",),
             doc=f"PostgreSQL's max_connections. Each server worker may hold up to {CONNECTIONS_PER_WORKER} (three "
                 f"connection pools of {POOL_SIZE} kept open once opened, plus {MAX_OVERFLOW} on demand), and the jobs and exporters up to {CONNECTIONS_OTHERS} "
                 "more: a deploy "

@@ -299,6 +299,10 @@ def new_stack(standins: dict[str, str], workdir: Path, project_prefix: str) -> S
         "STACK_CERT_DIR": str(workdir / "certs"),
         "MLFLOW_PUBLIC_HOST": "localhost",
         "BACKUP_DIR": str(workdir / "backups"),
+        # One server replica (the default is two): smaller and quicker to deploy, for the many
+        # modules that do not depend on it. The default's two are deployed by
+        # test_reachable_host.py (a first deploy as a user makes it) and test_replicas.py.
+        "MLFLOW_REPLICAS": "1",
     }
     if "BUILD_CA_CERT" not in environ and HOST_CA.exists():
         environ["BUILD_CA_CERT"] = str(HOST_CA)

@@ -1,9 +1,12 @@
-"""The first day: the printed address works for a colleague.
+"""The first day: the printed address works for a colleague, and a server crash stalls nobody.
 
-A deployment of its own whose first deploy is given no MLFLOW_PUBLIC_HOST: it prints a
-name or address that is not loopback, and a request to it over TLS, trusting the printed
-CA, sent from a container on a network of its own (not from this machine's loopback), is
-answered. Its ports bind to that address only. The shared deployment, made for localhost,
+A deployment of its own whose first deploy is given no MLFLOW_PUBLIC_HOST and no
+MLFLOW_REPLICAS, as a user's would be: it prints a name or address that is not loopback,
+and a request to it over TLS, trusting the printed CA, sent from a container on a network
+of its own (not from this machine's loopback), is answered. Its ports bind to that address
+only. It runs two server replicas; one is killed (SIGKILL) while clients log: no metric
+call fails or goes unanswered, nothing acknowledged is lost, and the longest pause is
+printed (test_replicas.py has the details). The shared deployment, made for localhost,
 printed the loopback warning."""
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 
 from stack import common
 
-from .conftest import new_stack, stack_lifetime
+from .conftest import new_stack, show, stack_lifetime
 
 # A colleague's first call: an authenticated API request, the answer's status and experiments.
 COLLEAGUE = """
@@ -38,7 +41,9 @@ def first_day(standins, tmp_path_factory):
     address = host.default_route_address()
     assert address, "this machine has no address but loopback: nothing to test"
     the_stack = new_stack(standins, tmp_path_factory.mktemp("firstday"), "mlflowfd")
+    # As a user's first deploy: no name chosen, the default number of replicas.
     del the_stack.environ["MLFLOW_PUBLIC_HOST"]
+    del the_stack.environ["MLFLOW_REPLICAS"]
     the_stack.environ["BIND_ADDRESS"] = address
     with stack_lifetime(the_stack) as deployed:
         yield deployed
@@ -74,3 +79,17 @@ def test_the_printed_address_is_not_loopback_and_a_colleague_reaches_it(first_da
 
 def test_a_localhost_deploy_says_it_works_on_this_machine_only(stack):
     assert "MLFLOW_PUBLIC_HOST=localhost is this machine's loopback" in stack.deploy_output
+
+
+def test_the_default_deploy_survives_a_server_crash(first_day, tmp_path):
+    from .test_bench import stack_memory_mib
+    from .test_replicas import all_healthy, kill_a_replica_while_clients_log, replicas
+
+    assert first_day.values()["MLFLOW_REPLICAS"] == "2"
+    assert all_healthy(first_day, 2), replicas(first_day)
+    memory, containers = stack_memory_mib(first_day)
+    show(f"default deploy at rest: {memory:,.0f} MiB over {containers} running containers")
+    longest = kill_a_replica_while_clients_log(first_day, tmp_path, "default deploy, a replica killed")
+    # Not a timing test (the figure is printed): a bound far from the ~20 s a lone server's
+    # restart costs, so that a default deploy that waits for a restart fails here.
+    assert longest < 10, longest

@@ -1,5 +1,5 @@
-"""MLFLOW_REPLICAS=2 on one host: the shared deployment, redeployed with two
-server replicas for this module and back to one after it.
+"""MLFLOW_REPLICAS=2 on one host: the shared deployment (one replica, see conftest.py),
+redeployed with two server replicas for this module and back to one after it.
 
 nginx spreads requests over both replicas (each replica's own request
 counters rise). Then clients keep logging metrics and small artifacts, with
@@ -56,14 +56,15 @@ def served(stack, index: int) -> float:
 
 @pytest.fixture(scope="module")
 def replicated(stack):
+    before = stack.environ["MLFLOW_REPLICAS"]
     stack.environ["MLFLOW_REPLICAS"] = "2"
     try:
         stack.deploy()
         yield stack
     finally:
-        del stack.environ["MLFLOW_REPLICAS"]
+        stack.environ["MLFLOW_REPLICAS"] = before
         stack.deploy()
-        assert len(replicas(stack)) == 1
+        assert len(replicas(stack)) == int(before)
 
 
 def test_two_replicas_share_the_requests(replicated):
@@ -77,6 +78,12 @@ def test_two_replicas_share_the_requests(replicated):
 
 
 def test_a_killed_replica_costs_the_clients_nothing(replicated, tmp_path):
+    kill_a_replica_while_clients_log(replicated, tmp_path, "replica killed")
+
+
+def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
+    """SIGKILL of one of two replicas while clients log; asserts that no metric call failed and
+    every acknowledged point and artifact is stored; returns the longest pause a client saw."""
     stop, out = tmp_path / "stop", tmp_path / "requests.json"
     client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(THREADS),
                                str(stop), str(out)], env=replicated.client_environ(), stdout=subprocess.PIPE,
@@ -105,7 +112,7 @@ def test_a_killed_replica_costs_the_clients_nothing(replicated, tmp_path):
     failed = [r for r in calls if r["status"] != 200]
     longest = max(r["end"] - r["start"] for r in calls)
     after_kill = [r for r in calls if r["start"] > killed_at + 1 and r["status"] == 200]
-    show(f"replica killed: {len(calls)} requests from {THREADS} clients, {len(after_kill)} answered after "
+    show(f"{what}: {len(calls)} requests from {THREADS} clients, {len(after_kill)} answered after "
          f"the kill, longest pause {longest:.2f} s; failed: "
          f"{[(r['kind'], r['status'], round(r['start'] - killed_at, 2), r['error'][:200]) for r in failed]} "
          f"(the process took {dead_at - killed_at:.3f} s to die)")
@@ -120,6 +127,7 @@ def test_a_killed_replica_costs_the_clients_nothing(replicated, tmp_path):
     # The restart policy brings the killed replica back.
     wait_for(lambda: all_healthy(replicated, 2), 180, "the killed replica to be healthy again", interval=3,
              detail=lambda: replicas(replicated))
+    return longest
 
 
 def test_genai_works_with_spans_reaching_either_replica(replicated, tmp_path):

@@ -63,6 +63,8 @@ def main(out_path: str) -> None:
     # A traced call with nested spans, then feedback on it.
     result = answer("what is mlflow")
     trace_id = mlflow.get_last_active_trace_id()
+    # Traces are sent in the background: wait for this one to be stored before annotating it.
+    mlflow.flush_trace_async_logging()
     mlflow.log_feedback(trace_id=trace_id, name="helpful", value=True, rationale="e2e")
     trace = mlflow.get_trace(trace_id)
     seen["answer"] = result
@@ -103,6 +105,7 @@ def main(out_path: str) -> None:
 
     evaluated = mlflow.genai.evaluate(data=[{"inputs": {"question": "a"}}, {"inputs": {"question": "b"}}],
                                       predict_fn=answer, scorers=[mentions_docs])
+    mlflow.flush_trace_async_logging()
     seen["evaluation"] = {k: v for k, v in evaluated.metrics.items() if "mentions_docs" in k}
     seen["evaluation_run"] = evaluated.run_id
     with open(out_path, "w") as fh:

@@ -43,6 +43,8 @@ LAST_MODULE = "test_swarm.py"
 SHARED_DEPLOYMENTS = {"stack", "prefixed_stack", "target"}
 
 
+# First: pytest-xdist reads the groups in a hook of its own.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
     # Unit tests first (quick feedback); otherwise the order pytest collected.
     # Every e2e module sets up the data it checks, so any module order works, but

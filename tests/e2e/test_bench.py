@@ -1,4 +1,4 @@
-"""Runs tests/bench.py against the deployed stack and shows its figures in the
+"""Runs bench/bench.py against the deployed stack and shows its figures in the
 test output. It measures; it does not judge (no timed assertions)."""
 
 import re
@@ -27,7 +27,7 @@ def stack_memory_mib(stack) -> tuple[float, int]:
 def test_benchmark_prints_figures(stack):
     # Before any benchmark traffic: the stack as the earlier tests leave it, at rest.
     memory, containers = stack_memory_mib(stack)
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "--artifact-mib", "100"],
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--artifact-mib", "100"],
                             capture_output=True, text=True, env=stack.client_environ(), timeout=900,
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -38,8 +38,8 @@ def test_benchmark_prints_figures(stack):
 
 
 def test_comparison_with_a_plain_server_prints_a_table(stack):
-    """A short `tests/bench.py --compare` (docs/performance.md's table comes from the full one)."""
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "bench.py"), "--compare", "--rounds", "1",
+    """A short `bench/bench.py --compare` (docs/performance.md's table comes from the full one)."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--compare", "--rounds", "1",
                              "--calls", "20", "--batches", "1", "--artifact-mib", "10",
                              "--image", f"mlflow-stack/mlflow:{stack.values()['MLFLOW_VARIANT']}"],
                             capture_output=True, text=True, timeout=900, check=False,

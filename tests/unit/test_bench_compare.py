@@ -1,11 +1,11 @@
-"""The comparison table (tests/bench_compare.py): which figures each ratio comes from."""
+"""The comparison table (bench/bench_compare.py): which figures each ratio comes from."""
 
 import sys
 
 from stack.paths import ROOT
 
-sys.path.insert(0, str(ROOT / "tests"))
-import bench_compare  # noqa: E402  (tests/ is not a package)
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_compare  # noqa: E402  (bench/ is not a package)
 
 RAW = bench_compare.RAW
 

@@ -1,5 +1,5 @@
 """The deployed stack against a plain `mlflow server`, measured in the same run
-(`tests/bench.py --compare`): prints a table with the ratios, asserts nothing.
+(`bench/bench.py --compare`): prints a table with the ratios, asserts nothing.
 
 The plain server is the same MLflow from the stack's own image (the same
 pinned packages, so an upstream fix moves both sides), started with

@@ -1,7 +1,7 @@
 """Benchmarks of a deployed stack, as a client sees it: prints figures, asserts nothing.
 
-    eval "$(./show_all.sh --client-env)" && .venv/bin/python tests/bench.py [--artifact-mib 100]
-    ... tests/bench.py --compare [--rounds 3] [--artifact-mib 100,1024]   (see bench_compare.py)
+    eval "$(./show_all.sh --client-env)" && .venv/bin/python bench/bench.py [--artifact-mib 100]
+    ... bench/bench.py --compare [--rounds 3] [--artifact-mib 100,1024]   (see bench_compare.py)
 
 Measures single log_metric calls (requests/s, p50/p95), log_batch of 1000
 metrics (metrics/s), and an artifact upload and download through the server

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from stack import compose, envfile, paths, secretfiles, swarm
+from stack import compose, envfile, paths, secretfiles, settings, swarm
 
-from test_static import compose_config
+from static_checks import compose_config
 
 
 @pytest.fixture
@@ -302,7 +302,7 @@ def test_one_off_jobs_join_the_swarm_stacks_stores_network(tmp_path):
 
 def test_the_server_tier_a_restore_stops_comes_from_the_stack_file(config):
     document = make(config)
-    assert swarm.servers(document) == {"gc": 1, "mlflow": 1}
+    assert swarm.servers(document) == {"gc": 1, "mlflow": int(settings.default("MLFLOW_REPLICAS"))}
     document["services"]["mlflow"]["deploy"]["replicas"] = 3
     assert swarm.servers(document)["mlflow"] == 3
 

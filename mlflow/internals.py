@@ -24,6 +24,8 @@ class Internal:
     kind: str
     why: str
     params: tuple[str, ...] = ()
+    # The code does without it (a slower path, MLflow's own): a warning, not a stop.
+    optional: bool = False
 
     @property
     def package(self) -> str:
@@ -55,18 +57,23 @@ USED = (
     Internal("mlflow.server.artifact_router", "_get_artifact_repo", "function", "downloads by nginx"),
     Internal("mlflow.utils.mime_type_utils", "_guess_mime_type", "function", "the download's Content-Type"),
     Internal("mlflow.server.fastapi_app", "_EfficientWSGIMiddleware", "class",
-             "calls for Flask handed to Flask at once (FlaskCallsDirect)"),
+             "calls for Flask handed to Flask at once (FlaskCallsDirect; else through FastAPI)", optional=True),
     Internal("asyncio.base_events", "_set_nodelay", "function",
              "replaced: TCP_NODELAY on every accepted connection (uvicorn#3149)", ("sock",)),
     # mlflow/stack_store.py: log_batch points by COPY.
     Internal("mlflow.utils.validation", "_validate_metric", "function", "a point checked as MLflow checks it"),
-    Internal(STORE, "SqlAlchemyStore._log_metrics_once", "function", "overridden: points by COPY",
-             ("self", "run_id", "metrics")),
-    Internal(STORE, "SqlAlchemyStore._get_run", "function", "the run a COPY writes to", ("self", "session", "run_uuid")),
+    Internal(STORE, "SqlAlchemyStore._log_metrics_once", "function",
+             "overridden: points by COPY (else MLflow's own store)", ("self", "run_id", "metrics"), optional=True),
+    Internal(STORE, "SqlAlchemyStore._get_run", "function", "the run a COPY writes to",
+             ("self", "session", "run_uuid"), optional=True),
     Internal(STORE, "SqlAlchemyStore._check_run_is_active", "function", "a COPY into an active run only",
-             ("self", "run")),
+             ("self", "run"), optional=True),
     Internal("mlflow.tracking._tracking_service.utils", "_get_sqlalchemy_store", "function",
              "the stack's store for the postgresql scheme"),
+    Internal("mlflow.tracking._tracking_service.utils", "_SERVER_ARTIFACT_ROOT_ENV_VAR", "value",
+             "the server's artifact root, as MLflow's own store builder reads it"),
+    Internal("mlflow.tracking._tracking_service.utils", "DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH", "value",
+             "the artifact root without one, as MLflow's own store builder"),
     # mlflow/maintenance.py: garbage collection.
     Internal(STORE, "SqlAlchemyStore._get_deleted_runs", "function", "gc: runs deleted long enough ago",
              ("self", "older_than")),
@@ -124,14 +131,22 @@ def problem(used: Internal) -> str | None:
     return None
 
 
-def check(modules: set[str] | None = None) -> list[str]:
-    """Problems with every name (or those of the modules named)."""
-    return [p for p in map(problem, [u for u in USED if modules is None or u.module in modules]) if p]
+def check(modules: set[str] | None = None, optional: bool | None = None) -> list[str]:
+    """Problems with every name (or those of the modules named; optional: only those that are,
+    or are not, optional)."""
+    chosen = [u for u in USED if (modules is None or u.module in modules)
+              and (optional is None or u.optional == optional)]
+    return [p for p in map(problem, chosen) if p]
 
 
 def require(what: str, modules: set[str] | None = None) -> None:
-    """Stop (SystemExit) with one message when any name (of the modules named) is missing or reshaped."""
-    problems = check(modules)
+    """Stop (SystemExit) with one message when any required name (of the modules named) is
+    missing or reshaped; warn about the optional ones (the code does without them)."""
+    import sys
+
+    for warning in check(modules, optional=True):
+        print(f"{what}: warning: {warning}; doing without it", file=sys.stderr, flush=True)
+    problems = check(modules, optional=False)
     if problems:
         raise SystemExit(f"{what}: the installed packages lack what the stack uses (mlflow/internals.py); "
                          "pin the versions it was made for (mlflow/requirements.txt) or update the stack:\n  - "

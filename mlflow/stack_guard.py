@@ -293,7 +293,7 @@ class Guard:
         if not path.startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
         send = whole_small_answers(send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = joined_headers(scope)
         if self.auth and "authorization" not in headers:
             # Let the auth layer answer 401 first; nothing reaches the store anyway.
             return await self.app(scope, receive, send)
@@ -370,6 +370,17 @@ class Guard:
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"), "")
         verdict = await asyncio.to_thread(admin_verdict, header)
         await _status(send, {True: 204, False: 403, None: 401}[verdict])
+
+
+def joined_headers(scope: dict) -> dict[str, str]:
+    """The request's headers as Flask sees them: a name given twice has its values joined
+    with commas (the WSGI layer does so), so `Content-Type: text/plain` beside
+    `Content-Type: application/json` is not JSON here either."""
+    headers: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        name, text = key.decode("latin-1").lower(), value.decode("latin-1")
+        headers[name] = f"{headers[name]},{text}" if name in headers else text
+    return headers
 
 
 def whole_small_answers(send):

@@ -37,10 +37,17 @@ _failures: list[str] = []
 LAST_MODULE = "test_swarm.py"
 
 
-# The deployments several modules share (session fixtures): under pytest-xdist
-# (tests/run.sh) the tests that use them run in one worker, in order, while each
-# module with a deployment of its own runs in another, side by side.
-SHARED_DEPLOYMENTS = {"stack", "prefixed_stack", "target"}
+# The deployments several modules share (the session fixtures below, and `target`, which
+# picks one of them): under pytest-xdist (tests/run.sh) the tests that use them run in one
+# worker, in order, while each module with a deployment of its own (a module fixture of
+# its own, even one named `stack`) runs in another, side by side.
+SHARED_DEPLOYMENTS = ("stack", "prefixed_stack")
+
+
+def uses_a_shared_deployment(item) -> bool:
+    definitions = item._fixtureinfo.name2fixturedefs
+    return "target" in item.fixturenames or any(
+        definitions.get(name) and definitions[name][-1].scope == "session" for name in SHARED_DEPLOYMENTS)
 
 
 # First: pytest-xdist reads the groups in a hook of its own.
@@ -54,7 +61,7 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         if Path(str(item.fspath)).parent.name == "e2e":
             item.add_marker(pytest.mark.e2e)
-            shared = SHARED_DEPLOYMENTS & set(item.fixturenames)
+            shared = uses_a_shared_deployment(item)
             item.add_marker(pytest.mark.xdist_group("shared" if shared else Path(str(item.fspath)).stem))
 
 

@@ -77,8 +77,13 @@ def raw_request(stack, method: str, path: str, auth, body: bytes = b"", headers:
     conn = http.client.HTTPSConnection(url.hostname, url.port, context=context, timeout=60)
     login = b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     try:
-        conn.request(method, url.path + path, body=body or None,
-                     headers={"Authorization": f"Basic {login}", **(headers or {})})
+        # http.client sends each header as given; a list value is sent once per item.
+        conn.putrequest(method, url.path + path, skip_accept_encoding=True)
+        for name, value in {"Authorization": f"Basic {login}", "Content-Length": str(len(body)),
+                            **(headers or {})}.items():
+            for one in value if isinstance(value, list) else [value]:
+                conn.putheader(name, one)
+        conn.endheaders(body or None)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -141,10 +146,12 @@ def test_a_dot_segment_does_not_skip_the_experiment_check(target, scene, spellin
         assert SECRET not in content and b"secret.txt" not in content, (target_path, content[:200])
 
 
-def test_a_body_the_auth_layer_does_not_read_deletes_nothing(target, scene):
+@pytest.mark.parametrize("content_type", ["text/plain", ["text/plain", "application/json"]],
+                         ids=["text", "two content types"])
+def test_a_body_the_auth_layer_does_not_read_deletes_nothing(target, scene, content_type):
     mallory = scene["mallory"]
     status, _ = raw_request(target, "DELETE", f"/api/2.0/mlflow/registered-models/delete?name={scene['own_model']}",
-                            mallory, f'{{"name": "{scene["model"]}"}}'.encode(), {"Content-Type": "text/plain"})
+                            mallory, f'{{"name": "{scene["model"]}"}}'.encode(), {"Content-Type": content_type})
     assert status == 415
     assert target.psql(f"SELECT count(*) FROM registered_models WHERE name = '{scene['model']}'") == "1"
     assert target.psql(f"SELECT count(*) FROM registered_models WHERE name = '{scene['own_model']}'") == "1"

@@ -22,11 +22,11 @@ from stack import common
 
 from .conftest import new_stack, show, stack_lifetime
 
+pytestmark = pytest.mark.slow
+
 # A colleague's first call: an authenticated API request, the answer's status and experiments.
 COLLEAGUE = """
 import json, sys, requests
-
-pytestmark = pytest.mark.slow
 url, user, password = sys.stdin.read().split()
 answer = requests.get(url + "/api/2.0/mlflow/experiments/search?max_results=5", auth=(user, password),
                       verify="/ca/ca-bundle.pem", timeout=60)

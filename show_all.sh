@@ -29,4 +29,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
+case " ${args[*]} " in
+	*" --user "*) [[ " ${args[*]} " == *" --client-bundle "* ]] || usage_error "--user goes with --client-bundle DIR" ;;
+esac
 stack_py show "${args[@]}"

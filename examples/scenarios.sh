@@ -18,6 +18,8 @@ trap on_error ERR
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# A wrong command line: the usage, the error, exit 2 (as the stack's scripts).
+usage_error() { usage >&2; printf 'error: %s\n' "$*" >&2; exit 2; }
 
 usage() {
 	cat <<'USAGE'
@@ -64,11 +66,11 @@ while [ $# -gt 0 ]; do
 		1|2|3a|3b|stack)
 			[ -z "$scenario" ] || die "one scenario at a time (got $scenario and $1)"
 			scenario="$1"; shift ;;
-		-*) usage >&2; die "unknown option: $1" ;;
-		*) usage >&2; die "unknown scenario: $1 (use 1, 2, 3a, 3b or stack)" ;;
+		-*) usage_error "unknown option: $1" ;;
+		*) usage_error "unknown scenario: $1 (use 1, 2, 3a, 3b or stack)" ;;
 	esac
 done
-[ -n "$scenario" ] || { usage >&2; die "name a scenario: 1, 2, 3a, 3b or stack"; }
+[ -n "$scenario" ] || usage_error "name a scenario: 1, 2, 3a, 3b or stack"
 
 PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found: install Python 3.9+ or set PYTHON"

@@ -242,8 +242,8 @@ def cmd_show(args) -> int:
         for path in client_env.write_bundle(values, tls.ensure(values, create=False), Path(args.client_bundle),
                                             args.user or "YOUR_LOGIN"):
             print(f"wrote {path}")
-        print(f"Hand the folder to a colleague: `. ./mlflow.env` there, with their own password set, and MLflow "
-              "logs to the stack.", file=sys.stderr)
+        print("Hand the folder to a colleague: with their own password set, `. ./mlflow.env` in bash or zsh (in "
+              "sh, from that folder) and MLflow logs to the stack.", file=sys.stderr)
         return 0
     sys.stdout.write(show.report(_values()))
     return 0
@@ -477,9 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (envfile.EnvError, tls.TlsError, build.BuildError, swarm.SwarmError) as exc:
+    except (envfile.EnvError, tls.TlsError) as exc:
+        # A wrong .env or certificate: nothing was done (exit 2, as a wrong command line).
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (build.BuildError, swarm.SwarmError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

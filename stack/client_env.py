@@ -100,8 +100,9 @@ def write_bundle(values: dict[str, str], tls: dict[str, str] | None, folder: Pat
             written.append(folder / name)
     settings = client_env(values, tls)
     lines = [f"# MLflow client settings for {dict(settings)['MLFLOW_TRACKING_URI']} (stack release "
-             f"{stack_version()}). Use them with: . ./mlflow.env",
-             'here="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)"']
+             f"{stack_version()}). Use them with `. path/to/mlflow.env` in bash or zsh, or `. ./mlflow.env`",
+             "# from this folder in another shell.",
+             'here="$(cd "$(dirname "${BASH_SOURCE:-$0}")" && pwd)"']
     if values["MLFLOW_AUTH"] == "true":
         lines += ["# Your own login (the admin makes it: ./stack_users.sh add NAME); set your password yourself:",
                   f"export MLFLOW_TRACKING_USERNAME={shlex.quote(user)}",

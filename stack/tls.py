@@ -136,7 +136,11 @@ def ensure(values: dict[str, str], create: bool = True, environ=None) -> dict[st
     result = {"cert": str(crt), "key": str(key), "ca": str(ca_crt), "bundle": str(out / "ca-bundle.pem"),
               "trust": str(ca_crt)}
     common.write_ca_bundle(ca_crt, out / "ca-bundle.pem")
-    if crt.exists() and key.exists() and san_file.exists() and san_file.read_text().strip() == wanted:
+    # Made again only when it does not name MLFLOW_PUBLIC_HOST (first among its names): the
+    # machine's other names and addresses are taken when it is made, so that a laptop's new
+    # address does not make every re-deploy issue a certificate and restart nginx.
+    if crt.exists() and key.exists() and san_file.exists() \
+            and san_file.read_text().strip().split(",")[:1] == wanted.split(",")[:1]:
         return result
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         work = Path(tmp)

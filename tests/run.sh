@@ -3,7 +3,8 @@
 # local Docker engine. Usage: tests/run.sh [--quick] [pytest args...]
 #
 # --quick: the unit and static checks without the slow ones (about 2 minutes,
-# no Docker), for your own loop: -m "not e2e and not slow". Markers (pytest.ini)
+# no Docker; one needs nginx, as .ci/run installs it), for your own loop:
+# -m "not e2e and not slow". Markers (pytest.ini)
 # select other parts, e.g. -m "e2e and not slow and not swarm" for the shared
 # deployment's modules.
 #

@@ -212,8 +212,9 @@ class Stack:
         """The client settings a deploy printed; a re-deploy leaves out the admin's password,
         which ./show_all.sh --client-env gives on request."""
         self.client_env = parse_exports(printed)
-        if "MLFLOW_TRACKING_PASSWORD" not in self.client_env:
-            self.client_env = parse_exports(self.script("show_all.sh", "--client-env").stdout)
+        if "MLFLOW_TRACKING_USERNAME" in self.client_env and "MLFLOW_TRACKING_PASSWORD" not in self.client_env:
+            asked = parse_exports(self.script("show_all.sh", "--client-env").stdout)
+            self.client_env["MLFLOW_TRACKING_PASSWORD"] = asked["MLFLOW_TRACKING_PASSWORD"]
 
     def compose(self, *args: str, check: bool = True, stdin: str | None = None,
                 timeout: int = 300) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from stack import common, envfile, host, tls
+from stack import envfile, host, tls
 
 
 def test_a_new_env_gets_the_name_colleagues_reach(tmp_path, monkeypatch):
@@ -31,10 +31,35 @@ def test_a_chosen_name_or_a_machine_without_one_keeps_the_table(tmp_path, monkey
     assert envfile.parse((tmp_path / "b.env").read_text())["MLFLOW_PUBLIC_HOST"] == "localhost"
 
 
-def test_this_machines_name_is_never_a_loopback_one():
-    name = host.reachable_name()
-    assert name is None or not common.resolves_to_loopback(name)
-    assert "localhost" not in host.machine_names()
+def test_a_name_that_is_loopback_here_gives_way_to_the_default_routes_address(monkeypatch):
+    """As on machines like this project's, where /etc/hosts maps `hostname -f` to 127.0.0.1."""
+    monkeypatch.setattr(host, "fully_qualified_name", lambda: "vm")
+    monkeypatch.setattr(host, "resolves_to_loopback", lambda name: name == "vm")
+    monkeypatch.setattr(host, "default_route_address", lambda: "10.1.2.3")
+    assert host.reachable_name() == "10.1.2.3"
+    monkeypatch.setattr(host, "fully_qualified_name", lambda: "localhost")
+    assert host.reachable_name() == "10.1.2.3"
+
+
+def test_a_fully_qualified_name_that_resolves_elsewhere_is_taken(monkeypatch):
+    monkeypatch.setattr(host, "fully_qualified_name", lambda: "vm.acme.test")
+    monkeypatch.setattr(host, "resolves_to_loopback", lambda name: False)
+    monkeypatch.setattr(host.socket, "getaddrinfo", lambda name, port: [(0, 0, 0, "", ("10.1.2.3", 0))])
+    assert host.reachable_name() == "vm.acme.test"
+
+
+def test_the_certificate_is_not_made_again_when_only_the_machines_address_changed(tmp_path, monkeypatch):
+    env = {"STACK_CERT_DIR": str(tmp_path)}
+    monkeypatch.setattr(host, "machine_names", lambda: ["vm", "10.1.2.3"])
+    tls.ensure({"MLFLOW_PUBLIC_HOST": "vm.acme.test"}, environ=env)
+    first = (tmp_path / "server.crt").read_bytes()
+    monkeypatch.setattr(host, "machine_names", lambda: ["vm", "10.9.9.9"])
+    tls.ensure({"MLFLOW_PUBLIC_HOST": "vm.acme.test"}, environ=env)
+    assert (tmp_path / "server.crt").read_bytes() == first
+    tls.ensure({"MLFLOW_PUBLIC_HOST": "mlflow.acme.test"}, environ=env)
+    assert (tmp_path / "server.crt").read_bytes() != first
+    tls.check_certificate(tmp_path / "server.crt", tmp_path / "ca.crt", "mlflow.acme.test")
+    tls.check_certificate(tmp_path / "server.crt", tmp_path / "ca.crt", "10.9.9.9")
 
 
 def test_the_local_certificate_names_the_machine_too(tmp_path, monkeypatch):

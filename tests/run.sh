@@ -48,13 +48,26 @@ if [ "${1:-}" = --quick ]; then
 	set -- -m "not e2e and not slow" "$@"
 fi
 if [ "$#" -eq 0 ]; then
-	# The whole suite in two parts. First everything but the swarm, in two processes side
-	# by side (pytest-xdist): the modules that share a deployment run in one, in order,
-	# while each module with a deployment of its own runs in the other (tests/e2e/conftest.py,
-	# xdist_group). Then the swarm module alone: leaving the swarm broke name resolution in
-	# the Compose stacks running beside it on Debian's 20.10 engine.
-	python -m pytest -m "not swarm" -n "${STACK_TEST_WORKERS:-2}" --dist loadgroup || status=$?
-	python -m pytest -m swarm || status=$?
+	# The whole suite in three parts. Two side by side: the unit tests and the modules that
+	# share a deployment, in order, here; each module with a deployment of its own (marked
+	# slow: backups, the upgrade, external stores, a full disk, the first day) in a second
+	# process, whose output follows this one's. Then the swarm module alone: leaving the
+	# swarm broke name resolution in the Compose stacks running beside it (Debian's 20.10).
+	figures="$ROOT/.cache/test-figures.txt"
+	mkdir -p "$ROOT/.cache"
+	rm -f "$figures"
+	own_log="$ROOT/.cache/test-own-deployments.log"
+	STACK_TEST_PART=own python -m pytest -m "slow and not swarm" >"$own_log" 2>&1 &
+	own=$!
+	STACK_TEST_PART=shared python -m pytest -m "not slow and not swarm" || status=$?
+	wait "$own" || status=$?
+	echo "==> the modules with deployments of their own (run side by side with the above):"
+	cat "$own_log"
+	STACK_TEST_PART=swarm python -m pytest -m swarm || status=$?
+	if [ -f "$figures" ]; then
+		echo "==> figures"
+		cat "$figures"
+	fi
 else
 	python -m pytest "$@" || status=$?
 fi

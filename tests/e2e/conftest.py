@@ -37,20 +37,7 @@ _failures: list[str] = []
 LAST_MODULE = "test_swarm.py"
 
 
-# The deployments several modules share (the session fixtures below, and `target`, which
-# picks one of them): under pytest-xdist (tests/run.sh) the tests that use them run in one
-# worker, in order, while each module with a deployment of its own (a module fixture of
-# its own, even one named `stack`) runs in another, side by side.
-SHARED_DEPLOYMENTS = ("stack", "prefixed_stack")
-
-
-def uses_a_shared_deployment(item) -> bool:
-    definitions = item._fixtureinfo.name2fixturedefs
-    return "target" in item.fixturenames or any(
-        definitions.get(name) and definitions[name][-1].scope == "session" for name in SHARED_DEPLOYMENTS)
-
-
-# First: pytest-xdist reads the groups in a hook of its own.
+# First: the markers select what runs (-m) after this.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
     # Unit tests first (quick feedback); otherwise the order pytest collected.
@@ -61,29 +48,27 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         if Path(str(item.fspath)).parent.name == "e2e":
             item.add_marker(pytest.mark.e2e)
-            shared = uses_a_shared_deployment(item)
-            item.add_marker(pytest.mark.xdist_group("shared" if shared else Path(str(item.fspath)).stem))
 
 
 FIGURES = ROOT / ".cache" / "test-figures.txt"
 
 
 def show(text: str) -> None:
-    """A figure or finding for the run's output. Tests that run side by side
-    (pytest-xdist) print nothing themselves: each goes to FIGURES, and the run's
-    summary prints them all (under the heading "figures")."""
+    """A figure or finding for the run's output, printed together at its end (under
+    "figures"), where it is not lost among the progress of tests run side by side."""
     FIGURES.parent.mkdir(exist_ok=True)
     with open(FIGURES, "a") as fh:
         fh.write(text.strip("\n") + "\n\n")
 
 
 def pytest_sessionstart(session):
-    if not hasattr(session.config, "workerinput"):
+    # tests/run.sh runs parts of the suite side by side and prints the figures itself.
+    if not os.environ.get("STACK_TEST_PART"):
         FIGURES.unlink(missing_ok=True)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if FIGURES.exists():
+    if FIGURES.exists() and not os.environ.get("STACK_TEST_PART"):
         terminalreporter.section("figures")
         terminalreporter.write(FIGURES.read_text())
 

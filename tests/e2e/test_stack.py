@@ -322,6 +322,10 @@ def test_server_metrics_count_requests_inside_and_are_not_served_outside(stack):
         assert stack.http("GET", path, auth=False, base=s3).status_code == 404, path
 
 
+def test_a_localhost_deploy_says_it_works_on_this_machine_only(stack):
+    assert "MLFLOW_PUBLIC_HOST=localhost is this machine's loopback" in stack.deploy_output
+
+
 def test_redeploy_of_a_running_stack_changes_nothing(stack, logged):
     before_ids = stack.container_ids()
     started = {s: inspect(stack, s)["State"]["StartedAt"] for s in LONG_RUNNING}

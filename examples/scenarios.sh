@@ -181,8 +181,15 @@ case "$scenario" in
 	stack)
 		log "Scenario 4 (stack): the deployed stack (PostgreSQL, MinIO, MLflow, nginx)"
 		if [ -z "${MLFLOW_TRACKING_URI:-}" ]; then
-			client_env="$("$ROOT/show_all.sh" --client-env 2>&1)" ||
-				die "the stack is not deployed ($(printf '%s' "$client_env" | tail -n 1)). Deploy it with ./stack_deploy.sh, or export the MLFLOW_TRACKING_URI it printed"
+			# Only its standard output is evaluated: warnings (a loopback address, say) go to ours.
+			said="$(mktemp)"
+			if ! client_env="$("$ROOT/show_all.sh" --client-env 2>"$said")"; then
+				reason="$(tail -n 1 "$said")"
+				rm -f "$said"
+				die "the stack is not deployed ($reason). Deploy it with ./stack_deploy.sh, or export the MLFLOW_TRACKING_URI it printed"
+			fi
+			sed 's/^/    /' "$said" >&2
+			rm -f "$said"
 			grep -q '^export MLFLOW_TRACKING_URI=' <<<"$client_env" ||
 				die "./show_all.sh --client-env printed no MLFLOW_TRACKING_URI"
 			echo "    settings from ./show_all.sh --client-env:" >&2

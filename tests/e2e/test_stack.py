@@ -32,10 +32,12 @@ EXPERIMENT = f"stack-e2e-{uuid.uuid4().hex[:8]}"  # this module's experiments: E
 
 
 def s3_client(stack):
-    """Straight to the bucket through nginx's S3 port (TLS), not through MLflow."""
+    """Straight to the bucket through nginx's S3 port (TLS), not through MLflow, at the host
+    the printed settings name (localhost for most test stacks)."""
     values = stack.values()
+    host = urllib.parse.urlsplit(stack.client_env["MLFLOW_TRACKING_URI"]).hostname
     return boto3.client(
-        "s3", endpoint_url=f"https://localhost:{values['S3_PORT']}", verify=stack.ca_bundle,
+        "s3", endpoint_url=f"https://{host}:{values['S3_PORT']}", verify=stack.ca_bundle,
         aws_access_key_id=values["MINIO_ROOT_USER"], aws_secret_access_key=values["MINIO_ROOT_PASSWORD"],
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",

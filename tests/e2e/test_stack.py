@@ -35,7 +35,7 @@ def s3_client(stack):
     """Straight to the bucket through nginx's S3 port (TLS), not through MLflow, at the host
     the printed settings name (localhost for most test stacks)."""
     values = stack.values()
-    host = urllib.parse.urlsplit(stack.client_env["MLFLOW_TRACKING_URI"]).hostname
+    host = urllib.parse.urlsplit(stack.client_env.get("MLFLOW_TRACKING_URI", "https://localhost")).hostname
     return boto3.client(
         "s3", endpoint_url=f"https://{host}:{values['S3_PORT']}", verify=stack.ca_bundle,
         aws_access_key_id=values["MINIO_ROOT_USER"], aws_secret_access_key=values["MINIO_ROOT_PASSWORD"],

@@ -47,6 +47,8 @@ from .test_stack import s3_client
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 THREADS = 3
+# nginx's proxy_read_timeout for the writes that may be sent twice (nginx/templates).
+STALE_CALL_SECONDS = 10
 WORKERS = 2
 # The flags that work for docker-in-docker here (see the field notes): no --privileged;
 # SYS_PTRACE lets the node's runc enter a container running as another user (healthchecks).
@@ -302,8 +304,12 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
         assert not failed, (failed, what_went_wrong(stack))
     else:
         lost_at, replaced_at = window
+        # A call begun just as nginx let go of the lost task's address may still go out on a
+        # connection nginx kept alive to it, and waits the write location's proxy_read_timeout
+        # (10 s) before nginx gives up on it (seen in a clean-clone run: one such 504, begun at
+        # the window's end).
         allowed = [r for r in failed if r["status"] in (0, 502, 504) and r["end"] >= lost_at
-                   and r["start"] <= replaced_at]
+                   and r["start"] <= replaced_at + STALE_CALL_SECONDS]
         assert allowed == failed, ([r for r in failed if r not in allowed], what_went_wrong(stack))
         assert len([r for r in failed if r["kind"] == "metric"]) <= 2 * THREADS, failed
         # They recovered: every request begun after the window succeeded (above), and there were

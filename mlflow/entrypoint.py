@@ -283,18 +283,46 @@ async def _relay(listen_port: int, target_host: str, target_port: int) -> None:
 
 
 def cmd_metrics(args: list[str]) -> int:
-    """Serve the workers' Prometheus metrics on the internal port, without a login.
+    """Serve the workers' Prometheus metrics on the internal port, to Prometheus only.
 
-    MLflow's own /metrics sits behind basic-auth and the Host check; this port
-    is on the stack's networks only (not published, and nginx refuses
-    /metrics), so Prometheus scrapes it with no account of its own."""
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    MLflow's own /metrics sits behind basic-auth and the Host check; this port is
+    not published and nginx refuses /metrics. Every container on the stack's
+    networks can reach it, so it asks for STACK_METRICS_TOKEN (Prometheus sends it as
+    a bearer token) and answers 401 without it; the container's own loopback too."""
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
+    from socketserver import ThreadingMixIn
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=metrics_dir())
-    start_http_server(int(args[0]), registry=registry)
-    while True:
-        time.sleep(3600)
+    app = bearer_only(make_wsgi_app(registry), secret("STACK_METRICS_TOKEN"))
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *_args):  # a scrape every 15 s is not news
+            pass
+
+    make_server("", int(args[0]), app, server_class=Server, handler_class=Quiet).serve_forever()
+    return 0
+
+
+def bearer_only(app, token: str):
+    """A WSGI app that answers 401 unless the request carries `Authorization: Bearer <token>`."""
+    import hmac
+
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ, start_response):
+        given = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+        if not hmac.compare_digest(given, expected):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+            return [b"Prometheus's bearer token (STACK_METRICS_TOKEN) is needed here.\n"]
+        return app(environ, start_response)
+
+    return guarded
 
 
 def cmd_nginx_metrics(_args: list[str]) -> int:
@@ -512,7 +540,14 @@ def ensure_auth_database() -> None:
                 print(f"migrate: created the user database {name}", flush=True)
     finally:
         conn.close()
-    SqlAlchemyStore().init_db(auth_database_uri())
+    store = SqlAlchemyStore()
+    store.init_db(auth_database_uri())
+    import stack_logins
+    from sqlalchemy import text
+
+    with store.engine.begin() as conn:
+        for statement in stack_logins.SCHEMA:
+            conn.execute(text(statement))
     print(f"migrate: user database {name} is current", flush=True)
 
 

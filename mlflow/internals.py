@@ -39,7 +39,10 @@ USED = (
     Internal("mlflow.server.auth", "_authenticate_cached", "function",
              "logins checked once (single flight), the admin check for nginx", ("username", "password")),
     Internal("mlflow.server.auth", "_auth_cache_key", "function", "the single flight's key", ("username", "password")),
-    Internal("mlflow.server.auth", "_USER_AUTH_CACHE", "value", "whether MLflow's login cache is on"),
+    Internal("mlflow.server.auth", "_USER_AUTH_CACHE", "value", "whether MLflow's login cache is on; a login "
+             "found there is not throttled"),
+    Internal("mlflow.server.auth", "_USER_AUTH_CACHE_LOCK", "value", "the login cache's lock"),
+    Internal("mlflow.server.auth", "store", "value", "the users' database: the login throttle's tables"),
     Internal("mlflow.server.auth", "sender_is_admin", "function", "replaced: the admin flag from the login cache"),
     Internal("mlflow.server.auth", "authenticate_request", "function", "the login of a Flask request"),
     Internal("mlflow.server.auth", "auth_config", "value", "whether the default authorization function is on"),

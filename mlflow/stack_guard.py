@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import os
 import sys
 import threading
 import urllib.parse
 
+from stack import common
 from stack.common import STORE_FULL_ADVICE, STORE_FULL_CODE
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ITEMS = 1000, 100, 100, 1000
@@ -29,6 +31,11 @@ SPECIAL_FLOATS = {"NaN", "Infinity", "-Infinity"}
 API_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/", "/api/3.0/mlflow/", "/ajax-api/3.0/mlflow/")
 # nginx asks here whether a login is an MLflow admin's (admin-only pages: Prometheus).
 ADMIN_CHECK = "/_stack/admin"
+# nginx asks here whether a login is good before it reads a large body (auth_request).
+LOGIN_CHECK = "/_stack/login"
+# MLflow's own answer to a wrong login (make_basic_auth_response).
+NOT_AUTHENTICATED = (b"You are not authenticated. Please see https://www.mlflow.org/docs/latest/auth/"
+                     b"index.html#authenticating-to-mlflow on how to authenticate.")
 # MLflow 3.17 streams proxied artifact up/downloads in a native route that it
 # mounts at the root even under --static-prefix; the prefixed twin is Flask's,
 # which holds a whole upload in memory. Its auth layer checks the root form.
@@ -265,9 +272,14 @@ def validate(path: str, content_type: str, body: bytes) -> None:
 class Guard:
     """ASGI middleware: buffer JSON write bodies, validate, then hand them on untouched."""
 
-    def __init__(self, app, auth: bool, max_body: int, base_path: str = ""):
+    def __init__(self, app, auth: bool, max_body: int, base_path: str = "", logins: "Logins | None" = None,
+                 nginx_token: str | None = None):
         self.app = app
         self.auth = auth
+        # Failed logins throttled, and logins checked before a body is read (None: MLflow checks them).
+        self.logins = logins if auth else None
+        # Only nginx may call (STACK_NGINX_TOKEN), and the container's own healthcheck.
+        self.nginx_token = nginx_token
         # MLflow serves everything under MLFLOW_BASE_PATH (--static-prefix):
         # the checks match the paths below it.
         self.base_path = base_path
@@ -277,23 +289,32 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = joined_headers(scope)
+        if not from_nginx(scope, headers, self.nginx_token):
+            return await _status(send, 403, b"This port answers nginx only: use the stack's HTTPS address.\n")
         path = scope.get("path", "")
         if self.base_path:
             path = path[len(self.base_path):] if path.startswith(self.base_path + "/") else ""
             if scope["method"] in ("GET", "PUT") and path.startswith(STREAMED_ARTIFACTS):
                 scope = unprefixed(scope, path, self.base_path)
         if path == ADMIN_CHECK:
-            return await self.admin_check(scope, send)
+            return await self.admin_check(scope, headers, send)
+        if path == LOGIN_CHECK:
+            return await self.login_check(scope, headers, send)
         try:
             check_target(scope.get("path", ""), scope.get("query_string", b""))
         except Invalid as exc:
             return await _error(send, exc)
+        if self.logins is not None and "authorization" in headers:
+            # Before any body is read: a wrong or held login costs no buffering.
+            verdict = await self.logins.verify(scope, headers)
+            if verdict is not None and not verdict.ok:
+                return await _refused(send, verdict)
         if scope["method"] == "PUT" and path.startswith(STREAMED_ARTIFACTS):
             return await self.upload(scope, receive, send)
         if not path.startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
         send = whole_small_answers(send)
-        headers = joined_headers(scope)
         if self.auth and "authorization" not in headers:
             # Let the auth layer answer 401 first; nothing reaches the store anyway.
             return await self.app(scope, receive, send)
@@ -362,14 +383,31 @@ class Guard:
             for message in held:
                 await send(message)
 
-    async def admin_check(self, scope, send) -> None:
+    async def admin_check(self, scope, headers, send) -> None:
         """nginx's auth_request for the admin-only pages (Prometheus): 204 for an MLflow
         admin's login, 403 for another user's, 401 (with a Basic challenge) otherwise."""
         if not self.auth:
             return await _status(send, 204)
-        header = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"), "")
-        verdict = await asyncio.to_thread(admin_verdict, header)
-        await _status(send, {True: 204, False: 403, None: 401}[verdict])
+        if self.logins is None:
+            verdict = await asyncio.to_thread(admin_verdict, headers.get("authorization", ""))
+            return await _status(send, {True: 204, False: 403, None: 401}[verdict])
+        login = await self.logins.verify(scope, headers)
+        if login is None or not login.ok:
+            return await _status(send, 403 if login and login.held else 401)
+        await _status(send, 204 if login.user.is_admin else 403)
+
+    async def login_check(self, scope, headers, send) -> None:
+        """nginx's auth_request before it reads a large request body: 204 for a good
+        login, 401 for none or a wrong one, 403 (with X-Stack-Retry-After) for a held
+        one (auth_request passes only these on; nginx answers the client 429)."""
+        if self.logins is None:
+            return await _status(send, 204)
+        login = await self.logins.verify(scope, headers)
+        if login is not None and login.ok:
+            return await _status(send, 204)
+        if login is not None and login.held:
+            return await _status(send, 403, extra=[(b"x-stack-retry-after", str(login.held).encode())])
+        await _status(send, 401)
 
 
 def joined_headers(scope: dict) -> dict[str, str]:
@@ -414,27 +452,130 @@ def admin_verdict(header: str) -> bool | None:
     MLflow's own check (`_authenticate_cached`, as its FastAPI routes use): the same
     login cache, cleared when a password changes or a user goes, and the same
     refusal of the old default admin password."""
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        username, sep, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not sep:
+    credentials = basic_credentials(header)
+    if credentials is None:
         return None
     from mlflow.server import auth
 
-    user = auth._authenticate_cached(username, password)
+    user = auth._authenticate_cached(*credentials)
     return None if user is None else bool(user.is_admin)
 
 
-async def _status(send, status: int) -> None:
-    headers = [(b"content-length", b"0")]
+async def _status(send, status: int, body: bytes = b"", extra=()) -> None:
+    headers = [(b"content-length", str(len(body)).encode()), *extra]
+    if body:
+        headers.append((b"content-type", b"text/plain; charset=utf-8"))
     if status == 401:
         headers.append((b"www-authenticate", b'Basic realm="mlflow"'))
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b""})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refused(send, verdict) -> None:
+    """A login refused before MLflow saw it: 401 as MLflow answers a wrong one, or
+    429 with Retry-After for a held one (MLflow's client waits and tries again)."""
+    if not verdict.held:
+        return await _status(send, 401, NOT_AUTHENTICATED)
+    message = (f"Too many failed logins for this account or from this address: try again in "
+               f"{verdict.held} s.")
+    body = json.dumps({"error_code": "RESOURCE_EXHAUSTED", "message": message}).encode()
+    await send({"type": "http.response.start", "status": 429, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(verdict.held).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def from_nginx(scope: dict, headers: dict[str, str], token: str | None) -> bool:
+    """Whether a request came through nginx (which sets STACK_NGINX_TOKEN in FROM_NGINX,
+    replacing a client's own), or from inside this container (its healthcheck)."""
+    if token is None:
+        return True
+    client = scope.get("client") or ("", 0)
+    if client[0] in ("127.0.0.1", "::1"):
+        return True
+    return hmac.compare_digest(headers.get(FROM_NGINX.lower(), "").encode(), token.encode())
+
+
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """(user name, password) of a Basic Authorization header, as Werkzeug reads it; None for another."""
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        username, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return (username, password) if sep else None
+
+
+def client_address(scope: dict, headers: dict[str, str]) -> str:
+    """The client's address: nginx's X-Real-IP (only nginx reaches the server), else the peer's."""
+    real = headers.get("x-real-ip", "").strip()
+    if real:
+        return real
+    client = scope.get("client") or ("", 0)
+    return client[0] or "unknown"
+
+
+class Logins:
+    """Logins checked by the guard: MLflow's login cache first (no cost), then the
+    throttle (mlflow/stack_logins.py), then MLflow's own password check."""
+
+    def __init__(self, throttle):
+        self.throttle = throttle
+        self._failed = self._held = None
+        try:
+            from prometheus_client import Counter
+
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                self._failed = Counter("mlflow_stack_failed_logins", "Logins refused for a wrong password or "
+                                       "an unknown user (each cost a password check)")
+                self._held = Counter("mlflow_stack_held_logins", "Logins refused unchecked (429): their "
+                                     "account or address had failed too often")
+        except ImportError:
+            pass
+
+    @staticmethod
+    def cached(username: str, password: str):
+        from mlflow.server import auth
+
+        if auth._USER_AUTH_CACHE is None:
+            return None
+        key = auth._auth_cache_key(username, password)
+        with auth._USER_AUTH_CACHE_LOCK:
+            return auth._USER_AUTH_CACHE.get(key)
+
+    async def verify(self, scope, headers):
+        """A Verdict (stack_logins) for the request's Basic login; None when it has
+        none (MLflow answers) or the throttle's database failed (MLflow checks it)."""
+        import stack_logins
+        from mlflow.server import auth
+
+        credentials = basic_credentials(headers.get("authorization", ""))
+        if credentials is None:
+            return None
+        username, password = credentials
+        user = self.cached(username, password)
+        if user is not None:
+            return stack_logins.Verdict(True, user=user)
+        address = client_address(scope, headers)
+        try:
+            verdict = await asyncio.to_thread(self.throttle.check, username, address,
+                                              lambda: auth._authenticate_cached(username, password))
+        except Exception as exc:  # noqa: BLE001 - MLflow's own check still runs
+            print(f"stack guard: login throttle unavailable ({type(exc).__name__}: {exc}); "
+                  "logins are checked unthrottled", file=sys.stderr, flush=True)
+            return None
+        if verdict.held:
+            if self._held is not None:
+                self._held.inc()
+        elif not verdict.ok:
+            if self._failed is not None:
+                self._failed.inc()
+            held = f"; held for {verdict.holds_for} s" if verdict.holds_for else ""
+            print(f"stack guard: failed login for {username!r} from {address} ({verdict.failures} in a row for "
+                  f"the account{held})", file=sys.stderr, flush=True)
+        return verdict
 
 
 def storage_full(text: str) -> str | None:
@@ -524,9 +665,11 @@ def replace_once(owner, name: str, make) -> None:
 # relays it (MLflow 3.17 does both). The fetch is signed in headers, not in a
 # presigned URL, so that no credential is in a URL nginx might log.
 NGINX_FETCH = "/_stack/s3-fetch"
-# nginx sets it on every request it passes on (a client's own is overwritten):
-# an answer meant for nginx goes to nobody else.
+# nginx sets it on every request it passes on, to STACK_NGINX_TOKEN (a client's own
+# is overwritten): the server answers nobody else, and an answer meant for nginx
+# goes to nobody else.
 FROM_NGINX = "X-Stack-From-Nginx"
+NGINX_TOKEN: str | None = None
 FETCH_HEADERS = ("X-Stack-S3-Path", "X-Stack-S3-Authorization", "X-Stack-S3-Date", "X-Stack-S3-Content-Sha256")
 
 
@@ -618,7 +761,7 @@ def artifact_downloads_by_nginx(environ=None) -> None:
     def make(original):
         async def download_artifact(artifact_path: str, request: Request):
             found = None
-            if request.headers.get(FROM_NGINX) == "1":
+            if NGINX_TOKEN and hmac.compare_digest(request.headers.get(FROM_NGINX, "").encode(), NGINX_TOKEN.encode()):
                 found = await asyncio.to_thread(fetch.locate, artifact_path)
             if found is None:
                 return await original(artifact_path)
@@ -841,17 +984,26 @@ def create_app():
     tcp_nodelay_on_accepted_connections()
     fast_log_batch_parsing()
     artifact_downloads_by_nginx()
+    global NGINX_TOKEN
+    NGINX_TOKEN = common.secret("STACK_NGINX_TOKEN")
     auth = os.environ.get("MLFLOW_STACK_AUTH", "true") == "true"
+    logins = None
     if auth:
+        import stack_logins
+        from mlflow.server import auth as auth_module
         from mlflow.server.auth import create_app as create_auth_app
 
         inner = create_auth_app()
         single_flight_logins()
         admin_flag_from_login_cache()
+        logins = Logins(stack_logins.Throttle(auth_module.store.engine, int(os.environ["LOGIN_FREE_FAILURES"]),
+                                              int(os.environ["LOGIN_LOCK_MAX_SECONDS"])))
     else:
         # Built here, not MLflow's module-level app: that one may have copied the
         # routes before artifact_downloads_by_nginx() changed one.
         from mlflow.server.fastapi_app import create_fastapi_app
 
         inner = create_fastapi_app()
-    return Guard(FlaskCallsDirect(inner), auth, int(os.environ["MLFLOW_API_MAX_BODY_MB"]) << 20, os.environ.get("MLFLOW_BASE_PATH", ""))
+    return Guard(FlaskCallsDirect(inner), auth, int(os.environ["MLFLOW_API_MAX_BODY_MB"]) << 20,
+                 os.environ.get("MLFLOW_BASE_PATH", ""), logins, NGINX_TOKEN)
+

@@ -152,6 +152,13 @@ def secret() -> Rule:
                 "./stack_deploy.sh to generate one)", ("x" * 32,))
 
 
+def token() -> Rule:
+    """A generated secret that goes into nginx's configuration or an HTTP header as it is."""
+    return Rule(lambda v: v != GENERATED and len(v) >= MIN_SECRET_LENGTH and bool(re.fullmatch(r"[A-Za-z0-9_-]+", v)),
+                f"use at least {MIN_SECRET_LENGTH} letters, digits, _ or - (delete the line and run "
+                "./stack_deploy.sh to generate one)", ("x" * 32,))
+
+
 def memory() -> Rule:
     return Rule(lambda v: bool(re.fullmatch(r"[1-9]\d*(\.\d+)?[kmg]", v)),
                 "use a size such as 512m or 2g", ("3g", "5g"))
@@ -256,6 +263,25 @@ SETTINGS: tuple[Setting, ...] = (
                 "unset, MLflow would use a built-in passphrase that is the same in every installation. "
                 "Restoring a backup into another installation: copy this value there first. Changing it "
                 "makes stored gateway secrets unreadable (the deploy refuses and says so)."),
+    Setting("STACK_NGINX_TOKEN", GENERATED, token(), section=AUTH, services=("mlflow", "nginx"),
+            file="stack_nginx_token",
+            doc="nginx sends it with every request it passes to the server; the server answers no one "
+                "else (other containers on the stack's networks, the host by a container's address)."),
+    Setting("STACK_METRICS_TOKEN", GENERATED, token(), section=AUTH, services=("mlflow", "prometheus"),
+            file="stack_metrics_token",
+            doc="Prometheus's bearer token for the server's internal metrics port; without it that port "
+                "answers 401."),
+    Setting("LOGIN_FREE_FAILURES", "5", integer(1, 100, "failed logins"), section=AUTH, services=("mlflow",),
+            doc="Failed logins an account (or a login from one address) may have in an hour before each "
+                "further failure holds it: 1 s, then twice as long each time, up to LOGIN_LOCK_MAX_SECONDS. "
+                "A client address may fail four times as often over all accounts. A held login is answered "
+                "429 without its password being checked; an address that logged in to the account in the "
+                "last 30 days is not held by other addresses' failures, and logins the server already "
+                "checked keep working."),
+    Setting("LOGIN_LOCK_MAX_SECONDS", "300", integer(1, 86400, "seconds"), section=AUTH, services=("mlflow",),
+            doc="The longest a login is held after failed logins (see LOGIN_FREE_FAILURES): with the "
+                "defaults, a guesser gets 5 tries, then 9 more in about 4 minutes, then one every 5 minutes "
+                "(under 300 a day)."),
     Setting("MLFLOW_DEFAULT_PERMISSION", "READ", choice("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"),
             section=AUTH, services=("mlflow",),
             doc="What users may do with experiments they did not create (they always MANAGE their own)."),

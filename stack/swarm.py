@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -162,7 +163,8 @@ class _Objects:
             self.secrets[name] = {"file": str(source)}
             return "secrets", {"source": name, "target": target, "mode": 0o400}
         self.configs[name] = {"file": str(source)}
-        return "configs", {"source": name, "target": target, "mode": 0o444}
+        # An image's start-up hook (nginx/15-stack-token.sh) runs only if executable.
+        return "configs", {"source": name, "target": target, "mode": 0o555 if os.access(source, os.X_OK) else 0o444}
 
 
 def _volumes(name: str, svc: dict, objects: _Objects, out: dict) -> None:

@@ -47,7 +47,9 @@ def all_healthy(stack, count: int) -> bool:
 def served(stack, index: int) -> float:
     """Requests this replica's workers answered (its Prometheus counters)."""
     code = ("import urllib.request;"
-            "text = urllib.request.urlopen('http://127.0.0.1:9101/metrics', timeout=5).read().decode();"
+            "token = open('/run/secrets/stack_metrics_token').read().strip();"
+            "ask = urllib.request.Request('http://127.0.0.1:9101/metrics', headers={'Authorization': 'Bearer ' + token});"
+            "text = urllib.request.urlopen(ask, timeout=5).read().decode();"
             "print(sum(float(l.rsplit(' ', 1)[1]) for l in text.splitlines()"
             " if l.startswith('mlflow_http_request_total{')))")
     out = stack.compose("exec", "-T", "--index", str(index), "mlflow", "python3", "-c", code).stdout

@@ -56,22 +56,29 @@ def test_the_store_full_message_fits_nginx_and_s3_xml():
 
 
 def test_every_location_that_proxies_to_the_server_is_rate_limited():
-    """Artifact transfers (and nginx's internal admin check) are the only exceptions."""
+    """nginx's internal checks (admin, login) are the only exceptions; the ones that take
+    a body check the login before nginx reads it (auth_request), except the artifact
+    transfers, which are not buffered (the server checks the login before it reads)."""
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
     mlflow_server = template.split("listen ${HTTPS_PORT} ssl;", 1)[1].split("\n}\n", 1)[0]
     blocks = re.findall(r"\n    location (.*?) \{\n(.*?)\n    \}", mlflow_server, re.S)
     proxied = {where.strip(): body for where, body in blocks if "proxy_pass $mlflow_upstream" in body}
     assert len(proxied) >= 3, list(proxied)
     for where, body in proxied.items():
-        if "mlflow-artifacts" in where or "_stack/admin-check" in where:
+        if "/_stack/" in where:
+            assert "internal;" in body, where
             continue
         assert "limit_req zone=api_login" in body and "limit_req zone=api_address" in body, where
+        if "mlflow-artifacts" in where:
+            assert "proxy_request_buffering off;" in body and "auth_request" not in body, where
+        else:
+            assert "auth_request /_stack/login-check;" in body and "error_page 403 = @login_held;" in body, where
 
 
 @pytest.mark.parametrize("base", ["", "/mlflow"])
 def test_only_posts_that_are_safe_twice_are_resent_to_another_replica(base):
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
-    regexes = re.findall(r"location ~ (\S+) \{\n(?:[^\n]*\n){2}\s+proxy_next_upstream error timeout non_idempotent;",
+    regexes = re.findall(r"location ~ (\S+) \{\n(?:[^\n]*\n){4}\s+proxy_next_upstream error timeout non_idempotent;",
                          template)
     assert len(regexes) == 2, regexes  # the writes (short read timeout) and the searches
     regex = "|".join(f"(?:{r})" for r in regexes).replace("${MLFLOW_BASE_PATH}", base).replace("\\\\", "\\")

@@ -1,13 +1,18 @@
 """The server's input checks (mlflow/stack_guard.py), without a server."""
 
 import asyncio
+import base64
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
 from stack.paths import ROOT
+
+# The image's other modules (stack_logins, entrypoint), as the image has them on its path.
+sys.path.insert(0, str(ROOT / "mlflow"))
 
 _spec = importlib.util.spec_from_file_location("stack_guard", ROOT / "mlflow" / "stack_guard.py")
 guard = importlib.util.module_from_spec(_spec)
@@ -502,7 +507,8 @@ def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeyp
     assert endpoint is not mlflows and endpoint.replaced_by_stack
     assert all(r.endpoint is endpoint for r in artifact_routes) and len(artifact_routes) == 2
 
-    nginx = _Request({guard.FROM_NGINX: "1"})
+    monkeypatch.setattr(guard, "NGINX_TOKEN", "t0ken-of-nginx-xyz")
+    nginx = _Request({guard.FROM_NGINX: "t0ken-of-nginx-xyz"})
     answer = asyncio.run(endpoint("1/run/artifacts/model.pkl", nginx))
     assert answer.status_code == 200 and answer.body == b""
     assert answer.headers["x-accel-redirect"] == guard.NGINX_FETCH == "/_stack/s3-fetch"
@@ -512,7 +518,8 @@ def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeyp
     assert asyncio.run(endpoint("1/run/artifacts/folder", nginx)) == "mlflow's answer"
     # Nor does a caller that is not nginx get an answer meant for nginx (an empty body).
     assert asyncio.run(endpoint("1/run/artifacts/model.pkl", _Request({}))) == "mlflow's answer"
-    assert fallback == ["1/run/artifacts/folder", "1/run/artifacts/model.pkl"]
+    assert asyncio.run(endpoint("1/run/artifacts/model.pkl", _Request({guard.FROM_NGINX: "1"}))) == "mlflow's answer"
+    assert fallback == ["1/run/artifacts/folder", "1/run/artifacts/model.pkl", "1/run/artifacts/model.pkl"]
     # Through FastAPI, as MLflow's app includes the router: the path and the request resolve.
     from fastapi import FastAPI
 
@@ -536,7 +543,7 @@ def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeyp
 
     url = "/api/2.0/mlflow-artifacts/artifacts/1/run/artifacts/model.pkl"
     for path in (url, url.replace("/api/", "/ajax-api/")):
-        status, headers, _ = get(path, [(guard.FROM_NGINX, "1")])
+        status, headers, _ = get(path, [(guard.FROM_NGINX, "t0ken-of-nginx-xyz")])
         assert (status, headers.get("x-accel-redirect")) == (200, guard.NGINX_FETCH), (path, status, headers)
     assert get(url)[2] == b'"mlflow\'s answer"'
     # nginx's location has the same name, reads the same headers and sets the marker.
@@ -544,7 +551,7 @@ def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeyp
     assert f"location = {guard.NGINX_FETCH} {{" in template
     for header in guard.FETCH_HEADERS:
         assert f"$upstream_http_{header.lower().replace('-', '_')};" in template, header
-    assert f"proxy_set_header {guard.FROM_NGINX} 1;" in template
+    assert f"proxy_set_header {guard.FROM_NGINX} $stack_nginx_token;" in template
 
 
 def test_nginx_fetches_exactly_the_object_with_a_valid_signature(monkeypatch):
@@ -912,3 +919,140 @@ def test_an_answers_headers_leave_with_its_body():
                                                 ("/api/2.0/mlflow/users/create-ui", "application/x-www-form-urlencoded")])
 def test_the_two_api_routes_that_take_other_bodies_still_do(path, content_type):
     guard.validate(path, content_type, b"username=a&password=b")
+
+
+# --- Only nginx reaches the server; logins checked (and throttled) before a body is read.
+
+def _scoped_call(app, path, payload=b"", headers=(), method="POST", client=("172.18.0.9", 40000)):
+    sent, reads = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": payload, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "client": client,
+             "headers": [(k.encode(), v.encode()) for k, v in headers]}
+    asyncio.run(app(scope, receive, send))
+    return sent, reads
+
+
+def test_only_nginx_and_the_containers_own_loopback_are_answered():
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = guard.Guard(inner, auth=False, max_body=1 << 20, nginx_token="t0ken-of-nginx-xyz")
+    for headers in ([], [(guard.FROM_NGINX, "1")], [(guard.FROM_NGINX, "t0ken-of-nginx-xy")],
+                    [(guard.FROM_NGINX, "t0ken-of-nginx-xyz" + "z")]):
+        sent, reads = _scoped_call(app, "/api/2.0/mlflow/experiments/search", b"{}", headers)
+        assert sent[0]["status"] == 403 and not seen and not reads, headers
+        assert b"nginx only" in sent[1]["body"]
+    sent, _ = _scoped_call(app, "/health", method="GET", headers=[(guard.FROM_NGINX, "t0ken-of-nginx-xyz")])
+    assert sent[0]["status"] == 200
+    sent, _ = _scoped_call(app, "/health", method="GET", client=("127.0.0.1", 5555))
+    assert sent[0]["status"] == 200 and seen == ["/health", "/health"]
+    # The metrics port asks for Prometheus's token the same way.
+    import entrypoint
+
+    metrics = entrypoint.bearer_only(lambda environ, start: (start("200 OK", []), [b"up 1\n"])[1], "m3trics-token")
+    answers = []
+    for given in ("", "Bearer m3trics-toke", "Bearer m3trics-token", "Basic m3trics-token"):
+        body = metrics({"HTTP_AUTHORIZATION": given}, lambda status, headers: answers.append(status))
+        assert (b"up 1\n" in body) == (given == "Bearer m3trics-token")
+    assert answers == ["401 Unauthorized", "401 Unauthorized", "200 OK", "401 Unauthorized"]
+
+
+class _Logins:
+    """Stands in for guard.Logins: a verdict per login, and the calls it got."""
+
+    def __init__(self, verdicts):
+        self.verdicts, self.asked = verdicts, []
+
+    async def verify(self, scope, headers):
+        import stack_logins
+
+        credentials = guard.basic_credentials(headers.get("authorization", ""))
+        if credentials is None:
+            return None
+        self.asked.append((credentials[0], guard.client_address(scope, headers)))
+        return self.verdicts.get(credentials, stack_logins.Verdict(False, failures=1))
+
+
+def _basic(user, password):
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.parametrize("path,method", [(BATCH, "POST"), ("/api/2.0/mlflow-artifacts/artifacts/1/x.bin", "PUT"),
+                                         ("/v1/traces", "POST"), ("/", "GET")])
+def test_a_wrong_or_held_login_is_answered_before_its_body_is_read(path, method):
+    import stack_logins
+
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append(scope["path"])
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    logins = _Logins({("ann", "good"): stack_logins.Verdict(True), ("ann", "held"): stack_logins.Verdict(False, held=7)})
+    app = guard.Guard(inner, auth=True, max_body=1 << 20, logins=logins)
+    payload = body(metrics=[metric()])
+    sent, reads = _scoped_call(app, path, payload, [("authorization", _basic("ann", "wrong")), ("content-type", JSON),
+                                                    ("x-real-ip", "203.0.113.7")], method=method)
+    assert sent[0]["status"] == 401 and not reads and not seen
+    assert (b"www-authenticate", b'Basic realm="mlflow"') in sent[0]["headers"]
+    sent, reads = _scoped_call(app, path, payload, [("authorization", _basic("ann", "held")), ("content-type", JSON)],
+                               method=method)
+    assert sent[0]["status"] == 429 and (b"retry-after", b"7") in sent[0]["headers"] and not reads and not seen
+    assert json.loads(sent[1]["body"])["error_code"] == "RESOURCE_EXHAUSTED"
+    sent, reads = _scoped_call(app, path, payload, [("authorization", _basic("ann", "good")), ("content-type", JSON)],
+                               method=method)
+    assert sent[0]["status"] == 200 and reads and seen
+    # The client's address is nginx's X-Real-IP, else the peer's.
+    assert logins.asked == [("ann", "203.0.113.7"), ("ann", "172.18.0.9"), ("ann", "172.18.0.9")]
+
+
+def test_nginx_asks_for_a_login_verdict_before_it_reads_a_large_body():
+    import stack_logins
+
+    async def inner(scope, receive, send):
+        raise AssertionError("reached MLflow")
+
+    logins = _Logins({("ann", "good"): stack_logins.Verdict(True), ("ann", "held"): stack_logins.Verdict(False, held=9)})
+    app = guard.Guard(inner, auth=True, max_body=1 << 20, base_path="/mlflow", logins=logins)
+    status = lambda header: _scoped_call(app, "/mlflow/_stack/login", method="GET",  # noqa: E731
+                                         headers=[("authorization", header)] if header else [])[0][0]
+    assert status(_basic("ann", "good"))["status"] == 204
+    assert status(_basic("ann", "wrong"))["status"] == 401
+    assert status(None)["status"] == 401
+    held = status(_basic("ann", "held"))
+    assert held["status"] == 403 and (b"x-stack-retry-after", b"9") in held["headers"]
+    # The admin check is throttled the same way.
+    admin = _scoped_call(app, "/mlflow/_stack/admin", method="GET", headers=[("authorization", _basic("ann", "held"))])
+    assert admin[0][0]["status"] == 403
+    assert guard.Guard(inner, auth=False, max_body=1, logins=logins).logins is None
+
+
+def test_basic_credentials_are_read_as_werkzeug_reads_them():
+    assert guard.basic_credentials(_basic("ann", "p:w")) == ("ann", "p:w")
+    assert guard.basic_credentials("basic " + base64.b64encode(b"ann:").decode()) == ("ann", "")
+    for header in ("", "Bearer x", "Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode(),
+                   "Basic " + base64.b64encode(b"\xff:x").decode()):
+        assert guard.basic_credentials(header) is None, header
+
+
+def test_a_login_is_held_longer_after_each_failure_beyond_the_free_ones():
+    import stack_logins
+
+    holds = [stack_logins.hold_seconds(n, 5, 300) for n in range(1, 17)]
+    assert holds == [0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+    assert stack_logins.hold_seconds(10 ** 6, 5, 300) == 300
+    # What the setting's documentation says of the defaults: 9 tries after the free ones in about 4 minutes.
+    assert sum(holds[5:13]) == 255

@@ -1,0 +1,160 @@
+"""Failed logins, throttled per account and per client address, in the users' database.
+
+Checking a password costs ~0.2 s of CPU (PBKDF2) and MLflow caches only the logins
+that succeed: unchecked, a few clients guessing one account kept both cores of a
+replica busy hashing, and nginx's request limits (far above what a server can hash)
+never held them. Here:
+
+- each account, each client address and each pair of the two count their failed
+  logins. After LOGIN_FREE_FAILURES of them (four times as many for an address,
+  which a team behind one NAT shares) every further failure holds the login for a
+  time that doubles (1 s, 2 s, 4 s ...) up to LOGIN_LOCK_MAX_SECONDS. A count
+  starts again an hour after its last failure; a success clears its pair's count.
+- a held login is answered 429 with Retry-After, before its password is checked
+  (no hash spent); so is a login that arrives while its account or address is held,
+  unless it comes from an address that logged in to that account in the last
+  KNOWN_DAYS: someone guessing an account's password from elsewhere does not lock
+  its owner out (only the pair's own count holds the owner's address).
+- a login MLflow's login cache already holds is never held: a running script
+  keeps working while its account is under attack.
+
+The counts live in PostgreSQL (the users' database, tables made by the migrate
+job), so every worker of every replica sees the same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+ADDRESS_FACTOR = 4
+MEMORY_SECONDS = 3600
+KNOWN_DAYS = 30
+# The exponent is capped before PostgreSQL or Python sees it (2**40 s is beyond any limit).
+MAX_DOUBLINGS = 40
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS stack_login_failures (
+        scope text NOT NULL,
+        subject text NOT NULL,
+        failures integer NOT NULL,
+        last_failure timestamptz NOT NULL,
+        locked_until timestamptz,
+        PRIMARY KEY (scope, subject))""",
+    """CREATE TABLE IF NOT EXISTS stack_login_known (
+        account text NOT NULL,
+        address text NOT NULL,
+        last_success timestamptz NOT NULL,
+        PRIMARY KEY (account, address))""",
+)
+
+log = logging.getLogger("stack.logins")
+
+
+def hold_seconds(failures: int, free: int, cap: int) -> int:
+    """How long a login is held after its `failures`-th failure in a row."""
+    if failures <= free:
+        return 0
+    return min(cap, 2 ** min(MAX_DOUBLINGS, failures - free - 1))
+
+
+def subjects(account: str, address: str) -> dict[str, str]:
+    return {"pair": f"{account}\n{address}", "account": account, "address": address}
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    # Seconds the login is held: its password was not checked (answered 429).
+    held: int = 0
+    # A failed check: the failures in a row from this address, and the seconds
+    # the login is held from now.
+    failures: int = 0
+    holds_for: int = 0
+    user: object = None
+
+
+class Throttle:
+    def __init__(self, engine, free: int, cap: int):
+        self.engine = engine
+        self.free = free
+        self.cap = cap
+
+    def free_for(self, scope: str) -> int:
+        return self.free * ADDRESS_FACTOR if scope == "address" else self.free
+
+    def held(self, conn, account: str, address: str) -> int:
+        """Seconds this login must wait before its password is checked (0: check it now)."""
+        from sqlalchemy import text
+
+        names = subjects(account, address)
+        rows = conn.execute(text(
+            "SELECT scope, EXTRACT(EPOCH FROM locked_until - now()) FROM stack_login_failures "
+            "WHERE locked_until > now() AND ((scope = 'pair' AND subject = :pair) "
+            "OR (scope = 'account' AND subject = :account) OR (scope = 'address' AND subject = :address))"),
+            names).all()
+        waits = {scope: math.ceil(float(seconds)) for scope, seconds in rows}
+        if not waits:
+            return 0
+        if "pair" in waits:
+            return waits["pair"]
+        known = conn.execute(text(
+            "SELECT 1 FROM stack_login_known WHERE account = :account AND address = :address "
+            f"AND last_success > now() - interval '{KNOWN_DAYS} days'"), names).first()
+        return 0 if known else max(waits.values())
+
+    def failed(self, conn, account: str, address: str) -> tuple[int, int]:
+        """Count a failure for the account, the address and the pair: (the pair's
+        failures in a row, seconds the login is now held)."""
+        from sqlalchemy import text
+
+        counts, hold = {}, 0
+        for scope, subject in subjects(account, address).items():
+            failures = conn.execute(text(
+                "INSERT INTO stack_login_failures AS f (scope, subject, failures, last_failure) "
+                "VALUES (:scope, :subject, 1, now()) ON CONFLICT (scope, subject) DO UPDATE SET "
+                f"failures = CASE WHEN f.last_failure < now() - interval '{MEMORY_SECONDS} seconds' "
+                "THEN 1 ELSE f.failures + 1 END, last_failure = now() RETURNING failures"),
+                {"scope": scope, "subject": subject}).scalar_one()
+            counts[scope] = failures
+            seconds = hold_seconds(failures, self.free_for(scope), self.cap)
+            if seconds:
+                conn.execute(text(
+                    "UPDATE stack_login_failures SET locked_until = now() + :seconds * interval '1 second' "
+                    "WHERE scope = :scope AND subject = :subject"),
+                    {"seconds": seconds, "scope": scope, "subject": subject})
+                hold = max(hold, seconds)
+        if random.random() < 0.01:
+            # Made-up names and addresses leave rows behind: forget the old ones now and then.
+            conn.execute(text(
+                f"DELETE FROM stack_login_failures WHERE last_failure < now() - interval '{MEMORY_SECONDS} seconds' "
+                "AND (locked_until IS NULL OR locked_until < now())"))
+        return max(counts.values()), hold
+
+    def succeeded(self, conn, account: str, address: str) -> None:
+        from sqlalchemy import text
+
+        names = subjects(account, address)
+        conn.execute(text("DELETE FROM stack_login_failures WHERE scope = 'pair' AND subject = :pair"), names)
+        # Written at most once an hour per pair: a login is checked again every
+        # MLFLOW_AUTH_CACHE_SECONDS on every worker.
+        conn.execute(text(
+            "INSERT INTO stack_login_known AS k (account, address, last_success) VALUES (:account, :address, now()) "
+            "ON CONFLICT (account, address) DO UPDATE SET last_success = now() "
+            "WHERE k.last_success < now() - interval '1 hour'"), names)
+
+    def check(self, account: str, address: str, authenticate) -> Verdict:
+        """Hold the login, or check its password with authenticate() and count the outcome."""
+        with self.engine.begin() as conn:
+            held = self.held(conn, account, address)
+        if held:
+            return Verdict(False, held=held)
+        user = authenticate()
+        with self.engine.begin() as conn:
+            if user is None:
+                failures, hold = self.failed(conn, account, address)
+                return Verdict(False, failures=failures, holds_for=hold)
+            self.succeeded(conn, account, address)
+        return Verdict(True, user=user)

@@ -6,15 +6,15 @@ replica busy hashing, and nginx's request limits (far above what a server can ha
 never held them. Here:
 
 - each account, each client address and each pair of the two count their failed
-  logins. After LOGIN_FREE_FAILURES of them (four times as many for an address,
-  which a team behind one NAT shares) every further failure holds the login for a
-  time that doubles (1 s, 2 s, 4 s ...) up to LOGIN_LOCK_MAX_SECONDS. A count
-  starts again an hour after its last failure; a success clears its pair's count.
+  logins. After LOGIN_FREE_FAILURES of them (ADDRESS_FACTOR times as many for an
+  address, which a team behind one NAT shares) every further failure holds the
+  login for a time that doubles (1 s, 2 s, 4 s ...) up to LOGIN_LOCK_MAX_SECONDS.
+  A count starts again an hour after its last failure; a success clears its pair's.
 - a held login is answered 429 with Retry-After, before its password is checked
-  (no hash spent); so is a login that arrives while its account or address is held,
-  unless it comes from an address that logged in to that account in the last
-  KNOWN_DAYS: someone guessing an account's password from elsewhere does not lock
-  its owner out (only the pair's own count holds the owner's address).
+  (no hash spent). A login from an address that logged in to the account in the
+  last KNOWN_DAYS is held by its pair's count only (at KNOWN_FACTOR times the
+  failures, for typing mistakes): someone guessing an account's password from
+  elsewhere does not lock its owner out.
 - a login MLflow's login cache already holds is never held: a running script
   keeps working while its account is under attack.
 
@@ -29,10 +29,13 @@ import math
 import random
 from dataclasses import dataclass
 
-ADDRESS_FACTOR = 4
+ADDRESS_FACTOR = 10
+# An address that logged in to the account lately may fail this many times as often
+# (typing mistakes) before its own count holds it.
+KNOWN_FACTOR = 4
 MEMORY_SECONDS = 3600
 KNOWN_DAYS = 30
-# The exponent is capped before PostgreSQL or Python sees it (2**40 s is beyond any limit).
+# The exponent is capped before it grows beyond any limit.
 MAX_DOUBLINGS = 40
 
 SCHEMA = (
@@ -41,7 +44,6 @@ SCHEMA = (
         subject text NOT NULL,
         failures integer NOT NULL,
         last_failure timestamptz NOT NULL,
-        locked_until timestamptz,
         PRIMARY KEY (scope, subject))""",
     """CREATE TABLE IF NOT EXISTS stack_login_known (
         account text NOT NULL,
@@ -49,8 +51,6 @@ SCHEMA = (
         last_success timestamptz NOT NULL,
         PRIMARY KEY (account, address))""",
 )
-
-log = logging.getLogger("stack.logins")
 
 
 def hold_seconds(failures: int, free: int, cap: int) -> int:
@@ -69,8 +69,8 @@ class Verdict:
     ok: bool
     # Seconds the login is held: its password was not checked (answered 429).
     held: int = 0
-    # A failed check: the failures in a row from this address, and the seconds
-    # the login is held from now.
+    # A failed check: the account's failures in the last hour, and the seconds
+    # a login like this one is held from now.
     failures: int = 0
     holds_for: int = 0
     user: object = None
@@ -82,8 +82,14 @@ class Throttle:
         self.free = free
         self.cap = cap
 
-    def free_for(self, scope: str) -> int:
-        return self.free * ADDRESS_FACTOR if scope == "address" else self.free
+    def wait(self, scope: str, failures: int, age: float, known: bool) -> float:
+        """Seconds a login still waits because of one count (0 or less: not held by it).
+        A known address is held by its own count only, at KNOWN_FACTOR times the
+        failures; others by the account's and the address's counts too."""
+        if known and scope != "pair":
+            return 0
+        free = self.free * (ADDRESS_FACTOR if scope == "address" else KNOWN_FACTOR if known else 1)
+        return hold_seconds(failures, free, self.cap) - age
 
     def held(self, conn, account: str, address: str) -> int:
         """Seconds this login must wait before its password is checked (0: check it now)."""
@@ -91,47 +97,35 @@ class Throttle:
 
         names = subjects(account, address)
         rows = conn.execute(text(
-            "SELECT scope, EXTRACT(EPOCH FROM locked_until - now()) FROM stack_login_failures "
-            "WHERE locked_until > now() AND ((scope = 'pair' AND subject = :pair) "
-            "OR (scope = 'account' AND subject = :account) OR (scope = 'address' AND subject = :address))"),
-            names).all()
-        waits = {scope: math.ceil(float(seconds)) for scope, seconds in rows}
-        if not waits:
+            "SELECT scope, failures, EXTRACT(EPOCH FROM now() - last_failure) FROM stack_login_failures "
+            f"WHERE last_failure > now() - interval '{MEMORY_SECONDS} seconds' AND ("
+            "(scope = 'pair' AND subject = :pair) OR (scope = 'account' AND subject = :account) "
+            "OR (scope = 'address' AND subject = :address))"), names).all()
+        if not rows:
             return 0
-        if "pair" in waits:
-            return waits["pair"]
         known = conn.execute(text(
             "SELECT 1 FROM stack_login_known WHERE account = :account AND address = :address "
-            f"AND last_success > now() - interval '{KNOWN_DAYS} days'"), names).first()
-        return 0 if known else max(waits.values())
+            f"AND last_success > now() - interval '{KNOWN_DAYS} days'"), names).first() is not None
+        longest = max(self.wait(scope, failures, float(age), known) for scope, failures, age in rows)
+        return max(0, math.ceil(longest))
 
-    def failed(self, conn, account: str, address: str) -> tuple[int, int]:
-        """Count a failure for the account, the address and the pair: (the pair's
-        failures in a row, seconds the login is now held)."""
+    def failed(self, conn, account: str, address: str) -> int:
+        """Count a failure for the account, the address and the pair; the account's count."""
         from sqlalchemy import text
 
-        counts, hold = {}, 0
+        counts = {}
         for scope, subject in subjects(account, address).items():
-            failures = conn.execute(text(
+            counts[scope] = conn.execute(text(
                 "INSERT INTO stack_login_failures AS f (scope, subject, failures, last_failure) "
                 "VALUES (:scope, :subject, 1, now()) ON CONFLICT (scope, subject) DO UPDATE SET "
                 f"failures = CASE WHEN f.last_failure < now() - interval '{MEMORY_SECONDS} seconds' "
                 "THEN 1 ELSE f.failures + 1 END, last_failure = now() RETURNING failures"),
                 {"scope": scope, "subject": subject}).scalar_one()
-            counts[scope] = failures
-            seconds = hold_seconds(failures, self.free_for(scope), self.cap)
-            if seconds:
-                conn.execute(text(
-                    "UPDATE stack_login_failures SET locked_until = now() + :seconds * interval '1 second' "
-                    "WHERE scope = :scope AND subject = :subject"),
-                    {"seconds": seconds, "scope": scope, "subject": subject})
-                hold = max(hold, seconds)
         if random.random() < 0.01:
             # Made-up names and addresses leave rows behind: forget the old ones now and then.
-            conn.execute(text(
-                f"DELETE FROM stack_login_failures WHERE last_failure < now() - interval '{MEMORY_SECONDS} seconds' "
-                "AND (locked_until IS NULL OR locked_until < now())"))
-        return max(counts.values()), hold
+            conn.execute(text(f"DELETE FROM stack_login_failures "
+                              f"WHERE last_failure < now() - interval '{MEMORY_SECONDS} seconds'"))
+        return counts["account"]
 
     def succeeded(self, conn, account: str, address: str) -> None:
         from sqlalchemy import text
@@ -154,7 +148,7 @@ class Throttle:
         user = authenticate()
         with self.engine.begin() as conn:
             if user is None:
-                failures, hold = self.failed(conn, account, address)
-                return Verdict(False, failures=failures, holds_for=hold)
+                failures = self.failed(conn, account, address)
+                return Verdict(False, failures=failures, holds_for=self.held(conn, account, address))
             self.succeeded(conn, account, address)
         return Verdict(True, user=user)

@@ -274,10 +274,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOGIN_FREE_FAILURES", "5", integer(1, 100, "failed logins"), section=AUTH, services=("mlflow",),
             doc="Failed logins an account (or a login from one address) may have in an hour before each "
                 "further failure holds it: 1 s, then twice as long each time, up to LOGIN_LOCK_MAX_SECONDS. "
-                "A client address may fail four times as often over all accounts. A held login is answered "
-                "429 without its password being checked; an address that logged in to the account in the "
-                "last 30 days is not held by other addresses' failures, and logins the server already "
-                "checked keep working."),
+                "A client address may fail ten times as often over all accounts. A held login is answered "
+                "429 without its password being checked. An address that logged in to the account in the "
+                "last 30 days is not held by other addresses' failures (and may mistype four times as "
+                "often), and logins the server already checked keep working."),
     Setting("LOGIN_LOCK_MAX_SECONDS", "300", integer(1, 86400, "seconds"), section=AUTH, services=("mlflow",),
             doc="The longest a login is held after failed logins (see LOGIN_FREE_FAILURES): with the "
                 "defaults, a guesser gets 5 tries, then 9 more in about 4 minutes, then one every 5 minutes "

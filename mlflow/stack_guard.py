@@ -523,6 +523,10 @@ class Logins:
 
     def __init__(self, throttle):
         self.throttle = throttle
+        # One unchecked login per account at a time in this worker: guesses sent
+        # side by side would otherwise all pass the throttle before the first
+        # failure is counted. Waiting here holds no thread and no connection.
+        self._checking: dict[str, list] = {}
         self._failed = self._held = None
         try:
             from prometheus_client import Counter
@@ -559,13 +563,23 @@ class Logins:
         if user is not None:
             return stack_logins.Verdict(True, user=user)
         address = client_address(scope, headers)
+        entry = self._checking.setdefault(username, [asyncio.Lock(), 0])
+        entry[1] += 1
         try:
-            verdict = await asyncio.to_thread(self.throttle.check, username, address,
-                                              lambda: auth._authenticate_cached(username, password))
+            async with entry[0]:
+                user = self.cached(username, password)  # checked while this one waited
+                if user is not None:
+                    return stack_logins.Verdict(True, user=user)
+                verdict = await asyncio.to_thread(self.throttle.check, username, address,
+                                                  lambda: auth._authenticate_cached(username, password))
         except Exception as exc:  # noqa: BLE001 - MLflow's own check still runs
             print(f"stack guard: login throttle unavailable ({type(exc).__name__}: {exc}); "
                   "logins are checked unthrottled", file=sys.stderr, flush=True)
             return None
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._checking[username]
         if verdict.held:
             if self._held is not None:
                 self._held.inc()

@@ -1056,3 +1056,42 @@ def test_a_login_is_held_longer_after_each_failure_beyond_the_free_ones():
     assert stack_logins.hold_seconds(10 ** 6, 5, 300) == 300
     # What the setting's documentation says of the defaults: 9 tries after the free ones in about 4 minutes.
     assert sum(holds[5:13]) == 255
+
+
+def test_unchecked_logins_of_one_account_are_checked_one_at_a_time(monkeypatch):
+    """Guesses sent side by side must not all pass the throttle before the first failure counts;
+    other accounts are not held up by it. A login found in MLflow's cache costs nothing."""
+    import threading
+    import time
+
+    import stack_logins
+    from mlflow.server import auth
+
+    monkeypatch.setattr(guard.Logins, "cached", staticmethod(lambda u, p: "cached-user" if p == "cached" else None))
+    lock, running, most = threading.Lock(), {}, {}
+
+    class Throttle:
+        def check(self, account, address, authenticate):
+            with lock:
+                running[account] = running.get(account, 0) + 1
+                most[account] = max(most.get(account, 0), running[account])
+                most["both"] = max(most.get("both", 0), sum(running.values()))
+            time.sleep(0.05)
+            with lock:
+                running[account] -= 1
+            return stack_logins.Verdict(False, failures=1)
+
+    monkeypatch.setattr(auth, "_authenticate_cached", lambda u, p: None)
+    logins = guard.Logins(Throttle())
+
+    async def many():
+        calls = [logins.verify({"client": ("10.0.0.1", 1)}, {"authorization": _basic(user, f"guess-{i}")})
+                 for i in range(6) for user in ("ann", "bob")]
+        cached = logins.verify({}, {"authorization": _basic("ann", "cached")})
+        return await asyncio.gather(cached, *calls)
+
+    verdicts = asyncio.run(many())
+    assert verdicts[0].ok and verdicts[0].user == "cached-user"
+    assert all(not v.ok for v in verdicts[1:])
+    assert most == {"ann": 1, "bob": 1, "both": 2}, most
+    assert logins._checking == {}

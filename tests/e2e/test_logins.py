@@ -1,0 +1,227 @@
+"""Password guessing and the server's internal ports, on the shared deployment.
+
+Guessing: clients in a container of their own (so nginx sees an address other than this
+machine's) guess one account's password at full speed. The throttle (mlflow/stack_logins.py)
+must hold them within seconds and let only a few guesses reach a password check (each
+costs ~0.2 s of CPU); the account's owner, from the address they logged in from before,
+and another account, from the guessers' own address, must still get in; the owner from the
+guessers' address gets in once the hold it was told of has passed. Asserted on the answers
+the clients got and on the server's counters and log lines; the CPU the server spent is
+printed.
+
+Internal ports: from a container on each of the stack's networks, and from this machine by
+the server container's own addresses, the server's port answers 403 (a forged nginx
+header too) and its metrics port 401; through nginx everything works (the rest of the suite).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+import requests
+
+from .conftest import show
+
+GUESSERS = 8
+GUESS_SECONDS = 10
+
+# Runs in a container of the server's image: python3 -c, the settings as JSON on stdin.
+GUESSER = r'''
+import base64, http.client, json, ssl, sys, threading, time
+cfg = json.loads(sys.stdin.read())
+ctx = ssl._create_unverified_context()
+
+def call(user, password, path="/api/2.0/mlflow/experiments/search?max_results=1"):
+    conn = http.client.HTTPSConnection("nginx", cfg["port"], context=ctx, timeout=120)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    conn.request("GET", cfg["base"] + path, headers={"Authorization": "Basic " + token, "Host": cfg["host"]})
+    answer = conn.getresponse()
+    answer.read()
+    conn.close()
+    return answer.status, answer.getheader("Retry-After")
+
+results, start = [], time.monotonic()
+
+def guess(n):
+    i = 0
+    while time.monotonic() - start < cfg["seconds"]:
+        status, retry = call(cfg["victim"], f"guess-{n}-{i}")
+        results.append((round(time.monotonic() - start, 3), status, retry))
+        i += 1
+
+threads = [threading.Thread(target=guess, args=(n,)) for n in range(cfg["threads"])]
+for t in threads: t.start()
+for t in threads: t.join()
+out = {"guesses": results, "bystander": call(*cfg["bystander"])}
+status, retry = call(cfg["victim"], cfg["victim_password"])
+out["owner_here"] = [status, retry]
+if status == 429:
+    time.sleep(int(retry) + 0.5)
+    out["owner_here_later"] = list(call(cfg["victim"], cfg["victim_password"]))
+print(json.dumps(out))
+'''
+
+PROBE = r'''
+import json, sys, urllib.request, urllib.error
+answers = {}
+for name, url, headers in json.loads(sys.stdin.read()):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+            answers[name] = r.status
+    except urllib.error.HTTPError as exc:
+        answers[name] = exc.code
+    except OSError as exc:
+        answers[name] = f"unreachable: {exc}"
+print(json.dumps(answers))
+'''
+
+
+def image_of(stack, service: str) -> str:
+    return subprocess.run(["docker", "inspect", "--format", "{{.Config.Image}}", stack.container_ids()[service]],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def in_container(stack, network: str, code: str, stdin: str, timeout: int = 300) -> dict:
+    done = subprocess.run(["docker", "run", "--rm", "-i", "--network", network, "--entrypoint", "python3",
+                           image_of(stack, "mlflow"), "-c", code],
+                          input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def server_cpu_seconds(stack) -> float:
+    """CPU time the server's container has used (cgroup v2, else v1)."""
+    code = ("import os\n"
+            "if os.path.exists('/sys/fs/cgroup/cpu.stat'):\n"
+            "    stat = dict(l.split() for l in open('/sys/fs/cgroup/cpu.stat'))\n"
+            "    print(int(stat['usage_usec']) / 1e6)\n"
+            "else:\n"
+            "    print(int(open('/sys/fs/cgroup/cpuacct/cpuacct.usage').read()) / 1e9)\n")
+    return float(stack.compose("exec", "-T", "mlflow", "python3", "-c", code).stdout.strip())
+
+
+def server_counters(stack) -> dict[str, float]:
+    code = ("import urllib.request;"
+            "token = open('/run/secrets/stack_metrics_token').read().strip();"
+            "ask = urllib.request.Request('http://127.0.0.1:9101/metrics', headers={'Authorization': 'Bearer ' + token});"
+            "print(urllib.request.urlopen(ask, timeout=5).read().decode())")
+    text = stack.compose("exec", "-T", "mlflow", "python3", "-c", code).stdout
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("mlflow_stack_") and "_total" in line:
+            name, value = line.rsplit(" ", 1)
+            counters[name.split("{")[0]] = counters.get(name.split("{")[0], 0) + float(value)
+    return counters
+
+
+@pytest.fixture(scope="module")
+def accounts(stack):
+    made = {}
+    for role in ("victim", "bystander"):
+        name, password = f"{role}-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+        created = stack.http("POST", "/api/2.0/mlflow/users/create", json={"username": name, "password": password})
+        assert created.status_code == 200, created.text
+        made[role] = (name, password)
+    return made
+
+
+def test_guessing_a_password_is_held_within_seconds_and_its_owner_still_gets_in(stack, accounts):
+    values = stack.values()
+    victim, bystander = accounts["victim"], accounts["bystander"]
+    search = "/api/2.0/mlflow/experiments/search?max_results=1"
+    # The owner logs in from this machine first: its address is then known for the account.
+    assert stack.http("GET", search, auth=victim).status_code == 200
+    before_counters, before_cpu = server_counters(stack), server_cpu_seconds(stack)
+    cfg = {"port": int(values["HTTPS_PORT"]), "base": values["MLFLOW_BASE_PATH"],
+           "host": f"{values['MLFLOW_PUBLIC_HOST']}:{values['HTTPS_PORT']}", "seconds": GUESS_SECONDS,
+           "threads": GUESSERS, "victim": victim[0], "victim_password": victim[1], "bystander": bystander}
+    started = time.monotonic()
+    with subprocess.Popen(["docker", "run", "--rm", "-i", "--network", f"{stack.project}_frontend",
+                           "--entrypoint", "python3", image_of(stack, "mlflow"), "-c", GUESSER],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as guessers:
+        guessers.stdin.write(json.dumps(cfg))
+        guessers.stdin.close()
+        # While they guess, the owner logs in from here again and again: never held.
+        owner = []
+        while guessers.poll() is None and time.monotonic() - started < GUESS_SECONDS + 60:
+            owner.append(stack.http("GET", search, auth=victim).status_code)
+            time.sleep(0.5)
+        out, err = guessers.communicate(timeout=300)
+    assert guessers.returncode == 0, err[-3000:]
+    seen = json.loads(out.strip().splitlines()[-1])
+    cpu = server_cpu_seconds(stack) - before_cpu
+    counters = server_counters(stack)
+
+    guesses = seen["guesses"]
+    checked = [g for g in guesses if g[1] == 401]
+    held = [g for g in guesses if g[1] == 429]
+    show(f"password guessing: {GUESSERS} clients for {GUESS_SECONDS} s sent {len(guesses)} guesses, "
+         f"{len(checked)} were checked (401), {len(held)} held (429); server CPU {cpu:.1f} s over the attack")
+    assert {g[1] for g in guesses} <= {401, 429}, guesses
+    assert all(g[2] and int(g[2]) >= 1 for g in held), held[:5]
+    first_held = min(g[0] for g in held)
+    assert first_held < 5, f"the first guess held came {first_held} s in"
+    # 5 free failures, then one check per hold (1, 2, 4, 8 s) per server worker: the
+    # guessers side by side in a worker wait for each other's check.
+    workers = int(values["MLFLOW_WORKERS"]) * int(values["MLFLOW_REPLICAS"])
+    assert len(checked) <= int(values["LOGIN_FREE_FAILURES"]) + 5 * workers, checked
+    assert counters.get("mlflow_stack_failed_logins_total", 0) - before_counters.get(
+        "mlflow_stack_failed_logins_total", 0) >= len(checked)
+    assert counters.get("mlflow_stack_held_logins_total", 0) - before_counters.get(
+        "mlflow_stack_held_logins_total", 0) >= len(held)
+    # The owner, from an address that logged in before: never held.
+    assert owner and set(owner) == {200}, owner
+    # Another account, from the guessers' own address: not held.
+    assert seen["bystander"][0] == 200, seen["bystander"]
+    # The owner from the guessers' address: held, and in once the hold it was told of is over.
+    assert seen["owner_here"][0] in (200, 429), seen
+    if seen["owner_here"][0] == 429:
+        assert int(seen["owner_here"][1]) <= int(values["LOGIN_LOCK_MAX_SECONDS"])
+        assert seen["owner_here_later"][0] == 200, seen
+    logs = stack.compose("logs", "--no-color", "mlflow").stdout
+    assert f"failed login for {victim[0]!r} from " in logs
+    assert victim[1] not in logs and "guess-0-0" not in logs
+
+
+def test_a_large_body_with_a_wrong_login_is_refused_before_it_is_read(stack, accounts):
+    name, _ = accounts["bystander"]
+    big = b"{" + b" " * (3 << 20) + b"}"
+    for data in (big, iter([big])):  # a length, then chunks
+        refused = stack.http("POST", "/api/2.0/mlflow/runs/log-batch", auth=(name, "not-the-password"), data=data)
+        assert refused.status_code == 401, (refused.status_code, refused.text[:200])
+        assert "Basic" in refused.headers.get("WWW-Authenticate", "")
+    # With the right login it reaches the server, which reads it and says what is wrong with it.
+    read = stack.http("POST", "/api/2.0/mlflow/runs/log-batch", auth=accounts["bystander"], data=big,
+                      headers={"Content-Type": "application/json"})
+    assert read.status_code == 400 and read.json()["error_code"] == "INVALID_PARAMETER_VALUE", read.text[:300]
+
+
+def test_the_servers_ports_answer_only_nginx_and_prometheus(stack):
+    token = "Basic " + base64.b64encode(b"admin:x").decode()
+    probes = lambda host: [  # noqa: E731
+        ("server", f"http://{host}:5000/health", {}),
+        ("server, forged nginx header", f"http://{host}:5000/api/2.0/mlflow/experiments/search?max_results=1",
+         {"X-Stack-From-Nginx": "1", "Authorization": token}),
+        ("metrics", f"http://{host}:9101/metrics", {}),
+        ("metrics, made-up token", f"http://{host}:9101/metrics", {"Authorization": "Bearer x"}),
+    ]
+    expected = {"server": 403, "server, forged nginx header": 403, "metrics": 401, "metrics, made-up token": 401}
+    for network in ("frontend", "backend"):
+        answers = in_container(stack, f"{stack.project}_{network}", PROBE, json.dumps(probes("mlflow")))
+        assert answers == expected, (network, answers)
+    # From this machine, by the container's addresses on both networks.
+    inspected = json.loads(subprocess.run(["docker", "inspect", stack.container_ids()["mlflow"]], check=True,
+                                          capture_output=True, text=True).stdout)[0]
+    addresses = [n["IPAddress"] for n in inspected["NetworkSettings"]["Networks"].values() if n["IPAddress"]]
+    assert len(addresses) == 2, addresses
+    for address in addresses:
+        for name, url, headers in probes(address):
+            answer = requests.get(url, headers=headers, timeout=10)
+            assert answer.status_code == expected[name], (address, name, answer.status_code)
+    # nginx's own requests are answered (every other test goes through it).
+    assert stack.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1").status_code == 200

@@ -1095,3 +1095,28 @@ def test_unchecked_logins_of_one_account_are_checked_one_at_a_time(monkeypatch):
     assert all(not v.ok for v in verdicts[1:])
     assert most == {"ann": 1, "bob": 1, "both": 2}, most
     assert logins._checking == {}
+
+
+def test_a_hold_once_answered_is_answered_again_without_asking_the_database(monkeypatch):
+    import stack_logins
+    from mlflow.server import auth
+
+    monkeypatch.setattr(guard.Logins, "cached", staticmethod(lambda u, p: None))
+    monkeypatch.setattr(auth, "_authenticate_cached", lambda u, p: None)
+    asked = []
+
+    class Throttle:
+        def check(self, account, address, authenticate):
+            asked.append((account, address))
+            return stack_logins.Verdict(False, failures=6, holds_for=30)
+
+    logins = guard.Logins(Throttle())
+    verify = lambda user, address: asyncio.run(logins.verify(  # noqa: E731
+        {"client": (address, 1)}, {"authorization": _basic(user, "guess")}))
+    first = verify("ann", "10.0.0.1")
+    assert not first.ok and first.holds_for == 30 and not first.held
+    again = verify("ann", "10.0.0.1")
+    assert again.held and 29 <= again.held <= 30
+    verify("ann", "10.0.0.2")
+    verify("bob", "10.0.0.1")
+    assert asked == [("ann", "10.0.0.1"), ("ann", "10.0.0.2"), ("bob", "10.0.0.1")]

@@ -41,9 +41,11 @@ def call(user, password, path="/api/2.0/mlflow/experiments/search?max_results=1"
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     conn.request("GET", cfg["base"] + path, headers={"Authorization": "Basic " + token, "Host": cfg["host"]})
     answer = conn.getresponse()
-    answer.read()
+    body = answer.read()
     conn.close()
-    return answer.status, answer.getheader("Retry-After")
+    # A 429 of nginx's request limit (not the throttle's): marked "rate".
+    rate = answer.status == 429 and b"RESOURCE_EXHAUSTED" not in body
+    return answer.status, "rate" if rate else answer.getheader("Retry-After")
 
 results, start = [], time.monotonic()
 
@@ -160,11 +162,13 @@ def test_guessing_a_password_is_held_within_seconds_and_its_owner_still_gets_in(
 
     guesses = seen["guesses"]
     checked = [g for g in guesses if g[1] == 401]
-    held = [g for g in guesses if g[1] == 429]
-    show(f"password guessing: {GUESSERS} clients for {GUESS_SECONDS} s sent {len(guesses)} guesses, "
-         f"{len(checked)} were checked (401), {len(held)} held (429); server CPU {cpu:.1f} s over the attack")
+    held = [g for g in guesses if g[1] == 429 and g[2] != "rate"]
+    limited = [g for g in guesses if g[2] == "rate"]
+    show(f"password guessing: {GUESSERS} clients for {GUESS_SECONDS} s sent {len(guesses)} guesses: "
+         f"{len(checked)} were checked (401), {len(held)} held by the throttle (429), {len(limited)} by nginx's "
+         f"request limit; server CPU {cpu:.1f} s over the attack")
     assert {g[1] for g in guesses} <= {401, 429}, guesses
-    assert all(g[2] and int(g[2]) >= 1 for g in held), held[:5]
+    assert held and all(g[2] and int(g[2]) >= 1 for g in held), held[:5]
     first_held = min(g[0] for g in held)
     assert first_held < 5, f"the first guess held came {first_held} s in"
     # 5 free failures, then one check per hold (1, 2, 4, 8 s) per server worker: the

@@ -438,7 +438,90 @@ def cmd_migrate(_args: list[str]) -> int:
     rewrap_gateway_secrets(database_uri(), secret("MLFLOW_CRYPTO_KEK_PASSPHRASE"))
     if auth_enabled():
         ensure_auth_database()
+    ensure_roles()
     return 0
+
+
+def scram_verifier(password: str, salt: bytes | None = None, iterations: int = 4096) -> str:
+    """PostgreSQL's SCRAM-SHA-256 form of a password (RFC 5802/7677), as `\\password`
+    sends it: ALTER ROLE then carries no password that a log line could show."""
+    import base64
+    import hashlib
+    import hmac
+
+    salt = salt or os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(hashlib.sha256(client_key).digest())}:{b64(server_key)}"
+
+
+# What the server's role may do in MLflow's databases: rows, not the schema. The
+# default privileges cover tables a later migration adds (made by POSTGRES_USER).
+SERVER_GRANTS = (
+    "GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role}",
+    "GRANT USAGE ON SCHEMA public TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+    "GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {role}",
+    "ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}",
+    "ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {role}",
+)
+
+
+def ensure_roles() -> None:
+    """The server's, gc's and the exporter's own roles on the stack's PostgreSQL, with
+    what they may do; their passwords set only when they do not already log in (a
+    re-run changes nothing). With POSTGRES_HOST (the server role is POSTGRES_USER) none."""
+    import psycopg2
+    from psycopg2 import sql
+
+    owner = env("POSTGRES_USER")
+    server = env("POSTGRES_SERVER_ROLE")
+    if server == owner:
+        print("migrate: PostgreSQL outside the stack: the services log in as POSTGRES_USER", flush=True)
+        return
+    monitor = env("POSTGRES_MONITOR_ROLE")
+    wanted = {server: secret("POSTGRES_SERVER_PASSWORD"), monitor: secret("POSTGRES_MONITOR_PASSWORD")}
+    params = common.postgres_params({k: v for k, v in os.environ.items() if k != "POSTGRES_ROLE"})
+    conn = psycopg2.connect(**params)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for role, password in wanted.items():
+                cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+                if cur.fetchone() is None:
+                    cur.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+                    print(f"migrate: created the role {role}", flush=True)
+                if not logs_in(params, role, password):
+                    cur.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(
+                        sql.Identifier(role), sql.Literal(scram_verifier(password))))
+                    print(f"migrate: set the password of the role {role}", flush=True)
+            cur.execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(monitor)))
+            databases = [params["dbname"]] + ([common.auth_database()] if auth_enabled() else [])
+    finally:
+        conn.close()
+    for db in databases:
+        conn = psycopg2.connect(**{**params, "dbname": db})
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                for statement in SERVER_GRANTS:
+                    cur.execute(sql.SQL(statement).format(db=sql.Identifier(db), role=sql.Identifier(server),
+                                                          owner=sql.Identifier(owner)))
+        finally:
+            conn.close()
+    print(f"migrate: the server and gc log in as {server}, the exporter as {monitor}", flush=True)
+
+
+def logs_in(params: dict, role: str, password: str) -> bool:
+    import psycopg2
+
+    try:
+        psycopg2.connect(**{**params, "user": role, "password": password}, connect_timeout=10).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
 
 
 UNREADABLE_FIX = ("If that passphrase is lost, those secrets cannot be recovered: remove them with "

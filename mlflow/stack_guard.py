@@ -545,7 +545,7 @@ class Logins:
             pass
 
     @staticmethod
-    def _count(counter) -> None:
+    def bump(counter) -> None:
         if counter is not None:
             counter.inc()
 
@@ -585,7 +585,7 @@ class Logins:
         now = time.monotonic()
         until = self._holds.get((username, address), 0)
         if until > now:
-            self._count(self._held)
+            self.bump(self._held)
             return stack_logins.Verdict(False, held=math.ceil(until - now))
         entry = self._checking.setdefault(username, [asyncio.Lock(), 0])
         entry[1] += 1
@@ -605,10 +605,10 @@ class Logins:
             if not entry[1]:
                 del self._checking[username]
         if verdict.held:
-            self._count(self._held)
+            self.bump(self._held)
             self.remember_hold(username, address, verdict.held)
         elif not verdict.ok:
-            self._count(self._failed)
+            self.bump(self._failed)
             self.remember_hold(username, address, verdict.holds_for)
             held = f"; held for {verdict.holds_for} s" if verdict.holds_for else ""
             print(f"stack guard: failed login for {username!r} from {address} ({verdict.failures} in a row for "

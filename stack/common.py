@@ -67,12 +67,24 @@ def host_port(host: str, port: int | str, scheme: str = "https") -> str:
     return host if int(port) == default else f"{host}:{port}"
 
 
+# The roles the long-running services log in as on the stack's own PostgreSQL,
+# instead of POSTGRES_USER (its superuser): the server and gc may read and write
+# MLflow's rows, the exporter may read the statistics. The migrate job makes them
+# (mlflow/entrypoint.py, ensure_roles). With POSTGRES_HOST the services log in as
+# POSTGRES_USER (what that server's owner gave the stack).
+SERVER_ROLE = "stack_server"
+MONITOR_ROLE = "stack_monitor"
+
+
 def postgres_params(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """How to log in: as the service's own role (POSTGRES_ROLE, password in
+    POSTGRES_ROLE_PASSWORD_FILE) when it has one, else as POSTGRES_USER."""
+    role = _environ(environ).get("POSTGRES_ROLE")
     return {
         "host": env("POSTGRES_HOST", "db", environ),
         "port": env("POSTGRES_PORT", "5432", environ),
-        "user": env("POSTGRES_USER", environ=environ),
-        "password": secret("POSTGRES_PASSWORD", environ),
+        "user": role or env("POSTGRES_USER", environ=environ),
+        "password": secret("POSTGRES_ROLE_PASSWORD" if role else "POSTGRES_PASSWORD", environ),
         "dbname": env("POSTGRES_DB", environ=environ),
     }
 

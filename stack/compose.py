@@ -109,6 +109,10 @@ def stores(values: Mapping[str, str]) -> list[tuple[str, str]]:
         ("STACK_CONNECTIONS_NEEDED", str(settings.connections_needed(values))),
         ("STACK_POSTGRES_HOST", "db" if "db" in own else values["POSTGRES_HOST"]),
         ("STACK_POSTGRES_PORT", "5432" if "db" in own else values["POSTGRES_PORT"]),
+        # The server's and gc's login: the stack's own role, or POSTGRES_USER on a server outside.
+        ("STACK_POSTGRES_SERVER_ROLE", common.SERVER_ROLE if "db" in own else values["POSTGRES_USER"]),
+        ("STACK_POSTGRES_SERVER_PASSWORD_NAME", "postgres_server_password" if "db" in own else "postgres_password"),
+        ("STACK_POSTGRES_MONITOR_ROLE", common.MONITOR_ROLE),
         ("STACK_S3_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
         ("STACK_BACKEND_INTERNAL", "true" if len(own) == len(settings.STORES_SETTINGS) else "false"),
     ]

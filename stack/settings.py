@@ -334,17 +334,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("POSTGRES_USER", "mlflow",
             pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
                     "tracker"),
-            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow", "postgres-exporter"),
-            doc="Database role."),
+            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow"),
+            doc="Database role: PostgreSQL's superuser in the stack's own database. The server, gc and the "
+                "exporter log in as roles of their own (POSTGRES_SERVER_PASSWORD, POSTGRES_MONITOR_PASSWORD)."),
     Setting("POSTGRES_DB", "mlflow",
             pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
                     "tracking"),
             section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow"),
             doc="Database name (the user store is the database POSTGRES_DB_auth beside it)."),
     Setting("POSTGRES_PASSWORD", GENERATED, secret(), section=STORES, file="postgres_password",
-            services=("backup", "db", "gc", "migrate", "mlflow", "postgres-exporter"),
+            services=("backup", "db", "migrate"),
             doc="Database password. PostgreSQL keeps the one it was initialised with: changing it here "
-                "later needs ALTER ROLE too."),
+                "later needs ALTER ROLE too. Only the jobs that change the schema or replace databases "
+                "(migrate, backup and restore) log in with it."),
+    Setting("POSTGRES_SERVER_PASSWORD", GENERATED, secret(), section=STORES, file="postgres_server_password",
+            services=("gc", "migrate", "mlflow"),
+            doc="Password of the role the server and gc log in as on the stack's PostgreSQL (stack_server: "
+                "it may read and write MLflow's rows, not change the schema or read other databases). The "
+                "migrate job sets it at each deploy. Unused with POSTGRES_HOST (then they log in as "
+                "POSTGRES_USER)."),
+    Setting("POSTGRES_MONITOR_PASSWORD", GENERATED, secret(), section=STORES, file="postgres_monitor_password",
+            services=("migrate", "postgres-exporter"),
+            doc="Password of the role the PostgreSQL exporter (profile monitoring) logs in as "
+                "(stack_monitor: PostgreSQL's pg_monitor, statistics only)."),
     Setting("POSTGRES_HOST", "", ipv4_or_host_name(), section=STORES, may_be_empty=True, from_shell=False,
             services=("backup", "bucket-init", "gc", "migrate", "mlflow"),
             host=("deploy", "backup scripts", "show"),
@@ -505,6 +517,15 @@ def _address_rate_covers_a_login(values: Mapping[str, str]) -> list[str]:
     return []
 
 
+def _roles_are_distinct(values: Mapping[str, str]) -> list[str]:
+    from .common import MONITOR_ROLE, SERVER_ROLE
+
+    if values.get("POSTGRES_USER") in (SERVER_ROLE, MONITOR_ROLE):
+        return [f"POSTGRES_USER={values['POSTGRES_USER']} is the name of a role the stack makes for its services: "
+                "choose another"]
+    return []
+
+
 def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
     if values.get("MLFLOW_ENABLE_JOBS") == "true" and int(values.get("MLFLOW_REPLICAS", "1")) > 1:
         return ["MLFLOW_ENABLE_JOBS=true needs MLFLOW_REPLICAS=1: each MLflow server keeps its own job queue "
@@ -557,6 +578,7 @@ def compose_profiles(values: Mapping[str, str]) -> str:
 # Rules that span keys; each sees only values that passed their own rule.
 CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (
     _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica, _address_rate_covers_a_login,
+    _roles_are_distinct,
     _stores_outside_with_monitoring, _outside_is_outside)
 
 

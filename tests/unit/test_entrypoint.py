@@ -1,6 +1,7 @@
 """The MLflow image's entrypoint: settings derived from the environment."""
 
 import importlib.util
+import re
 import urllib.parse
 
 import pytest
@@ -472,3 +473,10 @@ def test_a_stop_signal_reaches_the_server_only_after_the_drain(tmp_path, signals
         assert 1.4 <= got - sent < 5, got - sent
     else:
         assert 0.3 <= got - sent < 1.0, got - sent
+
+
+def test_a_role_password_goes_to_postgresql_as_a_scram_verifier_only():
+    fixed = ep.scram_verifier("s3cret", salt=b"0123456789abcdef")
+    assert fixed == ep.scram_verifier("s3cret", salt=b"0123456789abcdef")
+    assert re.fullmatch(r"SCRAM-SHA-256\$4096:[A-Za-z0-9+/=]{24}\$[A-Za-z0-9+/=]{44}:[A-Za-z0-9+/=]{44}", fixed), fixed
+    assert "s3cret" not in fixed and ep.scram_verifier("s3cret") != fixed

@@ -115,6 +115,21 @@ def assert_acknowledged_stored(threads: list[dict], psql, s3, bucket: str) -> No
         assert set(t["artifacts"]) <= names, sorted(set(t["artifacts"]) - names)[:20]
 
 
+# Inside a server container: its workers' metrics, with Prometheus's bearer token (the port
+# answers nobody else).
+_SERVER_METRICS = ("import os, urllib.request;"
+                   "token = open('/run/secrets/stack_metrics_token').read().strip();"
+                   "ask = urllib.request.Request('http://127.0.0.1:' + os.environ['MLFLOW_METRICS_PORT'] + '/metrics',"
+                   " headers={'Authorization': 'Bearer ' + token});"
+                   "print(urllib.request.urlopen(ask, timeout=10).read().decode())")
+
+
+def server_metrics(stack, index: int | None = None) -> str:
+    """The Prometheus text of one server replica (the first, or --index INDEX)."""
+    where = ("--index", str(index)) if index is not None else ()
+    return stack.compose("exec", "-T", *where, "mlflow", "python3", "-c", _SERVER_METRICS).stdout
+
+
 def streamed_from_the_store(response) -> bool:
     """Whether nginx fetched the answer from the store (which names every request it
     serves) rather than MLflow answering itself."""

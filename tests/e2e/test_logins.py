@@ -25,7 +25,7 @@ import uuid
 import pytest
 import requests
 
-from .conftest import show
+from .conftest import server_metrics, show
 
 GUESSERS = 8
 GUESS_SECONDS = 10
@@ -108,11 +108,7 @@ def server_cpu_seconds(stack) -> float:
 
 
 def server_counters(stack) -> dict[str, float]:
-    code = ("import urllib.request;"
-            "token = open('/run/secrets/stack_metrics_token').read().strip();"
-            "ask = urllib.request.Request('http://127.0.0.1:9101/metrics', headers={'Authorization': 'Bearer ' + token});"
-            "print(urllib.request.urlopen(ask, timeout=5).read().decode())")
-    text = stack.compose("exec", "-T", "mlflow", "python3", "-c", code).stdout
+    text = server_metrics(stack)
     counters: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("mlflow_stack_") and "_total" in line:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import assert_acknowledged_stored, show, wait_for
+from .conftest import assert_acknowledged_stored, server_metrics, show, wait_for
 from .test_stack import s3_client
 
 THREADS = 4
@@ -46,14 +46,9 @@ def all_healthy(stack, count: int) -> bool:
 
 def served(stack, index: int) -> float:
     """Requests this replica's workers answered (its Prometheus counters)."""
-    code = ("import urllib.request;"
-            "token = open('/run/secrets/stack_metrics_token').read().strip();"
-            "ask = urllib.request.Request('http://127.0.0.1:9101/metrics', headers={'Authorization': 'Bearer ' + token});"
-            "text = urllib.request.urlopen(ask, timeout=5).read().decode();"
-            "print(sum(float(l.rsplit(' ', 1)[1]) for l in text.splitlines()"
-            " if l.startswith('mlflow_http_request_total{')))")
-    out = stack.compose("exec", "-T", "--index", str(index), "mlflow", "python3", "-c", code).stdout
-    return float(out.strip() or 0)
+    text = server_metrics(stack, index)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mlflow_http_request_total{"))
 
 
 @pytest.fixture(scope="module")

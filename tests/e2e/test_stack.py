@@ -24,7 +24,7 @@ import pytest
 from botocore.config import Config
 
 from . import gateway
-from .conftest import streamed_from_the_store
+from .conftest import server_metrics, streamed_from_the_store
 
 LONG_RUNNING = ("db", "minio", "mlflow", "nginx")
 MiB = 1 << 20
@@ -301,13 +301,10 @@ def test_gateway_secrets_are_stored_under_this_installations_key(stack):
     assert "sk-e2e-stack-0123456789" not in stack.compose("logs", "--no-color").stdout
 
 
-METRICS = ("import os, urllib.request; print(urllib.request.urlopen("
-           "'http://localhost:' + os.environ['MLFLOW_METRICS_PORT'], timeout=10).read().decode())")
-
 
 def _requests_counted(stack) -> float:
     """mlflow_http_request_total summed over labels, from the server's internal metrics port."""
-    text = stack.compose("exec", "-T", "mlflow", "python3", "-c", METRICS).stdout
+    text = server_metrics(stack)
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("mlflow_http_request_total{"))
 

@@ -1,25 +1,26 @@
 """The permission matrix, end to end through nginx, at the root and under MLFLOW_BASE_PATH
-(`target`): one user per permission on the admin's experiment (NO_PERMISSIONS, the stack's
-DENY; READ; USE; EDIT; MANAGE), each trying what MLflow's permission model gives or denies
+(`target`): one user per permission on the admin's experiment (DENY, READ, USE, EDIT,
+MANAGE), each trying what MLflow's permission model gives or denies
 them across the route families: REST 2.0 and the UI's ajax-api, GraphQL, proxied
 artifacts, OTLP /v1/traces, and the experiment's own permissions. Asserted on the data:
 rows in PostgreSQL, bytes of the artifact, what a read returned.
 
 MLflow's model (mlflow.server.auth.permissions): READ may read; USE also use (the same as
 READ for an experiment); EDIT also change (log, tag, upload, export traces); MANAGE also
-delete and grant. NO_PERMISSIONS none of these.
+delete and grant. DENY none of these.
 """
 
 from __future__ import annotations
 
 import gzip
+import re
 import uuid
 
 import pytest
 
 from .genai_client import otlp_body
 
-PERMISSIONS = ("NO_PERMISSIONS", "READ", "USE", "EDIT", "MANAGE")
+PERMISSIONS = ("DENY", "READ", "USE", "EDIT", "MANAGE")
 LEVEL = {p: i for i, p in enumerate(PERMISSIONS)}
 SECRET = b"the experiment's artifact"
 
@@ -42,15 +43,16 @@ def matrix(target):
     artifact = f"/api/2.0/mlflow-artifacts/artifacts/{exp_id}/{run_id}/artifacts/kept.txt"
     assert target.http("PUT", artifact, data=SECRET).status_code == 200
     users = {}
+    # "other": the one whose permission the others try to change (no grant: the default).
     for permission in (*PERMISSIONS, "other"):
         name, password = f"mx-{permission.lower()[:6]}-{tag}", uuid.uuid4().hex
         assert target.http("POST", "/api/2.0/mlflow/users/create",
                            json={"username": name, "password": password}).status_code == 200
-        # "other": the one whose permission the others try to change.
-        granted = target.http("POST", "/api/2.0/mlflow/experiments/permissions/create",
-                              json={"experiment_id": exp_id, "username": name,
-                                    "permission": "NO_PERMISSIONS" if permission == "other" else permission})
-        assert granted.status_code == 200, granted.text
+        if permission != "other":
+            granted = target.http("POST", "/api/3.0/mlflow/users/permissions/grant",
+                                  json={"username": name, "resource_type": "experiment", "resource_id": exp_id,
+                                        "permission": permission})
+            assert granted.status_code == 200, granted.text
         users[permission] = {"login": (name, password), "doomed_run": new_run()}
     return {"exp_id": exp_id, "run_id": run_id, "artifact": artifact, "users": users, "tag": tag}
 
@@ -59,17 +61,11 @@ def rows(target, sql: str) -> int:
     return int(target.psql(sql))
 
 
-def users_db(target, sql: str) -> str:
-    values = target.values()
-    return target.compose("exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",
-                          values["POSTGRES_DB"] + "_auth", "-Atc", sql).stdout.strip()
-
-
 def attempt(target, matrix, permission: str, operation: str) -> bool:
     """Whether the user with `permission` did `operation`, judged by the data."""
     user = matrix["users"][permission]
     login, exp_id, run_id = user["login"], matrix["exp_id"], matrix["run_id"]
-    key = f"{operation}-{login[0]}"
+    key = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{operation}-{login[0]}")  # a valid metric, tag and file name
     http = lambda method, path, **kw: target.http(method, path, auth=login, **kw)  # noqa: E731
     if operation == "read experiment (REST)":
         answer = http("GET", f"/api/2.0/mlflow/experiments/get?experiment_id={exp_id}")
@@ -117,15 +113,15 @@ def attempt(target, matrix, permission: str, operation: str) -> bool:
         http("POST", "/api/2.0/mlflow/runs/delete", json={"run_id": doomed})
         return target.psql(f"SELECT lifecycle_stage FROM runs WHERE run_uuid = '{doomed}'") == "deleted"
     if operation == "grant a permission":
-        other = matrix["users"]["other"]["login"][0]
-        held = ("SELECT p.permission FROM experiment_permissions p JOIN users u ON u.id = p.user_id "
-                f"WHERE u.username = '{other}' AND p.experiment_id = '{exp_id}'")
-        http("POST", "/api/2.0/mlflow/experiments/permissions/update",
-             json={"experiment_id": exp_id, "username": other, "permission": "READ"})
-        changed = users_db(target, held) == "READ"
-        reset = target.http("POST", "/api/2.0/mlflow/experiments/permissions/update",
-                            json={"experiment_id": exp_id, "username": other, "permission": "NO_PERMISSIONS"})
-        assert reset.status_code == 200 and users_db(target, held) == "NO_PERMISSIONS", reset.text
+        grant = {"username": matrix["users"]["other"]["login"][0], "resource_type": "experiment",
+                 "resource_id": exp_id}
+        held = lambda: target.http("GET", "/api/3.0/mlflow/users/permissions/get", params=grant).json()  # noqa: E731
+        before = held()["permission"]
+        http("POST", "/api/3.0/mlflow/users/permissions/grant", json={**grant, "permission": "EDIT"})
+        changed = held()["permission"] == "EDIT"
+        if changed:
+            assert target.http("POST", "/api/3.0/mlflow/users/permissions/revoke", json=grant).status_code == 200
+            assert held()["permission"] == before
         return changed
     raise AssertionError(operation)
 

@@ -123,7 +123,7 @@ def inspect_dump(dump: Path) -> tuple[dict[str, int], str | None]:
     pg("createdb", scratch, db="postgres")
     try:
         with open(dump, "rb") as fh:
-            pg("pg_restore", "--no-owner", "--exit-on-error", "-d", scratch, stdin=fh)
+            pg("pg_restore", "--no-owner", "--no-acl", "--exit-on-error", "-d", scratch, stdin=fh)
         return table_counts(scratch), alembic_version(scratch)
     finally:
         pg("dropdb", "--if-exists", "--force", scratch, db="postgres")
@@ -413,7 +413,7 @@ def restore_database(dump: Path, db: str, want: dict[str, int]) -> None:
     pg("dropdb", "--if-exists", "--force", db, db="postgres")
     pg("createdb", "-O", os.environ["POSTGRES_USER"], db, db="postgres")
     with open(dump, "rb") as fh:
-        pg("pg_restore", "--no-owner", "--exit-on-error", "-d", db, stdin=fh)
+        pg("pg_restore", "--no-owner", "--no-acl", "--exit-on-error", "-d", db, stdin=fh)
     counts = table_counts(db)
     if counts != want:
         diff = {t: (counts.get(t), want.get(t)) for t in sorted({*counts, *want}) if counts.get(t) != want.get(t)}

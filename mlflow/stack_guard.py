@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hmac
 import json
 import math
@@ -294,6 +295,12 @@ class Guard:
         headers = joined_headers(scope)
         if not from_nginx(scope, headers, self.nginx_token):
             return await _status(send, 403, b"This port answers nginx only: use the stack's HTTPS address.\n")
+        if FROM_NGINX_KEY in headers:
+            # Checked: nginx's token goes no further (MLflow's gateway passes a request's
+            # headers on to the provider). Whether nginx sent it is remembered instead.
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != FROM_NGINX_KEY]}
+            FROM_NGINX_REQUEST.set(self.nginx_token is not None and hmac.compare_digest(
+                headers[FROM_NGINX_KEY].encode(), self.nginx_token.encode()))
         path = scope.get("path", "")
         if self.base_path:
             path = path[len(self.base_path):] if path.startswith(self.base_path + "/") else ""
@@ -307,9 +314,11 @@ class Guard:
             check_target(scope.get("path", ""), scope.get("query_string", b""))
         except Invalid as exc:
             return await _error(send, exc)
-        if self.logins is not None and "authorization" in headers:
-            # Before any body is read: a wrong or held login costs no buffering.
-            verdict = await self.logins.verify(scope, headers)
+        login = login_header(path, headers)
+        if self.logins is not None and login and not loopback(scope):
+            # Before any body is read: a wrong or held login costs no buffering. (The
+            # container's own processes, MLflow's job runner among them, are not throttled.)
+            verdict = await self.logins.verify(scope, headers, login)
             if verdict is not None and not verdict.ok:
                 return await _refused(send, verdict)
         if scope["method"] == "PUT" and path.startswith(STREAMED_ARTIFACTS):
@@ -393,7 +402,7 @@ class Guard:
         if self.logins is None:
             verdict = await asyncio.to_thread(admin_verdict, headers.get("authorization", ""))
             return await _status(send, {True: 204, False: 403, None: 401}[verdict])
-        login = await self.logins.verify(scope, headers)
+        login = await self.logins.verify(scope, headers, headers.get("authorization", ""))
         if login is None or not login.ok:
             return await _status(send, 403 if login and login.held else 401)
         await _status(send, 204 if login.user.is_admin else 403)
@@ -404,7 +413,8 @@ class Guard:
         one (auth_request passes only these on; nginx answers the client 429)."""
         if self.logins is None:
             return await _status(send, 204)
-        login = await self.logins.verify(scope, headers)
+        # The original path is nginx's: the gateway's login header counts whenever it is set.
+        login = await self.logins.verify(scope, headers, login_header("/gateway/", headers))
         if login is not None and login.ok:
             return await _status(send, 204)
         if login is not None and login.held:
@@ -492,22 +502,36 @@ def from_nginx(scope: dict, headers: dict[str, str], token: str | None) -> bool:
     replacing a client's own), or from inside this container (its healthcheck)."""
     if token is None:
         return True
-    client = scope.get("client") or ("", 0)
-    if client[0] in ("127.0.0.1", "::1"):
+    if loopback(scope):
         return True
-    return hmac.compare_digest(headers.get(FROM_NGINX.lower(), "").encode(), token.encode())
+    return hmac.compare_digest(headers.get(FROM_NGINX_KEY, "").encode(), token.encode())
+
+
+def loopback(scope: dict) -> bool:
+    client = scope.get("client") or ("", 0)
+    return client[0] in ("127.0.0.1", "::1")
+
+
+def login_header(path: str, headers: dict[str, str]) -> str:
+    """The header MLflow reads a login from: on its gateway routes X-MLflow-Authorization
+    when it is set (the provider's key takes Authorization there), else Authorization."""
+    if path.startswith("/gateway/") and headers.get(GATEWAY_LOGIN, "").strip():
+        return headers[GATEWAY_LOGIN]
+    return headers.get("authorization", "")
 
 
 def basic_credentials(header: str) -> tuple[str, str] | None:
-    """(user name, password) of a Basic Authorization header, as Werkzeug reads it; None for another."""
+    """(user name, password) of a Basic login as MLflow reads it (Werkzeug on its Flask
+    routes, its own code on the FastAPI ones): base64 not strictly checked, no colon
+    meaning an empty password. None when MLflow finds no Basic login in it either."""
     scheme, _, encoded = header.strip().partition(" ")
     if scheme.lower() != "basic":
         return None
     try:
-        username, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+        username, _, password = base64.b64decode(encoded.strip()).decode("utf-8").partition(":")
     except (ValueError, UnicodeDecodeError):
         return None
-    return (username, password) if sep else None
+    return username, password
 
 
 def client_address(scope: dict, headers: dict[str, str]) -> str:
@@ -568,13 +592,14 @@ class Logins:
         with auth._USER_AUTH_CACHE_LOCK:
             return auth._USER_AUTH_CACHE.get(key)
 
-    async def verify(self, scope, headers):
-        """A Verdict (stack_logins) for the request's Basic login; None when it has
-        none (MLflow answers) or the throttle's database failed (MLflow checks it)."""
+    async def verify(self, scope, headers, header: str):
+        """A Verdict (stack_logins) for the Basic login in `header`; None when it has
+        none (MLflow answers). Should the throttle's database fail, the login is checked
+        unthrottled (and said so), never refused for it."""
         import stack_logins
         from mlflow.server import auth
 
-        credentials = basic_credentials(headers.get("authorization", ""))
+        credentials = basic_credentials(header)
         if credentials is None:
             return None
         username, password = credentials
@@ -596,10 +621,11 @@ class Logins:
                     return stack_logins.Verdict(True, user=user)
                 verdict = await asyncio.to_thread(self.throttle.check, username, address,
                                                   lambda: auth._authenticate_cached(username, password))
-        except Exception as exc:  # noqa: BLE001 - MLflow's own check still runs
+        except Exception as exc:  # noqa: BLE001 - the login is still checked, unthrottled
             print(f"stack guard: login throttle unavailable ({type(exc).__name__}: {exc}); "
                   "logins are checked unthrottled", file=sys.stderr, flush=True)
-            return None
+            user = await asyncio.to_thread(auth._authenticate_cached, username, password)
+            return stack_logins.Verdict(user is not None, user=user)
         finally:
             entry[1] -= 1
             if not entry[1]:
@@ -707,7 +733,12 @@ NGINX_FETCH = "/_stack/s3-fetch"
 # is overwritten): the server answers nobody else, and an answer meant for nginx
 # goes to nobody else.
 FROM_NGINX = "X-Stack-From-Nginx"
+FROM_NGINX_KEY = FROM_NGINX.lower()
 NGINX_TOKEN: str | None = None
+# Set by the guard for a request that carried nginx's token (the header itself is removed).
+FROM_NGINX_REQUEST: contextvars.ContextVar[bool] = contextvars.ContextVar("stack_from_nginx", default=False)
+# MLflow's gateway routes read the login from here (mlflow.gateway.constants).
+GATEWAY_LOGIN = "x-mlflow-authorization"
 FETCH_HEADERS = ("X-Stack-S3-Path", "X-Stack-S3-Authorization", "X-Stack-S3-Date", "X-Stack-S3-Content-Sha256")
 
 
@@ -799,7 +830,7 @@ def artifact_downloads_by_nginx(environ=None) -> None:
     def make(original):
         async def download_artifact(artifact_path: str, request: Request):
             found = None
-            if NGINX_TOKEN and hmac.compare_digest(request.headers.get(FROM_NGINX, "").encode(), NGINX_TOKEN.encode()):
+            if FROM_NGINX_REQUEST.get():
                 found = await asyncio.to_thread(fetch.locate, artifact_path)
             if found is None:
                 return await original(artifact_path)

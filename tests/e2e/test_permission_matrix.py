@@ -2,7 +2,8 @@
 (`target`): one user per permission on the admin's experiment (DENY, READ, USE, EDIT,
 MANAGE), each trying what MLflow's permission model gives or denies
 them across the route families: REST 2.0 and the UI's ajax-api, GraphQL, proxied
-artifacts, OTLP /v1/traces, and the experiment's own permissions. Asserted on the data:
+artifacts, OTLP /v1/traces, the experiment's own permissions and MLflow 3.17's roles API.
+Asserted on the data:
 rows in PostgreSQL, bytes of the artifact, what a read returned.
 
 MLflow's model (mlflow.server.auth.permissions): READ may read; USE also use (the same as
@@ -21,7 +22,7 @@ import pytest
 from .genai_client import otlp_body
 
 PERMISSIONS = ("DENY", "READ", "USE", "EDIT", "MANAGE")
-LEVEL = {p: i for i, p in enumerate(PERMISSIONS)}
+LEVEL = {**{p: i for i, p in enumerate(PERMISSIONS)}, "ADMIN": len(PERMISSIONS)}
 SECRET = b"the experiment's artifact"
 
 
@@ -54,11 +55,17 @@ def matrix(target):
                                         "permission": permission})
             assert granted.status_code == 200, granted.text
         users[permission] = {"login": (name, password), "doomed_run": new_run()}
+    # The admin, who may do everything: each operation is shown to be doable as it is sent.
+    values = target.values()
+    users["ADMIN"] = {"login": (values["MLFLOW_ADMIN_USERNAME"], values["MLFLOW_ADMIN_PASSWORD"]),
+                      "doomed_run": new_run()}
     return {"exp_id": exp_id, "run_id": run_id, "artifact": artifact, "users": users, "tag": tag}
 
 
-def rows(target, sql: str) -> int:
-    return int(target.psql(sql))
+def rows(target, sql: str, db_suffix: str = "") -> int:
+    values = target.values()
+    return int(target.compose("exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",
+                              values["POSTGRES_DB"] + db_suffix, "-Atc", sql).stdout.strip())
 
 
 def attempt(target, matrix, permission: str, operation: str) -> bool:
@@ -123,6 +130,9 @@ def attempt(target, matrix, permission: str, operation: str) -> bool:
             assert target.http("POST", "/api/3.0/mlflow/users/permissions/revoke", json=grant).status_code == 200
             assert held()["permission"] == before
         return changed
+    if operation == "create a role (roles API)":
+        http("POST", "/api/3.0/mlflow/roles/create", json={"name": key, "workspace": "default"})
+        return rows(target, f"SELECT count(*) FROM roles WHERE name = '{key}'", "_auth") == 1
     raise AssertionError(operation)
 
 
@@ -140,11 +150,13 @@ NEEDS = {
     "export traces (OTLP)": "EDIT",
     "delete run": "MANAGE",
     "grant a permission": "MANAGE",
+    # Roles are the admins' (a permission on one experiment does not reach them).
+    "create a role (roles API)": "ADMIN",
 }
 
 
 @pytest.mark.parametrize("operation", list(NEEDS))
 def test_each_permission_does_exactly_what_it_grants(target, matrix, operation):
-    done = {p: attempt(target, matrix, p, operation) for p in PERMISSIONS}
-    expected = {p: LEVEL[p] >= LEVEL[NEEDS[operation]] for p in PERMISSIONS}
+    done = {p: attempt(target, matrix, p, operation) for p in (*PERMISSIONS, "ADMIN")}
+    expected = {p: LEVEL[p] >= LEVEL[NEEDS[operation]] for p in (*PERMISSIONS, "ADMIN")}
     assert done == expected, operation

@@ -507,26 +507,33 @@ def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeyp
     assert endpoint is not mlflows and endpoint.replaced_by_stack
     assert all(r.endpoint is endpoint for r in artifact_routes) and len(artifact_routes) == 2
 
-    monkeypatch.setattr(guard, "NGINX_TOKEN", "t0ken-of-nginx-xyz")
-    nginx = _Request({guard.FROM_NGINX: "t0ken-of-nginx-xyz"})
-    answer = asyncio.run(endpoint("1/run/artifacts/model.pkl", nginx))
+    nginx = _Request({})
+
+    def as_nginx(call):
+        async def run():
+            guard.FROM_NGINX_REQUEST.set(True)  # as the guard sets it for a request with nginx's token
+            return await call
+        return asyncio.run(run())
+
+    answer = as_nginx(endpoint("1/run/artifacts/model.pkl", nginx))
     assert answer.status_code == 200 and answer.body == b""
     assert answer.headers["x-accel-redirect"] == guard.NGINX_FETCH == "/_stack/s3-fetch"
     assert [answer.headers[h] for h in guard.FETCH_HEADERS] == list(signed)
     assert answer.headers["content-disposition"] == "attachment; filename=model.pkl"
     # Not an object in the store (missing, a folder, another store): MLflow answers.
-    assert asyncio.run(endpoint("1/run/artifacts/folder", nginx)) == "mlflow's answer"
+    assert as_nginx(endpoint("1/run/artifacts/folder", nginx)) == "mlflow's answer"
     # Nor does a caller that is not nginx get an answer meant for nginx (an empty body).
     assert asyncio.run(endpoint("1/run/artifacts/model.pkl", _Request({}))) == "mlflow's answer"
-    assert asyncio.run(endpoint("1/run/artifacts/model.pkl", _Request({guard.FROM_NGINX: "1"}))) == "mlflow's answer"
-    assert fallback == ["1/run/artifacts/folder", "1/run/artifacts/model.pkl", "1/run/artifacts/model.pkl"]
+    assert fallback == ["1/run/artifacts/folder", "1/run/artifacts/model.pkl"]
     # Through FastAPI, as MLflow's app includes the router: the path and the request resolve.
     from fastapi import FastAPI
 
-    app = FastAPI()
-    app.include_router(artifact_router.artifact_router)
+    api = FastAPI()
+    api.include_router(artifact_router.artifact_router)
+    # Through the guard, which admits nginx's token and takes it off the request.
+    app = guard.Guard(api, auth=False, max_body=1 << 20, nginx_token="t0ken-of-nginx-xyz")
 
-    def get(path, headers=()):
+    def get(path, headers=(), client=("nginx", 1)):
         sent = []
 
         async def receive():
@@ -537,7 +544,7 @@ def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeyp
 
         scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
                  "headers": [(k.lower().encode(), v.encode()) for k, v in headers], "scheme": "http",
-                 "server": ("mlflow", 5000), "client": ("nginx", 1), "root_path": "", "http_version": "1.1"}
+                 "server": ("mlflow", 5000), "client": client, "root_path": "", "http_version": "1.1"}
         asyncio.run(app(scope, receive, send))
         return sent[0]["status"], dict((k.decode(), v.decode()) for k, v in sent[0]["headers"]), sent[1]["body"]
 
@@ -545,7 +552,10 @@ def test_downloads_of_the_own_store_are_handed_to_nginx(artifact_routes, monkeyp
     for path in (url, url.replace("/api/", "/ajax-api/")):
         status, headers, _ = get(path, [(guard.FROM_NGINX, "t0ken-of-nginx-xyz")])
         assert (status, headers.get("x-accel-redirect")) == (200, guard.NGINX_FETCH), (path, status, headers)
-    assert get(url)[2] == b'"mlflow\'s answer"'
+    assert get(url)[0] == 403  # not nginx: not answered at all
+    # The container's own loopback is answered, by MLflow (no answer meant for nginx).
+    assert get(url, client=("127.0.0.1", 1))[2] == b'"mlflow\'s answer"'
+    assert get(url, [(guard.FROM_NGINX, "forged")], client=("127.0.0.1", 1))[2] == b'"mlflow\'s answer"'
     # nginx's location has the same name, reads the same headers and sets the marker.
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
     assert f"location = {guard.NGINX_FETCH} {{" in template
@@ -974,10 +984,10 @@ class _Logins:
     def __init__(self, verdicts):
         self.verdicts, self.asked = verdicts, []
 
-    async def verify(self, scope, headers):
+    async def verify(self, scope, headers, header):
         import stack_logins
 
-        credentials = guard.basic_credentials(headers.get("authorization", ""))
+        credentials = guard.basic_credentials(header)
         if credentials is None:
             return None
         self.asked.append((credentials[0], guard.client_address(scope, headers)))
@@ -1040,12 +1050,23 @@ def test_nginx_asks_for_a_login_verdict_before_it_reads_a_large_body():
     assert guard.Guard(inner, auth=False, max_body=1, logins=logins).logins is None
 
 
-def test_basic_credentials_are_read_as_werkzeug_reads_them():
+def test_basic_credentials_are_read_as_mlflow_reads_them():
+    """Whatever MLflow (Werkzeug, or its FastAPI code) would check as a login, the throttle sees too."""
     assert guard.basic_credentials(_basic("ann", "p:w")) == ("ann", "p:w")
     assert guard.basic_credentials("basic " + base64.b64encode(b"ann:").decode()) == ("ann", "")
-    for header in ("", "Bearer x", "Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode(),
-                   "Basic " + base64.b64encode(b"\xff:x").decode()):
+    # No colon: an empty password; base64 with stray characters is read as Python reads it.
+    assert guard.basic_credentials("Basic " + base64.b64encode(b"no-colon").decode()) == ("no-colon", "")
+    assert guard.basic_credentials(_basic("ann", "pw") + "!") == ("ann", "pw")
+    assert guard.basic_credentials("Basic  " + base64.b64encode(b"ann:pw").decode() + " ") == ("ann", "pw")
+    for header in ("", "Bearer x", "Basic " + base64.b64encode(b"\xff:x").decode(), "Basic abc"):
         assert guard.basic_credentials(header) is None, header
+    # On the gateway's routes MLflow reads X-MLflow-Authorization first (Authorization holds the
+    # provider's key there); elsewhere only Authorization.
+    both = {"authorization": "Bearer sk-provider", guard.GATEWAY_LOGIN: _basic("ann", "pw")}
+    assert guard.login_header("/gateway/openai/v1/chat/completions", both) == _basic("ann", "pw")
+    assert guard.login_header("/api/2.0/mlflow/runs/create", both) == "Bearer sk-provider"
+    assert guard.login_header("/gateway/x", {"authorization": _basic("bo", "x"), guard.GATEWAY_LOGIN: " "}) \
+        == _basic("bo", "x")
 
 
 def test_a_login_is_held_longer_after_each_failure_beyond_the_free_ones():
@@ -1085,9 +1106,9 @@ def test_unchecked_logins_of_one_account_are_checked_one_at_a_time(monkeypatch):
     logins = guard.Logins(Throttle())
 
     async def many():
-        calls = [logins.verify({"client": ("10.0.0.1", 1)}, {"authorization": _basic(user, f"guess-{i}")})
+        calls = [logins.verify({"client": ("10.0.0.1", 1)}, {}, _basic(user, f"guess-{i}"))
                  for i in range(6) for user in ("ann", "bob")]
-        cached = logins.verify({}, {"authorization": _basic("ann", "cached")})
+        cached = logins.verify({}, {}, _basic("ann", "cached"))
         return await asyncio.gather(cached, *calls)
 
     verdicts = asyncio.run(many())
@@ -1112,7 +1133,7 @@ def test_a_hold_once_answered_is_answered_again_without_asking_the_database(monk
 
     logins = guard.Logins(Throttle())
     verify = lambda user, address: asyncio.run(logins.verify(  # noqa: E731
-        {"client": (address, 1)}, {"authorization": _basic(user, "guess")}))
+        {"client": (address, 1)}, {}, _basic(user, "guess")))
     first = verify("ann", "10.0.0.1")
     assert not first.ok and first.holds_for == 30 and not first.held
     again = verify("ann", "10.0.0.1")
@@ -1120,3 +1141,49 @@ def test_a_hold_once_answered_is_answered_again_without_asking_the_database(monk
     verify("ann", "10.0.0.2")
     verify("bob", "10.0.0.1")
     assert asked == [("ann", "10.0.0.1"), ("ann", "10.0.0.2"), ("bob", "10.0.0.1")]
+
+
+def test_the_gateways_login_is_throttled_nginxs_token_goes_no_further_and_loopback_is_not_held():
+    import stack_logins
+
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append(dict(scope["headers"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    logins = _Logins({("ann", "good"): stack_logins.Verdict(True)})
+    app = guard.Guard(inner, auth=True, max_body=1 << 20, logins=logins, nginx_token="t0ken-of-nginx-xyz")
+    token = (guard.FROM_NGINX, "t0ken-of-nginx-xyz")
+    # A guess in the gateway's own login header is refused (and counted) like any other.
+    sent, _ = _scoped_call(app, "/gateway/openai/v1/chat/completions", b"{}",
+                           [token, ("authorization", "Bearer sk-provider"), (guard.GATEWAY_LOGIN, _basic("ann", "x"))])
+    assert sent[0]["status"] == 401 and not seen and logins.asked == [("ann", "172.18.0.9")]
+    sent, _ = _scoped_call(app, "/gateway/openai/v1/chat/completions", b"{}",
+                           [token, ("authorization", "Bearer sk-provider"), (guard.GATEWAY_LOGIN, _basic("ann", "good"))])
+    assert sent[0]["status"] == 200
+    # What MLflow (and the provider, through its gateway) gets has no token of nginx's.
+    assert guard.FROM_NGINX_KEY.encode() not in seen[-1] and seen[-1][b"authorization"] == b"Bearer sk-provider"
+    # The container's own processes (healthcheck, MLflow's job runner) are not throttled.
+    sent, _ = _scoped_call(app, "/api/2.0/mlflow/experiments/search", b"{}", [("authorization", _basic("bo", "x")),
+                                                                              ("content-type", JSON)],
+                           client=("127.0.0.1", 9))
+    assert sent[0]["status"] == 200 and len(logins.asked) == 2
+
+
+def test_a_login_is_still_checked_when_the_throttles_database_fails(monkeypatch, capsys):
+    from mlflow.server import auth
+
+    monkeypatch.setattr(guard.Logins, "cached", staticmethod(lambda u, p: None))
+    monkeypatch.setattr(auth, "_authenticate_cached", lambda u, p: "ann's user" if p == "good" else None)
+
+    class Down:
+        def check(self, account, address, authenticate):
+            raise OSError("connection refused")
+
+    logins = guard.Logins(Down())
+    good = asyncio.run(logins.verify({"client": ("10.0.0.1", 1)}, {}, _basic("ann", "good")))
+    bad = asyncio.run(logins.verify({"client": ("10.0.0.1", 1)}, {}, _basic("ann", "bad")))
+    assert good.ok and good.user == "ann's user" and not bad.ok and not bad.held
+    assert "login throttle unavailable" in capsys.readouterr().err

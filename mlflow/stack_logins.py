@@ -24,17 +24,17 @@ job), so every worker of every replica sees the same ones.
 
 from __future__ import annotations
 
-import logging
+import ipaddress
 import math
 import random
 from dataclasses import dataclass
 
-ADDRESS_FACTOR = 10
-# An address that logged in to the account lately may fail this many times as often
-# (typing mistakes) before its own count holds it.
-KNOWN_FACTOR = 4
+# One home: the settings' table, whose documentation of LOGIN_FREE_FAILURES names them.
+from stack.settings import LOGIN_ADDRESS_FACTOR as ADDRESS_FACTOR
+from stack.settings import LOGIN_KNOWN_DAYS as KNOWN_DAYS
+from stack.settings import LOGIN_KNOWN_FACTOR as KNOWN_FACTOR
+
 MEMORY_SECONDS = 3600
-KNOWN_DAYS = 30
 # The exponent is capped before it grows beyond any limit.
 MAX_DOUBLINGS = 40
 
@@ -91,6 +91,15 @@ class Throttle:
         free = self.free * (ADDRESS_FACTOR if scope == "address" else KNOWN_FACTOR if known else 1)
         return hold_seconds(failures, free, self.cap) - age
 
+    @staticmethod
+    def address_key(address: str) -> str:
+        """An IPv6 client is counted by its /64 (one machine may hold all of it)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else address
+
     def held(self, conn, account: str, address: str) -> int:
         """Seconds this login must wait before its password is checked (0: check it now)."""
         from sqlalchemy import text
@@ -121,11 +130,18 @@ class Throttle:
                 f"failures = CASE WHEN f.last_failure < now() - interval '{MEMORY_SECONDS} seconds' "
                 "THEN 1 ELSE f.failures + 1 END, last_failure = now() RETURNING failures"),
                 {"scope": scope, "subject": subject}).scalar_one()
-        if random.random() < 0.01:
-            # Made-up names and addresses leave rows behind: forget the old ones now and then.
+        return counts["account"]
+
+    def forget_old(self) -> None:
+        """Made-up names and addresses leave rows behind: forget the old ones (in a
+        transaction of its own, so that it cannot deadlock with a failure being counted)."""
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
             conn.execute(text(f"DELETE FROM stack_login_failures "
                               f"WHERE last_failure < now() - interval '{MEMORY_SECONDS} seconds'"))
-        return counts["account"]
+            conn.execute(text(f"DELETE FROM stack_login_known "
+                              f"WHERE last_success < now() - interval '{KNOWN_DAYS} days'"))
 
     def succeeded(self, conn, account: str, address: str) -> None:
         from sqlalchemy import text
@@ -141,6 +157,7 @@ class Throttle:
 
     def check(self, account: str, address: str, authenticate) -> Verdict:
         """Hold the login, or check its password with authenticate() and count the outcome."""
+        address = self.address_key(address)
         with self.engine.begin() as conn:
             held = self.held(conn, account, address)
         if held:
@@ -149,6 +166,10 @@ class Throttle:
         with self.engine.begin() as conn:
             if user is None:
                 failures = self.failed(conn, account, address)
-                return Verdict(False, failures=failures, holds_for=self.held(conn, account, address))
-            self.succeeded(conn, account, address)
-        return Verdict(True, user=user)
+                verdict = Verdict(False, failures=failures, holds_for=self.held(conn, account, address))
+            else:
+                self.succeeded(conn, account, address)
+                verdict = Verdict(True, user=user)
+        if not verdict.ok and random.random() < 0.01:
+            self.forget_old()
+        return verdict

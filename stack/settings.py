@@ -70,6 +70,13 @@ def positive_number(unit: str) -> Rule:
 
 PROFILES = ("backup", "gc", "monitoring")
 
+# The login throttle (mlflow/stack_logins.py): a client address may fail this many times
+# as often as an account; an address that logged in to the account in the last
+# LOGIN_KNOWN_DAYS may mistype this many times as often, and is not held by the account's.
+LOGIN_ADDRESS_FACTOR = 10
+LOGIN_KNOWN_FACTOR = 4
+LOGIN_KNOWN_DAYS = 30
+
 # Each of a server worker's three stores (tracking, model registry, basic-auth
 # users) keeps up to POOL_SIZE connections open, and opens MAX_OVERFLOW more on
 # demand, each closed after one use. SQLAlchemy's default (5 kept, 10 more) made
@@ -274,10 +281,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOGIN_FREE_FAILURES", "5", integer(1, 100, "failed logins"), section=AUTH, services=("mlflow",),
             doc="Failed logins an account (or a login from one address) may have in an hour before each "
                 "further failure holds it: 1 s, then twice as long each time, up to LOGIN_LOCK_MAX_SECONDS. "
-                "A client address may fail ten times as often over all accounts. A held login is answered "
-                "429 without its password being checked. An address that logged in to the account in the "
-                "last 30 days is not held by other addresses' failures (and may mistype four times as "
-                "often), and logins the server already checked keep working."),
+                f"A client address may fail {LOGIN_ADDRESS_FACTOR} times as often over all accounts. A held login "
+                "is answered 429 without its password being checked. An address that logged in to the account "
+                f"in the last {LOGIN_KNOWN_DAYS} days is not held by other addresses' failures (and may mistype "
+                f"{LOGIN_KNOWN_FACTOR} times as often), and logins the server already checked keep working."),
     Setting("LOGIN_LOCK_MAX_SECONDS", "300", integer(1, 86400, "seconds"), section=AUTH, services=("mlflow",),
             doc="The longest a login is held after failed logins (see LOGIN_FREE_FAILURES): with the "
                 "defaults, a guesser gets 5 tries, then 9 more in about 4 minutes, then one every 5 minutes "
@@ -285,11 +292,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_DEFAULT_PERMISSION", "READ", choice("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"),
             section=AUTH, services=("mlflow",),
             doc="What users may do with experiments they did not create (they always MANAGE their own)."),
-    Setting("MLFLOW_AUTH_CACHE_SECONDS", "30", integer(0, 3600, "seconds"), section=AUTH, services=("mlflow",),
+    Setting("MLFLOW_AUTH_CACHE_SECONDS", "30", integer(1, 3600, "seconds"), section=AUTH, services=("mlflow",),
             doc="Seconds a checked login is remembered per server worker. Checking a password costs "
-                "~0.2 s of CPU (PBKDF2), so 0 makes every API call that slow; the price of caching: a "
-                "changed or deleted login, or a changed admin flag, keeps working on other workers for up to "
-                "this long."),
+                "~0.2 s of CPU (PBKDF2), which without the cache every API call would pay (hence at least 1); "
+                "the price of caching: a changed or deleted login, or a changed admin flag, keeps working on "
+                "other workers for up to this long."),
 
     Setting("MLFLOW_VARIANT", "pip", choice("pip", "conda"), section=SERVER, services=("bucket-init", "gc", "migrate", "mlflow", "nginx-exporter"),
             host=("deploy --variant",),
@@ -396,7 +403,8 @@ SETTINGS: tuple[Setting, ...] = (
             services=("nginx",),
             doc="API and UI requests a second one login may send (bursts of a second's worth pass at once). Well "
                 "above what a replica with 2 workers answers on 2 cores (220-260 a second for single metric calls): "
-                "it stops a runaway script, not a busy training job. Artifact transfers are not limited."),
+                "it stops a runaway script, not a busy training job. Artifact transfers are held to it too; "
+                "password guessing is held long before it (LOGIN_FREE_FAILURES)."),
     Setting("API_RATE_PER_ADDRESS", "1000", integer(10, 100000, "requests a second"), section=LIMITS,
             services=("nginx",),
             doc="The same per client address, over all its logins and requests without one: a team behind "

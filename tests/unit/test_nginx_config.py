@@ -78,7 +78,7 @@ def test_every_location_that_proxies_to_the_server_is_rate_limited():
 @pytest.mark.parametrize("base", ["", "/mlflow"])
 def test_only_posts_that_are_safe_twice_are_resent_to_another_replica(base):
     template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
-    regexes = re.findall(r"location ~ (\S+) \{\n(?:[^\n]*\n){4}\s+proxy_next_upstream error timeout non_idempotent;",
+    regexes = re.findall(r"location ~ (\S+) \{\n(?:[^\n]*\n){5}\s+proxy_next_upstream error timeout non_idempotent;",
                          template)
     assert len(regexes) == 2, regexes  # the writes (short read timeout) and the searches
     regex = "|".join(f"(?:{r})" for r in regexes).replace("${MLFLOW_BASE_PATH}", base).replace("\\\\", "\\")
@@ -89,3 +89,11 @@ def test_only_posts_that_are_safe_twice_are_resent_to_another_replica(base):
     for path in ("runs/create", "experiments/create", "registered-models/create", "model-versions/create",
                  "users/create", "runs/log-metrics", "runs/log-metric/", "runs/delete-tag", "logged-models"):
         assert not re.search(regex, f"{base}/api/2.0/mlflow/{path}"), path
+
+
+def test_the_login_holds_answer_repeats_the_servers_security_headers():
+    template = (ROOT / "nginx/templates/mlflow.conf.template").read_text()
+    server = template.split("listen ${HTTPS_PORT} ssl;", 1)[1]
+    server_headers = re.findall(r"\n    add_header (.*);", server.split("\n    location", 1)[0])
+    held = server.split("location @login_held {", 1)[1].split("\n    }", 1)[0]
+    assert len(server_headers) == 5 and set(server_headers) <= set(re.findall(r"add_header (.*);", held)), held

@@ -1187,3 +1187,21 @@ def test_a_login_is_still_checked_when_the_throttles_database_fails(monkeypatch,
     bad = asyncio.run(logins.verify({"client": ("10.0.0.1", 1)}, {}, _basic("ann", "bad")))
     assert good.ok and good.user == "ann's user" and not bad.ok and not bad.held
     assert "login throttle unavailable" in capsys.readouterr().err
+
+
+def test_which_count_holds_which_login():
+    """An unknown address is held by the pair's, the account's and (at 10x) the address's
+    count; a known one by its pair's only, at 4x (typing mistakes). Holds run from the last failure."""
+    import stack_logins
+
+    throttle = stack_logins.Throttle(None, free=5, cap=300)
+    assert throttle.wait("pair", 6, 0.0, known=False) == 1 and throttle.wait("account", 7, 0.5, known=False) == 1.5
+    assert throttle.wait("address", 50, 0.0, known=False) <= 0 < throttle.wait("address", 51, 0.0, known=False)
+    assert throttle.wait("account", 100, 0.0, known=True) == 0
+    assert throttle.wait("pair", 20, 0.0, known=True) <= 0 < throttle.wait("pair", 21, 0.0, known=True)
+    assert throttle.wait("pair", 30, 400.0, known=False) < 0  # a hold of 300 s, long over
+    # An IPv6 client is one address per /64; IPv4 and names as they are.
+    assert stack_logins.Throttle.address_key("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert stack_logins.Throttle.address_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert stack_logins.Throttle.address_key("203.0.113.7") == "203.0.113.7"
+    assert stack_logins.Throttle.address_key("unknown") == "unknown"

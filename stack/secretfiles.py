@@ -10,6 +10,8 @@ non-root users; the folder is what keeps other users of the host out.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -40,3 +42,14 @@ def write(values: dict[str, str], folder: Path | None = None) -> Path:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     return folder
+
+
+def digest(values: dict[str, str]) -> str:
+    """A keyed digest of every secret file's content, given as a label to the long-running
+    services that read them at start: a changed secret (a new nginx token, say) recreates
+    them at the next deploy, where Compose sees only the same files mounted. Keyed with
+    the UI's signing key, so the label is no test of guesses."""
+    mac = hmac.new(values["MLFLOW_FLASK_SECRET_KEY"].encode(), digestmod=hashlib.sha256)
+    for name, key in sorted(FILES.items()):
+        mac.update(f"{name}\0{values[key]}\0".encode())
+    return mac.hexdigest()[:16]

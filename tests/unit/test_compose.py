@@ -160,3 +160,15 @@ def test_a_changed_file_read_at_start_changes_the_label_that_recreates_its_servi
     after = compose.files_digest([templates, tmp_path / "no-cert-yet.crt"])
     (templates / "b.conf.template").write_text("")
     assert len({before, after, compose.files_digest([templates, tmp_path / "no-cert-yet.crt"])}) == 3
+
+
+def test_a_changed_secret_changes_the_label_that_recreates_its_readers():
+    from stack import secretfiles, settings
+
+    values = {s.key: ("x" * 32 if s.generated else s.default) for s in settings.SETTINGS}
+    values["MLFLOW_FLASK_SECRET_KEY"] = "k" * 32
+    first = secretfiles.digest(values)
+    assert secretfiles.digest(dict(values)) == first
+    assert secretfiles.digest({**values, "STACK_NGINX_TOKEN": "y" * 32}) != first
+    # Keyed: the same secrets under another installation's key give another label.
+    assert secretfiles.digest({**values, "MLFLOW_FLASK_SECRET_KEY": "j" * 32}) != first

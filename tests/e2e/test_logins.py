@@ -177,7 +177,8 @@ def test_guessing_a_password_is_held_within_seconds_and_its_owner_still_gets_in(
     limited = [g for g in guesses if g[2] == "rate"]
     show(f"password guessing: {GUESSERS} clients for {GUESS_SECONDS} s sent {len(guesses)} guesses: "
          f"{len(checked)} were checked (401), {len(held)} held by the throttle (429), {len(limited)} by nginx's "
-         f"request limit; server CPU {cpu:.1f} s over the attack")
+         f"request limit; server CPU {cpu:.1f} s over the attack (with the owner's {len(owner)} password "
+         "changes and logins, each a password hash)")
     assert {g[1] for g in guesses} <= {401, 429}, guesses
     assert held and all(g[2] and int(g[2]) >= 1 for g in held), held[:5]
     first_held = min(g[0] for g in held)

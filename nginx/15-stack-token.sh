@@ -4,8 +4,8 @@
 # a Docker secret file) into $stack_nginx_token. A file readable by root only,
 # so the token is in neither the environment nor `docker inspect`.
 set -eu
-secret=/run/secrets/stack_nginx_token
-out=/etc/nginx/conf.d/stack-token.conf
+secret="${STACK_NGINX_TOKEN_FILE:-/run/secrets/stack_nginx_token}"
+out="${STACK_NGINX_TOKEN_CONF:-/etc/nginx/conf.d/stack-token.conf}"
 if [ ! -r "$secret" ]; then
     echo "$0: $secret is missing: deploy with ./stack_deploy.sh, which makes it" >&2
     exit 1

@@ -1,6 +1,7 @@
 """nginx's rendered configuration: gixy, the store-full message, rate limits on every location that
 reaches the server, which calls are resent to another replica."""
 
+import os
 import re
 import subprocess
 
@@ -97,3 +98,23 @@ def test_the_login_holds_answer_repeats_the_servers_security_headers():
     server_headers = re.findall(r"\n    add_header (.*);", server.split("\n    location", 1)[0])
     held = server.split("location @login_held {", 1)[1].split("\n    }", 1)[0]
     assert len(server_headers) == 5 and set(server_headers) <= set(re.findall(r"add_header (.*);", held)), held
+
+
+def test_the_token_hook_writes_nginxs_variable_and_refuses_a_token_it_cannot_quote(tmp_path):
+    hook = ROOT / "nginx" / "15-stack-token.sh"
+    assert os.access(hook, os.X_OK), "the nginx image runs only executable hooks"
+    secret, out = tmp_path / "token", tmp_path / "stack-token.conf"
+    env = {"PATH": os.environ["PATH"], "STACK_NGINX_TOKEN_FILE": str(secret), "STACK_NGINX_TOKEN_CONF": str(out)}
+    secret.write_text("Abc_123-xyz\n")
+    for _ in range(2):  # a restart writes it again, the same
+        done = subprocess.run(["sh", str(hook)], env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert 'map "" $stack_nginx_token {\n    default "Abc_123-xyz";\n}' in out.read_text()
+        assert out.stat().st_mode & 0o077 == 0, "the token file is root's alone"
+    for bad in ('with"quote', "with space", ""):
+        secret.write_text(bad)
+        done = subprocess.run(["sh", str(hook)], env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 1 and "STACK_NGINX_TOKEN" in done.stderr, bad
+    secret.unlink()
+    done = subprocess.run(["sh", str(hook)], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "stack_deploy.sh" in done.stderr

@@ -277,7 +277,21 @@ def run(values: Mapping[str, str], environ: Optional[Mapping[str, str]] = None, 
         checks += check_disk()
         checks += check_images(values, environ)
     checks += check_alert_rules(values)
+    checks += check_hooks()
     return checks
+
+
+# Start-up hooks the images run only when they are executable (a copy of the project
+# made without modes, from a zip say, loses the bit; nginx would then stop at start).
+HOOKS = (paths.ROOT / "nginx" / "15-stack-token.sh",)
+
+
+def check_hooks(hooks=HOOKS) -> list[Check]:
+    lost = [h for h in hooks if not os.access(h, os.X_OK)]
+    if not lost:
+        return []
+    names = " ".join(str(h.relative_to(paths.ROOT)) if h.is_relative_to(paths.ROOT) else str(h) for h in lost)
+    return [Check("start-up hooks", False, f"{names} is not executable", f"run: chmod +x {names}")]
 
 
 def check_alert_rules(values: Mapping[str, str]) -> list[Check]:

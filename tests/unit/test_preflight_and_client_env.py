@@ -142,3 +142,14 @@ def test_a_client_bundle_travels_without_the_admins_secrets_or_this_machines_pat
     assert env["REQUESTS_CA_BUNDLE"] == f"{moved}/ca-bundle.pem"
     assert open(env["MLFLOW_TRACKING_SERVER_CERT_PATH"]).read() in open(env["REQUESTS_CA_BUNDLE"]).read()
     assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
+
+
+def test_a_hook_that_lost_its_executable_bit_stops_the_deploy_with_the_fix(tmp_path):
+    from stack import preflight
+
+    assert preflight.check_hooks() == []  # the project's own, as git keeps them
+    hook = tmp_path / "15-stack-token.sh"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o644)
+    [check] = preflight.check_hooks((hook,))
+    assert not check.ok and "is not executable" in check.detail and check.fix == f"run: chmod +x {hook}"

@@ -10,18 +10,22 @@ Usage: ./stack_users.sh add NAME [--admin] [--password-stdin]
        ./stack_users.sh grant NAME EXPERIMENT READ|USE|EDIT|MANAGE|DENY
        ./stack_users.sh delete NAME
        ./stack_users.sh list
+       ./stack_users.sh failures
+       ./stack_users.sh unlock NAME
 
 Manages the accounts of the stack's MLflow server, as its admin (credentials
 from .env). Without --password-stdin a strong password is generated and
 printed once. EXPERIMENT is an experiment id or name. Users get
 MLFLOW_DEFAULT_PERMISSION (from .env) on experiments they did not create and
-MANAGE on their own.
+MANAGE on their own. failures lists the failed logins of the last hour (by
+account, address and both) and how long each holds a login; unlock NAME
+forgets an account's, when its owner is held out (docs/security.md).
 USAGE
 }
 
 case "${1:-}" in
 	--help|-h) usage; exit 0 ;;
-	"") usage_error "which action? add, passwd, grant, delete or list" ;;
+	"") usage_error "which action? add, passwd, grant, delete, list, failures or unlock" ;;
 	-*) usage_error "unknown option: $1" ;;
 esac
 stack_py users "$@"

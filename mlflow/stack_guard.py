@@ -36,6 +36,9 @@ API_PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/", "/api/3.0/mlflow/",
 ADMIN_CHECK = "/_stack/admin"
 # nginx asks here whether a login is good before it reads a large body (auth_request).
 LOGIN_CHECK = "/_stack/login"
+# The throttle's counts, for MLflow admins (./stack_users.sh failures | unlock NAME).
+LOGIN_FAILURES = "/api/2.0/stack/login-failures"
+LOGIN_UNLOCK = "/api/2.0/stack/login-failures/clear"
 # MLflow's own answer to a wrong login (make_basic_auth_response).
 NOT_AUTHENTICATED = (b"You are not authenticated. Please see https://www.mlflow.org/docs/latest/auth/"
                      b"index.html#authenticating-to-mlflow on how to authenticate.")
@@ -312,6 +315,8 @@ class Guard:
             return await self.admin_check(scope, headers, send)
         if path == LOGIN_CHECK:
             return await self.login_check(scope, headers, send)
+        if path in (LOGIN_FAILURES, LOGIN_UNLOCK):
+            return await self.login_failures(scope, headers, receive, send, path)
         try:
             check_target(scope.get("path", ""), scope.get("query_string", b""))
         except Invalid as exc:
@@ -409,6 +414,38 @@ class Guard:
             return await _status(send, 403 if login and login.held else 401)
         await _status(send, 204 if login.user.is_admin else 403)
 
+    async def login_failures(self, scope, headers, receive, send, path: str) -> None:
+        """The throttle's counts (GET), or an account's forgotten (POST {"username": NAME}):
+        MLflow admins only."""
+        if self.logins is None:
+            return await _error(send, Invalid("authentication is off: no logins are counted", 404,
+                                              "ENDPOINT_NOT_FOUND"))
+        login = await self.logins.verify(scope, headers, headers.get("authorization", ""))
+        if login is None or not login.ok:
+            return await (_refused(send, login) if login is not None else _status(send, 401, NOT_AUTHENTICATED))
+        if not login.user.is_admin:
+            return await _error(send, Invalid("only an MLflow admin may see or clear failed logins", 403,
+                                              "PERMISSION_DENIED"))
+        if path == LOGIN_FAILURES and scope["method"] == "GET":
+            rows = await asyncio.to_thread(self.logins.throttle.recent)
+            return await _json(send, {"failures": rows})
+        if path == LOGIN_UNLOCK and scope["method"] == "POST":
+            body = b""
+            while len(body) <= 65536:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            try:
+                account = json.loads(body or b"{}")["username"]
+                assert isinstance(account, str) and account
+            except (ValueError, KeyError, TypeError, AssertionError):
+                return await _error(send, Invalid('send {"username": NAME}'))
+            cleared = await asyncio.to_thread(self.logins.throttle.clear, account)
+            self.logins.forget_holds(account)
+            return await _json(send, {"cleared": cleared})
+        return await _error(send, Invalid("GET the failures, or POST to .../clear", 405, "BAD_REQUEST"))
+
     async def login_check(self, scope, headers, send) -> None:
         """nginx's auth_request before it reads a large request body: 204 for a good
         login, 401 for none or a wrong one, 403 (with X-Stack-Retry-After) for a held
@@ -482,6 +519,13 @@ async def _status(send, status: int, body: bytes = b"", extra=()) -> None:
     if status == 401:
         headers.append((b"www-authenticate", b'Basic realm="mlflow"'))
     await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send, payload: dict, status: int = 200) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -574,6 +618,10 @@ class Logins:
     def bump(counter) -> None:
         if counter is not None:
             counter.inc()
+
+    def forget_holds(self, username: str) -> None:
+        """This worker's remembered holds of an account (an admin cleared its failures)."""
+        self._holds = {k: v for k, v in self._holds.items() if k[0] != username}
 
     def remember_hold(self, username: str, address: str, seconds: int) -> None:
         if not seconds:
@@ -677,11 +725,7 @@ def unprefixed(scope: dict, path: str, base_path: str) -> dict:
 
 
 async def _error(send, exc: Invalid) -> None:
-    payload = json.dumps({"error_code": exc.code, "message": str(exc)}).encode()
-    await send({"type": "http.response.start", "status": exc.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
+    await _json(send, {"error_code": exc.code, "message": str(exc)}, exc.status)
 
 
 class SingleFlight:

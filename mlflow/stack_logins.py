@@ -155,6 +155,32 @@ class Throttle:
             "ON CONFLICT (account, address) DO UPDATE SET last_success = now() "
             "WHERE k.last_success < now() - interval '1 hour'"), names)
 
+    def recent(self) -> list[dict]:
+        """The counts of the last hour, newest first (at most 500), with the seconds each
+        holds a login from an address not known for the account."""
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
+            rows = conn.execute(text(
+                "SELECT scope, subject, failures, last_failure, EXTRACT(EPOCH FROM now() - last_failure) "
+                f"FROM stack_login_failures WHERE last_failure > now() - interval '{MEMORY_SECONDS} seconds' "
+                "ORDER BY last_failure DESC LIMIT 500")).all()
+        return [{"scope": scope, "subject": subject.replace("\n", " from "), "failures": failures,
+                 "last_failure": last.isoformat(), "held_for": max(0, math.ceil(self.wait(scope, failures, float(age),
+                                                                                          known=False)))}
+                for scope, subject, failures, last, age in rows]
+
+    def clear(self, account: str) -> int:
+        """Forget an account's failures (its own count and its pairs'): its owner may log in
+        again at once. The rows removed."""
+        from sqlalchemy import text
+
+        with self.engine.begin() as conn:
+            return conn.execute(text(
+                "DELETE FROM stack_login_failures WHERE (scope = 'account' AND subject = :account) "
+                "OR (scope = 'pair' AND left(subject, length(:account) + 1) = :account || chr(10))"),
+                {"account": account}).rowcount
+
     def check(self, account: str, address: str, authenticate) -> Verdict:
         """Hold the login, or check its password with authenticate() and count the outcome."""
         address = self.address_key(address)

@@ -131,6 +131,17 @@ def run(values: dict[str, str], args) -> int:
     elif args.action == "delete":
         api.call("DELETE", "2.0/mlflow/users/delete", {"username": args.name})
         print(f"users: deleted {args.name}")
+    elif args.action == "failures":
+        rows = api.call("GET", "2.0/stack/login-failures").get("failures", [])
+        if not rows:
+            print("users: no failed logins in the last hour")
+        for row in rows:
+            held = f", held {row['held_for']} s more" if row["held_for"] else ""
+            print(f"{row['scope']:8} {row['subject']}: {row['failures']} failed, the last at {row['last_failure']}{held}")
+    elif args.action == "unlock":
+        cleared = api.call("POST", "2.0/stack/login-failures/clear", {"username": args.name})["cleared"]
+        print(f"users: forgot {cleared} count(s) of failed logins of {args.name}; a server worker that "
+              "answered a hold of it may answer it until it ends (LOGIN_LOCK_MAX_SECONDS at most)")
     elif args.action == "list":
         for user in sorted(api.call("GET", "2.0/mlflow/users/list").get("users", []), key=lambda u: u["username"]):
             print(f"{user['username']}{'  (admin)' if user.get('is_admin') else ''}")
@@ -143,8 +154,12 @@ PROG = "./stack_users.sh"
 def add_parser(sub) -> None:
     p = sub.add_parser("users", prog=PROG, description="Manage the accounts of the stack's MLflow server, as "
                        "its admin (credentials from .env).")
-    actions = p.add_subparsers(dest="action", required=True, metavar="add|passwd|grant|delete|list")
+    actions = p.add_subparsers(dest="action", required=True,
+                               metavar="add|passwd|grant|delete|list|failures|unlock")
     actions.add_parser("list", help="the accounts, admins marked")
+    actions.add_parser("failures", help="failed logins of the last hour: accounts, addresses, holds")
+    a = actions.add_parser("unlock", help="forget an account's failed logins, so that its owner may log in again")
+    a.add_argument("name")
     a = actions.add_parser("add")
     a.add_argument("name")
     a.add_argument("--admin", action="store_true")

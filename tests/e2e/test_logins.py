@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -206,6 +207,18 @@ def test_guessing_a_password_is_held_within_seconds_and_its_owner_still_gets_in(
     logs = stack.compose("logs", "--no-color", "mlflow").stdout
     assert f"failed login for {victim[0]!r} from " in logs
     assert victim[1] not in logs and "guess-0-0" not in logs
+
+    # The admin sees who was guessed, and may let the owner in again at once.
+    listed = stack.script("stack_users.sh", "failures").stdout
+    assert re.search(rf"account +{re.escape(victim[0])}: \d+ failed", listed), listed
+    values = stack.values()
+    counts = ("SELECT count(*) FROM stack_login_failures WHERE subject = '{0}' OR subject LIKE '{0}' || chr(10) || '%'"
+              .format(victim[0]))
+    psql = lambda sql: stack.compose("exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",  # noqa: E731
+                                     values["POSTGRES_DB"] + "_auth", "-Atc", sql).stdout.strip()
+    assert int(psql(counts)) >= 2
+    unlocked = stack.script("stack_users.sh", "unlock", victim[0]).stdout
+    assert "forgot" in unlocked and int(psql(counts)) == 0, unlocked
 
 
 def test_a_large_body_with_a_wrong_login_is_refused_before_it_is_read(stack, accounts):

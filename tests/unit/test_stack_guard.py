@@ -1205,3 +1205,43 @@ def test_which_count_holds_which_login():
     assert stack_logins.Throttle.address_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
     assert stack_logins.Throttle.address_key("203.0.113.7") == "203.0.113.7"
     assert stack_logins.Throttle.address_key("unknown") == "unknown"
+
+
+def test_admins_see_and_clear_failed_logins_others_do_not(monkeypatch):
+    import stack_logins
+    from mlflow.server import auth
+
+    users = {("root", "pw"): type("U", (), {"is_admin": True})(), ("ann", "pw"): type("U", (), {"is_admin": False})()}
+    monkeypatch.setattr(guard.Logins, "cached", staticmethod(lambda u, p: users.get((u, p))))
+    monkeypatch.setattr(auth, "_authenticate_cached", lambda u, p: None)
+    cleared = []
+
+    class Throttle:
+        def check(self, account, address, authenticate):
+            return stack_logins.Verdict(False, failures=1)
+
+        def recent(self):
+            return [{"scope": "account", "subject": "bo", "failures": 9, "last_failure": "t", "held_for": 8}]
+
+        def clear(self, account):
+            cleared.append(account)
+            return 2
+
+    async def inner(scope, receive, send):
+        raise AssertionError("reached MLflow")
+
+    logins = guard.Logins(Throttle())
+    logins.remember_hold("bo", "10.0.0.1", 60)
+    app = guard.Guard(inner, auth=True, max_body=1 << 20, base_path="/mlflow", logins=logins)
+    call = lambda path, who, method="GET", payload=b"": _scoped_call(  # noqa: E731
+        app, "/mlflow" + path, payload, [("authorization", _basic(*who))] if who else [], method=method)[0]
+    listed = call(guard.LOGIN_FAILURES, ("root", "pw"))
+    assert listed[0]["status"] == 200 and json.loads(listed[1]["body"])["failures"][0]["subject"] == "bo"
+    assert call(guard.LOGIN_FAILURES, ("ann", "pw"))[0]["status"] == 403
+    assert call(guard.LOGIN_FAILURES, None)[0]["status"] == 401
+    assert call(guard.LOGIN_FAILURES, ("root", "wrong"))[0]["status"] == 401
+    assert call(guard.LOGIN_UNLOCK, ("ann", "pw"), "POST", b'{"username": "bo"}')[0]["status"] == 403 and not cleared
+    assert call(guard.LOGIN_UNLOCK, ("root", "pw"), "POST", b'{"user": "bo"}')[0]["status"] == 400
+    done = call(guard.LOGIN_UNLOCK, ("root", "pw"), "POST", b'{"username": "bo"}')
+    assert done[0]["status"] == 200 and json.loads(done[1]["body"]) == {"cleared": 2} and cleared == ["bo"]
+    assert ("bo", "10.0.0.1") not in logins._holds

@@ -216,7 +216,7 @@ def test_guessing_a_password_is_held_within_seconds_and_its_owner_still_gets_in(
               .format(victim[0]))
     psql = lambda sql: stack.compose("exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",  # noqa: E731
                                      values["POSTGRES_DB"] + "_auth", "-Atc", sql).stdout.strip()
-    assert int(psql(counts)) >= 2
+    assert int(psql(counts)) >= 1  # the account's (the pair's went with the owner's login from there)
     unlocked = stack.script("stack_users.sh", "unlock", victim[0]).stdout
     assert "forgot" in unlocked and int(psql(counts)) == 0, unlocked
 

@@ -296,16 +296,18 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = joined_headers(scope)
-        if not from_nginx(scope, headers, self.nginx_token) and scope.get("path") != self.base_path + "/version":
-            # (MLflow's version, which the scheduled backup records, is no secret; with
-            # authentication on MLflow asks for a login there too.)
+        by_nginx = sent_by_nginx(headers, self.nginx_token)
+        # Only nginx is answered, and the container's own processes (its healthcheck). And
+        # MLflow's version, which the scheduled backup records: no secret, and with
+        # authentication on MLflow asks for a login there too.
+        if not (self.nginx_token is None or by_nginx or loopback(scope)
+                or scope.get("path") == self.base_path + "/version"):
             return await _status(send, 403, b"This port answers nginx only: use the stack's HTTPS address.\n")
         if FROM_NGINX_KEY in headers:
             # Checked: nginx's token goes no further (MLflow's gateway passes a request's
             # headers on to the provider). Whether nginx sent it is remembered instead.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != FROM_NGINX_KEY]}
-            FROM_NGINX_REQUEST.set(self.nginx_token is not None and hmac.compare_digest(
-                headers[FROM_NGINX_KEY].encode(), self.nginx_token.encode()))
+            FROM_NGINX_REQUEST.set(by_nginx)
         path = scope.get("path", "")
         if self.base_path:
             path = path[len(self.base_path):] if path.startswith(self.base_path + "/") else ""
@@ -522,10 +524,10 @@ async def _status(send, status: int, body: bytes = b"", extra=()) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _json(send, payload: dict, status: int = 200) -> None:
+async def _json(send, payload: dict, status: int = 200, extra=()) -> None:
     body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -536,21 +538,14 @@ async def _refused(send, verdict) -> None:
         return await _status(send, 401, NOT_AUTHENTICATED)
     message = (f"Too many failed logins for this account or from this address: try again in "
                f"{verdict.held} s.")
-    body = json.dumps({"error_code": "RESOURCE_EXHAUSTED", "message": message}).encode()
-    await send({"type": "http.response.start", "status": 429, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(verdict.held).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await _json(send, {"error_code": "RESOURCE_EXHAUSTED", "message": message}, 429,
+                [(b"retry-after", str(verdict.held).encode())])
 
 
-def from_nginx(scope: dict, headers: dict[str, str], token: str | None) -> bool:
-    """Whether a request came through nginx (which sets STACK_NGINX_TOKEN in FROM_NGINX,
-    replacing a client's own), or from inside this container (its healthcheck)."""
-    if token is None:
-        return True
-    if loopback(scope):
-        return True
-    return hmac.compare_digest(headers.get(FROM_NGINX_KEY, "").encode(), token.encode())
+def sent_by_nginx(headers: dict[str, str], token: str | None) -> bool:
+    """Whether a request carries nginx's token (STACK_NGINX_TOKEN in FROM_NGINX, which
+    nginx sets, replacing a client's own)."""
+    return token is not None and hmac.compare_digest(headers.get(FROM_NGINX_KEY, "").encode(), token.encode())
 
 
 def loopback(scope: dict) -> bool:

@@ -225,10 +225,11 @@ class Stack:
             raise AssertionError(f"{' '.join(args)}: {result.stderr[-4000:]}")
         return result
 
-    def psql(self, sql: str) -> str:
+    def psql(self, sql: str, db_suffix: str = "") -> str:
+        """SQL as the superuser, in MLflow's database (db_suffix "_auth": the users' database)."""
         values = self.values()
         return self.compose("exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",
-                            values["POSTGRES_DB"], "-Atc", sql).stdout.strip()
+                            values["POSTGRES_DB"] + db_suffix, "-Atc", sql).stdout.strip()
 
     def client_environ(self, extra: dict | None = None) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items()

@@ -211,11 +211,9 @@ def test_guessing_a_password_is_held_within_seconds_and_its_owner_still_gets_in(
     # The admin sees who was guessed, and may let the owner in again at once.
     listed = stack.script("stack_users.sh", "failures").stdout
     assert re.search(rf"account +{re.escape(victim[0])}: \d+ failed", listed), listed
-    values = stack.values()
     counts = ("SELECT count(*) FROM stack_login_failures WHERE subject = '{0}' OR subject LIKE '{0}' || chr(10) || '%'"
               .format(victim[0]))
-    psql = lambda sql: stack.compose("exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",  # noqa: E731
-                                     values["POSTGRES_DB"] + "_auth", "-Atc", sql).stdout.strip()
+    psql = lambda sql: stack.psql(sql, "_auth")  # noqa: E731
     assert int(psql(counts)) >= 1  # the account's (the pair's went with the owner's login from there)
     unlocked = stack.script("stack_users.sh", "unlock", victim[0]).stdout
     assert "forgot" in unlocked and int(psql(counts)) == 0, unlocked

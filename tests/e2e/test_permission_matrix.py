@@ -63,9 +63,7 @@ def matrix(target):
 
 
 def rows(target, sql: str, db_suffix: str = "") -> int:
-    values = target.values()
-    return int(target.compose("exec", "-T", "db", "psql", "-U", values["POSTGRES_USER"], "-d",
-                              values["POSTGRES_DB"] + db_suffix, "-Atc", sql).stdout.strip())
+    return int(target.psql(sql, db_suffix))
 
 
 def attempt(target, matrix, permission: str, operation: str) -> bool:

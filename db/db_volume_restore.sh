@@ -8,6 +8,7 @@
 usage() {
 	cat <<'USAGE'
 Usage: db/db_volume_restore.sh SET [--yes] [--help]
+       db/db_volume_restore.sh --to-time TIME [--yes]
 
 Restores the backup set in folder SET (as printed by db/db_volume_backup.sh)
 into the deployed stack:
@@ -23,26 +24,40 @@ into the deployed stack:
 
 Works into a freshly deployed, empty stack and into one with data. A cold set
 (--cold) is restored into the stopped stack's volumes instead.
+
+--to-time TIME restores the database to its state at TIME from the
+point-in-time archive (PITR_BUCKET): UTC ("2026-12-06 16:59:30") or with an
+offset ("2026-12-06 17:59:30+01:00"), within the last PITR_RETENTION_DAYS.
+The current data is kept as a safety set first (as above); the archive is
+brought up to date before the database is replaced, so a later restore may
+still go to any moment before this one. The bucket is left as it is: it holds
+every artifact logged until now (those of runs deleted by gc in between are
+gone; see docs/backups.md).
 USAGE
 }
 
-SET="" ASSUME_YES=0
+SET="" ASSUME_YES=0 TO_TIME=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 		--yes|-y) ASSUME_YES=1; shift ;;
+		--to-time) [ $# -ge 2 ] || usage_error "--to-time needs a time"; TO_TIME="$2"; shift 2 ;;
+		--to-time=*) TO_TIME="${1#*=}"; shift ;;
 		--help|-h) usage; exit 0 ;;
 		-*) usage_error "unknown option: $1" ;;
 		*) [ -z "$SET" ] || usage_error "one set at a time"; SET="$1"; shift ;;
 	esac
 done
-[ -n "$SET" ] || usage_error "which set? give its folder"
-[ -d "$SET" ] || die "$SET is not a folder: give the path db/db_volume_backup.sh printed"
 export ASSUME_YES
-
-SET="$(cd "$SET" && pwd)"
-NAME="$(basename "$SET")"
-# The set's folder, read-only, for every job below.
-SET_MOUNT=(-v "$(dirname "$SET"):/restore:ro")
+if [ -n "$TO_TIME" ]; then
+	[ -z "$SET" ] || usage_error "a set or --to-time, not both"
+else
+	[ -n "$SET" ] || usage_error "which set? give its folder (or --to-time TIME)"
+	[ -d "$SET" ] || die "$SET is not a folder: give the path db/db_volume_backup.sh printed"
+	SET="$(cd "$SET" && pwd)"
+	NAME="$(basename "$SET")"
+	# The set's folder, read-only, for every job below.
+	SET_MOUNT=(-v "$(dirname "$SET"):/restore:ro")
+fi
 
 # restore_cold: a cold set replaces the volumes of the stopped stack.
 restore_cold() {
@@ -139,7 +154,60 @@ restore_live() {
 	log "Restored $NAME"
 }
 
+# pitr_job ARGS...: one run of the point-in-time tool (db/pitr.py) beside the stack.
+pitr_job() {
+	job_compose --progress quiet run --rm --no-deps -T "${PITR_OPTS[@]}" pitr "$@"
+}
+PITR_OPTS=()
+
+# restore_to_time TIME: the database as it was at TIME, from the archive.
+restore_to_time() {
+	[ "$STACK_JOBS_ON" = compose ] \
+		|| die "--to-time: the stack runs on a swarm, where the database's volume is on the data node; restoring to a point in time there is not supported yet (restore a logical set instead)"
+	[[ " $STACK_OWN_STORES " == *" db "* ]] \
+		|| die "--to-time restores the stack's own PostgreSQL from its archive, but POSTGRES_HOST names a server outside the stack: use that server's own point-in-time recovery (your provider's), then db/db_volume_restore.sh is not needed"
+	require_stores_running
+	servers_deployed || die "the stack is not deployed: run ./stack_deploy.sh first, then restore"
+	log "Finding the base backup a restore to $1 starts from"
+	local plan target target_iso backup_id safety=""
+	plan="$(pitr_job plan "$1")" || die "nothing was changed"
+	{ read -r target; read -r target_iso; read -r backup_id; } < <(python3 -c \
+		'import json,sys; p=json.loads(sys.argv[1]); print(p["target"]); print(p["target_iso"]); print(p["backup"]["id"])' "$plan")
+	confirm "Replace the database with its state at $target_iso (from base backup $backup_id)? A safety backup is taken first" \
+		|| die "nothing changed"
+	stop_servers
+	log "Safety backup of the current data"
+	if ! safety="$(backup_job -- backup --kind pre-restore)"; then
+		start_servers "The safety backup failed (see above) and nothing was restored; fix the cause"
+		die "the safety backup failed (see above); nothing was restored, and the server runs again"
+	fi
+	log "Safety set: $BACKUP_DIR/$safety"
+	local back="To go back: db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"
+	log "Sending the last writes to the archive"
+	if ! pitr_job flush; then
+		start_servers "Nothing was restored; fix the cause"
+		die "the archive did not take the latest writes (above); nothing was restored, and the server runs again"
+	fi
+	log "Stopping the database"
+	compose stop pitr db >&2
+	log "Replacing the database's files with base backup $backup_id"
+	# Writable, and beside the service's read-only mount of the same volume.
+	PITR_OPTS=(-v "$(volume_name db-data):/restore-data" -e PGDATA=/restore-data)
+	pitr_job restore "$target" "$backup_id" || die "the restore failed (see above); the database stays stopped. $back"
+	PITR_OPTS=()
+	log "Replaying the archive up to $target_iso"
+	compose up -d --no-deps db >&2
+	pitr_job wait-recovered \
+		|| die "the database did not recover (see above, and: docker compose logs db); the server stays stopped. $back"
+	start_servers "The database is restored to $target_iso; fix the cause"
+	log "Restored the database to $target_iso (safety set: $BACKUP_DIR/$safety)"
+}
+
 backup_prepare
+if [ -n "$TO_TIME" ]; then
+	restore_to_time "$TO_TIME"
+	exit 0
+fi
 log "Checking $NAME against its manifest"
 summary="$(backup_job "${SET_MOUNT[@]}" -- verify "/restore/$NAME")" || die "$NAME cannot be restored (see above); nothing was changed"
 log "The set is whole: $summary"

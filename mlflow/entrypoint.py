@@ -832,46 +832,66 @@ def wait_for_schema(timeout: float = 900) -> None:
 
 
 def cmd_init_bucket(_args: list[str]) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError
 
-    bucket = setting("MLFLOW_BUCKET")
+    # The artifact bucket, and the point-in-time archive's when the stack runs its own
+    # PostgreSQL (PITR_BUCKET, set by docker-compose.yml only then).
+    buckets = [setting("MLFLOW_BUCKET")] + [b for b in [os.environ.get("PITR_BUCKET", "")] if b]
     # The store straight on the backend network (the server itself uses the
     # public endpoint, see s3_endpoint); few retries, this loop retries.
     client = common.s3_client(attempts=3)
     for _ in range(60):
         try:
-            client.head_bucket(Bucket=bucket)
-            print(f"init-bucket: bucket {bucket!r} already exists", flush=True)
-            return 0
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("404", "NoSuchBucket", "NotFound"):
-                region = setting("S3_REGION")
-                # AWS makes buckets in us-east-1 unless told otherwise.
-                where = {} if region == "us-east-1" else {
-                    "CreateBucketConfiguration": {"LocationConstraint": region}}
-                try:
-                    client.create_bucket(Bucket=bucket, **where)
-                except ClientError as failed:
-                    print(f"init-bucket: the object store did not create the bucket {bucket!r} "
-                          f"({failed.response.get('Error', {}).get('Code', '')}): create it there, or give "
-                          "MINIO_ROOT_USER the right to", file=sys.stderr)
+            while buckets:
+                if not ensure_bucket(client, buckets[0]):
                     return 1
-                print(f"init-bucket: created bucket {bucket!r}", flush=True)
-                return 0
-            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                whose = (f"the key of {common.external_s3()}, with access to the bucket" if common.external_s3()
-                         else "the ones the minio volume was created with")
-                print(f"init-bucket: the object store refused the credentials ({code});"
-                      f" MINIO_ROOT_USER/MINIO_ROOT_PASSWORD in .env must be {whose}", file=sys.stderr)
-                return 1
-            print(f"init-bucket: {code}, retrying", flush=True)
+                buckets.pop(0)
+            return 0
+        except RetryLater as exc:
+            print(f"init-bucket: {exc}, retrying", flush=True)
         except BotoCoreError as exc:
             print(f"init-bucket: object store not reachable yet ({type(exc).__name__})",
                   flush=True)
         time.sleep(2)
     print(f"init-bucket: gave up after 120 s; check {common.external_s3() or 'the minio service'}", file=sys.stderr)
     return 1
+
+
+class RetryLater(Exception):
+    """The object store answered with something worth asking again."""
+
+
+def ensure_bucket(client, bucket: str) -> bool:
+    """Make the bucket if it is missing. False (with the reason printed) when that cannot work."""
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+        print(f"init-bucket: bucket {bucket!r} already exists", flush=True)
+        return True
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            region = setting("S3_REGION")
+            # AWS makes buckets in us-east-1 unless told otherwise.
+            where = {} if region == "us-east-1" else {
+                "CreateBucketConfiguration": {"LocationConstraint": region}}
+            try:
+                client.create_bucket(Bucket=bucket, **where)
+            except ClientError as failed:
+                print(f"init-bucket: the object store did not create the bucket {bucket!r} "
+                      f"({failed.response.get('Error', {}).get('Code', '')}): create it there, or give "
+                      "MINIO_ROOT_USER the right to", file=sys.stderr)
+                return False
+            print(f"init-bucket: created bucket {bucket!r}", flush=True)
+            return True
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            whose = (f"the key of {common.external_s3()}, with access to the bucket" if common.external_s3()
+                     else "the ones the minio volume was created with")
+            print(f"init-bucket: the object store refused the credentials for {bucket!r} ({code});"
+                  f" MINIO_ROOT_USER/MINIO_ROOT_PASSWORD in .env must be {whose}", file=sys.stderr)
+            return False
+        raise RetryLater(code) from None
 
 
 def database_answers(timeout: int = 3) -> str | None:

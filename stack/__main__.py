@@ -140,7 +140,8 @@ def cmd_standins(args) -> int:
 
 
 def cmd_build(_args) -> int:
-    """The images this deploy builds: mlflow, and backup when scheduled backups are on."""
+    """The images this deploy builds: mlflow, db (PostgreSQL with barman-cloud) unless
+    POSTGRES_HOST names a server outside, and backup when scheduled backups are on."""
     values = _values()
     ca, note = build.build_ca(os.environ)
     if note:
@@ -148,6 +149,8 @@ def cmd_build(_args) -> int:
     if ca:
         build.install_ca(ca)
     services = ["mlflow"]
+    if "db" in settings.own_stores(values):
+        services.append("db")
     if "backup" in values["COMPOSE_PROFILES"].split(","):
         services.append("backup")
     for service in services:

@@ -115,6 +115,9 @@ def stores(values: Mapping[str, str]) -> list[tuple[str, str]]:
         ("STACK_POSTGRES_SERVER_ROLE", common.SERVER_ROLE if "db" in own else values["POSTGRES_USER"]),
         ("STACK_POSTGRES_SERVER_PASSWORD_NAME", "postgres_server_password" if "db" in own else "postgres_password"),
         ("STACK_POSTGRES_MONITOR_ROLE", common.MONITOR_ROLE),
+        # The point-in-time archive's bucket, made by bucket-init: only for the stack's own
+        # PostgreSQL (a server outside has its provider's point-in-time recovery).
+        ("STACK_PITR_BUCKET", values["PITR_BUCKET"] if "db" in own else ""),
         ("STACK_S3_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
         ("STACK_BACKEND_INTERNAL", "true" if len(own) == len(settings.STORES_SETTINGS) else "false"),
     ]

@@ -341,16 +341,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("POSTGRES_USER", "mlflow",
             pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
                     "tracker"),
-            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow"),
+            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow", "pitr"),
             doc="Database role: PostgreSQL's superuser in the stack's own database. The server, gc and the "
                 "exporter log in as roles of their own (POSTGRES_SERVER_PASSWORD, POSTGRES_MONITOR_PASSWORD)."),
     Setting("POSTGRES_DB", "mlflow",
             pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
                     "tracking"),
-            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow"),
+            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow", "pitr"),
             doc="Database name (the user store is the database POSTGRES_DB_auth beside it)."),
     Setting("POSTGRES_PASSWORD", GENERATED, secret(), section=STORES, file="postgres_password",
-            services=("backup", "db", "migrate"),
+            services=("backup", "db", "migrate", "pitr"),
             doc="Database password. PostgreSQL keeps the one it was initialised with: changing it here "
                 "later needs ALTER ROLE too. Only the jobs that change the schema or replace databases "
                 "(migrate, backup and restore) log in with it."),
@@ -375,7 +375,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("POSTGRES_PORT", "5432", port(), section=STORES, host=("deploy",), from_shell=False,
             doc="Port of POSTGRES_HOST (not used when the stack runs PostgreSQL itself). Read from .env only."),
     Setting("S3_ENDPOINT_URL", "", url(), section=STORES, may_be_empty=True, from_shell=False,
-            services=("backup", "bucket-init", "gc", "migrate", "mlflow", "nginx"),
+            services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow", "nginx", "pitr"),
             host=("deploy", "backup scripts", "show", "client settings (direct mode)"),
             doc="Empty: the stack runs MinIO itself (service minio, volume minio-data), behind nginx's S3_PORT. "
                 "A URL: keep artifacts in that S3 store instead (AWS S3 or any S3-compatible one), with "
@@ -385,15 +385,15 @@ SETTINGS: tuple[Setting, ...] = (
                 ".env only, never from the shell."),
     Setting("S3_REGION", "us-east-1", pattern(r"[a-z0-9-]{2,32}", "use a region name such as eu-central-1",
                                               "eu-central-1"),
-            section=STORES, services=("backup", "bucket-init", "gc", "migrate", "mlflow"),
+            section=STORES, services=("backup", "bucket-init", "db", "gc", "migrate", "mlflow", "pitr"),
             doc="Region the S3 requests are signed for (AWS: the bucket's region; MinIO ignores it)."),
     Setting("MINIO_ROOT_USER", "mlflow-admin",
             pattern(r"\S{3,128}", "use at least 3 characters, no spaces", "store-admin"),
-            section=STORES, file="minio_root_user", services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"),
+            section=STORES, file="minio_root_user", services=("backup", "bucket-init", "db", "gc", "migrate", "minio", "mlflow", "pitr"),
             host=("client settings (direct mode)",),
             doc="Object store access key (MinIO's root user, or the key of the store at S3_ENDPOINT_URL)."),
     Setting("MINIO_ROOT_PASSWORD", GENERATED, secret(), section=STORES, file="minio_root_password",
-            services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"), host=("client settings (direct mode)",),
+            services=("backup", "bucket-init", "db", "gc", "migrate", "minio", "mlflow", "pitr"), host=("client settings (direct mode)",),
             doc="Object store secret key (of that user)."),
 
     Setting("MLFLOW_API_MAX_BODY_MB", "64", integer(2, 1024, "MiB"), section=LIMITS, services=("mlflow", "nginx"),
@@ -429,6 +429,25 @@ SETTINGS: tuple[Setting, ...] = (
             host=("show",), doc="Hours between scheduled backups."),
     Setting("BACKUP_KEEP", "7", integer(1, 10000), section=BACKUPS, services=("backup",),
             doc="Scheduled backups kept (older ones are deleted)."),
+    Setting("PITR_BUCKET", "mlflow-pitr",
+            pattern(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", "use 3-63 lower-case letters, digits, '.' or '-'",
+                    "other-pitr"),
+            section=BACKUPS, services=("bucket-init", "db", "pitr"), host=("restore", "show"),
+            doc="Bucket of the database's point-in-time archive (WAL and base backups), on the artifact "
+                "store beside MLFLOW_BUCKET: not the artifact bucket, which logical restores replace. On "
+                "the same disk it guards against mistakes, not against losing the machine."),
+    Setting("PITR_ARCHIVE_SECONDS", "60", integer(5, 3600, "seconds"), section=BACKUPS, services=("db",),
+            doc="PostgreSQL sends its WAL to the archive when a segment (16 MiB) fills, and at the latest this "
+                "many seconds after a write (archive_timeout): the most of acknowledged writes that losing "
+                "the database's disk can cost."),
+    Setting("PITR_BASE_BACKUP_HOURS", "24", positive_number("hours"), section=BACKUPS, services=("pitr",),
+            host=("show",),
+            doc="Hours between base backups (where a restore to a point in time starts; the WAL since "
+                "is replayed, so a shorter interval makes restores faster, not more precise)."),
+    Setting("PITR_RETENTION_DAYS", "7", integer(1, 3650, "days"), section=BACKUPS, services=("pitr",),
+            host=("show",),
+            doc="Days back a restore may go (`db/db_volume_restore.sh --to-time`): older base backups and "
+                "WAL are deleted."),
     Setting("PROMETHEUS_RETENTION_DAYS", "15", integer(1, 3650, "days"), section=BACKUPS, services=("prometheus",),
             doc="Days of metrics Prometheus keeps (profile monitoring)."),
     Setting("PROMETHEUS_ALERT_RULES", "", anything("/etc/mlflow-stack/alerts.yml"), section=BACKUPS,

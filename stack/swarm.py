@@ -46,6 +46,8 @@ DATA_LABEL = "mlflow-stack.data"
 # `docker stack deploy --detach` and `replicated-job` in stack files: Docker CLI 26 or later.
 MIN_CLI = (26, 0)
 STATEFUL = tuple(service for service, *_ in settings.STORES_SETTINGS)
+# Services that read a store's volume, so run where it is (pitr: base backups of db-data).
+BESIDE_STORES = ("pitr",)
 # Edge services publish host ports: two tasks cannot share one node's port.
 GLOBAL = ("nginx",)
 # Profiles whose services need what this translation does not give them yet:
@@ -208,7 +210,7 @@ def _deploy(name: str, svc: dict, is_job: bool) -> dict:
         return deploy
     deploy["restart_policy"] = {"condition": "any", "delay": "2s"}
     rolling = {"parallelism": 1, "delay": "0s", "monitor": "20s"}
-    if name in STATEFUL:
+    if name in STATEFUL or name in BESIDE_STORES:
         # One task on its volume: the old one stops before the new one starts.
         deploy["replicas"] = 1
         deploy["placement"] = {"constraints": [f"node.labels.{DATA_LABEL} == true"]}

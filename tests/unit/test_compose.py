@@ -12,7 +12,8 @@ from stack import compose, envfile, settings
 
 
 def test_compose_file_is_valid_with_a_generated_env(tmp_path):
-    assert set(compose_config(tmp_path)["services"]) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx"}
+    assert set(compose_config(tmp_path)["services"]) == {"db", "pitr", "minio", "bucket-init", "migrate", "mlflow",
+                                                         "nginx"}
 
 
 def test_compose_without_env_names_the_fix(tmp_path):
@@ -35,9 +36,9 @@ def test_only_nginx_publishes_ports_and_stores_are_internal(tmp_path):
 
 
 @pytest.mark.parametrize("outside, gone", [
-    ({"POSTGRES_HOST": "pg.example.com", "POSTGRES_PORT": "6432"}, {"db"}),
+    ({"POSTGRES_HOST": "pg.example.com", "POSTGRES_PORT": "6432"}, {"db", "pitr"}),
     ({"S3_ENDPOINT_URL": "https://s3.example.com/"}, {"minio"}),
-    ({"POSTGRES_HOST": "10.1.2.3", "S3_ENDPOINT_URL": "http://10.1.2.3:9000"}, {"db", "minio"}),
+    ({"POSTGRES_HOST": "10.1.2.3", "S3_ENDPOINT_URL": "http://10.1.2.3:9000"}, {"db", "pitr", "minio"}),
 ])
 def test_stores_outside_the_stack_are_not_started_and_are_reached_by_route_out(tmp_path, outside, gone):
     default = compose_config(tmp_path)
@@ -86,7 +87,7 @@ def test_every_long_running_service_has_healthcheck_restart_and_log_rotation():
 
 def test_every_service_is_hardened(tmp_path):
     services = compose_config(tmp_path, "--profile", "*")["services"]
-    assert set(services) == {"db", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup", "gc",
+    assert set(services) == {"db", "pitr", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup", "gc",
                              "prometheus", "postgres-exporter", "node-exporter", "nginx-exporter"}
     for name, svc in services.items():
         assert "no-new-privileges:true" in svc.get("security_opt", []), name

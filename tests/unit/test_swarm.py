@@ -66,8 +66,9 @@ def test_images_built_here_come_from_the_registry(config):
     # Named by the image's own ID: a rebuilt image is a new name, which Swarm rolls out.
     assert services["mlflow"]["image"] == \
         "registry.example.com:5000/" + config["services"]["mlflow"]["image"] + "-0123456789ab"
+    assert services["db"]["image"].startswith("registry.example.com:5000/mlflow-stack/db:local-")
     # Upstream images are pulled by their own names.
-    assert services["db"]["image"] == config["services"]["db"]["image"]
+    assert services["minio"]["image"] == config["services"]["minio"]["image"]
     assert make(config, registry="")["services"]["mlflow"]["image"] == config["services"]["mlflow"]["image"]
 
 
@@ -85,7 +86,9 @@ def test_jobs_stores_and_the_edge_get_their_own_deploy_rules(config):
     for job in swarm.jobs(config):
         assert services[job]["deploy"]["mode"] == "replicated-job"
         assert services[job]["deploy"]["restart_policy"]["condition"] == "on-failure"
-    for name in swarm.STATEFUL:
+    # pitr reads db-data: beside it.
+    assert "pitr" in services and "pitr" in swarm.BESIDE_STORES
+    for name in (*swarm.STATEFUL, *swarm.BESIDE_STORES):
         deploy = services[name]["deploy"]
         assert deploy["placement"]["constraints"] == [f"node.labels.{swarm.DATA_LABEL} == true"]
         assert deploy["replicas"] == 1 and deploy["update_config"]["order"] == "stop-first"

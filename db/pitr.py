@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""Point-in-time recovery of the stack's PostgreSQL, with barman-cloud (runs in the db image).
+
+PostgreSQL archives every WAL segment to the archive (PITR_BUCKET on the stack's object
+store) when it fills, or after PITR_ARCHIVE_SECONDS with writes in it (archive_timeout):
+at most that much of acknowledged writes is lost with the disk. A base backup every
+PITR_BASE_BACKUP_HOURS is where a restore starts; the WAL after it replays the database
+to any moment since. Both are kept PITR_RETENTION_DAYS (a recovery window).
+
+  archive PATH        archive_command: one WAL segment to the archive
+  fetch NAME DEST     restore_command: one WAL segment from the archive
+  schedule            the pitr service: a base backup when the newest is too old (or of an
+                      earlier timeline, after a restore), old ones deleted; loops
+  base-backup         one base backup now
+  health              exit 0 while the newest base backup is recent and archiving works
+  status              the archive's state as JSON (backups, last archived segment, lag)
+  flush               close the current WAL segment and wait until it is archived
+  plan TIME           check TIME and print, as JSON, the base backup a restore to it starts from
+  restore TIME ID     (db stopped, its volume mounted) the data folder becomes base backup ID,
+                      set to replay the archive up to TIME
+  wait-recovered      wait until the restored database has replayed to its target and
+                      takes writes, then drop the recovery settings
+
+TIME is UTC ("2026-12-06 16:59:30") or has an offset ("2026-12-06 17:59:30+01:00").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stack import common, settings
+
+PGDATA = Path(os.environ.get("PGDATA", "/var/lib/postgresql/data"))
+# The server's name in the archive (a folder of PITR_BUCKET). Fixed: a stack restored on a
+# new machine, under another project name, finds its archive by the bucket alone.
+SERVER_NAME = "stack"
+STATE = Path("/tmp/pitr-state.json")
+RECOVERY_MARK = "# mlflow-stack: point-in-time restore (removed when recovery ends)"
+
+
+class PitrError(Exception):
+    """The archive cannot be used as asked; the message says why and what to do."""
+
+
+def log(message: str) -> None:
+    print(f"pitr: {message}", file=sys.stderr, flush=True)
+
+
+def value(key: str) -> str:
+    return settings.value(key, os.environ)
+
+
+def archive_url() -> str:
+    return f"s3://{value('PITR_BUCKET')}"
+
+
+def cloud_env() -> dict[str, str]:
+    """barman-cloud's environment: the store's keys from the secret files (never argv, never
+    the container's environment), and botocore's checksums only when required (S3-compatible
+    stores reject its newer defaults)."""
+    return {**os.environ,
+            "AWS_ACCESS_KEY_ID": common.secret("AWS_ACCESS_KEY_ID"),
+            "AWS_SECRET_ACCESS_KEY": common.secret("AWS_SECRET_ACCESS_KEY"),
+            "AWS_DEFAULT_REGION": common.env("S3_REGION", "us-east-1"),
+            "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+            "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+
+def cloud_args() -> list[str]:
+    return ["--cloud-provider", "aws-s3", "--endpoint-url", common.env("S3_INTERNAL_ENDPOINT", "http://minio:9000")]
+
+
+def barman(tool: str, *args: str, capture: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess:
+    argv = [f"barman-cloud-{tool}", *cloud_args(), *args]
+    return subprocess.run(argv, env=cloud_env(), capture_output=capture, text=True, timeout=timeout, check=False)
+
+
+def pg_env() -> dict[str, str]:
+    p = common.postgres_params()
+    return {**os.environ, "PGHOST": p["host"], "PGPORT": p["port"], "PGUSER": p["user"],
+            "PGPASSWORD": p["password"], "PGDATABASE": p["dbname"], "PGCONNECT_TIMEOUT": "10"}
+
+
+def query(sql: str, params: tuple = ()) -> list[tuple]:
+    import psycopg2
+
+    conn = psycopg2.connect(**{**common.postgres_params(), "dbname": "postgres", "connect_timeout": 10})
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+# --- Time -------------------------------------------------------------------
+
+def parse_time(text: str) -> dt.datetime:
+    """A moment as the user wrote it: UTC unless it carries an offset."""
+    cleaned = text.strip().replace("T", " ")
+    if cleaned.endswith(("Z", "z")):
+        cleaned = cleaned[:-1] + "+00:00"
+    try:
+        moment = dt.datetime.fromisoformat(cleaned)
+    except ValueError:
+        raise PitrError(f"{text!r} is not a time: write it as \"2026-12-06 16:59:30\" (UTC) or with an offset, "
+                        "\"2026-12-06 17:59:30+01:00\"") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment.astimezone(dt.timezone.utc)
+
+
+def pg_time(moment: dt.datetime) -> str:
+    """As recovery_target_time reads it (an explicit UTC offset: no server time zone applies)."""
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+
+
+def barman_time(text: str) -> dt.datetime:
+    """A time barman-cloud wrote (e.g. "Mon Dec  7 07:15:02 2026", or ISO)."""
+    text = text.strip()
+    for fmt in ("%a %b %d %H:%M:%S %Y", "%Y-%m-%d %H:%M:%S.%f%z", "%Y-%m-%d %H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z",
+                "%Y-%m-%dT%H:%M:%S%z"):
+        try:
+            moment = dt.datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+    return parse_time(text)
+
+
+# --- The archive --------------------------------------------------------------
+
+def backups() -> list[dict]:
+    """The archive's finished base backups, oldest first: id, begin, end (UTC), timeline."""
+    done = barman("backup-list", "--format", "json", archive_url(), SERVER_NAME, capture=True, timeout=300)
+    if done.returncode != 0:
+        raise PitrError(f"the archive s3://{value('PITR_BUCKET')} cannot be listed: "
+                        f"{(done.stderr or done.stdout).strip()[-400:]}")
+    found = []
+    for item in json.loads(done.stdout or "{}").get("backups_list", []):
+        if item.get("status") != "DONE":
+            continue
+        found.append({"id": item["backup_id"], "begin": barman_time(item["begin_time"]).isoformat(),
+                      "end": barman_time(item["end_time"]).isoformat(), "timeline": int(item.get("timeline", 1))})
+    return sorted(found, key=lambda b: b["end"])
+
+
+def archiver() -> dict:
+    row = query("SELECT last_archived_wal, last_archived_time, last_failed_wal, last_failed_time, failed_count, "
+                "pg_walfile_name(pg_current_wal_lsn()), now(), "
+                "(SELECT setting FROM pg_settings WHERE name = 'archive_mode') FROM pg_stat_archiver")[0]
+    iso = lambda t: t.isoformat() if t else None  # noqa: E731
+    return {"last_archived_wal": row[0], "last_archived_time": iso(row[1]), "last_failed_wal": row[2],
+            "last_failed_time": iso(row[3]), "failed_count": row[4], "current_wal": row[5], "now": iso(row[6]),
+            "archive_mode": row[7]}
+
+
+def current_timeline() -> int:
+    """The timeline WAL is written on now (a WAL file name starts with it): right after a
+    restore's promotion, before any checkpoint names it."""
+    return int(query("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0][:8], 16)
+
+
+def cmd_archive(args: list[str]) -> int:
+    (path,) = args
+    done = barman("wal-archive", "--gzip", archive_url(), SERVER_NAME, path, capture=True, timeout=600)
+    if done.returncode != 0:
+        # PostgreSQL keeps the segment and tries again; its log gets why.
+        log(f"archiving {Path(path).name} to {archive_url()} failed (PostgreSQL keeps it and retries): "
+            f"{(done.stderr or done.stdout).strip()[-500:]}")
+    return done.returncode
+
+
+def cmd_fetch(args: list[str]) -> int:
+    name, dest = args
+    # Exit 1 for a segment the archive does not have: recovery ends there (PostgreSQL asks
+    # past the end by design), so no message for that.
+    return barman("wal-restore", archive_url(), SERVER_NAME, name, dest, capture=True, timeout=600).returncode
+
+
+def base_backup() -> None:
+    p = common.postgres_params()
+    log("taking a base backup")
+    started = time.monotonic()
+    done = subprocess.run(["barman-cloud-backup", *cloud_args(), "--gzip", "--immediate-checkpoint",
+                           "-h", p["host"], "-p", p["port"], "-U", p["user"], "-d", "postgres",
+                           archive_url(), SERVER_NAME],
+                          env={**cloud_env(), "PGPASSWORD": p["password"], "PGCONNECT_TIMEOUT": "10"},
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise PitrError(f"the base backup failed: {(done.stderr or done.stdout).strip()[-800:]}")
+    log(f"base backup done in {time.monotonic() - started:.1f} s")
+
+
+def retention() -> None:
+    policy = f"RECOVERY WINDOW OF {value('PITR_RETENTION_DAYS')} DAYS"
+    done = barman("backup-delete", "--retention-policy", policy, archive_url(), SERVER_NAME, capture=True, timeout=3600)
+    if done.returncode != 0:
+        log(f"deleting what falls out of the recovery window failed: {(done.stderr or done.stdout).strip()[-400:]}")
+
+
+def backup_due(found: list[dict], timeline: int, now: dt.datetime) -> str:
+    """Why a base backup is due now, or "" (unit-tested)."""
+    if not found:
+        return "there is none yet"
+    newest = found[-1]
+    if newest["timeline"] != timeline:
+        return f"the newest is of timeline {newest['timeline']}, the database is on {timeline} (after a restore)"
+    age = (now - dt.datetime.fromisoformat(newest["end"])).total_seconds()
+    if age >= float(value("PITR_BASE_BACKUP_HOURS")) * 3600:
+        return f"the newest is {age / 3600:.1f} hours old"
+    return ""
+
+
+def write_state(**fields) -> None:
+    STATE.write_text(json.dumps({**fields, "at": time.time()}))
+
+
+def cmd_schedule(_args: list[str]) -> int:
+    interval = float(value("PITR_BASE_BACKUP_HOURS")) * 3600
+    log(f"base backups every {interval / 3600:g} h to {archive_url()}, kept {value('PITR_RETENTION_DAYS')} days")
+    while True:
+        try:
+            found = backups()
+            why = backup_due(found, current_timeline(), dt.datetime.now(dt.timezone.utc))
+            if why:
+                log(f"a base backup is due: {why}")
+                base_backup()
+                retention()
+                found = backups()
+            write_state(ok=True, newest=found[-1]["end"] if found else None)
+        except (PitrError, OSError, subprocess.SubprocessError, common.ConfigError) as exc:
+            log(f"{exc}; trying again in 60 s")
+            write_state(ok=False, error=str(exc)[:500])
+            time.sleep(60)
+            continue
+        except Exception as exc:  # noqa: BLE001 - psycopg2's errors: the database restarting
+            log(f"{type(exc).__name__}: {exc}; trying again in 60 s")
+            write_state(ok=False, error=str(exc)[:500])
+            time.sleep(60)
+            continue
+        time.sleep(min(300.0, interval))
+
+
+def cmd_base_backup(_args: list[str]) -> int:
+    base_backup()
+    retention()
+    return 0
+
+
+def cmd_health(_args: list[str]) -> int:
+    """Healthy once the newest base backup is recent and the schedule's last look succeeded;
+    archiving failing for longer than two archive timeouts is unhealthy too."""
+    try:
+        state = json.loads(STATE.read_text())
+    except (OSError, ValueError):
+        print("no look at the archive yet")
+        return 1
+    if not state.get("ok"):
+        print(state.get("error", "the last look at the archive failed"))
+        return 1
+    if not state.get("newest"):
+        print("no base backup yet")
+        return 1
+    age = time.time() - dt.datetime.fromisoformat(state["newest"]).timestamp()
+    if common.overdue(age, float(value("PITR_BASE_BACKUP_HOURS"))):
+        print(f"the newest base backup is {age / 3600:.1f} hours old")
+        return 1
+    seen = archiver()
+    failed, archived = seen["last_failed_time"], seen["last_archived_time"]
+    if failed and (not archived or failed > archived):
+        print(f"archiving {seen['last_failed_wal']} fails ({seen['failed_count']} failures)")
+        return 1
+    return 0
+
+
+def cmd_status(_args: list[str]) -> int:
+    print(json.dumps({"archive": archive_url(), "backups": backups(), **archiver()}, indent=1))
+    return 0
+
+
+def cmd_flush(args: list[str]) -> int:
+    """Close the WAL segment being written and wait until the archive has it: then the
+    archive holds every write committed before this call."""
+    timeout = float(args[0]) if args else 300.0
+    if archiver()["archive_mode"] != "on":
+        raise PitrError("the database does not archive its WAL (archive_mode is off): redeploy with "
+                        "./stack_deploy.sh, which turns it on")
+    segment = query("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = archiver()
+        # Segment names sort by timeline, then position (a history file sorts before them).
+        if (seen["last_archived_wal"] or "") >= segment:
+            log(f"the archive has every write up to now (segment {segment})")
+            return 0
+        if time.monotonic() > deadline:
+            raise PitrError(f"the archive did not receive WAL segment {segment} within {timeout:.0f} s (last "
+                            f"failure: {seen['last_failed_wal']} at {seen['last_failed_time']}); see the db "
+                            "service's log for why archiving fails")
+        time.sleep(0.5)
+
+
+def choose(found: list[dict], target: dt.datetime, now: dt.datetime) -> dict:
+    """The base backup a restore to `target` starts from: the newest that ended before it
+    (a base backup is consistent only from its end on). Unit-tested."""
+    if target > now:
+        raise PitrError(f"{target.isoformat()} is in the future (it is {now.isoformat(timespec='seconds')} now)")
+    if not found:
+        raise PitrError("the archive has no base backup yet: the pitr service takes one when it starts "
+                        "(./show_all.sh shows it); there is nothing to restore from")
+    usable = [b for b in found if dt.datetime.fromisoformat(b["end"]) <= target]
+    if not usable:
+        first = found[0]["end"]
+        raise PitrError(f"{target.isoformat()} is before the oldest base backup ended ({first}): the archive "
+                        f"reaches back to {first} (PITR_RETENTION_DAYS); restore a logical set "
+                        "(db/db_volume_restore.sh SET) for an earlier state")
+    return usable[-1]
+
+
+def cmd_plan(args: list[str]) -> int:
+    (text,) = args
+    target = parse_time(text)
+    chosen = choose(backups(), target, dt.datetime.now(dt.timezone.utc))
+    print(json.dumps({"target": pg_time(target), "target_iso": target.isoformat(), "backup": chosen}))
+    return 0
+
+
+def recovery_settings(target: str) -> str:
+    return (f"\n{RECOVERY_MARK}\n"
+            "restore_command = 'python3 /usr/local/bin/mlflow-stack-pitr fetch %f %p'\n"
+            f"recovery_target_time = '{target}'\n"
+            "recovery_target_action = 'promote'\n")
+
+
+def cmd_restore(args: list[str]) -> int:
+    target, backup_id = args
+    if not PGDATA.is_dir():
+        raise PitrError(f"{PGDATA} is not mounted")
+    # The data folder is the volume's root: its content goes, the folder stays (the caller
+    # took a safety copy first).
+    for child in PGDATA.iterdir():
+        subprocess.run(["rm", "-rf", "--", str(child)], check=True)
+    log(f"fetching base backup {backup_id}")
+    done = barman("restore", archive_url(), SERVER_NAME, backup_id, str(PGDATA), capture=True)
+    if done.returncode != 0:
+        raise PitrError(f"fetching base backup {backup_id} failed: {(done.stderr or done.stdout).strip()[-800:]}")
+    with open(PGDATA / "postgresql.auto.conf", "a", encoding="utf-8") as conf:
+        conf.write(recovery_settings(target))
+    (PGDATA / "recovery.signal").touch()
+    os.chmod(PGDATA, 0o700)
+    log(f"the data folder is base backup {backup_id}, set to replay the archive up to {target}")
+    return 0
+
+
+def cmd_wait_recovered(args: list[str]) -> int:
+    timeout = float(args[0]) if args else 3600.0
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            if not query("SELECT pg_is_in_recovery()")[0][0]:
+                break
+            replayed = query("SELECT pg_last_xact_replay_timestamp()")[0][0]
+            now = f"replayed up to {replayed:%Y-%m-%d %H:%M:%S} UTC" if replayed else "replaying"
+        except Exception as exc:  # noqa: BLE001 - not up yet, or restarting
+            now = f"not answering yet ({type(exc).__name__})"
+        if now != last:
+            log(now)
+            last = now
+        time.sleep(1)
+    else:
+        raise PitrError(f"the database did not finish its recovery within {timeout:.0f} s: see the db service's log")
+    for name in ("restore_command", "recovery_target_time", "recovery_target_action"):
+        query(f"ALTER SYSTEM RESET {name}")
+    query("SELECT pg_reload_conf()")
+    log("recovered: the database takes writes again (on a new timeline)")
+    return 0
+
+
+COMMANDS = {"archive": cmd_archive, "fetch": cmd_fetch, "schedule": cmd_schedule, "base-backup": cmd_base_backup,
+            "health": cmd_health, "status": cmd_status, "flush": cmd_flush, "plan": cmd_plan,
+            "restore": cmd_restore, "wait-recovered": cmd_wait_recovered}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (PitrError, common.ConfigError, settings.SettingError) as exc:
+        log(f"error: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,84 @@
+"""The point-in-time tool's decisions without a database: times, which base backup a
+restore starts from, when a base backup is due, the recovery settings."""
+
+import datetime as dt
+import importlib.util
+import re
+
+import pytest
+
+from stack.paths import ROOT
+
+_spec = importlib.util.spec_from_file_location("pitr", ROOT / "db" / "pitr.py")
+pitr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pitr)
+
+UTC = dt.timezone.utc
+
+
+def at(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+BACKUPS = [{"id": "20261201T000000", "begin": "2026-12-01T00:00:00+00:00", "end": "2026-12-01T00:00:05+00:00",
+            "timeline": 1},
+           {"id": "20261202T000000", "begin": "2026-12-02T00:00:00+00:00", "end": "2026-12-02T00:00:05+00:00",
+            "timeline": 1}]
+
+
+@pytest.mark.parametrize("text, want", [
+    ("2026-12-06 16:59:30", "2026-12-06 16:59:30"),
+    ("2026-12-06T16:59:30Z", "2026-12-06 16:59:30"),
+    ("2026-12-06 17:59:30+01:00", "2026-12-06 16:59:30"),
+    ("2026-12-06 11:59:30.250-05:00", "2026-12-06 16:59:30.250"),
+])
+def test_times_are_utc_unless_they_carry_an_offset(text, want):
+    assert pitr.parse_time(text) == at(want)
+
+
+def test_the_target_reaches_postgresql_with_an_explicit_offset():
+    assert pitr.pg_time(pitr.parse_time("2026-12-06 17:59:30.5+01:00")) == "2026-12-06 16:59:30.500000+00"
+
+
+@pytest.mark.parametrize("text", ["yesterday", "2026-13-01 00:00:00", "", "16:59"])
+def test_a_time_that_is_not_one_says_how_to_write_it(text):
+    with pytest.raises(pitr.PitrError, match="2026-12-06 16:59:30"):
+        pitr.parse_time(text)
+
+
+def test_barman_times_in_either_form():
+    assert pitr.barman_time("Mon Dec  7 07:15:02 2026") == at("2026-12-07 07:15:02")
+    assert pitr.barman_time("2026-12-07 07:15:02.123+00:00") == at("2026-12-07 07:15:02.123")
+
+
+def test_a_restore_starts_from_the_newest_backup_that_ended_before_the_moment():
+    now = at("2026-12-03 00:00:00")
+    assert pitr.choose(BACKUPS, at("2026-12-02 12:00:00"), now)["id"] == "20261202T000000"
+    assert pitr.choose(BACKUPS, at("2026-12-01 12:00:00"), now)["id"] == "20261201T000000"
+    # A backup is consistent only from its end on: a moment inside the second one starts from the first.
+    assert pitr.choose(BACKUPS, at("2026-12-02 00:00:02"), now)["id"] == "20261201T000000"
+
+
+@pytest.mark.parametrize("target, found, says", [
+    ("2026-11-30 00:00:00", BACKUPS, "before the oldest base backup ended (2026-12-01T00:00:05+00:00)"),
+    ("2026-12-04 00:00:00", BACKUPS, "is in the future"),
+    ("2026-12-02 12:00:00", [], "no base backup yet"),
+])
+def test_a_moment_outside_the_archive_is_refused_with_the_reason(target, found, says):
+    with pytest.raises(pitr.PitrError, match=re.escape(says)):
+        pitr.choose(found, at(target), at("2026-12-03 00:00:00"))
+
+
+def test_a_base_backup_is_due_when_none_is_recent_or_it_is_of_an_earlier_timeline(monkeypatch):
+    monkeypatch.setenv("PITR_BASE_BACKUP_HOURS", "24")
+    assert pitr.backup_due([], 1, at("2026-12-02 01:00:00")) == "there is none yet"
+    assert pitr.backup_due(BACKUPS, 1, at("2026-12-02 12:00:00")) == ""
+    assert "hours old" in pitr.backup_due(BACKUPS, 1, at("2026-12-03 00:00:06"))
+    assert "after a restore" in pitr.backup_due(BACKUPS, 2, at("2026-12-02 12:00:00"))
+
+
+def test_recovery_settings_replay_the_archive_to_the_moment_then_take_writes():
+    text = pitr.recovery_settings("2026-12-06 16:59:30.000000+00")
+    assert "restore_command = 'python3 /usr/local/bin/mlflow-stack-pitr fetch %f %p'" in text
+    assert "recovery_target_time = '2026-12-06 16:59:30.000000+00'" in text
+    assert "recovery_target_action = 'promote'" in text

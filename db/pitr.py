@@ -14,6 +14,7 @@ to any moment since. Both are kept PITR_RETENTION_DAYS (a recovery window).
   base-backup         one base backup now
   health              exit 0 while the newest base backup is recent and archiving works
   status              the archive's state as JSON (backups, last archived segment, lag)
+  summary             one line for ./show_all.sh: the window a restore may go to, the lag
   flush               close the current WAL segment and wait until it is archived
   plan TIME           check TIME and print, as JSON, the base backup a restore to it starts from
   restore TIME ID     (db stopped, its volume mounted) the data folder becomes base backup ID,
@@ -31,7 +32,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from stack import common, settings
@@ -223,9 +226,67 @@ def write_state(**fields) -> None:
     STATE.write_text(json.dumps({**fields, "at": time.time()}))
 
 
+def read_state() -> dict:
+    try:
+        return json.loads(STATE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def waiting_segments(pgdata: Path, now: float) -> tuple[int, float]:
+    """WAL segments PostgreSQL has closed but not yet archived (their .ready marks), and the
+    age of the oldest: the archive lag, which only grows while archiving fails or falls
+    behind (an idle database closes no segment). Unit-tested."""
+    ready = [m.stat().st_mtime for m in (pgdata / "pg_wal" / "archive_status").glob("*.ready")]
+    return len(ready), max(0.0, now - min(ready)) if ready else 0.0
+
+
+def metrics_text(state: dict, pgdata: Path, now: float) -> str:
+    """What Prometheus scrapes from the pitr service (alerts PitrArchiveLagging,
+    PitrBaseBackupTooOld). Unit-tested."""
+    count, lag = waiting_segments(pgdata, now)
+    rows = [("pitr_wal_segments_waiting", "gauge", "WAL segments closed but not yet in the archive", count),
+            ("pitr_oldest_waiting_segment_age_seconds", "gauge",
+             "age of the oldest WAL segment not yet in the archive (0: none waits)", round(lag, 3)),
+            ("pitr_archive_timeout_seconds", "gauge", "PITR_ARCHIVE_SECONDS", float(value("PITR_ARCHIVE_SECONDS"))),
+            ("pitr_base_backup_interval_seconds", "gauge", "PITR_BASE_BACKUP_HOURS in seconds",
+             float(value("PITR_BASE_BACKUP_HOURS")) * 3600),
+            ("pitr_last_look_ok", "gauge", "1 if the last look at the archive succeeded", 1 if state.get("ok") else 0)]
+    if state.get("newest"):
+        rows.append(("pitr_newest_base_backup_timestamp_seconds", "gauge", "when the newest base backup ended",
+                     dt.datetime.fromisoformat(state["newest"]).timestamp()))
+    lines = []
+    for name, kind, text, number in rows:
+        lines += [f"# HELP mlflow_stack_{name} {text}", f"# TYPE mlflow_stack_{name} {kind}",
+                  f"mlflow_stack_{name} {number}"]
+    return "\n".join(lines) + "\n"
+
+
+class _Metrics(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path != "/metrics":
+            self.send_error(404)
+            return
+        body = metrics_text(read_state(), PGDATA, time.time()).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args):  # a scrape every 15 s is no news
+        pass
+
+
+def serve_metrics() -> None:
+    server = ThreadingHTTPServer(("0.0.0.0", int(common.env("PITR_METRICS_PORT"))), _Metrics)  # noqa: S104 - backend network only
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
 def cmd_schedule(_args: list[str]) -> int:
     interval = float(value("PITR_BASE_BACKUP_HOURS")) * 3600
     log(f"base backups every {interval / 3600:g} h to {archive_url()}, kept {value('PITR_RETENTION_DAYS')} days")
+    serve_metrics()
     while True:
         try:
             found = backups()
@@ -235,7 +296,8 @@ def cmd_schedule(_args: list[str]) -> int:
                 base_backup()
                 retention()
                 found = backups()
-            write_state(ok=True, newest=found[-1]["end"] if found else None)
+            write_state(ok=True, newest=found[-1]["end"] if found else None,
+                        oldest=found[0]["end"] if found else None, count=len(found))
         except (PitrError, OSError, subprocess.SubprocessError, common.ConfigError) as exc:
             log(f"{exc}; trying again in 60 s")
             write_state(ok=False, error=str(exc)[:500])
@@ -256,11 +318,15 @@ def cmd_base_backup(_args: list[str]) -> int:
 
 
 def cmd_health(_args: list[str]) -> int:
-    """Healthy once the newest base backup is recent and the schedule's last look succeeded;
-    archiving failing for longer than two archive timeouts is unhealthy too."""
-    try:
-        state = json.loads(STATE.read_text())
-    except (OSError, ValueError):
+    """Healthy while archiving works (its last attempt succeeded), the schedule's last look at
+    the archive succeeded and the newest base backup is recent."""
+    seen = archiver()
+    failed, archived = seen["last_failed_time"], seen["last_archived_time"]
+    if failed and (not archived or failed > archived):
+        print(f"archiving {seen['last_failed_wal']} fails ({seen['failed_count']} failures; docker compose logs db)")
+        return 1
+    state = read_state()
+    if not state:
         print("no look at the archive yet")
         return 1
     if not state.get("ok"):
@@ -273,11 +339,24 @@ def cmd_health(_args: list[str]) -> int:
     if common.overdue(age, float(value("PITR_BASE_BACKUP_HOURS"))):
         print(f"the newest base backup is {age / 3600:.1f} hours old")
         return 1
-    seen = archiver()
-    failed, archived = seen["last_failed_time"], seen["last_archived_time"]
-    if failed and (not archived or failed > archived):
-        print(f"archiving {seen['last_failed_wal']} fails ({seen['failed_count']} failures)")
+    return 0
+
+
+def cmd_summary(_args: list[str]) -> int:
+    state = read_state()
+    if not state:
+        print("no look at the archive yet")
         return 1
+    if not state.get("ok"):
+        print(f"failing: {state.get('error', '?')[:200]}")
+        return 1
+    count, lag = waiting_segments(PGDATA, time.time())
+    waiting = f"{count} WAL segments waiting, the oldest {lag:.0f} s" if count else "no WAL segment waiting"
+    if not state.get("newest"):
+        print(f"no base backup yet; {waiting}")
+        return 1
+    print(f"restores back to {state['oldest'][:19]} UTC ({state['count']} base backups, newest "
+          f"{state['newest'][:19]} UTC); {waiting}")
     return 0
 
 
@@ -386,7 +465,7 @@ def cmd_wait_recovered(args: list[str]) -> int:
 
 
 COMMANDS = {"archive": cmd_archive, "fetch": cmd_fetch, "schedule": cmd_schedule, "base-backup": cmd_base_backup,
-            "health": cmd_health, "status": cmd_status, "flush": cmd_flush, "plan": cmd_plan,
+            "health": cmd_health, "status": cmd_status, "summary": cmd_summary, "flush": cmd_flush, "plan": cmd_plan,
             "restore": cmd_restore, "wait-recovered": cmd_wait_recovered}
 
 

@@ -436,7 +436,7 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Bucket of the database's point-in-time archive (WAL and base backups), on the artifact "
                 "store beside MLFLOW_BUCKET: not the artifact bucket, which logical restores replace. On "
                 "the same disk it guards against mistakes, not against losing the machine."),
-    Setting("PITR_ARCHIVE_SECONDS", "60", integer(5, 3600, "seconds"), section=BACKUPS, services=("db",),
+    Setting("PITR_ARCHIVE_SECONDS", "60", integer(5, 3600, "seconds"), section=BACKUPS, services=("db", "pitr"),
             doc="PostgreSQL sends its WAL to the archive when a segment (16 MiB) fills, and at the latest this "
                 "many seconds after a write (archive_timeout): the most of acknowledged writes that losing "
                 "the database's disk can cost."),

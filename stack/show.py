@@ -221,6 +221,12 @@ def backups(values: dict[str, str], svc: list[dict], compose: tuple[list[str], d
                          env=env)
         lines.append(f"  scheduled      every {values['BACKUP_INTERVAL_HOURS']} h, "
                      f"health={scheduler.get('Health') or '-'}: {out or 'unknown'}")
+    archive = next((s for s in svc if s["Service"] == "pitr"), None)
+    if archive is not None:
+        code, out = _run([*argv, "exec", "-T", "pitr", "python3", "/usr/local/bin/mlflow-stack-pitr", "summary"],
+                         env=env)
+        lines.append(f"  point in time  s3://{values['PITR_BUCKET']}, health={archive.get('Health') or '-'}: "
+                     f"{out or 'unknown'}")
     collector = next((s for s in svc if s["Service"] == "gc"), None)
     if collector is None:
         lines.append("  gc             off (./stack_gc.sh by hand, or COMPOSE_PROFILES=gc in .env)")

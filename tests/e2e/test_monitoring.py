@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import wait_for
 
-JOBS = {"prometheus", "mlflow", "nginx", "postgres", "minio", "node"}
+JOBS = {"prometheus", "mlflow", "nginx", "postgres", "minio", "node", "pitr"}
 ON = {"COMPOSE_PROFILES": "monitoring"}
 SERVICES = ("prometheus", "postgres-exporter", "node-exporter", "nginx-exporter")
 

@@ -74,6 +74,42 @@ def test_a_write_reaches_the_archive_within_the_archive_timeout(stack):
     assert status["backups"][-1]["timeline"] == 1
 
 
+def metrics(stack) -> dict[str, float]:
+    text = stack.compose("exec", "-T", "pitr", "python3", "-c", "import urllib.request; print(urllib.request."
+                         "urlopen('http://localhost:9102/metrics', timeout=10).read().decode())").stdout
+    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line and line[0] != "#")}
+
+
+def test_an_archive_that_fails_is_reported_and_catches_up_when_back(stack):
+    """The object store down: closed WAL segments wait on the database's volume, the
+    metric behind PitrArchiveLagging counts them and ages the oldest, the service turns
+    unhealthy; back up, the archive takes them all and nothing was lost."""
+    run_id = make_run(stack)
+    assert metrics(stack)["mlflow_stack_pitr_wal_segments_waiting"] == 0
+    stack.compose("stop", "minio")
+    try:
+        assert stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
+            "run_id": run_id, "key": "pitr", "value": 1, "timestamp": 0, "step": 1}).status_code == 200
+        segment = stack.psql("SELECT pg_walfile_name(pg_switch_wal())")
+        waiting = wait_for(lambda: (m := metrics(stack))["mlflow_stack_pitr_wal_segments_waiting"] >= 1
+                           and m["mlflow_stack_pitr_oldest_waiting_segment_age_seconds"] > 0 and m,
+                           60, "the metric to count the segment the archive did not take")
+        assert waiting["mlflow_stack_pitr_newest_base_backup_timestamp_seconds"] > 0, waiting
+        failing = wait_for(lambda: "fails" in (out := stack.compose("exec", "-T", "pitr", "python3",
+                                                                     "/usr/local/bin/mlflow-stack-pitr", "health",
+                                                                     check=False).stdout) and out,
+                           60, "the pitr service's health to say archiving fails")
+        assert segment in failing, failing
+    finally:
+        stack.compose("start", "minio")
+    # PostgreSQL tries a failed segment again at the latest a minute later.
+    wait_for(lambda: stack.psql("SELECT last_archived_wal FROM pg_stat_archiver") >= segment
+             and not metrics(stack)["mlflow_stack_pitr_wal_segments_waiting"],
+             180, f"the archive to take {segment} and every segment after it once the store is back")
+    assert steps_in_db(stack, run_id) == {1}
+    assert "restores back to" in stack.script("show_all.sh").stdout
+
+
 @pytest.mark.parametrize("when, says", [
     ("yesterday at five", "is not a time"),
     ("2099-01-01 00:00:00", "is in the future"),

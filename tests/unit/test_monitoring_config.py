@@ -15,14 +15,16 @@ def test_prometheus_scrapes_the_services_at_their_ports(tmp_path):
     targets = {job["job_name"]: t for job in config["scrape_configs"]
                for t in job.get("static_configs", [{}])[0].get("targets", [])}
     # The server's replicas are found by its name, each at the metrics port.
-    (mlflow_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "mlflow"]
-    found = mlflow_job["dns_sd_configs"][0]
-    targets["mlflow"] = f"{found['names'][0]}:{found['port']}"
+    for name in ("mlflow", "pitr"):
+        (job,) = [job for job in config["scrape_configs"] if job["job_name"] == name]
+        found = job["dns_sd_configs"][0]
+        targets[name] = f"{found['names'][0]}:{found['port']}"
     for job, target in targets.items():
         host, port = target.rsplit(":", 1)
         assert host == "localhost" or host in services, (job, target)
     # MLflow's metrics port has one home: the mlflow service's environment.
     assert targets["mlflow"] == f"mlflow:{services['mlflow']['environment']['MLFLOW_METRICS_PORT']}"
+    assert targets["pitr"] == f"pitr:{services['pitr']['environment']['PITR_METRICS_PORT']}"
     assert targets["nginx"] == f"{common.NGINX_EXPORTER}:{common.NGINX_EXPORTER_METRICS_PORT}"
     assert services["minio"]["environment"]["MINIO_PROMETHEUS_AUTH_TYPE"] == "public"
     assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]

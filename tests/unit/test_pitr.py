@@ -2,6 +2,7 @@
 restore starts from, when a base backup is due, the recovery settings."""
 
 import datetime as dt
+import os
 import importlib.util
 import re
 
@@ -82,3 +83,33 @@ def test_recovery_settings_replay_the_archive_to_the_moment_then_take_writes():
     assert "restore_command = 'python3 /usr/local/bin/mlflow-stack-pitr fetch %f %p'" in text
     assert "recovery_target_time = '2026-12-06 16:59:30.000000+00'" in text
     assert "recovery_target_action = 'promote'" in text
+
+
+def test_the_archive_lag_is_the_age_of_the_oldest_segment_waiting(tmp_path):
+    status = tmp_path / "pg_wal" / "archive_status"
+    status.mkdir(parents=True)
+    assert pitr.waiting_segments(tmp_path, 1000.0) == (0, 0.0)
+    (status / "000000010000000000000002.done").touch()
+    for name, mtime in (("000000010000000000000003.ready", 900.0), ("000000010000000000000004.ready", 970.0)):
+        (status / name).touch()
+        os.utime(status / name, (mtime, mtime))
+    assert pitr.waiting_segments(tmp_path, 1000.0) == (2, 100.0)
+
+
+def test_metrics_give_the_lag_and_the_newest_base_backup(tmp_path, monkeypatch):
+    monkeypatch.setenv("PITR_ARCHIVE_SECONDS", "10")
+    monkeypatch.setenv("PITR_BASE_BACKUP_HOURS", "24")
+    (tmp_path / "pg_wal" / "archive_status").mkdir(parents=True)
+    ready = tmp_path / "pg_wal" / "archive_status" / "000000010000000000000003.ready"
+    ready.touch()
+    os.utime(ready, (900.0, 900.0))
+    text = pitr.metrics_text({"ok": True, "newest": "2026-12-02T00:00:05+00:00"}, tmp_path, 1000.0)
+    values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert values == {"mlflow_stack_pitr_wal_segments_waiting": "1",
+                      "mlflow_stack_pitr_oldest_waiting_segment_age_seconds": "100.0",
+                      "mlflow_stack_pitr_archive_timeout_seconds": "10.0",
+                      "mlflow_stack_pitr_base_backup_interval_seconds": "86400.0",
+                      "mlflow_stack_pitr_last_look_ok": "1",
+                      "mlflow_stack_pitr_newest_base_backup_timestamp_seconds": str(at("2026-12-02 00:00:05").timestamp())}
+    # No base backup yet: no timestamp (PitrBaseBackupTooOld cannot fire on a made-up 0).
+    assert "newest_base_backup" not in pitr.metrics_text({"ok": False}, tmp_path, 1000.0)

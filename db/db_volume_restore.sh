@@ -8,7 +8,7 @@
 usage() {
 	cat <<'USAGE'
 Usage: db/db_volume_restore.sh SET [--yes] [--help]
-       db/db_volume_restore.sh --to-time TIME [--yes]
+       db/db_volume_restore.sh --to-time TIME [--yes] [--skip-flush]
 
 Restores the backup set in folder SET (as printed by db/db_volume_backup.sh)
 into the deployed stack:
@@ -32,16 +32,19 @@ The current data is kept as a safety set first (as above); the archive is
 brought up to date before the database is replaced, so a later restore may
 still go to any moment before this one. The bucket is left as it is: it holds
 every artifact logged until now (those of runs deleted by gc in between are
-gone; see docs/backups.md).
+gone; see docs/backups.md). --skip-flush goes on when the archive does not
+take the current writes (an archive that belongs to another database, see
+docs/backups.md): they are then kept in the safety set only.
 USAGE
 }
 
-SET="" ASSUME_YES=0 TO_TIME=""
+SET="" ASSUME_YES=0 TO_TIME="" SKIP_FLUSH=0
 while [ $# -gt 0 ]; do
 	case "$1" in
 		--yes|-y) ASSUME_YES=1; shift ;;
 		--to-time) [ $# -ge 2 ] || usage_error "--to-time needs a time"; TO_TIME="$2"; shift 2 ;;
 		--to-time=*) TO_TIME="${1#*=}"; shift ;;
+		--skip-flush) SKIP_FLUSH=1; shift ;;
 		--help|-h) usage; exit 0 ;;
 		-*) usage_error "unknown option: $1" ;;
 		*) [ -z "$SET" ] || usage_error "one set at a time"; SET="$1"; shift ;;
@@ -50,6 +53,8 @@ done
 export ASSUME_YES
 if [ -n "$TO_TIME" ]; then
 	[ -z "$SET" ] || usage_error "a set or --to-time, not both"
+elif [ "$SKIP_FLUSH" = 1 ]; then
+	usage_error "--skip-flush goes with --to-time"
 else
 	[ -n "$SET" ] || usage_error "which set? give its folder (or --to-time TIME)"
 	[ -d "$SET" ] || die "$SET is not a folder: give the path db/db_volume_backup.sh printed"
@@ -183,10 +188,14 @@ restore_to_time() {
 	fi
 	log "Safety set: $BACKUP_DIR/$safety"
 	local back="To go back: db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"
-	log "Sending the last writes to the archive"
-	if ! pitr_job flush; then
-		start_servers "Nothing was restored; fix the cause"
-		die "the archive did not take the latest writes (above); nothing was restored, and the server runs again"
+	if [ "$SKIP_FLUSH" = 1 ]; then
+		log "Not sending the last writes to the archive (--skip-flush): they are in the safety set only"
+	else
+		log "Sending the last writes to the archive"
+		if ! pitr_job flush; then
+			start_servers "Nothing was restored; fix the cause"
+			die "the archive did not take the latest writes (above); nothing was restored, and the server runs again. If the archive belongs to another database (docs/backups.md), --skip-flush restores anyway, the current data kept in $BACKUP_DIR/$safety"
+		fi
 	fi
 	log "Stopping the database"
 	compose stop pitr db >&2

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -171,12 +172,64 @@ def current_timeline() -> int:
     return int(query("SELECT pg_walfile_name(pg_current_wal_lsn())")[0][0][:8], 16)
 
 
+SEGMENT = re.compile(r"[0-9A-F]{24}")
+
+
+def s3_client():
+    import boto3
+
+    env = cloud_env()
+    return boto3.client("s3", endpoint_url=cloud_args()[-1], region_name=env["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+
+def archived_copy(client, name: str) -> bytes | None:
+    """The archive's copy of WAL segment `name` (uncompressed), or None if it has none."""
+    import gzip
+
+    bucket = value("PITR_BUCKET")
+    key = f"{SERVER_NAME}/wals/{name[:16]}/{name}"
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])
+    for found in (o["Key"] for o in listed if o["Key"] in (key, key + ".gz")):
+        body = client.get_object(Bucket=bucket, Key=found)["Body"].read()
+        return gzip.decompress(body) if found.endswith(".gz") else body
+    return None
+
+
+def overwrite_refusal(name: str, local: bytes, archived: bytes | None) -> str:
+    """Why segment `name` must not go to the archive, "" if it may (unit-tested). The archive
+    never overwrites a segment with other content (PostgreSQL's own rule for an
+    archive_command): another history of this database, whose volume was replaced or
+    copied, would silently destroy the one a restore needs."""
+    if archived is None or archived == local:
+        return ""
+    return (f"the archive s3://{value('PITR_BUCKET')} already holds a different {name}: it is the history of "
+            "another database (was the db volume replaced, or does another stack archive to this bucket?). "
+            "Nothing was overwritten; PostgreSQL keeps the segment and retries. See \"An archive that "
+            "belongs to another database\" in docs/backups.md")
+
+
 def cmd_archive(args: list[str]) -> int:
     (path,) = args
+    name = Path(path).name
+    if SEGMENT.fullmatch(name):
+        try:
+            local = Path(path).read_bytes()
+            archived = archived_copy(s3_client(), name)
+        except Exception as exc:  # noqa: BLE001 - the store down: PostgreSQL retries later
+            log(f"archiving {name}: the archive cannot be read ({type(exc).__name__}: {str(exc)[:300]}); "
+                "PostgreSQL keeps the segment and retries")
+            return 1
+        if archived is not None:
+            why = overwrite_refusal(name, local, archived)
+            if why:
+                log(why)
+                return 1
+            return 0  # already there, the same: an earlier attempt that PostgreSQL did not hear end
     done = barman("wal-archive", "--gzip", archive_url(), SERVER_NAME, path, capture=True, timeout=600)
     if done.returncode != 0:
         # PostgreSQL keeps the segment and tries again; its log gets why.
-        log(f"archiving {Path(path).name} to {archive_url()} failed (PostgreSQL keeps it and retries): "
+        log(f"archiving {name} to {archive_url()} failed (PostgreSQL keeps it and retries): "
             f"{(done.stderr or done.stdout).strip()[-500:]}")
     return done.returncode
 

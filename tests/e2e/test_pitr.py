@@ -4,7 +4,8 @@ On a stack of its own: the restore replaces its database. A client logs metric p
 one by one (each with the time it was sent and the time its 200 came back); the test
 notes a moment T in the middle, the client logs on, then `db/db_volume_restore.sh
 --to-time T` puts the database back: every point acknowledged before T is there, none
-sent after T is, asserted on PostgreSQL's rows. The user store (its own database in the
+sent after T is, asserted on PostgreSQL's rows. Before that, the archive failing (the
+store down; a segment of another history in its place) is reported and caught up. The user store (its own database in the
 same server) goes back to T too; the bucket keeps its objects; the server takes writes
 again and the archive goes on, on the database's new timeline.
 """
@@ -108,6 +109,43 @@ def test_an_archive_that_fails_is_reported_and_catches_up_when_back(stack):
              180, f"the archive to take {segment} and every segment after it once the store is back")
     assert steps_in_db(stack, run_id) == {1}
     assert "restores back to" in stack.script("show_all.sh").stdout
+
+
+def put_or_delete_in_archive(stack, key: str, body: bytes | None) -> None:
+    """As another database would: the object at `key` in the archive's bucket (None: delete it)."""
+    code = ("import boto3, gzip, os, sys\n"
+            "s3 = boto3.client('s3', endpoint_url=os.environ['S3_INTERNAL_ENDPOINT'], region_name='us-east-1',\n"
+            "    aws_access_key_id=open('/run/secrets/minio_root_user').read().strip(),\n"
+            "    aws_secret_access_key=open('/run/secrets/minio_root_password').read().strip())\n"
+            "body = sys.stdin.buffer.read()\n"
+            f"key = {key!r}\n"
+            "if body: s3.put_object(Bucket=os.environ['PITR_BUCKET'], Key=key, Body=gzip.compress(body))\n"
+            "else: s3.delete_object(Bucket=os.environ['PITR_BUCKET'], Key=key)\n")
+    stack.compose("exec", "-T", "pitr", "python3", "-c", code, stdin=(body or b"").decode())
+
+
+def test_a_segment_of_another_history_is_never_overwritten(stack):
+    """The archive already holds the next segment with other content (another database's,
+    or this one's before its volume was replaced): archiving stops and says why, the
+    archive's copy stays as it was; once it is gone, archiving goes on."""
+    run_id = make_run(stack)
+    segment = stack.psql("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
+    key = f"stack/wals/{segment[:16]}/{segment}.gz"
+    put_or_delete_in_archive(stack, key, b"another history")
+    try:
+        assert stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
+            "run_id": run_id, "key": "pitr", "value": 1, "timestamp": 0, "step": 2}).status_code == 200
+        assert stack.psql("SELECT pg_walfile_name(pg_switch_wal())") == segment
+        said = f"already holds a different {segment}"
+        wait_for(lambda: said in stack.compose("logs", "db").stdout,
+                 60, "the db's log to say the archive holds another history")
+        assert metrics(stack)["mlflow_stack_pitr_wal_segments_waiting"] >= 1
+        assert (stack.psql("SELECT last_archived_wal FROM pg_stat_archiver") or "") < segment
+    finally:
+        put_or_delete_in_archive(stack, key, None)
+    wait_for(lambda: stack.psql("SELECT last_archived_wal FROM pg_stat_archiver") >= segment, 180,
+             f"{segment} to be archived once the other history's copy is gone")
+    assert steps_in_db(stack, run_id) == {2}
 
 
 @pytest.mark.parametrize("when, says", [

@@ -113,3 +113,32 @@ def test_metrics_give_the_lag_and_the_newest_base_backup(tmp_path, monkeypatch):
                       "mlflow_stack_pitr_newest_base_backup_timestamp_seconds": str(at("2026-12-02 00:00:05").timestamp())}
     # No base backup yet: no timestamp (PitrBaseBackupTooOld cannot fire on a made-up 0).
     assert "newest_base_backup" not in pitr.metrics_text({"ok": False}, tmp_path, 1000.0)
+
+
+def test_a_segment_is_never_overwritten_with_other_content(monkeypatch):
+    monkeypatch.setenv("PITR_BUCKET", "mlflow-pitr")
+    name = "000000010000000000000003"
+    assert pitr.overwrite_refusal(name, b"wal", None) == ""
+    assert pitr.overwrite_refusal(name, b"wal", b"wal") == ""  # an earlier attempt got there
+    refused = pitr.overwrite_refusal(name, b"wal", b"other history")
+    assert name in refused and "Nothing was overwritten" in refused and "docs/backups.md" in refused
+
+
+def test_the_archives_copy_is_found_under_barmans_layout_and_unpacked(monkeypatch):
+    import gzip
+    import io
+
+    class Store:
+        objects = {"stack/wals/0000000100000000/000000010000000000000003.gz": gzip.compress(b"wal"),
+                   "stack/wals/0000000100000000/000000010000000000000003.00000028.backup.gz": b"label"}
+
+        def list_objects_v2(self, Bucket, Prefix):
+            assert Bucket == "mlflow-pitr"
+            return {"Contents": [{"Key": k} for k in self.objects if k.startswith(Prefix)]}
+
+        def get_object(self, Bucket, Key):
+            return {"Body": io.BytesIO(self.objects[Key])}
+
+    monkeypatch.setenv("PITR_BUCKET", "mlflow-pitr")
+    assert pitr.archived_copy(Store(), "000000010000000000000003") == b"wal"
+    assert pitr.archived_copy(Store(), "000000010000000000000004") is None

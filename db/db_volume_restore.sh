@@ -174,10 +174,10 @@ restore_to_time() {
 	require_stores_running
 	servers_deployed || die "the stack is not deployed: run ./stack_deploy.sh first, then restore"
 	log "Finding the base backup a restore to $1 starts from"
-	local plan target target_iso backup_id safety=""
+	local plan target target_iso backup_id timeline safety=""
 	plan="$(pitr_job plan "$1")" || die "nothing was changed"
-	{ read -r target; read -r target_iso; read -r backup_id; } < <(python3 -c \
-		'import json,sys; p=json.loads(sys.argv[1]); print(p["target"]); print(p["target_iso"]); print(p["backup"]["id"])' "$plan")
+	{ read -r target; read -r target_iso; read -r backup_id; read -r timeline; } < <(python3 -c \
+		'import json,sys; p=json.loads(sys.argv[1]); print(p["target"]); print(p["target_iso"]); print(p["backup"]["id"]); print(p["timeline"])' "$plan")
 	confirm "Replace the database with its state at $target_iso (from base backup $backup_id)? A safety backup is taken first" \
 		|| die "nothing changed"
 	stop_servers
@@ -202,7 +202,10 @@ restore_to_time() {
 	log "Replacing the database's files with base backup $backup_id"
 	# Writable, and beside the service's read-only mount of the same volume.
 	PITR_OPTS=(-v "$(volume_name db-data):/restore-data" -e PGDATA=/restore-data)
-	pitr_job restore "$target" "$backup_id" || die "the restore failed (see above); the database stays stopped. $back"
+	# From here on the database's files are being replaced: going back means a new, empty
+	# database first (the volume's content is a half-restored copy), then the safety set.
+	back="To go back: docker compose -p $COMPOSE_PROJECT_NAME rm -sf db && docker volume rm $(volume_name db-data) && ./stack_deploy.sh && db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"
+	pitr_job restore "$target" "$backup_id" "$timeline" || die "the restore failed (see above); the database stays stopped. $back"
 	PITR_OPTS=()
 	log "Replaying the archive up to $target_iso"
 	compose up -d --no-deps db >&2

@@ -17,8 +17,8 @@ to any moment since. Both are kept PITR_RETENTION_DAYS (a recovery window).
   summary             one line for ./show_all.sh: the window a restore may go to, the lag
   flush               close the current WAL segment and wait until it is archived
   plan TIME           check TIME and print, as JSON, the base backup a restore to it starts from
-  restore TIME ID     (db stopped, its volume mounted) the data folder becomes base backup ID,
-                      set to replay the archive up to TIME
+  restore TIME ID TL  (db stopped, its volume mounted) the data folder becomes base backup ID,
+                      set to replay the archive along timeline TL up to TIME
   wait-recovered      wait until the restored database has replayed to its target and
                       takes writes, then drop the recovery settings
 
@@ -28,6 +28,7 @@ TIME is UTC ("2026-12-06 16:59:30") or has an offset ("2026-12-06 17:59:30+01:00
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
 import os
 import re
@@ -151,8 +152,11 @@ def backups() -> list[dict]:
     for item in json.loads(done.stdout or "{}").get("backups_list", []):
         if item.get("status") != "DONE":
             continue
-        found.append({"id": item["backup_id"], "begin": barman_time(item["begin_time"]).isoformat(),
-                      "end": barman_time(item["end_time"]).isoformat(), "timeline": int(item.get("timeline", 1))})
+        # The _iso times carry their offset; the others are the server's local ctime.
+        found.append({"id": item["backup_id"],
+                      "begin": barman_time(item.get("begin_time_iso") or item["begin_time"]).isoformat(),
+                      "end": barman_time(item.get("end_time_iso") or item["end_time"]).isoformat(),
+                      "timeline": int(item.get("timeline", 1)), "end_lsn": item.get("end_xlog")})
     return sorted(found, key=lambda b: b["end"])
 
 
@@ -185,8 +189,6 @@ def s3_client():
 
 def archived_copy(client, name: str) -> bytes | None:
     """The archive's copy of WAL segment `name` (uncompressed), or None if it has none."""
-    import gzip
-
     bucket = value("PITR_BUCKET")
     key = f"{SERVER_NAME}/wals/{name[:16]}/{name}"
     listed = client.list_objects_v2(Bucket=bucket, Prefix=key).get("Contents", [])
@@ -353,12 +355,12 @@ def cmd_schedule(_args: list[str]) -> int:
                         oldest=found[0]["end"] if found else None, count=len(found))
         except (PitrError, OSError, subprocess.SubprocessError, common.ConfigError) as exc:
             log(f"{exc}; trying again in 60 s")
-            write_state(ok=False, error=str(exc)[:500])
+            write_state(**{**read_state(), "ok": False, "error": str(exc)[:500]})
             time.sleep(60)
             continue
         except Exception as exc:  # noqa: BLE001 - psycopg2's errors: the database restarting
             log(f"{type(exc).__name__}: {exc}; trying again in 60 s")
-            write_state(ok=False, error=str(exc)[:500])
+            write_state(**{**read_state(), "ok": False, "error": str(exc)[:500]})
             time.sleep(60)
             continue
         time.sleep(min(300.0, interval))
@@ -425,6 +427,9 @@ def cmd_flush(args: list[str]) -> int:
     if archiver()["archive_mode"] != "on":
         raise PitrError("the database does not archive its WAL (archive_mode is off): redeploy with "
                         "./stack_deploy.sh, which turns it on")
+    # A commit now: recovery to a time stops at the first commit after it, and fails if the
+    # archive has none (a quiet database).
+    query("SELECT txid_current()")
     segment = query("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
     deadline = time.monotonic() + timeout
     while True:
@@ -440,40 +445,98 @@ def cmd_flush(args: list[str]) -> int:
         time.sleep(0.5)
 
 
-def choose(found: list[dict], target: dt.datetime, now: dt.datetime) -> dict:
-    """The base backup a restore to `target` starts from: the newest that ended before it
-    (a base backup is consistent only from its end on). Unit-tested."""
+def lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def histories() -> dict[int, dict]:
+    """The archive's timeline history files (one per restore so far): for timeline k, when
+    it began (the file's upload time: the restore's promotion) and its ancestry, each
+    earlier timeline with the WAL position where k's history left it."""
+    client = s3_client()
+    bucket = value("PITR_BUCKET")
+    found: dict[int, dict] = {}
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{SERVER_NAME}/wals/")
+    for obj in (o for page in pages for o in page.get("Contents", [])):
+        match = re.fullmatch(rf"{SERVER_NAME}/wals/([0-9A-F]{{8}})\.history(\.gz)?", obj["Key"])
+        if not match:
+            continue
+        body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+        found[int(match.group(1), 16)] = {"began": obj["LastModified"].astimezone(dt.timezone.utc).isoformat(),
+                                          "text": (gzip.decompress(body) if match.group(2) else body).decode()}
+    return {k: {"began": v["began"], "leaves": parse_history(v["text"])} for k, v in found.items()}
+
+
+def parse_history(text: str) -> dict[int, int]:
+    """A timeline history file's lines ("1\t0/3000000\tbefore 2026-...") as {parent: switch LSN}."""
+    leaves = {}
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 2 and fields[0].strip().isdigit():
+            leaves[int(fields[0])] = lsn(fields[1].strip())
+    return leaves
+
+
+def timeline_at(history: dict[int, dict], target: dt.datetime) -> int:
+    """The timeline the database ran on at `target`: the newest that had begun by then. A
+    moment between a restore's target and the restore itself is on the history that restore
+    left behind, which is still in the archive (unit-tested)."""
+    begun = [k for k, h in history.items() if dt.datetime.fromisoformat(h["began"]) <= target]
+    return max(begun, default=1)
+
+
+def choose(found: list[dict], target: dt.datetime, now: dt.datetime,
+           history: dict[int, dict] | None = None) -> tuple[dict, int]:
+    """The base backup a restore to `target` starts from, and the timeline to follow: the
+    newest backup that ended before `target` (a base backup is consistent only from its end
+    on) on that timeline or on one of its ancestors before the point its history left it.
+    Unit-tested."""
+    history = history or {}
     if target > now:
         raise PitrError(f"{target.isoformat()} is in the future (it is {now.isoformat(timespec='seconds')} now)")
     if not found:
         raise PitrError("the archive has no base backup yet: the pitr service takes one when it starts "
                         "(./show_all.sh shows it); there is nothing to restore from")
-    usable = [b for b in found if dt.datetime.fromisoformat(b["end"]) <= target]
+    timeline = timeline_at(history, target)
+    ancestry = {**history.get(timeline, {}).get("leaves", {}), timeline: None}
+
+    def on_path(b: dict) -> bool:
+        if b["timeline"] not in ancestry:
+            return False
+        left = ancestry[b["timeline"]]
+        return left is None or (b.get("end_lsn") is not None and lsn(b["end_lsn"]) <= left)
+
+    usable = [b for b in found if dt.datetime.fromisoformat(b["end"]) <= target and on_path(b)]
     if not usable:
         first = found[0]["end"]
-        raise PitrError(f"{target.isoformat()} is before the oldest base backup ended ({first}): the archive "
-                        f"reaches back to {first} (PITR_RETENTION_DAYS); restore a logical set "
+        raise PitrError(f"{target.isoformat()} is before the oldest base backup it can start from ended (the "
+                        f"archive reaches back to {first}, PITR_RETENTION_DAYS); restore a logical set "
                         "(db/db_volume_restore.sh SET) for an earlier state")
-    return usable[-1]
+    return usable[-1], timeline
 
 
 def cmd_plan(args: list[str]) -> int:
     (text,) = args
     target = parse_time(text)
-    chosen = choose(backups(), target, dt.datetime.now(dt.timezone.utc))
-    print(json.dumps({"target": pg_time(target), "target_iso": target.isoformat(), "backup": chosen}))
+    chosen, timeline = choose(backups(), target, dt.datetime.now(dt.timezone.utc), histories())
+    print(json.dumps({"target": pg_time(target), "target_iso": target.isoformat(), "backup": chosen,
+                      "timeline": timeline}))
     return 0
 
 
-def recovery_settings(target: str) -> str:
+def recovery_settings(target: str, timeline: int) -> str:
+    # The timeline named, not 'latest': a moment that a later restore went back before is
+    # on the history that restore left, not on the newest one.
     return (f"\n{RECOVERY_MARK}\n"
             "restore_command = 'python3 /usr/local/bin/mlflow-stack-pitr fetch %f %p'\n"
             f"recovery_target_time = '{target}'\n"
+            f"recovery_target_timeline = '{timeline}'\n"
             "recovery_target_action = 'promote'\n")
 
 
 def cmd_restore(args: list[str]) -> int:
-    target, backup_id = args
+    target, backup_id, timeline = args
     if not PGDATA.is_dir():
         raise PitrError(f"{PGDATA} is not mounted")
     # The data folder is the volume's root: its content goes, the folder stays (the caller
@@ -485,7 +548,7 @@ def cmd_restore(args: list[str]) -> int:
     if done.returncode != 0:
         raise PitrError(f"fetching base backup {backup_id} failed: {(done.stderr or done.stdout).strip()[-800:]}")
     with open(PGDATA / "postgresql.auto.conf", "a", encoding="utf-8") as conf:
-        conf.write(recovery_settings(target))
+        conf.write(recovery_settings(target, int(timeline)))
     (PGDATA / "recovery.signal").touch()
     os.chmod(PGDATA, 0o700)
     log(f"the data folder is base backup {backup_id}, set to replay the archive up to {target}")
@@ -510,7 +573,7 @@ def cmd_wait_recovered(args: list[str]) -> int:
         time.sleep(1)
     else:
         raise PitrError(f"the database did not finish its recovery within {timeout:.0f} s: see the db service's log")
-    for name in ("restore_command", "recovery_target_time", "recovery_target_action"):
+    for name in ("restore_command", "recovery_target_time", "recovery_target_timeline", "recovery_target_action"):
         query(f"ALTER SYSTEM RESET {name}")
     query("SELECT pg_reload_conf()")
     log("recovered: the database takes writes again (on a new timeline)")

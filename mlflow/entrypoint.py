@@ -836,14 +836,15 @@ def cmd_init_bucket(_args: list[str]) -> int:
 
     # The artifact bucket, and the point-in-time archive's when the stack runs its own
     # PostgreSQL (PITR_BUCKET, set by docker-compose.yml only then).
-    buckets = [setting("MLFLOW_BUCKET")] + [b for b in [os.environ.get("PITR_BUCKET", "")] if b]
+    buckets = [("MLFLOW_BUCKET", setting("MLFLOW_BUCKET"))] + [
+        ("PITR_BUCKET", b) for b in [os.environ.get("PITR_BUCKET", "")] if b]
     # The store straight on the backend network (the server itself uses the
     # public endpoint, see s3_endpoint); few retries, this loop retries.
     client = common.s3_client(attempts=3)
     for _ in range(60):
         try:
             while buckets:
-                if not ensure_bucket(client, buckets[0]):
+                if not ensure_bucket(client, *buckets[0]):
                     return 1
                 buckets.pop(0)
             return 0
@@ -861,9 +862,15 @@ class RetryLater(Exception):
     """The object store answered with something worth asking again."""
 
 
-def ensure_bucket(client, bucket: str) -> bool:
-    """Make the bucket if it is missing. False (with the reason printed) when that cannot work."""
+def ensure_bucket(client, name: str, bucket: str) -> bool:
+    """Make the bucket (setting `name`) if it is missing. False (with the reason printed)
+    when that cannot work."""
     from botocore.exceptions import ClientError
+
+    # On an outside store the archive's bucket is one more the key needs, and bucket names
+    # are global there (AWS): the default may be someone else's.
+    also = (f" (PITR_BUCKET is the database's point-in-time archive: on {common.external_s3()} set it in "
+            ".env to a bucket of yours that the key may use)") if name == "PITR_BUCKET" and common.external_s3() else ""
 
     try:
         client.head_bucket(Bucket=bucket)
@@ -881,7 +888,7 @@ def ensure_bucket(client, bucket: str) -> bool:
             except ClientError as failed:
                 print(f"init-bucket: the object store did not create the bucket {bucket!r} "
                       f"({failed.response.get('Error', {}).get('Code', '')}): create it there, or give "
-                      "MINIO_ROOT_USER the right to", file=sys.stderr)
+                      f"MINIO_ROOT_USER the right to{also}", file=sys.stderr)
                 return False
             print(f"init-bucket: created bucket {bucket!r}", flush=True)
             return True
@@ -889,7 +896,7 @@ def ensure_bucket(client, bucket: str) -> bool:
             whose = (f"the key of {common.external_s3()}, with access to the bucket" if common.external_s3()
                      else "the ones the minio volume was created with")
             print(f"init-bucket: the object store refused the credentials for {bucket!r} ({code});"
-                  f" MINIO_ROOT_USER/MINIO_ROOT_PASSWORD in .env must be {whose}", file=sys.stderr)
+                  f" MINIO_ROOT_USER/MINIO_ROOT_PASSWORD in .env must be {whose}{also}", file=sys.stderr)
             return False
         raise RetryLater(code) from None
 

@@ -54,14 +54,48 @@ def test_barman_times_in_either_form():
 
 def test_a_restore_starts_from_the_newest_backup_that_ended_before_the_moment():
     now = at("2026-12-03 00:00:00")
-    assert pitr.choose(BACKUPS, at("2026-12-02 12:00:00"), now)["id"] == "20261202T000000"
-    assert pitr.choose(BACKUPS, at("2026-12-01 12:00:00"), now)["id"] == "20261201T000000"
+    assert pitr.choose(BACKUPS, at("2026-12-02 12:00:00"), now)[0]["id"] == "20261202T000000"
+    assert pitr.choose(BACKUPS, at("2026-12-01 12:00:00"), now) == (BACKUPS[0], 1)
     # A backup is consistent only from its end on: a moment inside the second one starts from the first.
-    assert pitr.choose(BACKUPS, at("2026-12-02 00:00:02"), now)["id"] == "20261201T000000"
+    assert pitr.choose(BACKUPS, at("2026-12-02 00:00:02"), now)[0]["id"] == "20261201T000000"
+
+
+# Timeline 1 from Dec 1; at Dec 2 18:00 a restore went back to Dec 2 06:00 (WAL 0/5000000 of
+# timeline 1), and timeline 2 began; a backup of timeline 1 was taken at noon in between,
+# one of timeline 2 at 20:00.
+HISTORY = {2: {"began": "2026-12-02T18:00:00+00:00", "leaves": {1: 0x5000000}}}
+BRANCHED = [{**BACKUPS[0], "end_lsn": "0/2000100"},
+            {"id": "T1-noon", "begin": "2026-12-02T12:00:00+00:00", "end": "2026-12-02T12:00:05+00:00",
+             "timeline": 1, "end_lsn": "0/7000100"},
+            {"id": "T2", "begin": "2026-12-02T20:00:00+00:00", "end": "2026-12-02T20:00:05+00:00",
+             "timeline": 2, "end_lsn": "0/9000100"}]
+
+
+@pytest.mark.parametrize("target, backup, timeline", [
+    # Before the restore's target: the same on both timelines; the newest backup on the path.
+    ("2026-12-02 05:00:00", "20261201T000000", 1),
+    # Between the restore's target and the restore: only the history the restore left has it.
+    ("2026-12-02 15:00:00", "T1-noon", 1),
+    # After the restore: timeline 2, from a backup of timeline 1 taken before it branched
+    # (the noon one holds WAL past the branch point) ...
+    ("2026-12-02 19:00:00", "20261201T000000", 2),
+    # ... or from timeline 2's own.
+    ("2026-12-02 21:00:00", "T2", 2),
+])
+def test_a_moment_after_an_earlier_restore_is_found_on_the_history_it_was_on(target, backup, timeline):
+    chosen, on = pitr.choose(BRANCHED, at(target), at("2026-12-03 00:00:00"), HISTORY)
+    assert (chosen["id"], on) == (backup, timeline)
+
+
+def test_history_files_and_positions_are_read_as_postgresql_writes_them():
+    assert pitr.lsn("0/5000000") == 0x5000000 and pitr.lsn("1/A0") == (1 << 32) + 0xA0
+    text = "1\t0/5000000\tbefore 2026-12-02 06:00:00+00\n\n2\t0/9000000\tbefore 2026-12-03 06:00:00+00\n"
+    assert pitr.parse_history(text) == {1: 0x5000000, 2: 0x9000000}
+    assert pitr.timeline_at({}, at("2026-12-02 00:00:00")) == 1
 
 
 @pytest.mark.parametrize("target, found, says", [
-    ("2026-11-30 00:00:00", BACKUPS, "before the oldest base backup ended (2026-12-01T00:00:05+00:00)"),
+    ("2026-11-30 00:00:00", BACKUPS, "the archive reaches back to 2026-12-01T00:00:05+00:00"),
     ("2026-12-04 00:00:00", BACKUPS, "is in the future"),
     ("2026-12-02 12:00:00", [], "no base backup yet"),
 ])
@@ -79,7 +113,8 @@ def test_a_base_backup_is_due_when_none_is_recent_or_it_is_of_an_earlier_timelin
 
 
 def test_recovery_settings_replay_the_archive_to_the_moment_then_take_writes():
-    text = pitr.recovery_settings("2026-12-06 16:59:30.000000+00")
+    text = pitr.recovery_settings("2026-12-06 16:59:30.000000+00", 2)
+    assert "recovery_target_timeline = '2'" in text
     assert "restore_command = 'python3 /usr/local/bin/mlflow-stack-pitr fetch %f %p'" in text
     assert "recovery_target_time = '2026-12-06 16:59:30.000000+00'" in text
     assert "recovery_target_action = 'promote'" in text

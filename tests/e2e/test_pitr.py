@@ -247,3 +247,15 @@ def test_restore_to_a_moment_keeps_what_was_acknowledged_before_it_and_nothing_s
              "a base backup on the restored database's timeline")
     safety = sorted((stack.workdir / "backups").glob("mlflow-backup-*-pre-restore"))
     assert safety, "no safety set was taken"
+
+    # Again, to a moment the first restore went back before: it is on the history that
+    # restore left (timeline 1), not on the newest one, and a third timeline goes on from it.
+    second = target + dt.timedelta(seconds=2)
+    kept = {p[0] for p in points if p[2] < second - dt.timedelta(seconds=1)}
+    dropped = {p[0] for p in points if p[1] > second} | {10 ** 6}
+    assert kept - {p[0] for p in before} and dropped - {10 ** 6}, (len(kept), len(dropped))
+    again = stack.script("db/db_volume_restore.sh", "--to-time", second.isoformat(sep=" "), "--yes")
+    assert "Restored the database to" in again.stderr, again.stderr[-2000:]
+    steps = steps_in_db(stack, run_id)
+    assert kept <= steps and not steps & dropped, (sorted(kept - steps)[:20], sorted(steps & dropped)[:20])
+    assert stack.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")[:8] == "00000003"

@@ -186,13 +186,15 @@ def test_the_stack_settles_across_the_nodes(deployed, cluster, capsys):
         print(f"\nswarm: server replicas on {replicas}")
     assert len(replicas) == 2 and len(set(replicas)) == 2, replicas
     assert running_nodes(project, "db") == [hostname] and running_nodes(project, "minio") == [hostname]
+    # Base backups read the database's volume: beside it.
+    assert running_nodes(project, "pitr") == [hostname]
     assert sorted(running_nodes(project, "nginx")) == sorted([hostname, *cluster.workers])
     # The workers pulled the server image from the registry.
     assert set(replicas) & set(cluster.workers)
     # Secrets are files: none of their values is in any service's spec.
     values = deployed.values()
     services = docker("service", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={project}").stdout.split()
-    assert len(services) == 6, services
+    assert len(services) == 7, services
     # (The deploy's stdout is the client settings, which hold the admin's login by design.)
     specs = docker("service", "inspect", *services).stdout + deployed.first_deploy.stderr
     for key in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY",
@@ -201,7 +203,7 @@ def test_the_stack_settles_across_the_nodes(deployed, cluster, capsys):
     # A second deploy with nothing changed leaves every long-running task and object as it is
     # (Swarm runs the jobs again: no-ops on a current schema and an existing bucket).
     def state():
-        return ({s: sorted(t["ID"] for t in tasks(project, s)) for s in ("db", "minio", "mlflow", "nginx")},
+        return ({s: sorted(t["ID"] for t in tasks(project, s)) for s in ("db", "minio", "mlflow", "nginx", "pitr")},
                 docker("secret", "ls", "--format", "{{.Name}}").stdout.split(),
                 docker("config", "ls", "--format", "{{.Name}}").stdout.split())
     before = state()

@@ -560,6 +560,14 @@ def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
     return []
 
 
+def _archive_beside_artifacts(values: Mapping[str, str]) -> list[str]:
+    # A logical restore replaces every object of MLFLOW_BUCKET: the archive with them.
+    if values.get("PITR_BUCKET") and values.get("PITR_BUCKET") == values.get("MLFLOW_BUCKET"):
+        return [f"PITR_BUCKET and MLFLOW_BUCKET are both {values['MLFLOW_BUCKET']}: the database's archive needs a "
+                "bucket of its own (a restore replaces every object of the artifact bucket)"]
+    return []
+
+
 def _outside_is_outside(values: Mapping[str, str]) -> list[str]:
     own = {"db", "minio", "localhost", "127.0.0.1"}
     named = [f"{key}={values[key]}" for key, host in (("POSTGRES_HOST", values.get("POSTGRES_HOST", "")),
@@ -606,7 +614,7 @@ def compose_profiles(values: Mapping[str, str]) -> str:
 CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (
     _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica, _address_rate_covers_a_login,
     _roles_are_distinct,
-    _stores_outside_with_monitoring, _outside_is_outside)
+    _stores_outside_with_monitoring, _outside_is_outside, _archive_beside_artifacts)
 
 
 def key_errors(key: str, values: Mapping[str, str]) -> list[str]:

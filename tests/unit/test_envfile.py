@@ -192,6 +192,11 @@ def test_replicas_must_fit_the_database_and_the_job_runner(changes, fragment):
     assert any(fragment in e for e in errors), errors
 
 
+def test_the_archive_needs_a_bucket_of_its_own():
+    errors = settings.validate({**_valid(), "PITR_BUCKET": _valid()["MLFLOW_BUCKET"]})
+    assert any("a bucket of its own" in e for e in errors), errors
+
+
 def test_the_defaults_and_two_replicas_fit():
     assert settings.validate(_valid()) == []
     assert settings.validate({**_valid(), "MLFLOW_REPLICAS": "2"}) == []

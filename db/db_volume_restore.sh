@@ -178,7 +178,7 @@ restore_to_time() {
 	plan="$(pitr_job plan "$1")" || die "nothing was changed"
 	{ read -r target; read -r target_iso; read -r backup_id; read -r timeline; } < <(python3 -c \
 		'import json,sys; p=json.loads(sys.argv[1]); print(p["target"]); print(p["target_iso"]); print(p["backup"]["id"]); print(p["timeline"])' "$plan")
-	confirm "Replace the database with its state at $target_iso (from base backup $backup_id)? A safety backup is taken first" \
+	confirm "Replace the database with its state at $target_iso (from base backup $backup_id)? Every run, metric, model and account change since, by every user, goes back too; a safety backup is taken first" \
 		|| die "nothing changed"
 	stop_servers
 	log "Safety backup of the current data"

@@ -179,14 +179,6 @@ def current_timeline() -> int:
 SEGMENT = re.compile(r"[0-9A-F]{24}")
 
 
-def s3_client():
-    import boto3
-
-    env = cloud_env()
-    return boto3.client("s3", endpoint_url=cloud_args()[-1], region_name=env["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-
-
 def archived_copy(client, name: str) -> bytes | None:
     """The archive's copy of WAL segment `name` (uncompressed), or None if it has none."""
     bucket = value("PITR_BUCKET")
@@ -217,7 +209,7 @@ def cmd_archive(args: list[str]) -> int:
     if SEGMENT.fullmatch(name):
         try:
             local = Path(path).read_bytes()
-            archived = archived_copy(s3_client(), name)
+            archived = archived_copy(common.s3_client(attempts=2), name)
         except Exception as exc:  # noqa: BLE001 - the store down: PostgreSQL retries later
             log(f"archiving {name}: the archive cannot be read ({type(exc).__name__}: {str(exc)[:300]}); "
                 "PostgreSQL keeps the segment and retries")
@@ -353,14 +345,10 @@ def cmd_schedule(_args: list[str]) -> int:
                 found = backups()
             write_state(ok=True, newest=found[-1]["end"] if found else None,
                         oldest=found[0]["end"] if found else None, count=len(found))
-        except (PitrError, OSError, subprocess.SubprocessError, common.ConfigError) as exc:
-            log(f"{exc}; trying again in 60 s")
-            write_state(**{**read_state(), "ok": False, "error": str(exc)[:500]})
-            time.sleep(60)
-            continue
-        except Exception as exc:  # noqa: BLE001 - psycopg2's errors: the database restarting
-            log(f"{type(exc).__name__}: {exc}; trying again in 60 s")
-            write_state(**{**read_state(), "ok": False, "error": str(exc)[:500]})
+        except Exception as exc:  # noqa: BLE001 - ours, the store's, psycopg2's (the database restarting)
+            said = str(exc) if isinstance(exc, (PitrError, common.ConfigError)) else f"{type(exc).__name__}: {exc}"
+            log(f"{said}; trying again in 60 s")
+            write_state(**{**read_state(), "ok": False, "error": said[:500]})
             time.sleep(60)
             continue
         time.sleep(min(300.0, interval))
@@ -454,7 +442,7 @@ def histories() -> dict[int, dict]:
     """The archive's timeline history files (one per restore so far): for timeline k, when
     it began (the file's upload time: the restore's promotion) and its ancestry, each
     earlier timeline with the WAL position where k's history left it."""
-    client = s3_client()
+    client = common.s3_client()
     bucket = value("PITR_BUCKET")
     found: dict[int, dict] = {}
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{SERVER_NAME}/wals/")

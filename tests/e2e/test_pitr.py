@@ -76,8 +76,9 @@ def test_a_write_reaches_the_archive_within_the_archive_timeout(stack):
 
 
 def metrics(stack) -> dict[str, float]:
-    text = stack.compose("exec", "-T", "pitr", "python3", "-c", "import urllib.request; print(urllib.request."
-                         "urlopen('http://localhost:9102/metrics', timeout=10).read().decode())").stdout
+    text = stack.compose("exec", "-T", "pitr", "python3", "-c", "import os, urllib.request; print(urllib.request."
+                         "urlopen(f'http://localhost:{os.environ[\"PITR_METRICS_PORT\"]}/metrics', timeout=10)"
+                         ".read().decode())").stdout
     return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line and line[0] != "#")}
 
 
@@ -114,10 +115,9 @@ def test_an_archive_that_fails_is_reported_and_catches_up_when_back(stack):
 
 def put_or_delete_in_archive(stack, key: str, body: bytes | None) -> None:
     """As another database would: the object at `key` in the archive's bucket (None: delete it)."""
-    code = ("import boto3, gzip, os, sys\n"
-            "s3 = boto3.client('s3', endpoint_url=os.environ['S3_INTERNAL_ENDPOINT'], region_name='us-east-1',\n"
-            "    aws_access_key_id=open('/run/secrets/minio_root_user').read().strip(),\n"
-            "    aws_secret_access_key=open('/run/secrets/minio_root_password').read().strip())\n"
+    code = ("import gzip, os, sys\n"
+            "from stack import common\n"
+            "s3 = common.s3_client()\n"
             "body = sys.stdin.buffer.read()\n"
             f"key = {key!r}\n"
             "if body: s3.put_object(Bucket=os.environ['PITR_BUCKET'], Key=key, Body=gzip.compress(body))\n"

@@ -5,7 +5,7 @@
 
 usage() {
 	cat <<'USAGE'
-Usage: ./show_all.sh [--client-env | --client-bundle DIR [--user NAME]] [--help] [--version]
+Usage: ./show_all.sh [--client-env | --client-bundle DIR [--user NAME] | --test-alert] [--help] [--version]
 
   --client-env     print only the client settings (export lines, with the admin's
                    login and, in direct mode, the store's keys), as the first deploy did
@@ -13,6 +13,8 @@ Usage: ./show_all.sh [--client-env | --client-bundle DIR [--user NAME]] [--help]
                    write a folder to hand to a colleague: mlflow.env (settings for
                    their own login NAME, no admin password, no path of this machine)
                    and the CA files beside it
+  --test-alert     send a test alert through Alertmanager (profile monitoring) and
+                   say whether each receiver .env names (ALERT_*) took it
   --help           this text
 USAGE
 }
@@ -21,6 +23,7 @@ args=()
 while [ $# -gt 0 ]; do
 	case "$1" in
 		--client-env) args+=(--client-env); shift ;;
+		--test-alert) args+=(--test-alert); shift ;;
 		--client-bundle|--user)
 			[ $# -ge 2 ] || usage_error "$1 needs a value"
 			args+=("$1" "$2"); shift 2 ;;

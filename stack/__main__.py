@@ -14,7 +14,7 @@
   paths                                   export lines: STACK_ENV_FILE, COMPOSE_PROJECT_NAME
   release-deployed                        remember that this release deployed the stack (a deploy's last step)
   client-env [--without-password]         export lines for clients (a re-deploy leaves the admin's password out)
-  show [--client-env | --client-bundle DIR [--user NAME]]
+  show [--client-env | --client-bundle DIR [--user NAME] | --test-alert]
                                           ./show_all.sh
   swarm-preflight                         what stops a swarm deploy (./stack_deploy.sh --swarm)
   swarm-push                              push the images built here to STACK_REGISTRY
@@ -42,7 +42,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import (build, client_env, common, compose, envfile, host, paths, pins, preflight, secretfiles, settings,
+from . import (alerts, build, client_env, common, compose, envfile, host, paths, pins, preflight, secretfiles, settings,
                show, standins, swarm, tls, users)
 
 
@@ -238,6 +238,15 @@ def cmd_users(args) -> int:
 
 
 def cmd_show(args) -> int:
+    if args.test_alert:
+        argv, environ = compose.invocation()
+        try:
+            for line in alerts.send_test(_values(), argv, environ):
+                print(line)
+        except alerts.AlertTestError as exc:
+            print(f"error: the test alert did not reach everyone: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.client_env:
         return cmd_client_env(args)
     if args.client_bundle:
@@ -455,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["users"].set_defaults(func=cmd_users)
     p = sub.add_parser("show")
     p.add_argument("--client-env", action="store_true")
+    p.add_argument("--test-alert", action="store_true")
     p.add_argument("--client-bundle", metavar="DIR")
     p.add_argument("--user")
     p.set_defaults(func=cmd_show)

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from . import common, envfile, paths, pins, secretfiles, settings, standins, tls
+from . import alerts, common, envfile, paths, pins, secretfiles, settings, standins, tls
 
 PLACEHOLDER_SECRET = "placeholder-not-a-secret"
 
@@ -48,6 +48,7 @@ def derived(values: Mapping[str, str], create: bool,
     folder = secretfiles.secrets_dir(environ)
     if create:
         secretfiles.write(values, folder)
+    alertmanager = alerts.write(values, environ) if create else alerts.config_path(environ)
     pairs = [
         ("COMPOSE_PROJECT_NAME", paths.project_name(environ)),
         ("STACK_VERSION", common.stack_version()),
@@ -63,6 +64,8 @@ def derived(values: Mapping[str, str], create: bool,
                                                     paths.ROOT / "nginx" / "15-stack-token.sh", Path(material["cert"])])),
         ("STACK_SECRETS_DIGEST", secretfiles.digest(values)),
         ("STACK_PROMETHEUS_CONFIG_DIGEST", files_digest([paths.ROOT / "monitoring" / "prometheus.yml", rules])),
+        ("STACK_ALERTMANAGER_CONFIG", str(alertmanager)),
+        ("STACK_ALERTMANAGER_CONFIG_DIGEST", files_digest([alertmanager])),
         *stores(values),
     ]
     if values["MLFLOW_VARIANT"] == "conda":

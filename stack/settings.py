@@ -171,6 +171,29 @@ def memory() -> Rule:
                 "use a size such as 512m or 2g", ("3g", "5g"))
 
 
+_EMAIL = r"[^@\s,]+@[A-Za-z0-9.-]+"
+
+
+def emails() -> Rule:
+    return Rule(lambda v: bool(re.fullmatch(rf"{_EMAIL}(\s*,\s*{_EMAIL})*", v)),
+                "use an e-mail address, or several separated by commas", ("ops@example.org",))
+
+
+def email() -> Rule:
+    return Rule(lambda v: bool(re.fullmatch(_EMAIL, v)), "use one e-mail address", ("mlflow@example.org",))
+
+
+def host_and_port() -> Rule:
+    return Rule(lambda v: bool(re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}", v))
+                and 0 < int(v.rsplit(":", 1)[1]) < 65536,
+                "use the mail server as host:port, such as smtp.example.com:587", ("smtp.example.org:587",))
+
+
+def webhook() -> Rule:
+    return Rule(lambda v: bool(re.fullmatch(r"https?://[^\s/]+(/\S*)?", v)),
+                "use an http(s) URL, such as https://chat.example.com/hooks/abc", ("https://hooks.example.org/x",))
+
+
 def anything(other: str) -> Rule:
     return Rule(lambda v: True, "", (other,))
 
@@ -191,6 +214,9 @@ class Setting:
     # Rendered into a file under /run/secrets with this name.
     file: Optional[str] = None
     may_be_empty: bool = False
+    # A secret the user brings (a password of another system): never printed or exported,
+    # like the generated ones; it reaches the services as a file only.
+    secret: bool = False
     # False: only .env sets it; a variable of the same name in the shell is ignored
     # (a stray `export POSTGRES_HOST=...` must not point a restore at another server).
     from_shell: bool = True
@@ -202,7 +228,7 @@ class Setting:
     @property
     def sensitive(self) -> bool:
         """Never printed, logged or exported to the shell."""
-        return self.generated
+        return self.generated or self.secret
 
 
 CLIENTS = "How clients reach the stack"
@@ -211,6 +237,7 @@ SERVER = "MLflow server"
 STORES = "Stores"
 LIMITS = "Limits"
 BACKUPS = "Backups (see docs/backups.md)"
+ALERTS = "Alert delivery (profile monitoring; see docs/monitoring.md)"
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_PUBLIC_HOST", "localhost", host(), section=CLIENTS,
@@ -420,7 +447,8 @@ SETTINGS: tuple[Setting, ...] = (
             host=("backup scripts", "show"),
             doc="Folder for backup sets (relative to this project's folder, or absolute)."),
     Setting("COMPOSE_PROFILES", "", profiles(), section=BACKUPS, may_be_empty=True,
-            services=("backup", "gc", "nginx", "nginx-exporter", "prometheus", "postgres-exporter", "node-exporter"),
+            services=("alertmanager", "backup", "gc", "nginx", "nginx-exporter", "prometheus", "postgres-exporter",
+                      "node-exporter"),
             host=("deploy", "show"),
             doc="Optional services, comma-separated: backup (scheduled backups), gc (scheduled garbage "
                 "collection), monitoring (Prometheus with alerts, at MLFLOW_BASE_PATH/prometheus/ for admins); "
@@ -461,6 +489,34 @@ SETTINGS: tuple[Setting, ...] = (
                 "Until then a deleted run can be restored (UI or API)."),
     Setting("GC_INTERVAL_HOURS", "24", positive_number("hours"), section=BACKUPS, services=("gc",),
             host=("show",), doc="Hours between scheduled garbage collections."),
+
+    Setting("ALERT_WEBHOOK_URL", "", webhook(), section=ALERTS, may_be_empty=True, secret=True,
+            file="alert_webhook_url", services=("alertmanager",), host=("show --test-alert",),
+            doc="Alertmanager posts every alert that fires, and its resolution, to this URL as JSON "
+                "(Alertmanager's webhook format: a chat bridge, an incident tool). Kept like a secret (such URLs "
+                "often hold a token): the service reads it from a file."),
+    Setting("ALERT_EMAIL_TO", "", emails(), section=ALERTS, may_be_empty=True, host=("alertmanager configuration", "show --test-alert"),
+            doc="Who gets the alerts by e-mail (addresses separated by commas); needs ALERT_EMAIL_FROM and "
+                "ALERT_SMTP_HOST."),
+    Setting("ALERT_EMAIL_FROM", "", email(), section=ALERTS, may_be_empty=True, host=("alertmanager configuration",),
+            doc="The sender of the alert e-mails."),
+    Setting("ALERT_SMTP_HOST", "", host_and_port(), section=ALERTS, may_be_empty=True,
+            host=("alertmanager configuration",), doc="The mail server that sends them, as host:port."),
+    Setting("ALERT_SMTP_USERNAME", "", anything("alerts@example.org"), section=ALERTS, may_be_empty=True,
+            host=("alertmanager configuration",),
+            doc="Login at the mail server (empty: none; then ALERT_SMTP_PASSWORD stays empty too)."),
+    Setting("ALERT_SMTP_PASSWORD", "", anything("x" * 20), section=ALERTS, may_be_empty=True, secret=True,
+            file="alert_smtp_password", services=("alertmanager",), doc="Its password (read from a file)."),
+    Setting("ALERT_SMTP_TLS", "true", choice("true", "false"), section=ALERTS, host=("alertmanager configuration",),
+            doc="true: the mail goes only over STARTTLS (false for a relay on your own network without it)."),
+    Setting("ALERT_GROUP_WAIT_SECONDS", "30", integer(1, 3600, "seconds"), section=ALERTS,
+            host=("alertmanager configuration",),
+            doc="How long Alertmanager waits after a first alert for others to send with it in one message."),
+    Setting("ALERT_GROUP_INTERVAL_SECONDS", "300", integer(1, 86400, "seconds"), section=ALERTS,
+            host=("alertmanager configuration",),
+            doc="How soon a change to alerts already sent (another one firing, one resolved) is sent."),
+    Setting("ALERT_REPEAT_HOURS", "4", integer(1, 168, "hours"), section=ALERTS, host=("alertmanager configuration",),
+            doc="An alert still firing is sent again this often."),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -568,6 +624,27 @@ def _archive_beside_artifacts(values: Mapping[str, str]) -> list[str]:
     return []
 
 
+def alert_receivers(values: Mapping[str, str]) -> list[str]:
+    """The kinds of receiver .env sets: webhook, email."""
+    return [kind for kind, key in (("webhook", "ALERT_WEBHOOK_URL"), ("email", "ALERT_EMAIL_TO")) if values.get(key)]
+
+
+def _alerts_reach_someone(values: Mapping[str, str]) -> list[str]:
+    errors = []
+    if values.get("ALERT_EMAIL_TO"):
+        missing = [key for key in ("ALERT_EMAIL_FROM", "ALERT_SMTP_HOST") if not values.get(key)]
+        if missing:
+            errors.append(f"ALERT_EMAIL_TO is set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          "not: set the sender and the mail server (host:port) too")
+    if bool(values.get("ALERT_SMTP_USERNAME")) != bool(values.get("ALERT_SMTP_PASSWORD")):
+        errors.append("ALERT_SMTP_USERNAME and ALERT_SMTP_PASSWORD go together: set both, or neither for a mail "
+                      "server that takes mail without a login")
+    if alert_receivers(values) and "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
+        errors.append("ALERT_WEBHOOK_URL or ALERT_EMAIL_TO is set, but COMPOSE_PROFILES has no monitoring: the "
+                      "alerts come from the monitoring profile; add monitoring to COMPOSE_PROFILES (or empty them)")
+    return errors
+
+
 def _outside_is_outside(values: Mapping[str, str]) -> list[str]:
     own = {"db", "minio", "localhost", "127.0.0.1"}
     named = [f"{key}={values[key]}" for key, host in (("POSTGRES_HOST", values.get("POSTGRES_HOST", "")),
@@ -614,7 +691,7 @@ def compose_profiles(values: Mapping[str, str]) -> str:
 CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (
     _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica, _address_rate_covers_a_login,
     _roles_are_distinct,
-    _stores_outside_with_monitoring, _outside_is_outside, _archive_beside_artifacts)
+    _stores_outside_with_monitoring, _outside_is_outside, _archive_beside_artifacts, _alerts_reach_someone)
 
 
 def key_errors(key: str, values: Mapping[str, str]) -> list[str]:
@@ -632,7 +709,8 @@ def key_errors(key: str, values: Mapping[str, str]) -> list[str]:
     except SettingError as exc:
         if setting.sensitive:
             # Never echo a secret, not even a rejected one.
-            return [f"{key} is too short: use at least {MIN_SECRET_LENGTH} characters"]
+            return [f"{key} is too short: use at least {MIN_SECRET_LENGTH} characters" if setting.generated
+                    else f"{key} is not valid: {setting.rule.advice}"]
         return [str(exc)]
     return []
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from . import common, paths, swarm
+from . import alerts, common, paths, swarm
 from .compose import invocation as compose_invocation
 from .common import host_port
 
@@ -130,7 +130,8 @@ def monitoring(values: dict[str, str], running: set[str], compose: tuple[list[st
     if "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
         return ["  off (set COMPOSE_PROFILES=monitoring in .env, with any others, and deploy)"]
     base = f"https://{host_port(values['MLFLOW_PUBLIC_HOST'], values['HTTPS_PORT'])}{values['MLFLOW_BASE_PATH']}"
-    lines = [f"  Prometheus     {base}/prometheus/ (MLflow admins)"]
+    lines = [f"  Prometheus     {base}/prometheus/ (MLflow admins)",
+             f"  alerts go to   {alerts.describe(values)}"]
     if "prometheus" not in running:
         return lines + ["  alerts         unavailable: the prometheus service is not running"]
     argv, env = compose

@@ -30,6 +30,7 @@ declare -A DIR_FOR=(
 	[PROMETHEUS_IMAGE]=prometheus
 	[POSTGRES_EXPORTER_IMAGE]=postgres-exporter
 	[NODE_EXPORTER_IMAGE]=node-exporter
+	[ALERTMANAGER_IMAGE]=alertmanager
 )
 
 available() {

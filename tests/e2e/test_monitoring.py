@@ -3,31 +3,51 @@ Prometheus reached through nginx at BASE/prometheus/ as an MLflow admin, every
 target up, the server's and nginx's request counters rising with traffic (nginx's
 by route and status code, with latency), the config and
 rules accepted by promtool, and the ServiceDown alert firing for a stopped
-service and clearing when it is back (also in ./show_all.sh)."""
+service and clearing when it is back (also in ./show_all.sh), delivered with its
+resolution by Alertmanager to a webhook and by e-mail (a real SMTP server with a
+login), and `./show_all.sh --test-alert` saying which receiver took a test."""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 
 import pytest
 
 from .conftest import wait_for
+from .receivers import Mailbox, Webhook, host_address
 
-JOBS = {"prometheus", "mlflow", "nginx", "postgres", "minio", "node", "pitr"}
-ON = {"COMPOSE_PROFILES": "monitoring"}
-SERVICES = ("prometheus", "postgres-exporter", "node-exporter", "nginx-exporter")
+JOBS = {"prometheus", "mlflow", "nginx", "postgres", "minio", "node", "pitr", "alertmanager"}
+SERVICES = ("prometheus", "postgres-exporter", "node-exporter", "nginx-exporter", "alertmanager")
 
 
 @pytest.fixture(scope="module")
-def monitored(prefixed_stack):
+def receivers():
+    webhook, mailbox = Webhook(), Mailbox()
+    yield webhook, mailbox
+    webhook.close()
+    mailbox.close()
+
+
+@pytest.fixture(scope="module")
+def monitored(prefixed_stack, receivers):
     s = prefixed_stack
-    s.environ.update(ON)
+    webhook, mailbox = receivers
+    host = host_address()
+    on = {"COMPOSE_PROFILES": "monitoring", "ALERT_WEBHOOK_URL": webhook.url(host),
+          "ALERT_EMAIL_TO": "ops@example.org, oncall@example.org", "ALERT_EMAIL_FROM": "mlflow@example.org",
+          "ALERT_SMTP_HOST": f"{host}:{mailbox.port}", "ALERT_SMTP_TLS": "false",
+          "ALERT_SMTP_USERNAME": mailbox.username, "ALERT_SMTP_PASSWORD": mailbox.password,
+          # Sent within seconds, so that the test waits for the alert rule only.
+          "ALERT_GROUP_WAIT_SECONDS": "1", "ALERT_GROUP_INTERVAL_SECONDS": "5"}
+    s.environ.update(on)
     try:
-        s.deploy()  # waits until the three services are healthy
+        s.deploy()  # waits until the services are healthy
         yield s
     finally:
         s.compose("rm", "--stop", "--force", *SERVICES, check=False)
-        del s.environ["COMPOSE_PROFILES"]
+        for key in on:
+            del s.environ[key]
 
 
 def api(s, path: str, **params) -> dict:
@@ -118,20 +138,71 @@ def test_server_and_nginx_request_counters_rise_with_traffic(monitored):
     assert scalar(monitored, "minio_cluster_capacity_usable_total_bytes") > 0
 
 
-def test_a_stopped_service_fires_its_alert_and_recovering_clears_it(monitored):
+def test_a_stopped_service_fires_its_alert_and_recovering_clears_it(monitored, receivers):
     def minio_down(states=("firing",)):
         return [a for a in api(monitored, "alerts")["alerts"]
                 if a["labels"]["alertname"] == "ServiceDown" and a["labels"]["job"] == "minio"
                 and a["state"] in states]
 
+    webhook, mailbox = receivers
     monitored.compose("stop", "minio")
     try:
         wait_for(minio_down, 180, "ServiceDown for minio to fire (up == 0 for 1m)", interval=5)
         shown = monitored.script("show_all.sh").stdout
         assert "firing   ServiceDown (instance=minio:9000, job=minio, service=minio)" in shown, shown
+        # Delivered: to the webhook, and by e-mail to both addresses after a login.
+        wait_for(lambda: webhook.alerts("firing", "ServiceDown", job="minio"), 60, "the webhook to get the alert")
+        wait_for(lambda: [m for m in mailbox.messages if "[FIRING" in m["Subject"] and "ServiceDown" in m["Subject"]
+                          and "minio" in m["Subject"]], 60, "an e-mail of the alert", detail=mailbox.subjects)
     finally:
         monitored.compose("start", "minio")
     wait_for(lambda: not minio_down(("firing", "pending")), 120, "the alert to clear", interval=5)
+    # And its resolution.
+    wait_for(lambda: webhook.alerts("resolved", "ServiceDown", job="minio"), 60, "the webhook to get the resolution")
+    mail = wait_for(lambda: [m for m in mailbox.messages if "[RESOLVED]" in m["Subject"] and "ServiceDown" in
+                             m["Subject"]], 60, "an e-mail of the resolution", detail=mailbox.subjects)
+    assert {a.strip() for a in str(mail[0]["To"]).split(",")} == {"ops@example.org", "oncall@example.org"}
+    assert "ok" in " ".join(mailbox.logins), mailbox.logins
+
+
+def test_a_test_alert_says_which_receiver_took_it(monitored, receivers):
+    webhook, mailbox = receivers
+    shown = monitored.script("show_all.sh").stdout
+    assert "alerts go to   a webhook (ALERT_WEBHOOK_URL) and e-mail to ops@example.org, oncall@example.org" in shown
+    before = len(webhook.messages), len(mailbox.messages)
+    done = monitored.script("show_all.sh", "--test-alert")
+    assert done.stdout.splitlines() == ["webhook (ALERT_WEBHOOK_URL): sent",
+                                        "e-mail to ops@example.org, oncall@example.org: sent"], done.stdout
+    assert [a for m in webhook.messages[before[0]:] for a in m["alerts"]
+            if a["labels"]["alertname"] == "StackTestAlert" and a["status"] == "firing"]
+    assert any("StackTestAlert" in m["Subject"] for m in mailbox.messages[before[1]:]), mailbox.subjects()
+
+    # A receiver that refuses: said, with where to look, and exit 1.
+    webhook.failing.set()
+    try:
+        refused = monitored.script("show_all.sh", "--test-alert", check=False)
+    finally:
+        webhook.failing.clear()
+    assert refused.returncode == 1, refused
+    assert "webhook (ALERT_WEBHOOK_URL): FAILED" in refused.stderr and "logs alertmanager" in refused.stderr, \
+        refused.stderr
+    assert "e-mail to ops@example.org, oncall@example.org: sent" in refused.stderr, refused.stderr
+    assert webhook.refused >= 3
+
+
+def test_receiver_secrets_stay_out_of_docker_inspect(monitored, receivers):
+    webhook, mailbox = receivers
+    ids = monitored.container_ids()
+    shown = subprocess.run(["docker", "inspect", ids["alertmanager"]], capture_output=True, text=True,
+                           check=True).stdout
+    assert webhook.token not in shown and mailbox.password not in shown
+    # The service reads them from files, and its configuration names only the files.
+    config = monitored.compose("exec", "-T", "alertmanager", "cat", "/etc/alertmanager/alertmanager.yml").stdout
+    assert webhook.token not in config and mailbox.password not in config
+    assert "/run/secrets/alert_webhook_url" in config and "/run/secrets/alert_smtp_password" in config
+    checked = monitored.compose("exec", "-T", "alertmanager", "amtool", "check-config",
+                                "/etc/alertmanager/alertmanager.yml").stdout
+    assert "SUCCESS" in checked, checked
 
 
 def test_every_metric_the_alerts_use_has_data(monitored):
@@ -141,7 +212,7 @@ def test_every_metric_the_alerts_use_has_data(monitored):
     from stack.paths import ROOT
 
     text = (ROOT / "monitoring/alerts.yml").read_text()
-    names = set(re.findall(r"\b((?:mlflow|nginx|pg|node|minio)_[a-z_]+)\b", text))
+    names = set(re.findall(r"\b((?:mlflow|nginx|pg|node|minio|alertmanager)_[a-z_]+)\b", text))
     # The backup metric exists only with scheduled backups (test_backup.py's stack).
     names -= {"mlflow_stack_backup_last_good_timestamp_seconds", "mlflow_stack_backup_interval_seconds"}
     assert {"nginx_http_requests_total", "pg_up", "node_filesystem_avail_bytes"} <= names

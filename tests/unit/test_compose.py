@@ -88,7 +88,7 @@ def test_every_long_running_service_has_healthcheck_restart_and_log_rotation():
 def test_every_service_is_hardened(tmp_path):
     services = compose_config(tmp_path, "--profile", "*")["services"]
     assert set(services) == {"db", "pitr", "minio", "bucket-init", "migrate", "mlflow", "nginx", "backup", "gc",
-                             "prometheus", "postgres-exporter", "node-exporter", "nginx-exporter"}
+                             "prometheus", "postgres-exporter", "node-exporter", "nginx-exporter", "alertmanager"}
     for name, svc in services.items():
         assert "no-new-privileges:true" in svc.get("security_opt", []), name
         assert svc.get("cap_drop") == ["ALL"], name
@@ -118,7 +118,7 @@ def test_the_profiles_setting_knows_every_compose_profile_and_a_deploy_retires_t
     assert set().union(*(profiles for _, profiles in blocks.values())) == set(settings.PROFILES) | stores
     assert pins.inactive_services(set(settings.PROFILES) | stores) == []
     active = set(settings.compose_profiles({"COMPOSE_PROFILES": "backup"}).split(","))
-    assert pins.inactive_services(active) == ["gc", "nginx-exporter", "node-exporter", "postgres-exporter",
+    assert pins.inactive_services(active) == ["alertmanager", "gc", "nginx-exporter", "node-exporter", "postgres-exporter",
                                               "prometheus"]
     active = set(settings.compose_profiles({"COMPOSE_PROFILES": "", "POSTGRES_HOST": "pg.example.com"}).split(","))
     assert "db" in pins.inactive_services(active) and "minio" not in pins.inactive_services(active)

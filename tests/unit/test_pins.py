@@ -10,7 +10,7 @@ from stack import pins
 def test_every_image_is_pinned_to_a_version():
     found = pins.image_pins()
     assert set(found) == {"POSTGRES_IMAGE", "MINIO_IMAGE", "NGINX_IMAGE", "MLFLOW_BASE_IMAGE", "MLFLOW_CONDA_BASE_IMAGE",
-                          "PROMETHEUS_IMAGE", "POSTGRES_EXPORTER_IMAGE", "NODE_EXPORTER_IMAGE"}
+                          "PROMETHEUS_IMAGE", "POSTGRES_EXPORTER_IMAGE", "NODE_EXPORTER_IMAGE", "ALERTMANAGER_IMAGE"}
     for name, image in found.items():
         tag = image.rsplit(":", 1)[-1]
         assert ":" in image and tag != "latest" and re.search(r"\d", tag), f"{name}={image} is not pinned"

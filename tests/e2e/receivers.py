@@ -1,0 +1,101 @@
+"""Where the stack's Alertmanager sends alerts in the tests: a webhook receiver and a
+real SMTP server (aiosmtpd), both on this machine, reached from the containers
+through the address of Docker's default bridge (the host's side of it)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import secrets
+import socket
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def host_address() -> str:
+    """This machine as containers on any bridge network reach it."""
+    return subprocess.run(["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+class Webhook:
+    """Records every JSON body POSTed to its secret path; answers 500 while `failing` is set."""
+
+    def __init__(self):
+        self.token = secrets.token_urlsafe(16)
+        self.messages: list[dict] = []
+        self.failing = threading.Event()
+        self.refused = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != f"/hook/{outer.token}":
+                    self.send_response(404)
+                elif outer.failing.is_set():
+                    outer.refused += 1
+                    self.send_response(500)
+                else:
+                    outer.messages.append(json.loads(body))
+                    self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, host: str) -> str:
+        return f"http://{host}:{self.server.server_address[1]}/hook/{self.token}"
+
+    def alerts(self, status: str, alertname: str, **labels: str) -> list[dict]:
+        """Alerts of that name and labels in the messages whose status was `status`."""
+        return [a for m in self.messages if m.get("status") == status for a in m.get("alerts", [])
+                if a["labels"].get("alertname") == alertname
+                and all(a["labels"].get(k) == v for k, v in labels.items())]
+
+    def close(self):
+        self.server.shutdown()
+
+
+class Mailbox:
+    """An SMTP server that takes mail after a login (AUTH over the plain connection, as a
+    relay on a company network may), and keeps each message."""
+
+    def __init__(self):
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult
+
+        self.username, self.password = "alerts", secrets.token_urlsafe(16)
+        self.messages: list[email.message.EmailMessage] = []
+        self.logins: list[str] = []
+        outer = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):
+                outer.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+                return "250 OK"
+
+        def authenticate(server, session, envelope, mechanism, auth_data):
+            ok = (getattr(auth_data, "login", b"") == self.username.encode()
+                  and getattr(auth_data, "password", b"") == self.password.encode())
+            outer.logins.append(f"{mechanism}:{'ok' if ok else 'refused'}")
+            return AuthResult(success=ok)
+
+        with socket.socket() as probe:
+            probe.bind(("0.0.0.0", 0))
+            self.port = probe.getsockname()[1]
+        self.controller = Controller(Handler(), hostname="0.0.0.0", port=self.port, authenticator=authenticate,
+                                     auth_required=True, auth_require_tls=False)
+        self.controller.start()
+
+    def subjects(self) -> list[str]:
+        return [str(m["Subject"]) for m in self.messages]
+
+    def close(self):
+        self.controller.stop()

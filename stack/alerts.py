@@ -24,6 +24,8 @@ from . import paths, settings
 
 # Where the service finds its secrets (docker-compose.yml's secrets of the same names).
 SECRETS = Path("/run/secrets")
+# Where docker-compose.yml mounts ALERT_SMTP_CA_FILE.
+SMTP_CA = "/etc/alertmanager/smtp-ca.pem"
 RECEIVER = "stack"
 TEST_ALERT = "StackTestAlert"
 PORT = 9093
@@ -42,6 +44,8 @@ def config(values: Mapping[str, str]) -> dict:
         email = {"to": values["ALERT_EMAIL_TO"], "from": values["ALERT_EMAIL_FROM"],
                  "smarthost": values["ALERT_SMTP_HOST"], "require_tls": values["ALERT_SMTP_TLS"] == "true",
                  "send_resolved": True}
+        if values.get("ALERT_SMTP_CA_FILE"):
+            email["tls_config"] = {"ca_file": SMTP_CA}
         if values.get("ALERT_SMTP_USERNAME"):
             email["auth_username"] = values["ALERT_SMTP_USERNAME"]
             email["auth_password_file"] = str(SECRETS / "alert_smtp_password")
@@ -81,6 +85,15 @@ def write(values: Mapping[str, str], environ: Optional[Mapping[str, str]] = None
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     return path
+
+
+def smtp_ca(values: Mapping[str, str]) -> Path:
+    """ALERT_SMTP_CA_FILE (relative to the project's folder), or /dev/null to mount in its place."""
+    chosen = values.get("ALERT_SMTP_CA_FILE")
+    if not chosen:
+        return Path(os.devnull)
+    path = Path(chosen).expanduser()
+    return (path if path.is_absolute() else paths.ROOT / path).resolve()
 
 
 def describe(values: Mapping[str, str]) -> str:

@@ -65,7 +65,8 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_SECRETS_DIGEST", secretfiles.digest(values)),
         ("STACK_PROMETHEUS_CONFIG_DIGEST", files_digest([paths.ROOT / "monitoring" / "prometheus.yml", rules])),
         ("STACK_ALERTMANAGER_CONFIG", str(alertmanager)),
-        ("STACK_ALERTMANAGER_CONFIG_DIGEST", files_digest([alertmanager])),
+        ("STACK_ALERTMANAGER_CONFIG_DIGEST", files_digest([alertmanager, alerts.smtp_ca(values)])),
+        ("STACK_ALERT_SMTP_CA", str(alerts.smtp_ca(values))),
         *stores(values),
     ]
     if values["MLFLOW_VARIANT"] == "conda":

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from . import compose, paths, pins, standins
+from . import alerts, compose, paths, pins, standins
 
 MIN_ENGINE = (20, 10)
 # Secrets sourced from environment variables need Compose 2.23.1 or later.
@@ -277,6 +277,7 @@ def run(values: Mapping[str, str], environ: Optional[Mapping[str, str]] = None, 
         checks += check_disk()
         checks += check_images(values, environ)
     checks += check_alert_rules(values)
+    checks += check_smtp_ca(values)
     checks += check_hooks()
     return checks
 
@@ -302,3 +303,14 @@ def check_alert_rules(values: Mapping[str, str]) -> list[Check]:
     ok = path.is_file()
     return [Check("alert rules", ok, str(path) if ok else f"{path} is not a file",
                   "" if ok else "set PROMETHEUS_ALERT_RULES in .env to a Prometheus rules file, or empty it")]
+
+
+def check_smtp_ca(values: Mapping[str, str]) -> list[Check]:
+    """ALERT_SMTP_CA_FILE must be a PEM certificate (a missing file would be mounted as a directory)."""
+    if not values.get("ALERT_SMTP_CA_FILE") or "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
+        return []
+    path = alerts.smtp_ca(values)
+    ok = path.is_file() and _run(["openssl", "x509", "-noout", "-in", str(path)]).returncode == 0
+    return [Check("mail server's CA", ok, str(path) if ok else f"{path} is not a PEM certificate",
+                  "" if ok else "set ALERT_SMTP_CA_FILE in .env to the CA certificate (PEM) that issued the mail "
+                                "server's certificate, or empty it for the system's CAs")]

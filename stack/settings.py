@@ -507,8 +507,14 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Login at the mail server (empty: none; then ALERT_SMTP_PASSWORD stays empty too)."),
     Setting("ALERT_SMTP_PASSWORD", "", anything("x" * 20), section=ALERTS, may_be_empty=True, secret=True,
             file="alert_smtp_password", services=("alertmanager",), doc="Its password (read from a file)."),
+    Setting("ALERT_SMTP_CA_FILE", "", anything("/etc/ssl/company-root-ca.pem"), section=ALERTS, may_be_empty=True,
+            services=("alertmanager",), host=("preflight",),
+            doc="The CA that issued the mail server's certificate (PEM), when it is not one of the system's: "
+                "your company's own root, say (relative to this project's folder, or absolute). Empty: the "
+                "system's CAs."),
     Setting("ALERT_SMTP_TLS", "true", choice("true", "false"), section=ALERTS, host=("alertmanager configuration",),
-            doc="true: the mail goes only over STARTTLS (false for a relay on your own network without it)."),
+            doc="true: the mail goes only over STARTTLS, its certificate checked (false for a relay on your own "
+                "network without TLS; it then takes mail without a login, which is never sent in clear)."),
     Setting("ALERT_GROUP_WAIT_SECONDS", "30", integer(1, 3600, "seconds"), section=ALERTS,
             host=("alertmanager configuration",),
             doc="How long Alertmanager waits after a first alert for others to send with it in one message."),
@@ -639,6 +645,10 @@ def _alerts_reach_someone(values: Mapping[str, str]) -> list[str]:
     if bool(values.get("ALERT_SMTP_USERNAME")) != bool(values.get("ALERT_SMTP_PASSWORD")):
         errors.append("ALERT_SMTP_USERNAME and ALERT_SMTP_PASSWORD go together: set both, or neither for a mail "
                       "server that takes mail without a login")
+    if values.get("ALERT_SMTP_USERNAME") and values.get("ALERT_SMTP_TLS") == "false":
+        errors.append("ALERT_SMTP_USERNAME is set with ALERT_SMTP_TLS=false: a login is never sent in clear "
+                      "(Alertmanager refuses to); set ALERT_SMTP_TLS=true, or empty the login for a relay that "
+                      "takes mail without one")
     if alert_receivers(values) and "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
         errors.append("ALERT_WEBHOOK_URL or ALERT_EMAIL_TO is set, but COMPOSE_PROFILES has no monitoring: the "
                       "alerts come from the monitoring profile; add monitoring to COMPOSE_PROFILES (or empty them)")

@@ -12,6 +12,9 @@ import socket
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from pki import make_ca, make_server
 
 
 def host_address() -> str:
@@ -64,12 +67,21 @@ class Webhook:
 
 
 class Mailbox:
-    """An SMTP server that takes mail after a login (AUTH over the plain connection, as a
-    relay on a company network may), and keeps each message."""
+    """An SMTP server that takes mail only over STARTTLS and after a login, with a
+    certificate for `host` issued by a CA of its own (ca.crt in `folder`: what
+    ALERT_SMTP_CA_FILE names), and keeps each message."""
 
-    def __init__(self):
+    def __init__(self, folder: Path, host: str):
+        import ssl
+
         from aiosmtpd.controller import Controller
         from aiosmtpd.smtp import AuthResult
+
+        make_ca(folder, "ca")
+        cert, key = make_server(folder, "ca", names=f"IP:{host}")
+        self.ca_file = folder / "ca.crt"
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
 
         self.username, self.password = "alerts", secrets.token_urlsafe(16)
         self.messages: list[email.message.EmailMessage] = []
@@ -91,7 +103,7 @@ class Mailbox:
             probe.bind(("0.0.0.0", 0))
             self.port = probe.getsockname()[1]
         self.controller = Controller(Handler(), hostname="0.0.0.0", port=self.port, authenticator=authenticate,
-                                     auth_required=True, auth_require_tls=False)
+                                     auth_required=True, tls_context=tls, require_starttls=True)
         self.controller.start()
 
     def subjects(self) -> list[str]:

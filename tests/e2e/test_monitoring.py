@@ -4,8 +4,9 @@ target up, the server's and nginx's request counters rising with traffic (nginx'
 by route and status code, with latency), the config and
 rules accepted by promtool, and the ServiceDown alert firing for a stopped
 service and clearing when it is back (also in ./show_all.sh), delivered with its
-resolution by Alertmanager to a webhook and by e-mail (a real SMTP server with a
-login), and `./show_all.sh --test-alert` saying which receiver took a test."""
+resolution by Alertmanager to a webhook and by e-mail (a real SMTP server, a
+login over STARTTLS, its certificate from a CA of its own), and
+`./show_all.sh --test-alert` saying which receiver took a test."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ SERVICES = ("prometheus", "postgres-exporter", "node-exporter", "nginx-exporter"
 
 
 @pytest.fixture(scope="module")
-def receivers():
-    webhook, mailbox = Webhook(), Mailbox()
+def receivers(tmp_path_factory):
+    webhook, mailbox = Webhook(), Mailbox(tmp_path_factory.mktemp("smtp"), host_address())
     yield webhook, mailbox
     webhook.close()
     mailbox.close()
@@ -36,7 +37,7 @@ def monitored(prefixed_stack, receivers):
     host = host_address()
     on = {"COMPOSE_PROFILES": "monitoring", "ALERT_WEBHOOK_URL": webhook.url(host),
           "ALERT_EMAIL_TO": "ops@example.org, oncall@example.org", "ALERT_EMAIL_FROM": "mlflow@example.org",
-          "ALERT_SMTP_HOST": f"{host}:{mailbox.port}", "ALERT_SMTP_TLS": "false",
+          "ALERT_SMTP_HOST": f"{host}:{mailbox.port}", "ALERT_SMTP_CA_FILE": str(mailbox.ca_file),
           "ALERT_SMTP_USERNAME": mailbox.username, "ALERT_SMTP_PASSWORD": mailbox.password,
           # Sent within seconds, so that the test waits for the alert rule only.
           "ALERT_GROUP_WAIT_SECONDS": "1", "ALERT_GROUP_INTERVAL_SECONDS": "5"}

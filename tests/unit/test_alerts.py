@@ -49,6 +49,20 @@ def test_receivers_name_files_never_the_secrets():
                                                                ("ALERT_WEBHOOK_URL", "ALERT_SMTP_PASSWORD"))
 
 
+def test_a_mail_server_with_a_ca_of_its_own(tmp_path):
+    receiver = parsed(alerts.render(values(ALERT_SMTP_CA_FILE="certs/smtp-ca.pem", **MAIL)))["receivers"][0]
+    assert receiver["email_configs"][0]["tls_config"] == {"ca_file": "/etc/alertmanager/smtp-ca.pem"}
+    assert alerts.smtp_ca(values(ALERT_SMTP_CA_FILE="certs/smtp-ca.pem")) == alerts.paths.ROOT / "certs/smtp-ca.pem"
+    assert str(alerts.smtp_ca(values())) == "/dev/null"
+    from stack import preflight
+
+    bad = tmp_path / "not-a-cert.pem"
+    bad.write_text("hello")
+    checks = preflight.check_smtp_ca(values(ALERT_SMTP_CA_FILE=str(bad)))
+    assert [c.ok for c in checks] == [False] and "not a PEM certificate" in checks[0].detail
+    assert preflight.check_smtp_ca(values()) == []
+
+
 def test_mail_without_a_login_and_without_tls():
     receiver = parsed(alerts.render(values(ALERT_SMTP_TLS="false", **MAIL)))["receivers"][0]
     assert "webhook_configs" not in receiver
@@ -77,6 +91,7 @@ def test_written_once_and_readable_by_the_service(tmp_path):
     (dict(ALERT_EMAIL_TO="ops@example.org"), "ALERT_EMAIL_FROM and ALERT_SMTP_HOST are not"),
     (dict(MAIL, ALERT_SMTP_USERNAME="alerts"), "ALERT_SMTP_USERNAME and ALERT_SMTP_PASSWORD go together"),
     (dict(ALERT_WEBHOOK_URL="https://hooks.example.org/x", COMPOSE_PROFILES="backup"), "has no monitoring"),
+    (dict(MAIL, ALERT_SMTP_USERNAME="a", ALERT_SMTP_PASSWORD="b", ALERT_SMTP_TLS="false"), "never sent in clear"),
 ])
 def test_receivers_that_cannot_work_are_refused(extra, expected):
     problems = settings.validate(values(**extra))

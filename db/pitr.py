@@ -340,6 +340,10 @@ def cmd_schedule(_args: list[str]) -> int:
             why = backup_due(found, current_timeline(), dt.datetime.now(dt.timezone.utc))
             if why:
                 log(f"a base backup is due: {why}")
+                if not found:
+                    # Healthy meanwhile (archiving works): a large database's first base
+                    # backup may take longer than a deploy waits for the service.
+                    write_state(ok=True, newest=None, oldest=None, count=0, first_since=time.time())
                 base_backup()
                 retention()
                 found = backups()
@@ -362,27 +366,31 @@ def cmd_base_backup(_args: list[str]) -> int:
 
 def cmd_health(_args: list[str]) -> int:
     """Healthy while archiving works (its last attempt succeeded), the schedule's last look at
-    the archive succeeded and the newest base backup is recent."""
+    the archive succeeded and the newest base backup is recent (or the first is being taken)."""
     seen = archiver()
     failed, archived = seen["last_failed_time"], seen["last_archived_time"]
     if failed and (not archived or failed > archived):
         print(f"archiving {seen['last_failed_wal']} fails ({seen['failed_count']} failures; docker compose logs db)")
         return 1
-    state = read_state()
+    problem = state_problem(read_state(), time.time())
+    if problem:
+        print(problem)
+    return 1 if problem else 0
+
+
+def state_problem(state: dict, now: float) -> str:
+    """What makes the schedule unhealthy, or "" (unit-tested)."""
     if not state:
-        print("no look at the archive yet")
-        return 1
+        return "no look at the archive yet"
     if not state.get("ok"):
-        print(state.get("error", "the last look at the archive failed"))
-        return 1
+        return state.get("error", "the last look at the archive failed")
     if not state.get("newest"):
-        print("no base backup yet")
-        return 1
-    age = time.time() - dt.datetime.fromisoformat(state["newest"]).timestamp()
+        # The first one is being taken (it may take longer than a deploy waits): not a fault.
+        return "" if state.get("first_since") else "no base backup yet"
+    age = now - dt.datetime.fromisoformat(state["newest"]).timestamp()
     if common.overdue(age, float(value("PITR_BASE_BACKUP_HOURS"))):
-        print(f"the newest base backup is {age / 3600:.1f} hours old")
-        return 1
-    return 0
+        return f"the newest base backup is {age / 3600:.1f} hours old"
+    return ""
 
 
 def cmd_summary(_args: list[str]) -> int:
@@ -396,7 +404,9 @@ def cmd_summary(_args: list[str]) -> int:
     count, lag = waiting_segments(PGDATA, time.time())
     waiting = f"{count} WAL segments waiting, the oldest {lag:.0f} s" if count else "no WAL segment waiting"
     if not state.get("newest"):
-        print(f"no base backup yet; {waiting}")
+        since = state.get("first_since")
+        print(f"the first base backup is being taken (for {time.time() - since:.0f} s); {waiting}" if since
+              else f"no base backup yet; {waiting}")
         return 1
     print(f"restores back to {state['oldest'][:19]} UTC ({state['count']} base backups, newest "
           f"{state['newest'][:19]} UTC); {waiting}")
@@ -543,11 +553,33 @@ def cmd_restore(args: list[str]) -> int:
     return 0
 
 
+def postmaster_start(pgdata: Path) -> str:
+    """When the running postmaster started (postmaster.pid's third line), or "" (none runs)."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return ""
+    return lines[2] if len(lines) > 2 else ""
+
+
+# Starts of the database during one recovery after which it is taken as failing: a recovery
+# that fails (a FATAL) stops PostgreSQL, and Docker starts it again, to fail the same way.
+RECOVERY_STARTS = 3
+
+
 def cmd_wait_recovered(args: list[str]) -> int:
     timeout = float(args[0]) if args else 3600.0
     deadline = time.monotonic() + timeout
     last = ""
+    starts: set[str] = set()
     while time.monotonic() < deadline:
+        started = postmaster_start(PGDATA)
+        if started:
+            starts.add(started)
+        if len(starts) >= RECOVERY_STARTS:
+            raise PitrError(f"the database started {len(starts)} times without finishing its recovery: its log "
+                            "(docker compose logs db) says why; 'recovery ended before configured recovery target "
+                            "was reached' means the archive lacks WAL up to the moment")
         try:
             if not query("SELECT pg_is_in_recovery()")[0][0]:
                 break

@@ -103,7 +103,10 @@ class Mailbox:
             probe.bind(("0.0.0.0", 0))
             self.port = probe.getsockname()[1]
         self.controller = Controller(Handler(), hostname="0.0.0.0", port=self.port, authenticator=authenticate,
-                                     auth_required=True, tls_context=tls, require_starttls=True)
+                                     auth_required=True, tls_context=tls, require_starttls=True,
+                                     # aiosmtpd's LOGIN prompts ("User Name\0") are not the "Username:"
+                                     # that mail servers send and Alertmanager expects: PLAIN only.
+                                     auth_exclude_mechanism=["LOGIN"])
         self.controller.start()
 
     def subjects(self) -> list[str]:

@@ -177,3 +177,35 @@ def test_the_archives_copy_is_found_under_barmans_layout_and_unpacked(monkeypatc
     monkeypatch.setenv("PITR_BUCKET", "mlflow-pitr")
     assert pitr.archived_copy(Store(), "000000010000000000000003") == b"wal"
     assert pitr.archived_copy(Store(), "000000010000000000000004") is None
+
+
+def test_healthy_while_the_first_base_backup_is_taken_and_not_before(monkeypatch):
+    monkeypatch.setenv("PITR_BASE_BACKUP_HOURS", "24")
+    now = at("2026-12-07 12:00:00").timestamp()
+    assert pitr.state_problem({}, now) == "no look at the archive yet"
+    assert pitr.state_problem({"ok": True, "newest": None}, now) == "no base backup yet"
+    # A large database's first one may take longer than a deploy waits for the service.
+    assert pitr.state_problem({"ok": True, "newest": None, "first_since": now - 3600}, now) == ""
+    assert pitr.state_problem({"ok": False, "error": "the store said no", "first_since": now}, now) == \
+        "the store said no"
+    assert pitr.state_problem({"ok": True, "newest": "2026-12-07T11:00:00+00:00"}, now) == ""
+    assert "hours old" in pitr.state_problem({"ok": True, "newest": "2026-12-04T11:00:00+00:00"}, now)
+
+
+def test_a_recovery_that_keeps_failing_is_given_up_after_its_restarts(tmp_path, monkeypatch):
+    pid = tmp_path / "postmaster.pid"
+    assert pitr.postmaster_start(tmp_path) == ""
+    starts = iter(["1765100000", "1765100000", "1765100004", "1765100009"])
+
+    def next_start(_pgdata):
+        return next(starts, "1765100009")
+
+    monkeypatch.setattr(pitr, "PGDATA", tmp_path)
+    monkeypatch.setattr(pitr, "postmaster_start", next_start)
+    monkeypatch.setattr(pitr, "query", lambda sql: [[True]] if "is_in_recovery" in sql else [[None]])
+    monkeypatch.setattr(pitr.time, "sleep", lambda s: None)
+    with pytest.raises(pitr.PitrError, match="started 3 times without finishing its recovery"):
+        pitr.cmd_wait_recovered(["60"])
+    pid.write_text("42\n/var/lib/postgresql/data\n1765100000\n5432\n")
+    monkeypatch.undo()
+    assert pitr.postmaster_start(tmp_path) == "1765100000"

@@ -14,7 +14,7 @@
   paths                                   export lines: STACK_ENV_FILE, COMPOSE_PROJECT_NAME
   release-deployed                        remember that this release deployed the stack (a deploy's last step)
   client-env [--without-password]         export lines for clients (a re-deploy leaves the admin's password out)
-  show [--client-env | --client-bundle DIR [--user NAME] | --test-alert]
+  show [--client-env | --client-bundle DIR [--user NAME] | --test-alert | --recovery-kit DIR]
                                           ./show_all.sh
   swarm-preflight                         what stops a swarm deploy (./stack_deploy.sh --swarm)
   swarm-push                              push the images built here to STACK_REGISTRY
@@ -42,8 +42,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import (alerts, build, client_env, common, compose, envfile, host, paths, pins, preflight, secretfiles, settings,
-               show, standins, swarm, tls, users)
+from . import (alerts, build, client_env, common, compose, envfile, host, paths, pins, preflight, recovery_kit,
+               secretfiles, settings, show, standins, swarm, tls, users)
 
 
 def _values() -> dict[str, str]:
@@ -90,6 +90,8 @@ def cmd_release(_args) -> int:
     """Remember that this release deployed the stack (after a deploy that worked)."""
     release_file().parent.mkdir(parents=True, exist_ok=True)
     release_file().write_text(common.stack_version() + "\n")
+    # Last, where a deploy's output ends: what a lost disk would take along with it.
+    sys.stderr.write(recovery_kit.reminder(_values()))
     return 0
 
 
@@ -246,6 +248,17 @@ def cmd_show(args) -> int:
         except alerts.AlertTestError as exc:
             print(f"error: the test alert did not reach everyone: {exc}", file=sys.stderr)
             return 1
+        return 0
+    if args.recovery_kit:
+        try:
+            written = recovery_kit.write(_values(), Path(args.recovery_kit))
+        except recovery_kit.KitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for path in written:
+            print(f"wrote {path}")
+        print("Keep the folder OFF this machine (a password manager, a vault, an encrypted drive): it holds every "
+              "secret of the stack. Its README.txt says how to restore with it.", file=sys.stderr)
         return 0
     if args.client_env:
         return cmd_client_env(args)
@@ -465,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("show")
     p.add_argument("--client-env", action="store_true")
     p.add_argument("--test-alert", action="store_true")
+    p.add_argument("--recovery-kit", metavar="DIR")
     p.add_argument("--client-bundle", metavar="DIR")
     p.add_argument("--user")
     p.set_defaults(func=cmd_show)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from . import alerts, common, paths, swarm
+from . import alerts, common, paths, recovery_kit, swarm
 from .compose import invocation as compose_invocation
 from .common import host_port
 
@@ -213,7 +213,7 @@ def latest_set(values: dict[str, str]) -> str:
 
 def backups(values: dict[str, str], svc: list[dict], compose: tuple[list[str], dict]) -> list[str]:
     argv, env = compose
-    lines = [latest_set(values)]
+    lines = [latest_set(values), f"  recovery kit   {recovery_kit.status(values)[1]}"]
     scheduler = next((s for s in svc if s["Service"] == "backup"), None)
     if scheduler is None:
         lines.append("  scheduled      off (set COMPOSE_PROFILES=backup in .env)")

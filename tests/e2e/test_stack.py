@@ -330,7 +330,14 @@ def test_redeploy_of_a_running_stack_changes_nothing(stack, logged):
     started = {s: inspect(stack, s)["State"]["StartedAt"] for s in LONG_RUNNING}
     env_before = stack.env_file.read_bytes()
     runs_before = stack.psql("SELECT count(*) FROM runs")
+    # No copy of .env and the CA off the machine yet: said. A kit made, the next deploy is quiet.
+    assert "WARNING: no copy of .env and the local CA's key" in stack.deploy_output
+    kit = stack.workdir / "recovery-kit"
+    made = stack.script("show_all.sh", "--recovery-kit", str(kit))
+    assert (kit / "env").read_bytes() == env_before and (kit / "certs" / "ca.key").exists(), made.stdout
+    assert "recovery kit   made" in stack.script("show_all.sh").stdout
     stack.deploy()
+    assert "no copy of .env" not in stack.deploy_output
     # The admin's password: printed by the first deploy only (and on request).
     assert stack.values()["MLFLOW_ADMIN_PASSWORD"] not in stack.deploy_output
     assert "./show_all.sh --client-env prints it" in stack.deploy_output

@@ -8,7 +8,7 @@
 usage() {
 	cat <<'USAGE'
 Usage: db/db_volume_restore.sh SET [--yes] [--help]
-       db/db_volume_restore.sh --to-time TIME [--yes] [--skip-flush]
+       db/db_volume_restore.sh --to-time TIME [--yes] [--skip-flush] [--from-archive BUCKET]
 
 Restores the backup set in folder SET (as printed by db/db_volume_backup.sh)
 into the deployed stack:
@@ -35,16 +35,23 @@ every artifact logged until now (those of runs deleted by gc in between are
 gone; see docs/backups.md). --skip-flush goes on when the archive does not
 take the current writes (an archive that belongs to another database, see
 docs/backups.md): they are then kept in the safety set only.
+
+--from-archive BUCKET restores from another archive on the same store: a lost
+machine's (docs/backups.md, "A lost machine"), whose stack now archives to a
+new PITR_BUCKET. The current database's writes stay out of that archive (as
+with --skip-flush); its data is kept in the safety set.
 USAGE
 }
 
-SET="" ASSUME_YES=0 TO_TIME="" SKIP_FLUSH=0
+SET="" ASSUME_YES=0 TO_TIME="" SKIP_FLUSH=0 FROM_ARCHIVE=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 		--yes|-y) ASSUME_YES=1; shift ;;
 		--to-time) [ $# -ge 2 ] || usage_error "--to-time needs a time"; TO_TIME="$2"; shift 2 ;;
 		--to-time=*) TO_TIME="${1#*=}"; shift ;;
 		--skip-flush) SKIP_FLUSH=1; shift ;;
+		--from-archive) [ $# -ge 2 ] || usage_error "--from-archive needs a bucket"; FROM_ARCHIVE="$2"; shift 2 ;;
+		--from-archive=*) FROM_ARCHIVE="${1#*=}"; shift ;;
 		--help|-h) usage; exit 0 ;;
 		-*) usage_error "unknown option: $1" ;;
 		*) [ -z "$SET" ] || usage_error "one set at a time"; SET="$1"; shift ;;
@@ -53,8 +60,14 @@ done
 export ASSUME_YES
 if [ -n "$TO_TIME" ]; then
 	[ -z "$SET" ] || usage_error "a set or --to-time, not both"
-elif [ "$SKIP_FLUSH" = 1 ]; then
-	usage_error "--skip-flush goes with --to-time"
+	if [ -n "$FROM_ARCHIVE" ]; then
+		[[ "$FROM_ARCHIVE" =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ ]] \
+			|| usage_error "--from-archive $FROM_ARCHIVE: give the bucket's name (3-63 lower-case letters, digits, '.' or '-')"
+		# Another database's archive takes no writes of this one.
+		SKIP_FLUSH=1
+	fi
+elif [ "$SKIP_FLUSH" = 1 ] || [ -n "$FROM_ARCHIVE" ]; then
+	usage_error "--skip-flush and --from-archive go with --to-time"
 else
 	[ -n "$SET" ] || usage_error "which set? give its folder (or --to-time TIME)"
 	[ -d "$SET" ] || die "$SET is not a folder: give the path db/db_volume_backup.sh printed"
@@ -161,8 +174,11 @@ restore_live() {
 
 # pitr_job ARGS...: one run of the point-in-time tool (db/pitr.py) beside the stack.
 pitr_job() {
-	job_compose --progress quiet run --rm --no-deps -T "${PITR_OPTS[@]}" pitr "$@"
+	job_compose --progress quiet run --rm --no-deps -T "${ARCHIVE_OPTS[@]}" "${PITR_OPTS[@]}" pitr "$@"
 }
+# The archive read: PITR_BUCKET, or --from-archive's.
+ARCHIVE_OPTS=()
+[ -z "$FROM_ARCHIVE" ] || ARCHIVE_OPTS=(-e "PITR_BUCKET=$FROM_ARCHIVE")
 PITR_OPTS=()
 
 # restore_to_time TIME: the database as it was at TIME, from the archive.
@@ -188,7 +204,9 @@ restore_to_time() {
 	fi
 	log "Safety set: $BACKUP_DIR/$safety"
 	local back="To go back: db/db_volume_restore.sh $BACKUP_DIR/$safety --yes"
-	if [ "$SKIP_FLUSH" = 1 ]; then
+	if [ -n "$FROM_ARCHIVE" ]; then
+		log "Restoring from the archive in $FROM_ARCHIVE: the current data is in the safety set only"
+	elif [ "$SKIP_FLUSH" = 1 ]; then
 		log "Not sending the last writes to the archive (--skip-flush): they are in the safety set only"
 	else
 		log "Sending the last writes to the archive"

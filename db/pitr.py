@@ -8,7 +8,8 @@ PITR_BASE_BACKUP_HOURS is where a restore starts; the WAL after it replays the d
 to any moment since. Both are kept PITR_RETENTION_DAYS (a recovery window).
 
   archive PATH        archive_command: one WAL segment to the archive
-  fetch NAME DEST     restore_command: one WAL segment from the archive
+  fetch NAME DEST [BUCKET]
+                      restore_command: one WAL segment from the archive (or BUCKET's)
   schedule            the pitr service: a base backup when the newest is too old (or of an
                       earlier timeline, after a restore), old ones deleted; loops
   base-backup         one base backup now
@@ -61,8 +62,8 @@ def value(key: str) -> str:
     return settings.value(key, os.environ)
 
 
-def archive_url() -> str:
-    return f"s3://{value('PITR_BUCKET')}"
+def archive_url(bucket: str = "") -> str:
+    return f"s3://{bucket or value('PITR_BUCKET')}"
 
 
 def cloud_env() -> dict[str, str]:
@@ -156,8 +157,16 @@ def backups() -> list[dict]:
         found.append({"id": item["backup_id"],
                       "begin": barman_time(item.get("begin_time_iso") or item["begin_time"]).isoformat(),
                       "end": barman_time(item.get("end_time_iso") or item["end_time"]).isoformat(),
-                      "timeline": int(item.get("timeline", 1)), "end_lsn": item.get("end_xlog")})
+                      "timeline": int(item.get("timeline", 1)), "end_lsn": item.get("end_xlog"),
+                      "systemid": str(item.get("systemid") or "")})
     return sorted(found, key=lambda b: b["end"])
+
+
+def of_one_database(found: list[dict]) -> list[dict]:
+    """The base backups of the database the newest is of (PostgreSQL's system identifier). A
+    stack restored on a new machine from another archive may have left a backup of the empty
+    database it was deployed with first: never a place to start a restore (unit-tested)."""
+    return [b for b in found if b["systemid"] == found[-1]["systemid"]] if found else []
 
 
 def archiver() -> dict:
@@ -229,10 +238,11 @@ def cmd_archive(args: list[str]) -> int:
 
 
 def cmd_fetch(args: list[str]) -> int:
-    name, dest = args
+    # BUCKET: the archive a restore reads (another than PITR_BUCKET after a lost machine).
+    name, dest, *bucket = args
     # Exit 1 for a segment the archive does not have: recovery ends there (PostgreSQL asks
     # past the end by design), so no message for that.
-    return barman("wal-restore", archive_url(), SERVER_NAME, name, dest, capture=True, timeout=600).returncode
+    return barman("wal-restore", archive_url(*bucket), SERVER_NAME, name, dest, capture=True, timeout=600).returncode
 
 
 def base_backup() -> None:
@@ -517,17 +527,18 @@ def choose(found: list[dict], target: dt.datetime, now: dt.datetime,
 def cmd_plan(args: list[str]) -> int:
     (text,) = args
     target = parse_time(text)
-    chosen, timeline = choose(backups(), target, dt.datetime.now(dt.timezone.utc), histories())
+    chosen, timeline = choose(of_one_database(backups()), target, dt.datetime.now(dt.timezone.utc), histories())
     print(json.dumps({"target": pg_time(target), "target_iso": target.isoformat(), "backup": chosen,
                       "timeline": timeline}))
     return 0
 
 
-def recovery_settings(target: str, timeline: int) -> str:
+def recovery_settings(target: str, timeline: int, bucket: str) -> str:
     # The timeline named, not 'latest': a moment that a later restore went back before is
-    # on the history that restore left, not on the newest one.
+    # on the history that restore left, not on the newest one. The bucket named: the one
+    # restored from, which after a lost machine is not the new PITR_BUCKET.
     return (f"\n{RECOVERY_MARK}\n"
-            "restore_command = 'python3 /usr/local/bin/mlflow-stack-pitr fetch %f %p'\n"
+            f"restore_command = 'python3 /usr/local/bin/mlflow-stack-pitr fetch %f %p {bucket}'\n"
             f"recovery_target_time = '{target}'\n"
             f"recovery_target_timeline = '{timeline}'\n"
             "recovery_target_action = 'promote'\n")
@@ -546,7 +557,7 @@ def cmd_restore(args: list[str]) -> int:
     if done.returncode != 0:
         raise PitrError(f"fetching base backup {backup_id} failed: {(done.stderr or done.stdout).strip()[-800:]}")
     with open(PGDATA / "postgresql.auto.conf", "a", encoding="utf-8") as conf:
-        conf.write(recovery_settings(target, int(timeline)))
+        conf.write(recovery_settings(target, int(timeline), value("PITR_BUCKET")))
     (PGDATA / "recovery.signal").touch()
     os.chmod(PGDATA, 0o700)
     log(f"the data folder is base backup {backup_id}, set to replay the archive up to {target}")

@@ -836,15 +836,15 @@ def cmd_init_bucket(_args: list[str]) -> int:
 
     # The artifact bucket, and the point-in-time archive's when the stack runs its own
     # PostgreSQL (PITR_BUCKET, set by docker-compose.yml only then).
-    buckets = [("MLFLOW_BUCKET", setting("MLFLOW_BUCKET"))] + [
-        ("PITR_BUCKET", b) for b in [os.environ.get("PITR_BUCKET", "")] if b]
     # The store straight on the backend network (the server itself uses the
     # public endpoint, see s3_endpoint); few retries, this loop retries.
     client = common.s3_client(attempts=3)
+    buckets = [("MLFLOW_BUCKET", setting("MLFLOW_BUCKET"), client)] + [
+        ("PITR_BUCKET", b, archive_client()) for b in [os.environ.get("PITR_BUCKET", "")] if b]
     for _ in range(60):
         try:
             while buckets:
-                if not ensure_bucket(client, *buckets[0]):
+                if not ensure_bucket(buckets[0][2], *buckets[0][:2]):
                     return 1
                 buckets.pop(0)
             return 0
@@ -854,8 +854,27 @@ def cmd_init_bucket(_args: list[str]) -> int:
             print(f"init-bucket: object store not reachable yet ({type(exc).__name__})",
                   flush=True)
         time.sleep(2)
-    print(f"init-bucket: gave up after 120 s; check {common.external_s3() or 'the minio service'}", file=sys.stderr)
+    where = (f"PITR_S3_ENDPOINT_URL={archive_off_site()} (can this machine's containers reach it?)"
+             if buckets and buckets[0][0] == "PITR_BUCKET" and archive_off_site()
+             else common.external_s3() or "the minio service")
+    print(f"init-bucket: gave up after 120 s; check {where}", file=sys.stderr)
     return 1
+
+
+def archive_off_site() -> str:
+    """PITR_S3_ENDPOINT_URL when the point-in-time archive is on a store of its own, else ""."""
+    endpoint = os.environ.get("PITR_S3_ENDPOINT", "")
+    return endpoint if endpoint and endpoint != common.env("S3_INTERNAL_ENDPOINT", "http://minio:9000") else ""
+
+
+def archive_client():
+    """The point-in-time archive's store, with its keys (the artifacts' when it is theirs)."""
+    if not archive_off_site():
+        return common.s3_client(attempts=3)
+    return common.s3_client(environ={**os.environ, "AWS_ACCESS_KEY_ID_FILE": os.environ["PITR_ACCESS_KEY_FILE"],
+                                     "AWS_SECRET_ACCESS_KEY_FILE": os.environ["PITR_SECRET_KEY_FILE"],
+                                     "S3_REGION": os.environ.get("PITR_S3_REGION", "us-east-1")},
+                            endpoint=archive_off_site(), attempts=3)
 
 
 class RetryLater(Exception):
@@ -871,6 +890,10 @@ def ensure_bucket(client, name: str, bucket: str) -> bool:
     # are global there (AWS): the default may be someone else's.
     also = (f" (PITR_BUCKET is the database's point-in-time archive: on {common.external_s3()} set it in "
             ".env to a bucket of yours that the key may use)") if name == "PITR_BUCKET" and common.external_s3() else ""
+    if name == "PITR_BUCKET" and archive_off_site():
+        also = (f" (PITR_BUCKET is the database's point-in-time archive on {archive_off_site()}, "
+                "PITR_S3_ENDPOINT_URL: PITR_S3_ACCESS_KEY and PITR_S3_SECRET_KEY in .env must be a key of that "
+                "store that may make or use the bucket)")
 
     try:
         client.head_bucket(Bucket=bucket)
@@ -878,17 +901,19 @@ def ensure_bucket(client, name: str, bucket: str) -> bool:
         return True
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
+        off_site = name == "PITR_BUCKET" and archive_off_site()
         if code in ("404", "NoSuchBucket", "NotFound"):
-            region = setting("S3_REGION")
+            region = os.environ.get("PITR_S3_REGION", "us-east-1") if off_site else setting("S3_REGION")
             # AWS makes buckets in us-east-1 unless told otherwise.
             where = {} if region == "us-east-1" else {
                 "CreateBucketConfiguration": {"LocationConstraint": region}}
             try:
                 client.create_bucket(Bucket=bucket, **where)
             except ClientError as failed:
+                who = "PITR_S3_ACCESS_KEY" if off_site else "MINIO_ROOT_USER"
                 print(f"init-bucket: the object store did not create the bucket {bucket!r} "
                       f"({failed.response.get('Error', {}).get('Code', '')}): create it there, or give "
-                      f"MINIO_ROOT_USER the right to{also}", file=sys.stderr)
+                      f"{who} the right to{also}", file=sys.stderr)
                 return False
             print(f"init-bucket: created bucket {bucket!r}", flush=True)
             return True
@@ -896,7 +921,8 @@ def ensure_bucket(client, name: str, bucket: str) -> bool:
             whose = (f"the key of {common.external_s3()}, with access to the bucket" if common.external_s3()
                      else "the ones the minio volume was created with")
             print(f"init-bucket: the object store refused the credentials for {bucket!r} ({code});"
-                  f" MINIO_ROOT_USER/MINIO_ROOT_PASSWORD in .env must be {whose}{also}", file=sys.stderr)
+                  + (also if off_site else f" MINIO_ROOT_USER/MINIO_ROOT_PASSWORD in .env must be {whose}{also}"),
+                  file=sys.stderr)
             return False
         raise RetryLater(code) from None
 

@@ -123,8 +123,25 @@ def stores(values: Mapping[str, str]) -> list[tuple[str, str]]:
         # PostgreSQL (a server outside has its provider's point-in-time recovery).
         ("STACK_PITR_BUCKET", values["PITR_BUCKET"] if "db" in own else ""),
         ("STACK_S3_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
-        ("STACK_BACKEND_INTERNAL", "true" if len(own) == len(settings.STORES_SETTINGS) else "false"),
+        # The archive's store: the artifacts' (its keys), or the one off the machine.
+        *archive_store(values, own),
+        ("STACK_BACKEND_INTERNAL", "true" if len(own) == len(settings.STORES_SETTINGS)
+         and not settings.archive_off_site(values) else "false"),
     ]
+
+
+def archive_store(values: Mapping[str, str], own: list[str]) -> list[tuple[str, str]]:
+    """Where the point-in-time archive is: PITR_S3_ENDPOINT_URL with its keys (off the
+    machine), or the artifact store with the artifacts' keys."""
+    if settings.archive_off_site(values):
+        return [("STACK_PITR_ENDPOINT", values["PITR_S3_ENDPOINT_URL"].rstrip("/")),
+                ("STACK_PITR_REGION", values["PITR_S3_REGION"]),
+                ("STACK_PITR_ACCESS_KEY_NAME", "pitr_s3_access_key"),
+                ("STACK_PITR_SECRET_KEY_NAME", "pitr_s3_secret_key")]
+    return [("STACK_PITR_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
+            ("STACK_PITR_REGION", values["S3_REGION"]),
+            ("STACK_PITR_ACCESS_KEY_NAME", "minio_root_user"),
+            ("STACK_PITR_SECRET_KEY_NAME", "minio_root_password")]
 
 
 def environment(values: Mapping[str, str], create: bool,

@@ -416,11 +416,11 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Region the S3 requests are signed for (AWS: the bucket's region; MinIO ignores it)."),
     Setting("MINIO_ROOT_USER", "mlflow-admin",
             pattern(r"\S{3,128}", "use at least 3 characters, no spaces", "store-admin"),
-            section=STORES, file="minio_root_user", services=("backup", "bucket-init", "db", "gc", "migrate", "minio", "mlflow", "pitr"),
-            host=("client settings (direct mode)",),
+            section=STORES, file="minio_root_user", services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"),
+            host=("client settings (direct mode)", "db and pitr: the archive's keys, without PITR_S3_*"),
             doc="Object store access key (MinIO's root user, or the key of the store at S3_ENDPOINT_URL)."),
     Setting("MINIO_ROOT_PASSWORD", GENERATED, secret(), section=STORES, file="minio_root_password",
-            services=("backup", "bucket-init", "db", "gc", "migrate", "minio", "mlflow", "pitr"), host=("client settings (direct mode)",),
+            services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"), host=("client settings (direct mode)", "db and pitr: the archive's keys, without PITR_S3_*"),
             doc="Object store secret key (of that user)."),
 
     Setting("MLFLOW_API_MAX_BODY_MB", "64", integer(2, 1024, "MiB"), section=LIMITS, services=("mlflow", "nginx"),
@@ -464,6 +464,24 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Bucket of the database's point-in-time archive (WAL and base backups), on the artifact "
                 "store beside MLFLOW_BUCKET: not the artifact bucket, which logical restores replace. On "
                 "the same disk it guards against mistakes, not against losing the machine."),
+    Setting("PITR_S3_ENDPOINT_URL", "", url(), section=BACKUPS, may_be_empty=True, from_shell=False,
+            services=("bucket-init", "db", "pitr"), host=("deploy", "restore"),
+            doc="Empty: the point-in-time archive is on the stack's own object store (it guards against "
+                "mistakes, not against losing the machine). A URL: keep it on that S3 store instead, off this "
+                "machine (another site, a cloud bucket), with PITR_S3_ACCESS_KEY and PITR_S3_SECRET_KEY; "
+                "then a lost machine costs at most PITR_ARCHIVE_SECONDS of writes (docs/backups.md). The deploy "
+                "makes PITR_BUCKET there if it is missing, and stops with the reason if the store refuses. "
+                "Read from .env only."),
+    Setting("PITR_S3_ACCESS_KEY", "", anything("AKIAEXAMPLE"), section=BACKUPS, may_be_empty=True, from_shell=False,
+            file="pitr_s3_access_key", host=("db, pitr and bucket-init, with PITR_S3_ENDPOINT_URL",),
+            doc="Access key on PITR_S3_ENDPOINT_URL (one that may use PITR_BUCKET only, ideally)."),
+    Setting("PITR_S3_SECRET_KEY", "", anything("x" * 40), section=BACKUPS, may_be_empty=True, from_shell=False,
+            secret=True, file="pitr_s3_secret_key", host=("db, pitr and bucket-init, with PITR_S3_ENDPOINT_URL",),
+            doc="Its secret key (read from a file by the services that use it)."),
+    Setting("PITR_S3_REGION", "us-east-1", pattern(r"[a-z0-9-]{2,32}", "use a region name such as eu-central-1",
+                                                   "eu-west-1"),
+            section=BACKUPS, host=("db, pitr and bucket-init, with PITR_S3_ENDPOINT_URL",),
+            doc="Region the requests to PITR_S3_ENDPOINT_URL are signed for (unused without it)."),
     Setting("PITR_ARCHIVE_SECONDS", "60", integer(5, 3600, "seconds"), section=BACKUPS, services=("db", "pitr"),
             doc="PostgreSQL sends its WAL to the archive when a segment (16 MiB) fills, and at the latest this "
                 "many seconds after a write (archive_timeout): the most of acknowledged writes that losing "
@@ -622,8 +640,26 @@ def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
     return []
 
 
+def _archive_off_site(values: Mapping[str, str]) -> list[str]:
+    keys = [key for key in ("PITR_S3_ACCESS_KEY", "PITR_S3_SECRET_KEY") if values.get(key)]
+    if values.get("PITR_S3_ENDPOINT_URL") and len(keys) < 2:
+        return ["PITR_S3_ENDPOINT_URL is set without PITR_S3_ACCESS_KEY and PITR_S3_SECRET_KEY: set both, the key "
+                "of that store that may use PITR_BUCKET"]
+    if keys and not values.get("PITR_S3_ENDPOINT_URL"):
+        return ["PITR_S3_ACCESS_KEY or PITR_S3_SECRET_KEY is set without PITR_S3_ENDPOINT_URL: set the store's URL "
+                "too, or empty them (the archive then stays on the stack's own store)"]
+    return []
+
+
+def archive_off_site(values: Mapping[str, str]) -> bool:
+    """The point-in-time archive is on a store of its own (PITR_S3_ENDPOINT_URL), for the stack's own PostgreSQL."""
+    return bool(values.get("PITR_S3_ENDPOINT_URL")) and not values.get("POSTGRES_HOST")
+
+
 def _archive_beside_artifacts(values: Mapping[str, str]) -> list[str]:
     # A logical restore replaces every object of MLFLOW_BUCKET: the archive with them.
+    if values.get("PITR_S3_ENDPOINT_URL"):
+        return []
     if values.get("PITR_BUCKET") and values.get("PITR_BUCKET") == values.get("MLFLOW_BUCKET"):
         return [f"PITR_BUCKET and MLFLOW_BUCKET are both {values['MLFLOW_BUCKET']}: the database's archive needs a "
                 "bucket of its own (a restore replaces every object of the artifact bucket)"]
@@ -701,7 +737,8 @@ def compose_profiles(values: Mapping[str, str]) -> str:
 CROSS_CHECKS: tuple[Callable[[Mapping[str, str]], list[str]], ...] = (
     _distinct_ports, _tls_pair, _connections_fit, _jobs_on_one_replica, _address_rate_covers_a_login,
     _roles_are_distinct,
-    _stores_outside_with_monitoring, _outside_is_outside, _archive_beside_artifacts, _alerts_reach_someone)
+    _stores_outside_with_monitoring, _outside_is_outside, _archive_beside_artifacts, _archive_off_site,
+    _alerts_reach_someone)
 
 
 def key_errors(key: str, values: Mapping[str, str]) -> list[str]:

@@ -113,9 +113,10 @@ def test_a_base_backup_is_due_when_none_is_recent_or_it_is_of_an_earlier_timelin
 
 
 def test_recovery_settings_replay_the_archive_to_the_moment_then_take_writes():
-    text = pitr.recovery_settings("2026-12-06 16:59:30.000000+00", 2)
+    text = pitr.recovery_settings("2026-12-06 16:59:30.000000+00", 2, "old-pitr")
     assert "recovery_target_timeline = '2'" in text
-    assert "restore_command = 'python3 /usr/local/bin/mlflow-stack-pitr fetch %f %p'" in text
+    # The bucket restored from (a lost machine's, which the new PITR_BUCKET is not).
+    assert "restore_command = 'python3 /usr/local/bin/mlflow-stack-pitr fetch %f %p old-pitr'" in text
     assert "recovery_target_time = '2026-12-06 16:59:30.000000+00'" in text
     assert "recovery_target_action = 'promote'" in text
 
@@ -209,3 +210,16 @@ def test_a_recovery_that_keeps_failing_is_given_up_after_its_restarts(tmp_path, 
     pid.write_text("42\n/var/lib/postgresql/data\n1765100000\n5432\n")
     monkeypatch.undo()
     assert pitr.postmaster_start(tmp_path) == "1765100000"
+
+
+def test_a_restore_never_starts_from_a_backup_of_another_database():
+    old = [dict(b, systemid="7400000000000000001") for b in BACKUPS]
+    # A new machine: its empty database's first backup, then (restored from the old archive,
+    # same system identifier) the restored one's.
+    fresh = {"id": "20261203T000000", "begin": "2026-12-03T00:00:00+00:00", "end": "2026-12-03T00:00:05+00:00",
+             "timeline": 1, "systemid": "7500000000000000002"}
+    restored = {"id": "20261203T010000", "begin": "2026-12-03T01:00:00+00:00", "end": "2026-12-03T01:00:05+00:00",
+                "timeline": 2, "systemid": "7400000000000000001"}
+    assert [b["id"] for b in pitr.of_one_database([*old, fresh, restored])] == [
+        "20261201T000000", "20261202T000000", "20261203T010000"]
+    assert pitr.of_one_database([]) == []

@@ -226,7 +226,9 @@ def backups(values: dict[str, str], svc: list[dict], compose: tuple[list[str], d
     if archive is not None:
         code, out = _run([*argv, "exec", "-T", "pitr", "python3", "/usr/local/bin/mlflow-stack-pitr", "summary"],
                          env=env)
-        lines.append(f"  point in time  s3://{values['PITR_BUCKET']}, health={archive.get('Health') or '-'}: "
+        where = (f"s3://{values['PITR_BUCKET']} on {values['PITR_S3_ENDPOINT_URL']} (off this machine)"
+                 if values.get("PITR_S3_ENDPOINT_URL") else f"s3://{values['PITR_BUCKET']} (on this machine)")
+        lines.append(f"  point in time  {where}, health={archive.get('Health') or '-'}: "
                      f"{out or 'unknown'}")
     collector = next((s for s in svc if s["Service"] == "gc"), None)
     if collector is None:

@@ -107,7 +107,7 @@ step_network() {
 	local net="${COMPOSE_PROJECT_NAME}_backend" internal
 	internal="$(docker network inspect --format '{{.Internal}}' "$net" 2>/dev/null)" || return 0
 	[ "$internal" = "$STACK_BACKEND_INTERNAL" ] \
-		|| die "POSTGRES_HOST or S3_ENDPOINT_URL changed between the stack's own stores and stores outside it, and the stack's network $net was made for the other way: take the stack down first with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh again"
+		|| die "POSTGRES_HOST, S3_ENDPOINT_URL or PITR_S3_ENDPOINT_URL changed between stores on this machine and stores outside it (which need a route out of the stack's network), and the stack's network $net was made for the other way: take the stack down first with ./stack_remove.sh (data volumes are kept), then run ./stack_deploy.sh again"
 	[ "$SWARM" = 0 ] || require_swarm_network
 }
 

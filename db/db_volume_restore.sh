@@ -178,7 +178,7 @@ pitr_job() {
 }
 # The archive read: PITR_BUCKET, or --from-archive's.
 ARCHIVE_OPTS=()
-[ -z "$FROM_ARCHIVE" ] || ARCHIVE_OPTS=(-e "PITR_BUCKET=$FROM_ARCHIVE")
+[ -z "$FROM_ARCHIVE" ] || ARCHIVE_OPTS=(-e "PITR_BUCKET=$FROM_ARCHIVE" -e PITR_FROM_ARCHIVE=1)
 PITR_OPTS=()
 
 # restore_to_time TIME: the database as it was at TIME, from the archive.
@@ -187,6 +187,8 @@ restore_to_time() {
 		|| die "--to-time: the stack runs on a swarm, where the database's volume is on the data node; restoring to a point in time there is not supported yet (restore a logical set instead)"
 	[[ " $STACK_OWN_STORES " == *" db "* ]] \
 		|| die "--to-time restores the stack's own PostgreSQL from its archive, but POSTGRES_HOST names a server outside the stack: use that server's own point-in-time recovery (your provider's), then db/db_volume_restore.sh is not needed"
+	[ -z "$FROM_ARCHIVE" ] || [ "$FROM_ARCHIVE" != "$PITR_BUCKET" ] \
+		|| die "--from-archive $FROM_ARCHIVE is this stack's own PITR_BUCKET: for its own archive leave --from-archive out; for a lost machine's, set PITR_BUCKET in .env to a new bucket and deploy first (docs/backups.md, 'A lost machine')"
 	require_stores_running
 	servers_deployed || die "the stack is not deployed: run ./stack_deploy.sh first, then restore"
 	log "Finding the base backup a restore to $1 starts from"

@@ -162,11 +162,33 @@ def backups() -> list[dict]:
     return sorted(found, key=lambda b: b["end"])
 
 
-def of_one_database(found: list[dict]) -> list[dict]:
-    """The base backups of the database the newest is of (PostgreSQL's system identifier). A
-    stack restored on a new machine from another archive may have left a backup of the empty
-    database it was deployed with first: never a place to start a restore (unit-tested)."""
-    return [b for b in found if b["systemid"] == found[-1]["systemid"]] if found else []
+def of_one_database(found: list[dict], system_id: str = "") -> list[dict]:
+    """The base backups of one database (PostgreSQL's system identifier): system_id's, or the
+    newest's (an archive restored from after a lost machine). A new machine's stack leaves a
+    backup of the empty database it was deployed with first: never a place to start a
+    restore of the other (unit-tested)."""
+    if not found:
+        return []
+    wanted = system_id or found[-1]["systemid"]
+    return [b for b in found if b["systemid"] == wanted]
+
+
+def current_system_id() -> str:
+    return str(query("SELECT system_identifier FROM pg_control_system()")[0][0])
+
+
+def foreign_archive(found: list[dict], system_id: str, timeline: int) -> str:
+    """Why this database must not write backups into the archive, or "" (unit-tested): a new,
+    empty database (timeline 1) over an archive whose backups are all another database's,
+    the lost machine's, say. Its base backups would hide that history from restores and its
+    retention would delete it."""
+    if timeline != 1 or not found or any(b["systemid"] == system_id for b in found):
+        return ""
+    return (f"the archive s3://{value('PITR_BUCKET')} holds another database's backups (system id "
+            f"{found[-1]['systemid']}; this one is {system_id}), a lost machine's perhaps: nothing is written "
+            "there. To restore from it: set PITR_BUCKET to a new bucket, deploy, then db/db_volume_restore.sh "
+            f"--to-time TIME --from-archive {value('PITR_BUCKET')} (docs/backups.md, 'A lost machine'); to start "
+            "afresh, empty that bucket")
 
 
 def archiver() -> dict:
@@ -346,17 +368,24 @@ def cmd_schedule(_args: list[str]) -> int:
     serve_metrics()
     while True:
         try:
+            mine, timeline = current_system_id(), current_timeline()
             found = backups()
-            why = backup_due(found, current_timeline(), dt.datetime.now(dt.timezone.utc))
+            refused = foreign_archive(found, mine, timeline)
+            if refused:
+                raise PitrError(refused)
+            found = of_one_database(found, mine)
+            why = backup_due(found, timeline, dt.datetime.now(dt.timezone.utc))
             if why:
                 log(f"a base backup is due: {why}")
-                if not found:
+                if not found and not read_state().get("error"):
                     # Healthy meanwhile (archiving works): a large database's first base
-                    # backup may take longer than a deploy waits for the service.
-                    write_state(ok=True, newest=None, oldest=None, count=0, first_since=time.time())
+                    # backup may take longer than a deploy waits for the service. After a
+                    # failed one, unhealthy until one succeeds.
+                    write_state(ok=True, newest=None, oldest=None, count=0,
+                                first_since=read_state().get("first_since") or time.time())
                 base_backup()
                 retention()
-                found = backups()
+                found = of_one_database(backups(), mine)
             write_state(ok=True, newest=found[-1]["end"] if found else None,
                         oldest=found[0]["end"] if found else None, count=len(found))
         except Exception as exc:  # noqa: BLE001 - ours, the store's, psycopg2's (the database restarting)
@@ -395,8 +424,14 @@ def state_problem(state: dict, now: float) -> str:
     if not state.get("ok"):
         return state.get("error", "the last look at the archive failed")
     if not state.get("newest"):
-        # The first one is being taken (it may take longer than a deploy waits): not a fault.
-        return "" if state.get("first_since") else "no base backup yet"
+        # The first one is being taken (it may take longer than a deploy waits): not a fault,
+        # unless it takes longer than the interval between base backups.
+        since = state.get("first_since")
+        if not since:
+            return "no base backup yet"
+        hours = (now - since) / 3600
+        return (f"the first base backup has run for {hours:.1f} hours" if hours > float(value("PITR_BASE_BACKUP_HOURS"))
+                else "")
     age = now - dt.datetime.fromisoformat(state["newest"]).timestamp()
     if common.overdue(age, float(value("PITR_BASE_BACKUP_HOURS"))):
         return f"the newest base backup is {age / 3600:.1f} hours old"
@@ -527,7 +562,10 @@ def choose(found: list[dict], target: dt.datetime, now: dt.datetime,
 def cmd_plan(args: list[str]) -> int:
     (text,) = args
     target = parse_time(text)
-    chosen, timeline = choose(of_one_database(backups()), target, dt.datetime.now(dt.timezone.utc), histories())
+    # From another archive (--from-archive): its newest database's; else the running one's.
+    mine = "" if os.environ.get("PITR_FROM_ARCHIVE") == "1" else current_system_id()
+    chosen, timeline = choose(of_one_database(backups(), mine), target, dt.datetime.now(dt.timezone.utc),
+                              histories())
     print(json.dumps({"target": pg_time(target), "target_iso": target.isoformat(), "backup": chosen,
                       "timeline": timeline}))
     return 0

@@ -862,9 +862,9 @@ def cmd_init_bucket(_args: list[str]) -> int:
 
 
 def archive_off_site() -> str:
-    """PITR_S3_ENDPOINT_URL when the point-in-time archive is on a store of its own, else ""."""
-    endpoint = os.environ.get("PITR_S3_ENDPOINT", "")
-    return endpoint if endpoint and endpoint != common.env("S3_INTERNAL_ENDPOINT", "http://minio:9000") else ""
+    """PITR_S3_ENDPOINT_URL when the point-in-time archive is on a store of its own, else ""
+    (decided once, by stack/settings.py's archive_off_site, and passed as PITR_OFF_SITE)."""
+    return os.environ.get("PITR_S3_ENDPOINT", "") if os.environ.get("PITR_OFF_SITE") == "true" else ""
 
 
 def archive_client():

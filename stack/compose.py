@@ -63,6 +63,8 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_NGINX_CONFIG_DIGEST", files_digest([paths.ROOT / "nginx" / "templates",
                                                     paths.ROOT / "nginx" / "15-stack-token.sh", Path(material["cert"])])),
         ("STACK_SECRETS_DIGEST", secretfiles.digest(values)),
+        # Only the archive's keys: db restarts when they change, not for every other secret.
+        ("STACK_PITR_KEYS_DIGEST", secretfiles.digest(values, ("pitr_s3_access_key", "pitr_s3_secret_key"))),
         ("STACK_PROMETHEUS_CONFIG_DIGEST", files_digest([paths.ROOT / "monitoring" / "prometheus.yml", rules])),
         ("STACK_ALERTMANAGER_CONFIG", str(alertmanager)),
         ("STACK_ALERTMANAGER_CONFIG_DIGEST", files_digest([alertmanager, alerts.smtp_ca(values)])),
@@ -134,11 +136,13 @@ def archive_store(values: Mapping[str, str], own: list[str]) -> list[tuple[str, 
     """Where the point-in-time archive is: PITR_S3_ENDPOINT_URL with its keys (off the
     machine), or the artifact store with the artifacts' keys."""
     if settings.archive_off_site(values):
-        return [("STACK_PITR_ENDPOINT", values["PITR_S3_ENDPOINT_URL"].rstrip("/")),
+        return [("STACK_PITR_OFF_SITE", "true"),
+                ("STACK_PITR_ENDPOINT", values["PITR_S3_ENDPOINT_URL"].rstrip("/")),
                 ("STACK_PITR_REGION", values["PITR_S3_REGION"]),
                 ("STACK_PITR_ACCESS_KEY_NAME", "pitr_s3_access_key"),
                 ("STACK_PITR_SECRET_KEY_NAME", "pitr_s3_secret_key")]
-    return [("STACK_PITR_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
+    return [("STACK_PITR_OFF_SITE", ""),
+            ("STACK_PITR_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
             ("STACK_PITR_REGION", values["S3_REGION"]),
             ("STACK_PITR_ACCESS_KEY_NAME", "minio_root_user"),
             ("STACK_PITR_SECRET_KEY_NAME", "minio_root_password")]
@@ -165,7 +169,7 @@ def invocation(environ: Mapping[str, str] | None = None, on_swarm: bool = False)
         env.setdefault(key, value)
     # What only .env decides, and what follows from it, even over a stale export in the shell.
     for s in settings.SETTINGS:
-        if not s.from_shell:
+        if not s.from_shell and not s.sensitive:
             env[s.key] = values[s.key]
     env.update(stores(values))
     # The stores the stack runs are services under profiles of their own, added

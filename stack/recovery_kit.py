@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Mapping, Optional
@@ -33,11 +34,11 @@ machine:
 
   1. Get the stack's project at release {release} (or later: read CHANGELOG.md).
   2. Copy env into the project as .env{certs_step}
-  3. ./stack_deploy.sh
-  4. db/db_volume_restore.sh SET_FOLDER --yes     (a logical set), or
-     db/db_volume_restore.sh --to-time TIME       (docs/backups.md)
+  3. Follow docs/backups.md: "Restoring a set" for a logical set copied off the machine,
+     "A lost machine" for the point-in-time archive (it starts with a NEW PITR_BUCKET in
+     .env before the deploy: the old archive is only read).
 
-Files: {files}.
+Files: {files}.{elsewhere}
 """
 
 
@@ -64,6 +65,19 @@ def digest(files: Mapping[str, Path], key: str) -> str:
     return mac.hexdigest()
 
 
+# Files of the user's own that .env names: a restore needs them too; the kit lists them.
+NAMED_FILES = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE", "ALERT_SMTP_CA_FILE", "PROMETHEUS_ALERT_RULES")
+
+
+def _private(path: Path, mode: int = 0o600) -> None:
+    """Owner only, where the file system keeps modes (a FAT drive does not: said, not fatal)."""
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:
+        print(f"warning: {path} could not be made private ({exc.strerror}): keep the drive itself private",
+              file=sys.stderr)
+
+
 def record_path(environ: Optional[Mapping[str, str]] = None) -> Path:
     return paths.state_dir(environ) / RECORD
 
@@ -75,21 +89,24 @@ def write(values: Mapping[str, str], folder: Path, environ: Optional[Mapping[str
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise KitError(f"{folder} exists and is not an empty folder: name a new one (nothing was written)")
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
+    _private(folder, 0o700)
     written = []
     for name, source in files.items():
         dest = folder / name
         dest.parent.mkdir(mode=0o700, exist_ok=True)
         shutil.copyfile(source, dest)
-        os.chmod(dest, 0o600)
+        _private(dest)
         written.append(dest)
     made = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     readme = folder / "README.txt"
+    named = [f"{key}={values[key]}" for key in NAMED_FILES if values.get(key)]
     readme.write_text(README.format(
         project=paths.project_name(environ), release=common.stack_version(), made=made,
         certs_step=", and certs/ into the project's certs/ folder (clients keep trusting its CA)."
-        if "certs/ca.key" in files else ".", files=", ".join(sorted(files))))
-    os.chmod(readme, 0o600)
+        if "certs/ca.key" in files else ".", files=", ".join(sorted(files)),
+        elsewhere=("\nAlso needed, and not in this kit (files of your own that .env names): " + ", ".join(named) + "."
+                   if named else "")))
+    _private(readme)
     record = record_path(environ)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"digest": digest(files, values["MLFLOW_FLASK_SECRET_KEY"]), "made": made}) + "\n")

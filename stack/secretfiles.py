@@ -44,12 +44,15 @@ def write(values: dict[str, str], folder: Path | None = None) -> Path:
     return folder
 
 
-def digest(values: dict[str, str]) -> str:
+def digest(values: dict[str, str], names=None) -> str:
     """A keyed digest of every secret file's content, given as a label to the long-running
     services that read them at start: a changed secret (a new nginx token, say) recreates
-    them at the next deploy, where Compose sees only the same files mounted. Keyed with
+    them at the next deploy, where Compose sees only the same files mounted (names: only
+    those files' secrets). Keyed with
     the UI's signing key, so the label is no test of guesses."""
     mac = hmac.new(values["MLFLOW_FLASK_SECRET_KEY"].encode(), digestmod=hashlib.sha256)
     for name, key in sorted(FILES.items()):
+        if names is not None and name not in names:
+            continue
         mac.update(f"{name}\0{values[key]}\0".encode())
     return mac.hexdigest()[:16]

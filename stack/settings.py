@@ -641,6 +641,10 @@ def _jobs_on_one_replica(values: Mapping[str, str]) -> list[str]:
 
 
 def _archive_off_site(values: Mapping[str, str]) -> list[str]:
+    endpoint = values.get("PITR_S3_ENDPOINT_URL", "").rstrip("/")
+    if endpoint and endpoint == values.get("S3_ENDPOINT_URL", "").rstrip("/"):
+        return ["PITR_S3_ENDPOINT_URL is S3_ENDPOINT_URL, the artifacts' store, where the archive is already: "
+                "empty it (and PITR_S3_ACCESS_KEY/PITR_S3_SECRET_KEY), or name a store at another site"]
     keys = [key for key in ("PITR_S3_ACCESS_KEY", "PITR_S3_SECRET_KEY") if values.get(key)]
     if values.get("PITR_S3_ENDPOINT_URL") and len(keys) < 2:
         return ["PITR_S3_ENDPOINT_URL is set without PITR_S3_ACCESS_KEY and PITR_S3_SECRET_KEY: set both, the key "
@@ -652,13 +656,17 @@ def _archive_off_site(values: Mapping[str, str]) -> list[str]:
 
 
 def archive_off_site(values: Mapping[str, str]) -> bool:
-    """The point-in-time archive is on a store of its own (PITR_S3_ENDPOINT_URL), for the stack's own PostgreSQL."""
-    return bool(values.get("PITR_S3_ENDPOINT_URL")) and not values.get("POSTGRES_HOST")
+    """The point-in-time archive is on a store of its own (PITR_S3_ENDPOINT_URL, another than
+    the artifacts'), for the stack's own PostgreSQL. The one home of that decision."""
+    endpoint = values.get("PITR_S3_ENDPOINT_URL", "").rstrip("/")
+    return bool(endpoint) and endpoint != values.get("S3_ENDPOINT_URL", "").rstrip("/") \
+        and not values.get("POSTGRES_HOST")
 
 
 def _archive_beside_artifacts(values: Mapping[str, str]) -> list[str]:
-    # A logical restore replaces every object of MLFLOW_BUCKET: the archive with them.
-    if values.get("PITR_S3_ENDPOINT_URL"):
+    # A logical restore replaces every object of MLFLOW_BUCKET: the archive with them (unless
+    # the archive is on another store).
+    if archive_off_site(values):
         return []
     if values.get("PITR_BUCKET") and values.get("PITR_BUCKET") == values.get("MLFLOW_BUCKET"):
         return [f"PITR_BUCKET and MLFLOW_BUCKET are both {values['MLFLOW_BUCKET']}: the database's archive needs a "

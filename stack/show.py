@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from . import alerts, common, paths, recovery_kit, swarm
+from . import alerts, common, paths, recovery_kit, settings, swarm
 from .compose import invocation as compose_invocation
 from .common import host_port
 
@@ -226,8 +226,9 @@ def backups(values: dict[str, str], svc: list[dict], compose: tuple[list[str], d
     if archive is not None:
         code, out = _run([*argv, "exec", "-T", "pitr", "python3", "/usr/local/bin/mlflow-stack-pitr", "summary"],
                          env=env)
-        where = (f"s3://{values['PITR_BUCKET']} on {values['PITR_S3_ENDPOINT_URL']} (off this machine)"
-                 if values.get("PITR_S3_ENDPOINT_URL") else f"s3://{values['PITR_BUCKET']} (on this machine)")
+        store = (values["PITR_S3_ENDPOINT_URL"] if settings.archive_off_site(values)
+                 else values.get("S3_ENDPOINT_URL") or "the stack's own store, on this machine")
+        where = f"s3://{values['PITR_BUCKET']} on {store}"
         lines.append(f"  point in time  {where}, health={archive.get('Health') or '-'}: "
                      f"{out or 'unknown'}")
     collector = next((s for s in svc if s["Service"] == "gc"), None)

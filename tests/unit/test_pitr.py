@@ -187,6 +187,8 @@ def test_healthy_while_the_first_base_backup_is_taken_and_not_before(monkeypatch
     assert pitr.state_problem({"ok": True, "newest": None}, now) == "no base backup yet"
     # A large database's first one may take longer than a deploy waits for the service.
     assert pitr.state_problem({"ok": True, "newest": None, "first_since": now - 3600}, now) == ""
+    assert "has run for 25.0 hours" in pitr.state_problem({"ok": True, "newest": None,
+                                                            "first_since": now - 25 * 3600}, now)
     assert pitr.state_problem({"ok": False, "error": "the store said no", "first_since": now}, now) == \
         "the store said no"
     assert pitr.state_problem({"ok": True, "newest": "2026-12-07T11:00:00+00:00"}, now) == ""
@@ -223,3 +225,18 @@ def test_a_restore_never_starts_from_a_backup_of_another_database():
     assert [b["id"] for b in pitr.of_one_database([*old, fresh, restored])] == [
         "20261201T000000", "20261202T000000", "20261203T010000"]
     assert pitr.of_one_database([]) == []
+    # Before the restored database's first backup, the newest is the empty one's: restores of
+    # the running (restored) database still start only from its own.
+    assert [b["id"] for b in pitr.of_one_database([*old, fresh], "7400000000000000001")] == [
+        "20261201T000000", "20261202T000000"]
+
+
+def test_a_new_empty_database_never_writes_into_another_databases_archive(monkeypatch):
+    monkeypatch.setenv("PITR_BUCKET", "mlflow-pitr")
+    old = [dict(b, systemid="7400000000000000001") for b in BACKUPS]
+    said = pitr.foreign_archive(old, "7500000000000000002", 1)
+    assert "holds another database's backups" in said and "--from-archive mlflow-pitr" in said
+    assert pitr.foreign_archive(old, "7400000000000000001", 1) == ""      # its own
+    assert pitr.foreign_archive([], "7500000000000000002", 1) == ""       # a new archive
+    # Restored from another archive (a new timeline): its backups go on there.
+    assert pitr.foreign_archive([dict(BACKUPS[0], systemid="75")], "74", 2) == ""

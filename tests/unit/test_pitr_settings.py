@@ -53,7 +53,18 @@ def test_half_a_store_is_refused(extra, says):
     assert any(says in p for p in settings.validate(values(**extra))), settings.validate(values(**extra))
 
 
-def test_the_secret_key_is_never_exported_or_echoed():
+def test_the_secret_key_is_never_exported_or_echoed(tmp_path):
     assert settings.BY_KEY["PITR_S3_SECRET_KEY"].sensitive
     plain = dict(compose.environment(values(**OFF), create=False, environ={"STACK_ENV_FILE": "/nonexistent/.env"}))
     assert "PITR_S3_SECRET_KEY" not in plain and OFF["PITR_S3_SECRET_KEY"] not in plain.values()
+    # Nor in the environment docker compose runs with (it reads the key from its file).
+    env = tmp_path / ".env"
+    env.write_text("".join(f"{k}={v}\n" for k, v in values(**OFF).items()))
+    _argv, environ = compose.invocation({"STACK_ENV_FILE": str(env), "PATH": "/usr/bin"})
+    assert "PITR_S3_SECRET_KEY" not in environ and OFF["PITR_S3_SECRET_KEY"] not in environ.values()
+    assert environ["STACK_PITR_OFF_SITE"] == "true"
+
+
+def test_the_artifacts_store_named_again_is_refused():
+    problems = settings.validate(values(**{**OFF, "S3_ENDPOINT_URL": OFF["PITR_S3_ENDPOINT_URL"]}))
+    assert any("PITR_S3_ENDPOINT_URL is S3_ENDPOINT_URL" in p for p in problems), problems

@@ -39,6 +39,7 @@ def test_a_kit_holds_env_and_the_local_ca_private_to_its_owner(project):
     assert mode(kit) == 0o700 and all(mode(p) == 0o600 for p in written)
     readme = (kit / "README.txt").read_text()
     assert "OFF the machine" in readme and "Copy env into the project as .env" in readme
+    assert "not in this kit" not in readme
     assert "s3cret" not in readme
 
 
@@ -70,8 +71,15 @@ def test_with_a_certificate_of_your_own_the_kit_is_env_alone(project):
     assert sorted(p.name for p in written) == ["README.txt", "env"]
 
 
-def test_the_record_is_no_test_of_guesses(project):
+def test_the_record_is_keyed_so_it_is_no_test_of_guesses(project):
     root, environ, values = project
-    recovery_kit.write(values, root / "kit", environ)
-    record = recovery_kit.record_path(environ).read_text()
-    assert "s3cret" not in record and "KEY" not in record
+    files = recovery_kit.sources(values, environ)
+    assert recovery_kit.digest(files, "a" * 32) != recovery_kit.digest(files, "b" * 32)
+
+
+def test_files_of_your_own_that_env_names_are_listed(project):
+    root, environ, values = project
+    recovery_kit.write({**values, "ALERT_SMTP_CA_FILE": "/etc/ssl/acme-root.pem"}, root / "kit", environ)
+    readme = (root / "kit" / "README.txt").read_text()
+    assert "not in this kit" in readme and "ALERT_SMTP_CA_FILE=/etc/ssl/acme-root.pem" in readme
+    assert '"A lost machine"' in readme and "NEW PITR_BUCKET" in readme

@@ -22,6 +22,8 @@ to any moment since. Both are kept PITR_RETENTION_DAYS (a recovery window).
                       set to replay the archive along timeline TL up to TIME
   wait-recovered      wait until the restored database has replayed to its target and
                       takes writes, then drop the recovery settings
+  artifacts-copy      (archive off the machine) copy the artifact bucket there now, encrypted
+  artifacts-restore   copy the artifacts from the archive's store back into the bucket
 
 TIME is UTC ("2026-12-06 16:59:30") or has an offset ("2026-12-06 17:59:30+01:00").
 """
@@ -334,6 +336,12 @@ def metrics_text(state: dict, pgdata: Path, now: float) -> str:
     if state.get("newest"):
         rows.append(("pitr_newest_base_backup_timestamp_seconds", "gauge", "when the newest base backup ended",
                      dt.datetime.fromisoformat(state["newest"]).timestamp()))
+    if off_site():
+        rows.append(("pitr_artifact_copy_interval_seconds", "gauge", "PITR_ARTIFACT_COPY_MINUTES in seconds",
+                     float(value("PITR_ARTIFACT_COPY_MINUTES")) * 60))
+        if (state.get("artifacts") or {}).get("at"):
+            rows.append(("pitr_artifacts_last_copy_timestamp_seconds", "gauge",
+                         "when the artifacts were last copied off the machine", state["artifacts"]["at"]))
     lines = []
     for name, kind, text, number in rows:
         lines += [f"# HELP mlflow_stack_{name} {text}", f"# TYPE mlflow_stack_{name} {kind}",
@@ -362,6 +370,93 @@ def serve_metrics() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
 
+# --- The artifacts, off the machine with the archive -------------------------------------
+#
+# With the archive off the machine (PITR_S3_ENDPOINT_URL), the artifact bucket is copied there
+# too, encrypted (rclone's crypt: names and content, under PITR_ARTIFACT_PASSPHRASE from .env),
+# to PITR_BUCKET/artifacts/. rclone compares size and time: a copy sends only what is new or
+# changed, and deletes nothing there (a restore to a time before a gc finds the files).
+
+def off_site() -> bool:
+    return os.environ.get("PITR_OFF_SITE") == "true"
+
+
+def rclone_env(bucket: str = "") -> dict[str, str]:
+    """rclone's remotes from the secret files, in its environment only (never argv, never the
+    container's): stack (the artifacts), offsite (the archive's store), safe (crypt over it)."""
+    def s3(name: str, endpoint: str, key: str, secret_key: str, region: str) -> dict[str, str]:
+        prefix = f"RCLONE_CONFIG_{name}_"
+        return {f"{prefix}{k}": v for k, v in (("TYPE", "s3"), ("PROVIDER", "Other"), ("ENDPOINT", endpoint),
+                                                ("ACCESS_KEY_ID", key), ("SECRET_ACCESS_KEY", secret_key),
+                                                ("REGION", region), ("FORCE_PATH_STYLE", "true"),
+                                                ("NO_CHECK_BUCKET", "true"))}
+
+    obscured = subprocess.run(["rclone", "obscure", "-"], input=common.secret("PITR_ARTIFACT_PASSPHRASE"),
+                              capture_output=True, text=True, check=True, env={**os.environ, "RCLONE_CONFIG": "/dev/null"})
+    return {**os.environ, "RCLONE_CONFIG": "/dev/null", "RCLONE_CACHE_DIR": "/tmp/rclone",
+            **s3("STACK", common.env("ARTIFACT_S3_ENDPOINT"), common.secret("ARTIFACT_ACCESS_KEY"),
+                 common.secret("ARTIFACT_SECRET_KEY"), common.env("ARTIFACT_S3_REGION", "us-east-1")),
+            **s3("OFFSITE", common.env("S3_INTERNAL_ENDPOINT"), common.secret("AWS_ACCESS_KEY_ID"),
+                 common.secret("AWS_SECRET_ACCESS_KEY"), common.env("S3_REGION", "us-east-1")),
+            "RCLONE_CONFIG_SAFE_TYPE": "crypt", "RCLONE_CONFIG_SAFE_REMOTE": f"offsite:{bucket or value('PITR_BUCKET')}/artifacts",
+            "RCLONE_CONFIG_SAFE_PASSWORD": obscured.stdout.strip()}
+
+
+def rclone_copy(source: str, dest: str, bucket: str = "") -> dict:
+    """rclone copy SOURCE DEST; its final figures (transfers, bytes, checks, elapsed)."""
+    done = subprocess.run(["rclone", "copy", source, dest, "--fast-list", "--use-json-log", "--stats", "100h", "-v"],
+                          env=rclone_env(bucket), capture_output=True, text=True, timeout=24 * 3600, check=False)
+    stats = last_stats(done.stderr)
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if '"level":"error"' in line][-3:]
+        raise PitrError(f"copying the artifacts ({source} -> {dest}) failed: {' '.join(errors)[-600:] or done.stderr[-600:]}")
+    return stats
+
+
+def last_stats(log_text: str) -> dict:
+    """The figures of rclone's last JSON stats line (unit-tested)."""
+    for line in reversed(log_text.splitlines()):
+        start = line.find("{")
+        if start >= 0 and '"stats"' in line:
+            try:
+                stats = json.loads(line[start:])["stats"]
+            except (ValueError, KeyError):
+                continue
+            return {"transfers": int(stats.get("transfers", 0)), "bytes": int(stats.get("bytes", 0)),
+                    "checks": int(stats.get("checks", 0)), "seconds": round(float(stats.get("elapsedTime", 0)), 3)}
+    return {"transfers": 0, "bytes": 0, "checks": 0, "seconds": 0.0}
+
+
+def copy_artifacts() -> dict:
+    stats = rclone_copy(f"stack:{common.env('MLFLOW_BUCKET')}", "safe:")
+    log(f"artifacts copied off the machine: {stats['transfers']} new or changed objects, {stats['bytes']} bytes "
+        f"({stats['checks']} unchanged) in {stats['seconds']:.1f} s")
+    return {**stats, "at": time.time()}
+
+
+def artifact_copy_due(state: dict, now: float) -> bool:
+    last = (state.get("artifacts") or {}).get("at")
+    return off_site() and (not last or now - last >= float(value("PITR_ARTIFACT_COPY_MINUTES")) * 60)
+
+
+def cmd_artifacts_copy(_args: list[str]) -> int:
+    if not off_site():
+        raise PitrError("the archive is on this machine (no PITR_S3_ENDPOINT_URL): the artifacts are not copied")
+    stats = copy_artifacts()
+    print(json.dumps(stats))
+    return 0
+
+
+def cmd_artifacts_restore(_args: list[str]) -> int:
+    """The artifacts copied off the machine (from PITR_BUCKET's archive) into MLFLOW_BUCKET:
+    what is missing or differs there; nothing is deleted."""
+    stats = rclone_copy("safe:", f"stack:{common.env('MLFLOW_BUCKET')}")
+    log(f"artifacts restored from the archive off the machine: {stats['transfers']} objects, {stats['bytes']} bytes "
+        f"in {stats['seconds']:.1f} s")
+    print(json.dumps(stats))
+    return 0
+
+
 def cmd_schedule(_args: list[str]) -> int:
     interval = float(value("PITR_BASE_BACKUP_HOURS")) * 3600
     log(f"base backups every {interval / 3600:g} h to {archive_url()}, kept {value('PITR_RETENTION_DAYS')} days")
@@ -386,15 +481,18 @@ def cmd_schedule(_args: list[str]) -> int:
                 base_backup()
                 retention()
                 found = of_one_database(backups(), mine)
+            artifacts = read_state().get("artifacts") or {}
+            if artifact_copy_due(read_state(), time.time()):
+                artifacts = copy_artifacts()
             write_state(ok=True, newest=found[-1]["end"] if found else None,
-                        oldest=found[0]["end"] if found else None, count=len(found))
+                        oldest=found[0]["end"] if found else None, count=len(found), artifacts=artifacts)
         except Exception as exc:  # noqa: BLE001 - ours, the store's, psycopg2's (the database restarting)
             said = str(exc) if isinstance(exc, (PitrError, common.ConfigError)) else f"{type(exc).__name__}: {exc}"
             log(f"{said}; trying again in 60 s")
             write_state(**{**read_state(), "ok": False, "error": said[:500]})
             time.sleep(60)
             continue
-        time.sleep(min(300.0, interval))
+        time.sleep(min(300.0, interval, float(value("PITR_ARTIFACT_COPY_MINUTES")) * 60 if off_site() else 300.0))
 
 
 def cmd_base_backup(_args: list[str]) -> int:
@@ -453,8 +551,11 @@ def cmd_summary(_args: list[str]) -> int:
         print(f"the first base backup is being taken (for {time.time() - since:.0f} s); {waiting}" if since
               else f"no base backup yet; {waiting}")
         return 1
+    copied = (state.get("artifacts") or {}).get("at")
+    artifacts = (f"; artifacts copied off the machine {time.time() - copied:.0f} s ago" if copied
+                 else "; artifacts not yet copied off the machine" if off_site() else "")
     print(f"restores back to {state['oldest'][:19]} UTC ({state['count']} base backups, newest "
-          f"{state['newest'][:19]} UTC); {waiting}")
+          f"{state['newest'][:19]} UTC); {waiting}{artifacts}")
     return 0
 
 
@@ -651,7 +752,8 @@ def cmd_wait_recovered(args: list[str]) -> int:
 
 COMMANDS = {"archive": cmd_archive, "fetch": cmd_fetch, "schedule": cmd_schedule, "base-backup": cmd_base_backup,
             "health": cmd_health, "status": cmd_status, "summary": cmd_summary, "flush": cmd_flush, "plan": cmd_plan,
-            "restore": cmd_restore, "wait-recovered": cmd_wait_recovered}
+            "restore": cmd_restore, "wait-recovered": cmd_wait_recovered, "artifacts-copy": cmd_artifacts_copy,
+            "artifacts-restore": cmd_artifacts_restore}
 
 
 def main(argv: list[str]) -> int:

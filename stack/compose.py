@@ -63,8 +63,11 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_NGINX_CONFIG_DIGEST", files_digest([paths.ROOT / "nginx" / "templates",
                                                     paths.ROOT / "nginx" / "15-stack-token.sh", Path(material["cert"])])),
         ("STACK_SECRETS_DIGEST", secretfiles.digest(values)),
-        # Only the archive's keys: db restarts when they change, not for every other secret.
-        ("STACK_PITR_KEYS_DIGEST", secretfiles.digest(values, ("pitr_s3_access_key", "pitr_s3_secret_key"))),
+        # Only the archive's keys (the artifact store's unless PITR_S3_*) and the artifacts' passphrase:
+        # db restarts when they change, not for every other secret.
+        ("STACK_PITR_KEYS_DIGEST", secretfiles.digest(values, ("pitr_s3_access_key", "pitr_s3_secret_key",
+                                                               "pitr_artifact_passphrase", "minio_root_user",
+                                                               "minio_root_password"))),
         ("STACK_PROMETHEUS_CONFIG_DIGEST", files_digest([paths.ROOT / "monitoring" / "prometheus.yml", rules])),
         ("STACK_ALERTMANAGER_CONFIG", str(alertmanager)),
         ("STACK_ALERTMANAGER_CONFIG_DIGEST", files_digest([alertmanager, alerts.smtp_ca(values)])),

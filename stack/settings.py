@@ -363,7 +363,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MLFLOW_BUCKET", "mlflow",
             pattern(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", "use 3-63 lower-case letters, digits, '.' or '-'",
                     "other-bucket"),
-            section=STORES, services=("backup", "bucket-init", "gc", "migrate", "mlflow"),
+            section=STORES, services=("backup", "bucket-init", "gc", "migrate", "mlflow", "pitr"),
             doc="Artifact bucket; artifacts live under s3://BUCKET/artifacts/."),
     Setting("POSTGRES_USER", "mlflow",
             pattern(r"[a-z_][a-z0-9_]{0,62}", "use lower-case letters, digits and _ (start with a letter)",
@@ -416,11 +416,11 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Region the S3 requests are signed for (AWS: the bucket's region; MinIO ignores it)."),
     Setting("MINIO_ROOT_USER", "mlflow-admin",
             pattern(r"\S{3,128}", "use at least 3 characters, no spaces", "store-admin"),
-            section=STORES, file="minio_root_user", services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"),
-            host=("client settings (direct mode)", "db and pitr: the archive's keys, without PITR_S3_*"),
+            section=STORES, file="minio_root_user", services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow", "pitr"),
+            host=("client settings (direct mode)", "db: the archive's keys, without PITR_S3_*"),
             doc="Object store access key (MinIO's root user, or the key of the store at S3_ENDPOINT_URL)."),
     Setting("MINIO_ROOT_PASSWORD", GENERATED, secret(), section=STORES, file="minio_root_password",
-            services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow"), host=("client settings (direct mode)", "db and pitr: the archive's keys, without PITR_S3_*"),
+            services=("backup", "bucket-init", "gc", "migrate", "minio", "mlflow", "pitr"), host=("client settings (direct mode)", "db: the archive's keys, without PITR_S3_*"),
             doc="Object store secret key (of that user)."),
 
     Setting("MLFLOW_API_MAX_BODY_MB", "64", integer(2, 1024, "MiB"), section=LIMITS, services=("mlflow", "nginx"),
@@ -482,6 +482,14 @@ SETTINGS: tuple[Setting, ...] = (
                                                    "eu-west-1"),
             section=BACKUPS, host=("db, pitr and bucket-init, with PITR_S3_ENDPOINT_URL",),
             doc="Region the requests to PITR_S3_ENDPOINT_URL are signed for (unused without it)."),
+    Setting("PITR_ARTIFACT_COPY_MINUTES", "15", integer(1, 1440, "minutes"), section=BACKUPS, services=("pitr",),
+            doc="With PITR_S3_ENDPOINT_URL: the artifact bucket is copied there this often, encrypted and "
+                "incrementally (only what is new or changed; nothing is deleted there). The most of artifacts a "
+                "lost machine can cost."),
+    Setting("PITR_ARTIFACT_PASSPHRASE", GENERATED, secret(), section=BACKUPS, services=("pitr",),
+            file="pitr_artifact_passphrase",
+            doc="Encrypts the artifacts' copy off the machine (names and content; rclone crypt). Without it "
+                "that copy cannot be read: keep it with .env (./show_all.sh --recovery-kit)."),
     Setting("PITR_ARCHIVE_SECONDS", "60", integer(5, 3600, "seconds"), section=BACKUPS, services=("db", "pitr"),
             doc="PostgreSQL sends its WAL to the archive when a segment (16 MiB) fills, and at the latest this "
                 "many seconds after a write (archive_timeout): the most of acknowledged writes that losing "

@@ -3,11 +3,13 @@ S3 store started here, with keys of its own, reached as the containers reach ano
 the stack and every volume of it destroyed, a new stack deployed on a new project from the
 recovery kit's .env with a new PITR_BUCKET, and its database restored from the old archive
 (`--to-time T --from-archive OLD`): every metric point acknowledged before T is back, none
-sent after it, asserted on PostgreSQL's rows; the new stack serves and archives on."""
+sent after it, asserted on PostgreSQL's rows, and an artifact comes back from its encrypted,
+incremental copy off the machine (sha256 compared); the new stack serves and archives on."""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import secrets
 import subprocess
@@ -97,6 +99,21 @@ def test_a_key_the_store_refuses_is_said_at_deploy(stack):
 
 def test_a_lost_machine_is_restored_from_the_archive_off_it(stack, offsite, standins, tmp_path_factory):
     run_id = make_run(stack)
+    # An artifact, copied off the machine (encrypted) before the loss.
+    blob = uuid.uuid4().bytes * 65536
+    path = f"/api/2.0/mlflow-artifacts/artifacts/lost/{run_id}/model.bin"
+    assert stack.http("PUT", path, data=blob).status_code == 200
+    first = json.loads(stack.compose("exec", "-T", "pitr", "python3", "/usr/local/bin/mlflow-stack-pitr",
+                                     "artifacts-copy").stdout)
+    again = json.loads(stack.compose("exec", "-T", "pitr", "python3", "/usr/local/bin/mlflow-stack-pitr",
+                                     "artifacts-copy").stdout)
+    assert first["transfers"] >= 1 and first["bytes"] >= len(blob), first
+    assert again["transfers"] == 0 and again["bytes"] == 0 and again["checks"] >= 1, again
+    show(f"artifacts off the machine: a first copy sent {first['transfers']} objects ({first['bytes']} bytes) in "
+         f"{first['seconds']:.1f} s; a second, nothing changed, sent {again['bytes']} bytes after "
+         f"{again['checks']} checks in {again['seconds']:.1f} s")
+    copied = offsite_objects(offsite, OLD_BUCKET, "artifacts/")
+    assert copied and not any(run_id in key or "model.bin" in key for key in copied), copied[:5]
     points: list[tuple[int, dt.datetime, dt.datetime]] = []
     stop = threading.Event()
 
@@ -157,6 +174,9 @@ def test_a_lost_machine_is_restored_from_the_archive_off_it(stack, offsite, stan
         show(f"lost machine: {len(steps)} of {len(points)} points back ({len(before)} acknowledged more than 1 s "
              f"before the moment, none of the {len(after)} sent after it); new stack deployed and restored from "
              f"the archive off the machine in {took:.0f} s")
+        # The artifact came back from its encrypted copy, byte for byte.
+        read = found.http("GET", path)
+        assert read.status_code == 200 and hashlib.sha256(read.content).digest() == hashlib.sha256(blob).digest()
         # The old archive was only read; the new stack archives to its own bucket, on a new timeline.
         assert sorted(offsite_objects(offsite, OLD_BUCKET)) == archived_before
         assert found.http("POST", "/api/2.0/mlflow/runs/log-metric", json={

@@ -240,3 +240,24 @@ def test_a_new_empty_database_never_writes_into_another_databases_archive(monkey
     assert pitr.foreign_archive([], "7500000000000000002", 1) == ""       # a new archive
     # Restored from another archive (a new timeline): its backups go on there.
     assert pitr.foreign_archive([dict(BACKUPS[0], systemid="75")], "74", 2) == ""
+
+
+def test_rclone_figures_come_from_its_last_stats_line():
+    log = "\n".join([
+        '{"level":"info","msg":"exp/1/f: Copied (new)","time":"2026-12-07T15:31:43Z"}',
+        '{"level":"info","msg":"Transferred ...","stats":{"bytes":100006,"checks":0,"elapsedTime":0.52,'
+        '"transfers":2,"errors":0},"time":"2026-12-07T15:31:44Z"}',
+        '2026/12/07 15:31:44 NOTICE: something else',
+    ])
+    assert pitr.last_stats(log) == {"transfers": 2, "bytes": 100006, "checks": 0, "seconds": 0.52}
+    assert pitr.last_stats("") == {"transfers": 0, "bytes": 0, "checks": 0, "seconds": 0.0}
+
+
+def test_artifacts_are_copied_only_off_the_machine_and_when_due(monkeypatch):
+    monkeypatch.setenv("PITR_ARTIFACT_COPY_MINUTES", "15")
+    monkeypatch.delenv("PITR_OFF_SITE", raising=False)
+    assert not pitr.artifact_copy_due({}, 1000.0)
+    monkeypatch.setenv("PITR_OFF_SITE", "true")
+    assert pitr.artifact_copy_due({}, 1000.0)
+    assert not pitr.artifact_copy_due({"artifacts": {"at": 1000.0}}, 1000.0 + 14 * 60)
+    assert pitr.artifact_copy_due({"artifacts": {"at": 1000.0}}, 1000.0 + 15 * 60)

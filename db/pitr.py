@@ -236,6 +236,56 @@ def overwrite_refusal(name: str, local: bytes, archived: bytes | None) -> str:
             "belongs to another database\" in docs/backups.md")
 
 
+# WAL given up when the archive fails and the database's volume is nearly full: a record in
+# the data folder (the pitr service reads it through its read-only mount).
+GIVEN_UP = "mlflow-stack-wal-given-up.json"
+
+
+def free_fraction(path: Path) -> float:
+    st = os.statvfs(path)
+    return st.f_bavail / st.f_blocks if st.f_blocks else 1.0
+
+
+def must_give_up(free: float, min_free_percent: int) -> bool:
+    """Give a WAL segment up (the archive fails) rather than let the volume fill: PostgreSQL
+    stops when it cannot write WAL, and every user's writes with it (unit-tested)."""
+    return min_free_percent > 0 and free * 100 < min_free_percent
+
+
+def read_given_up(pgdata: Path) -> dict:
+    try:
+        return json.loads((pgdata / GIVEN_UP).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_given_up(pgdata: Path, name: str, closed: float, now: float) -> dict:
+    record = read_given_up(pgdata)
+    record = {"count": record.get("count", 0) + 1, "first": record.get("first") or name,
+              "first_closed": record.get("first_closed") or closed, "last": name, "last_at": now}
+    tmp = pgdata / f".{GIVEN_UP}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, pgdata / GIVEN_UP)
+    return record
+
+
+def give_up_or_retry(path: str, why: str) -> int:
+    """archive_command's answer when the archive did not take a segment: 1 (PostgreSQL keeps it
+    and retries), or, with the volume nearly full, 0 after recording the segment as given up."""
+    minimum = int(value("PITR_WAL_MIN_FREE_PERCENT"))
+    free = free_fraction(PGDATA)
+    if not must_give_up(free, minimum):
+        return 1
+    name, closed = Path(path).name, Path(path).stat().st_mtime
+    record = record_given_up(PGDATA, name, closed, time.time())
+    log(f"GIVING UP WAL segment {name} ({why}): the database's volume has {free * 100:.1f}% free, under "
+        f"PITR_WAL_MIN_FREE_PERCENT={minimum}, and the database would stop when it is full. Its writes are safe in "
+        "the database, but the archive lacks them: restores to moments after about "
+        f"{dt.datetime.fromtimestamp(record['first_closed'], dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC are possible "
+        "again once the next base backup is taken (pitr takes one as soon as the archive works)")
+    return 0
+
+
 def cmd_archive(args: list[str]) -> int:
     (path,) = args
     name = Path(path).name
@@ -246,19 +296,20 @@ def cmd_archive(args: list[str]) -> int:
         except Exception as exc:  # noqa: BLE001 - the store down: PostgreSQL retries later
             log(f"archiving {name}: the archive cannot be read ({type(exc).__name__}: {str(exc)[:300]}); "
                 "PostgreSQL keeps the segment and retries")
-            return 1
+            return give_up_or_retry(path, "the archive cannot be read")
         if archived is not None:
             why = overwrite_refusal(name, local, archived)
             if why:
                 log(why)
-                return 1
+                return give_up_or_retry(path, "the archive holds another history")
             return 0  # already there, the same: an earlier attempt that PostgreSQL did not hear end
     done = barman("wal-archive", "--gzip", archive_url(), SERVER_NAME, path, capture=True, timeout=600)
     if done.returncode != 0:
         # PostgreSQL keeps the segment and tries again; its log gets why.
         log(f"archiving {name} to {archive_url()} failed (PostgreSQL keeps it and retries): "
             f"{(done.stderr or done.stdout).strip()[-500:]}")
-    return done.returncode
+        return give_up_or_retry(path, "the archive did not take it")
+    return 0
 
 
 def cmd_fetch(args: list[str]) -> int:
@@ -290,13 +341,17 @@ def retention() -> None:
         log(f"deleting what falls out of the recovery window failed: {(done.stderr or done.stdout).strip()[-400:]}")
 
 
-def backup_due(found: list[dict], timeline: int, now: dt.datetime) -> str:
+def backup_due(found: list[dict], timeline: int, now: dt.datetime, given_up: dict | None = None) -> str:
     """Why a base backup is due now, or "" (unit-tested)."""
     if not found:
         return "there is none yet"
     newest = found[-1]
     if newest["timeline"] != timeline:
         return f"the newest is of timeline {newest['timeline']}, the database is on {timeline} (after a restore)"
+    if given_up and given_up.get("last_at", 0) > dt.datetime.fromisoformat(newest["begin"]).timestamp():
+        return (f"WAL segments were given up (the last, {given_up['last']}, at "
+                f"{dt.datetime.fromtimestamp(given_up['last_at'], dt.timezone.utc):%H:%M:%S} UTC): a base backup "
+                "makes the archive whole again")
     age = (now - dt.datetime.fromisoformat(newest["end"])).total_seconds()
     if age >= float(value("PITR_BASE_BACKUP_HOURS")) * 3600:
         return f"the newest is {age / 3600:.1f} hours old"
@@ -336,6 +391,12 @@ def metrics_text(state: dict, pgdata: Path, now: float) -> str:
     if state.get("newest"):
         rows.append(("pitr_newest_base_backup_timestamp_seconds", "gauge", "when the newest base backup ended",
                      dt.datetime.fromisoformat(state["newest"]).timestamp()))
+    given_up = read_given_up(pgdata)
+    if given_up:
+        rows.append(("pitr_wal_segments_given_up", "gauge", "WAL segments given up (never archived) to keep the "
+                     "database's volume from filling", given_up.get("count", 0)))
+        rows.append(("pitr_wal_last_given_up_timestamp_seconds", "gauge", "when a WAL segment was last given up",
+                     given_up.get("last_at", 0)))
     if off_site():
         rows.append(("pitr_artifact_copy_interval_seconds", "gauge", "PITR_ARTIFACT_COPY_MINUTES in seconds",
                      float(value("PITR_ARTIFACT_COPY_MINUTES")) * 60))
@@ -469,7 +530,7 @@ def cmd_schedule(_args: list[str]) -> int:
             if refused:
                 raise PitrError(refused)
             found = of_one_database(found, mine)
-            why = backup_due(found, timeline, dt.datetime.now(dt.timezone.utc))
+            why = backup_due(found, timeline, dt.datetime.now(dt.timezone.utc), read_given_up(PGDATA))
             if why:
                 log(f"a base backup is due: {why}")
                 if not found and not read_state().get("error"):
@@ -492,7 +553,9 @@ def cmd_schedule(_args: list[str]) -> int:
             write_state(**{**read_state(), "ok": False, "error": said[:500]})
             time.sleep(60)
             continue
-        time.sleep(min(300.0, interval, float(value("PITR_ARTIFACT_COPY_MINUTES")) * 60 if off_site() else 300.0))
+        # A look a minute (a listing of the archive): WAL given up, a new timeline or a copy
+        # that is due are acted on within one.
+        time.sleep(min(60.0, interval))
 
 
 def cmd_base_backup(_args: list[str]) -> int:
@@ -551,6 +614,12 @@ def cmd_summary(_args: list[str]) -> int:
         print(f"the first base backup is being taken (for {time.time() - since:.0f} s); {waiting}" if since
               else f"no base backup yet; {waiting}")
         return 1
+    given_up = read_given_up(PGDATA)
+    if given_up and state.get("newest") and given_up.get("last_at", 0) > \
+            dt.datetime.fromisoformat(state["newest"]).timestamp():
+        waiting += (f"; {given_up['count']} WAL segments GIVEN UP since about "
+                    f"{dt.datetime.fromtimestamp(given_up['first_closed'], dt.timezone.utc):%Y-%m-%d %H:%M} UTC "
+                    "(the volume was nearly full): no restore to a moment after that until the next base backup")
     copied = (state.get("artifacts") or {}).get("at")
     artifacts = (f"; artifacts copied off the machine {time.time() - copied:.0f} s ago" if copied
                  else "; artifacts not yet copied off the machine" if off_site() else "")
@@ -667,9 +736,30 @@ def cmd_plan(args: list[str]) -> int:
     mine = "" if os.environ.get("PITR_FROM_ARCHIVE") == "1" else current_system_id()
     chosen, timeline = choose(of_one_database(backups(), mine), target, dt.datetime.now(dt.timezone.utc),
                               histories())
+    # The record of WAL given up is this database's (not another archive's).
+    why = across_given_up(chosen, target, read_given_up(PGDATA) if mine else {})
+    if why:
+        raise PitrError(why)
     print(json.dumps({"target": pg_time(target), "target_iso": target.isoformat(), "backup": chosen,
                       "timeline": timeline}))
     return 0
+
+
+def across_given_up(chosen: dict, target: dt.datetime, given_up: dict) -> str:
+    """Why a restore from base backup `chosen` to `target` would need WAL that was given up, or ""
+    (unit-tested). The segments given up hold writes from before they were closed; a replay
+    from a base backup that began before the last of them, to a moment after the first one
+    was closed less PITR_ARCHIVE_SECONDS (a busy database fills a segment faster; a quiet one
+    may have begun it earlier, and then the replay stops, caught by wait-recovered), needs them."""
+    if not given_up or dt.datetime.fromisoformat(chosen["begin"]).timestamp() > given_up.get("last_at", 0):
+        return ""
+    start = given_up["first_closed"] - float(value("PITR_ARCHIVE_SECONDS"))
+    if target.timestamp() < start:
+        return ""
+    return (f"the archive lacks WAL from about {dt.datetime.fromtimestamp(start, dt.timezone.utc):%Y-%m-%d %H:%M:%S} "
+            f"UTC ({given_up['count']} segments given up while the database's volume was nearly full) up to the "
+            "next base backup: choose a moment before that, or after the next base backup (./show_all.sh). "
+            "Nothing was changed")
 
 
 def recovery_settings(target: str, timeline: int, bucket: str) -> str:

@@ -490,6 +490,12 @@ SETTINGS: tuple[Setting, ...] = (
             file="pitr_artifact_passphrase",
             doc="Encrypts the artifacts' copy off the machine (names and content; rclone crypt). Without it "
                 "that copy cannot be read: keep it with .env (./show_all.sh --recovery-kit)."),
+    Setting("PITR_WAL_MIN_FREE_PERCENT", "10", integer(0, 99, "percent"), section=BACKUPS, services=("db", "pitr"),
+            doc="While the archive does not take WAL (its store down or full), PostgreSQL keeps the segments on the "
+                "database's volume, and stops taking writes when it is full. Below this much free space there, "
+                "they are given up instead (logged, alert PitrWalGivenUp): the database keeps working, and restores "
+                "to moments after the first one given up wait for the next base backup, which pitr takes as soon as "
+                "the archive works again. 0: never give up (the database stops when the volume is full)."),
     Setting("PITR_ARCHIVE_SECONDS", "60", integer(5, 3600, "seconds"), section=BACKUPS, services=("db", "pitr"),
             doc="PostgreSQL sends its WAL to the archive when a segment (16 MiB) fills, and at the latest this "
                 "many seconds after a write (archive_timeout): the most of acknowledged writes that losing "

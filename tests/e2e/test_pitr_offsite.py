@@ -21,7 +21,7 @@ import pytest
 
 from stack import pins
 
-from .conftest import new_stack, show, stack_lifetime, wait_for
+from .conftest import free_port, new_stack, show, stack_lifetime, wait_for
 from .receivers import host_address
 from .test_external_stores import write_env
 from .test_pitr import make_run, pitr, steps_in_db, utc_now
@@ -39,13 +39,12 @@ def offsite(standins):
     key, secret = "offsite-archive", secrets.token_urlsafe(24)
     name = f"mlflow-offsite-{uuid.uuid4().hex[:8]}"
     image = standins.get("MINIO_IMAGE") or pins.image_pins()["MINIO_IMAGE"]
-    host = host_address()
+    # A port chosen here, so that a stop and start (test_wal_is_given_up...) keeps it.
+    host, port = host_address(), free_port()
     subprocess.run(["docker", "run", "-d", "--name", name, "-e", f"MINIO_ROOT_USER={key}",
-                    "-e", f"MINIO_ROOT_PASSWORD={secret}", "-p", f"{host}::9000", image, "server", "/data"],
+                    "-e", f"MINIO_ROOT_PASSWORD={secret}", "-p", f"{host}:{port}:9000", image, "server", "/data"],
                    check=True, capture_output=True, text=True)
     try:
-        port = subprocess.run(["docker", "port", name, "9000/tcp"], check=True, capture_output=True,
-                              text=True).stdout.split()[0].rsplit(":", 1)[1]
         wait_for(lambda: subprocess.run(["docker", "exec", name, "mc", "ready", "local"],
                                         capture_output=True).returncode == 0, 120, "the off-site store to answer")
         yield {"url": f"http://{host}:{port}", "key": key, "secret": secret, "name": name}
@@ -71,6 +70,8 @@ def offsite_objects(offsite, bucket: str, prefix: str = "") -> list[str]:
 def stack(standins, offsite, tmp_path_factory):
     own = new_stack(standins, tmp_path_factory.mktemp("offsite-a"), "mlflowlost")
     own.environ["PITR_ARCHIVE_SECONDS"] = str(ARCHIVE_SECONDS)
+    # Any volume counts as nearly full: a WAL segment the archive does not take is given up at once.
+    own.environ["PITR_WAL_MIN_FREE_PERCENT"] = "99"
     with stack_lifetime(own, deploy=False) as deployed:
         # Read from .env only, as the stores' locations are.
         write_env(own, {"PITR_S3_ENDPOINT_URL": offsite["url"], "PITR_S3_ACCESS_KEY": offsite["key"],
@@ -95,6 +96,42 @@ def test_a_key_the_store_refuses_is_said_at_deploy(stack):
     assert refused.returncode != 0, refused.stdout
     said = refused.stdout + refused.stderr
     assert "refused the credentials" in said and "PITR_S3_ACCESS_KEY and PITR_S3_SECRET_KEY" in said, said[-2000:]
+
+
+def pitr_metrics(stack) -> dict[str, float]:
+    text = stack.compose("exec", "-T", "pitr", "python3", "-c", "import os, urllib.request; print(urllib.request."
+                         "urlopen(f'http://localhost:{os.environ[\"PITR_METRICS_PORT\"]}/metrics', timeout=10)"
+                         ".read().decode())").stdout
+    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line and line[0] != "#")}
+
+
+def test_wal_is_given_up_rather_than_fill_the_volume_and_a_base_backup_follows(stack, offsite):
+    """The archive's store down with the database's volume 'nearly full' (PITR_WAL_MIN_FREE_PERCENT=99):
+    the segment is given up, the database keeps its writes and takes more, the metric and
+    ./show_all.sh say so, and once the store is back a base backup makes the archive whole."""
+    run_id = make_run(stack)
+    subprocess.run(["docker", "stop", offsite["name"]], check=True, capture_output=True)
+    try:
+        assert stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
+            "run_id": run_id, "key": "pitr", "value": 1, "timestamp": 0, "step": 1}).status_code == 200
+        segment = stack.psql("SELECT pg_walfile_name(pg_switch_wal())")
+        wait_for(lambda: stack.psql("SELECT last_archived_wal FROM pg_stat_archiver") >= segment, 120,
+                 f"PostgreSQL to be done with {segment} (given up)")
+        logs = stack.compose("logs", "--no-color", "db").stdout
+        assert f"GIVING UP WAL segment {segment}" in logs, logs[-3000:]
+        given_up = wait_for(lambda: pitr_metrics(stack).get("mlflow_stack_pitr_wal_last_given_up_timestamp_seconds"),
+                            60, "the metric of WAL given up")
+        assert stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
+            "run_id": run_id, "key": "pitr", "value": 2, "timestamp": 0, "step": 2}).status_code == 200
+    finally:
+        subprocess.run(["docker", "start", offsite["name"]], check=True, capture_output=True)
+    wait_for(lambda: subprocess.run(["docker", "exec", offsite["name"], "mc", "ready", "local"],
+                                    capture_output=True).returncode == 0, 120, "the off-site store back")
+    newest = wait_for(lambda: (m := pitr_metrics(stack)).get("mlflow_stack_pitr_newest_base_backup_timestamp_seconds",
+                                                              0) > given_up and m, 240,
+                      "a base backup after the WAL given up (the pitr service looks every minute)")
+    assert steps_in_db(stack, run_id) == {1, 2}
+    assert "GIVEN UP" not in stack.script("show_all.sh").stdout, newest
 
 
 def test_a_lost_machine_is_restored_from_the_archive_off_it(stack, offsite, standins, tmp_path_factory):

@@ -231,12 +231,13 @@ restore_to_time() {
 	compose up -d --no-deps db >&2
 	pitr_job wait-recovered \
 		|| die "the database did not recover (see above, and: docker compose logs db); the server stays stopped. $back"
-	if [ -n "$FROM_ARCHIVE" ] && [ "${STACK_PITR_OFF_SITE:-}" = true ]; then
-		log "Copying the artifacts back from the archive's store"
-		pitr_job artifacts-restore >/dev/null \
-			|| die "the database is restored, but copying the artifacts back failed (see above); the server stays stopped. Fix the cause and run this restore again, or start the server without them: ./stack_deploy.sh"
-	fi
 	start_servers "The database is restored to $target_iso; fix the cause"
+	if [ -n "$FROM_ARCHIVE" ] && [ "${STACK_PITR_OFF_SITE:-}" = true ]; then
+		# With the server up: a large bucket takes long, and files come back as they are copied.
+		log "Copying the artifacts back from the archive's store (the server runs meanwhile)"
+		pitr_job artifacts-restore >/dev/null \
+			|| die "the database is restored and the server runs, but copying the artifacts back failed (see above): fix the cause, then copy them again (nothing is copied twice): python3 -m stack compose run --rm --no-deps -T -e PITR_BUCKET=$FROM_ARCHIVE pitr artifacts-restore"
+	fi
 	log "Restored the database to $target_iso (safety set: $BACKUP_DIR/$safety)"
 }
 

@@ -237,8 +237,13 @@ def overwrite_refusal(name: str, local: bytes, archived: bytes | None) -> str:
 
 
 # WAL given up when the archive fails and the database's volume is nearly full: a record in
-# the data folder (the pitr service reads it through its read-only mount).
-GIVEN_UP = "mlflow-stack-wal-given-up.json"
+# pg_wal (whose content base backups leave out, so a restore does not bring an old one back;
+# the pitr service reads it through its read-only mount). PostgreSQL only touches files there
+# that are named like WAL.
+GIVEN_UP = Path("pg_wal") / "mlflow-stack-wal-given-up.json"
+# A segment is given up only after it has waited this many archive timeouts: a short failure
+# (a restart of the store, a network blip) never costs the archive anything.
+GIVE_UP_AFTER_TIMEOUTS = 10
 
 
 def free_fraction(path: Path) -> float:
@@ -246,38 +251,53 @@ def free_fraction(path: Path) -> float:
     return st.f_bavail / st.f_blocks if st.f_blocks else 1.0
 
 
-def must_give_up(free: float, min_free_percent: int) -> bool:
+def must_give_up(name: str, free: float, min_free_percent: int, waited: float, archive_seconds: float) -> bool:
     """Give a WAL segment up (the archive fails) rather than let the volume fill: PostgreSQL
-    stops when it cannot write WAL, and every user's writes with it (unit-tested)."""
-    return min_free_percent > 0 and free * 100 < min_free_percent
+    stops when it cannot write WAL, and every user's writes with it. Only a segment (never a
+    timeline's history, which restores need), only below the free space set, and only after
+    it has waited GIVE_UP_AFTER_TIMEOUTS archive timeouts (unit-tested)."""
+    return (bool(SEGMENT.fullmatch(name)) and min_free_percent > 0 and free * 100 < min_free_percent
+            and waited >= GIVE_UP_AFTER_TIMEOUTS * archive_seconds)
 
 
 def read_given_up(pgdata: Path) -> dict:
+    """{"incidents": [{first, first_closed, last, last_at, count}, ...]}: WAL given up, oldest first."""
     try:
-        return json.loads((pgdata / GIVEN_UP).read_text())
+        record = json.loads((pgdata / GIVEN_UP).read_text())
     except (OSError, ValueError):
         return {}
+    return record if isinstance(record.get("incidents"), list) else {}
 
 
-def record_given_up(pgdata: Path, name: str, closed: float, now: float) -> dict:
-    record = read_given_up(pgdata)
-    record = {"count": record.get("count", 0) + 1, "first": record.get("first") or name,
-              "first_closed": record.get("first_closed") or closed, "last": name, "last_at": now}
-    tmp = pgdata / f".{GIVEN_UP}.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, pgdata / GIVEN_UP)
+def record_given_up(pgdata: Path, name: str, closed: float, now: float, archive_seconds: float) -> dict:
+    """One more segment given up: part of the last incident if that one went on until
+    recently, else a new incident (a restore may start between two)."""
+    incidents = read_given_up(pgdata).get("incidents", [])
+    if incidents and now - incidents[-1]["last_at"] <= 2 * GIVE_UP_AFTER_TIMEOUTS * archive_seconds:
+        incidents[-1] = {**incidents[-1], "last": name, "last_at": now, "count": incidents[-1]["count"] + 1}
+    else:
+        incidents.append({"first": name, "first_closed": closed, "last": name, "last_at": now, "count": 1})
+    record = {"incidents": incidents}
+    path = pgdata / GIVEN_UP
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write(json.dumps(record))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
     return record
 
 
 def give_up_or_retry(path: str, why: str) -> int:
-    """archive_command's answer when the archive did not take a segment: 1 (PostgreSQL keeps it
-    and retries), or, with the volume nearly full, 0 after recording the segment as given up."""
-    minimum = int(value("PITR_WAL_MIN_FREE_PERCENT"))
-    free = free_fraction(PGDATA)
-    if not must_give_up(free, minimum):
-        return 1
+    """archive_command's answer when the archive did not take a file: 1 (PostgreSQL keeps it
+    and retries), or, for a segment that waited long on a nearly full volume, 0 after
+    recording it as given up."""
+    minimum, archive_seconds = int(value("PITR_WAL_MIN_FREE_PERCENT")), float(value("PITR_ARCHIVE_SECONDS"))
     name, closed = Path(path).name, Path(path).stat().st_mtime
-    record = record_given_up(PGDATA, name, closed, time.time())
+    free = free_fraction(PGDATA)
+    if not must_give_up(name, free, minimum, time.time() - closed, archive_seconds):
+        return 1
+    record = record_given_up(PGDATA, name, closed, time.time(), archive_seconds)["incidents"][-1]
     log(f"GIVING UP WAL segment {name} ({why}): the database's volume has {free * 100:.1f}% free, under "
         f"PITR_WAL_MIN_FREE_PERCENT={minimum}, and the database would stop when it is full. Its writes are safe in "
         "the database, but the archive lacks them: restores to moments after about "
@@ -348,9 +368,10 @@ def backup_due(found: list[dict], timeline: int, now: dt.datetime, given_up: dic
     newest = found[-1]
     if newest["timeline"] != timeline:
         return f"the newest is of timeline {newest['timeline']}, the database is on {timeline} (after a restore)"
-    if given_up and given_up.get("last_at", 0) > dt.datetime.fromisoformat(newest["begin"]).timestamp():
-        return (f"WAL segments were given up (the last, {given_up['last']}, at "
-                f"{dt.datetime.fromtimestamp(given_up['last_at'], dt.timezone.utc):%H:%M:%S} UTC): a base backup "
+    last = max((i["last_at"] for i in (given_up or {}).get("incidents", [])), default=0)
+    if last > dt.datetime.fromisoformat(newest["begin"]).timestamp():
+        return (f"WAL segments were given up (the last at "
+                f"{dt.datetime.fromtimestamp(last, dt.timezone.utc):%H:%M:%S} UTC): a base backup "
                 "makes the archive whole again")
     age = (now - dt.datetime.fromisoformat(newest["end"])).total_seconds()
     if age >= float(value("PITR_BASE_BACKUP_HOURS")) * 3600:
@@ -358,8 +379,16 @@ def backup_due(found: list[dict], timeline: int, now: dt.datetime, given_up: dic
     return ""
 
 
+STATE_LOCK = threading.Lock()
+
+
 def write_state(**fields) -> None:
-    STATE.write_text(json.dumps({**fields, "at": time.time()}))
+    """Merge fields into the state (the schedule's and the artifact copy's threads share it)."""
+    with STATE_LOCK:
+        state = {**read_state(), **fields, "at": time.time()}
+        tmp = STATE.with_name(f".{STATE.name}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, STATE)
 
 
 def read_state() -> dict:
@@ -391,12 +420,12 @@ def metrics_text(state: dict, pgdata: Path, now: float) -> str:
     if state.get("newest"):
         rows.append(("pitr_newest_base_backup_timestamp_seconds", "gauge", "when the newest base backup ended",
                      dt.datetime.fromisoformat(state["newest"]).timestamp()))
-    given_up = read_given_up(pgdata)
-    if given_up:
+    incidents = read_given_up(pgdata).get("incidents", [])
+    if incidents:
         rows.append(("pitr_wal_segments_given_up", "gauge", "WAL segments given up (never archived) to keep the "
-                     "database's volume from filling", given_up.get("count", 0)))
+                     "database's volume from filling", sum(i["count"] for i in incidents)))
         rows.append(("pitr_wal_last_given_up_timestamp_seconds", "gauge", "when a WAL segment was last given up",
-                     given_up.get("last_at", 0)))
+                     max(i["last_at"] for i in incidents)))
     if off_site():
         rows.append(("pitr_artifact_copy_interval_seconds", "gauge", "PITR_ARTIFACT_COPY_MINUTES in seconds",
                      float(value("PITR_ARTIFACT_COPY_MINUTES")) * 60))
@@ -465,11 +494,15 @@ def rclone_env(bucket: str = "") -> dict[str, str]:
 
 def rclone_copy(source: str, dest: str, bucket: str = "") -> dict:
     """rclone copy SOURCE DEST; its final figures (transfers, bytes, checks, elapsed)."""
-    done = subprocess.run(["rclone", "copy", source, dest, "--fast-list", "--use-json-log", "--stats", "100h", "-v"],
+    # Artifacts are written once: their size tells a copy from a new one, without a HEAD request per
+    # object and side (crypt keeps no hash). Objects listed page by page (no --fast-list: a bucket of
+    # millions would be held in memory). Only notices and the final figures are logged.
+    done = subprocess.run(["rclone", "copy", source, dest, "--size-only", "--use-json-log", "--stats", "100h",
+                           "--stats-log-level", "NOTICE", "--max-duration", "20h"],
                           env=rclone_env(bucket), capture_output=True, text=True, timeout=24 * 3600, check=False)
     stats = last_stats(done.stderr)
     if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if '"level":"error"' in line][-3:]
+        errors = [line for line in done.stderr.splitlines()[-200:] if '"level":"error"' in line][-3:]
         raise PitrError(f"copying the artifacts ({source} -> {dest}) failed: {' '.join(errors)[-600:] or done.stderr[-600:]}")
     return stats
 
@@ -489,20 +522,42 @@ def last_stats(log_text: str) -> dict:
 
 
 def copy_artifacts() -> dict:
-    stats = rclone_copy(f"stack:{common.env('MLFLOW_BUCKET')}", "safe:")
+    write_state(artifacts_tried=time.time())
+    try:
+        stats = rclone_copy(f"stack:{common.env('MLFLOW_BUCKET')}", "safe:")
+    except Exception as exc:  # noqa: BLE001 - rclone's, the secrets' (said in the state and the log)
+        said = str(exc) if isinstance(exc, (PitrError, common.ConfigError)) else f"{type(exc).__name__}: {exc}"
+        write_state(artifacts_error=said[:500])
+        raise
     log(f"artifacts copied off the machine: {stats['transfers']} new or changed objects, {stats['bytes']} bytes "
         f"({stats['checks']} unchanged) in {stats['seconds']:.1f} s")
-    return {**stats, "at": time.time()}
+    stats = {**stats, "at": time.time()}
+    write_state(artifacts=stats, artifacts_error=None)
+    return stats
 
 
 def artifact_copy_due(state: dict, now: float) -> bool:
-    last = (state.get("artifacts") or {}).get("at")
-    return off_site() and (not last or now - last >= float(value("PITR_ARTIFACT_COPY_MINUTES")) * 60)
+    """A copy is due when the last try (failed or not) is PITR_ARTIFACT_COPY_MINUTES old; 0: never."""
+    minutes = float(value("PITR_ARTIFACT_COPY_MINUTES"))
+    tried = state.get("artifacts_tried") or (state.get("artifacts") or {}).get("at")
+    return off_site() and minutes > 0 and (not tried or now - tried >= minutes * 60)
+
+
+def artifact_loop() -> None:
+    """The artifact copy, in a thread of its own: a long first copy holds up no base backup."""
+    while True:
+        if artifact_copy_due(read_state(), time.time()):
+            try:
+                copy_artifacts()
+            except Exception as exc:  # noqa: BLE001 - recorded by copy_artifacts; tried again an interval later
+                log(f"copying the artifacts off the machine failed: {exc}")
+        time.sleep(60)
 
 
 def cmd_artifacts_copy(_args: list[str]) -> int:
-    if not off_site():
-        raise PitrError("the archive is on this machine (no PITR_S3_ENDPOINT_URL): the artifacts are not copied")
+    if not off_site() or not float(value("PITR_ARTIFACT_COPY_MINUTES")):
+        raise PitrError("the artifacts are not copied: the archive is on this machine (no PITR_S3_ENDPOINT_URL), or "
+                        "PITR_ARTIFACT_COPY_MINUTES is 0")
     stats = copy_artifacts()
     print(json.dumps(stats))
     return 0
@@ -522,6 +577,8 @@ def cmd_schedule(_args: list[str]) -> int:
     interval = float(value("PITR_BASE_BACKUP_HOURS")) * 3600
     log(f"base backups every {interval / 3600:g} h to {archive_url()}, kept {value('PITR_RETENTION_DAYS')} days")
     serve_metrics()
+    if off_site():
+        threading.Thread(target=artifact_loop, daemon=True).start()
     while True:
         try:
             mine, timeline = current_system_id(), current_timeline()
@@ -542,15 +599,12 @@ def cmd_schedule(_args: list[str]) -> int:
                 base_backup()
                 retention()
                 found = of_one_database(backups(), mine)
-            artifacts = read_state().get("artifacts") or {}
-            if artifact_copy_due(read_state(), time.time()):
-                artifacts = copy_artifacts()
-            write_state(ok=True, newest=found[-1]["end"] if found else None,
-                        oldest=found[0]["end"] if found else None, count=len(found), artifacts=artifacts)
+            write_state(ok=True, error=None, newest=found[-1]["end"] if found else None,
+                        oldest=found[0]["end"] if found else None, count=len(found))
         except Exception as exc:  # noqa: BLE001 - ours, the store's, psycopg2's (the database restarting)
             said = str(exc) if isinstance(exc, (PitrError, common.ConfigError)) else f"{type(exc).__name__}: {exc}"
             log(f"{said}; trying again in 60 s")
-            write_state(**{**read_state(), "ok": False, "error": said[:500]})
+            write_state(ok=False, error=said[:500])
             time.sleep(60)
             continue
         # A look a minute (a listing of the archive): WAL given up, a new timeline or a copy
@@ -614,15 +668,17 @@ def cmd_summary(_args: list[str]) -> int:
         print(f"the first base backup is being taken (for {time.time() - since:.0f} s); {waiting}" if since
               else f"no base backup yet; {waiting}")
         return 1
-    given_up = read_given_up(PGDATA)
-    if given_up and state.get("newest") and given_up.get("last_at", 0) > \
-            dt.datetime.fromisoformat(state["newest"]).timestamp():
-        waiting += (f"; {given_up['count']} WAL segments GIVEN UP since about "
-                    f"{dt.datetime.fromtimestamp(given_up['first_closed'], dt.timezone.utc):%Y-%m-%d %H:%M} UTC "
-                    "(the volume was nearly full): no restore to a moment after that until the next base backup")
+    open_incidents = [i for i in read_given_up(PGDATA).get("incidents", [])
+                      if i["last_at"] > dt.datetime.fromisoformat(state["newest"]).timestamp()]
+    if open_incidents:
+        waiting += (f"; {sum(i['count'] for i in open_incidents)} WAL segments GIVEN UP since about "
+                    f"{dt.datetime.fromtimestamp(open_incidents[0]['first_closed'], dt.timezone.utc):%Y-%m-%d %H:%M} "
+                    "UTC (the volume was nearly full): no restore to a moment after that until the next base backup")
     copied = (state.get("artifacts") or {}).get("at")
     artifacts = (f"; artifacts copied off the machine {time.time() - copied:.0f} s ago" if copied
-                 else "; artifacts not yet copied off the machine" if off_site() else "")
+                 else "; artifacts not yet copied off the machine" if artifact_copy_due({}, 0) else "")
+    if state.get("artifacts_error"):
+        artifacts += f" (the last copy FAILED: {state['artifacts_error'][:200]})"
     print(f"restores back to {state['oldest'][:19]} UTC ({state['count']} base backups, newest "
           f"{state['newest'][:19]} UTC); {waiting}{artifacts}")
     return 0
@@ -640,6 +696,7 @@ def cmd_flush(args: list[str]) -> int:
     if archiver()["archive_mode"] != "on":
         raise PitrError("the database does not archive its WAL (archive_mode is off): redeploy with "
                         "./stack_deploy.sh, which turns it on")
+    before = read_given_up(PGDATA)
     # A commit now: recovery to a time stops at the first commit after it, and fails if the
     # archive has none (a quiet database).
     query("SELECT txid_current()")
@@ -649,6 +706,10 @@ def cmd_flush(args: list[str]) -> int:
         seen = archiver()
         # Segment names sort by timeline, then position (a history file sorts before them).
         if (seen["last_archived_wal"] or "") >= segment:
+            if read_given_up(PGDATA) != before:
+                raise PitrError("WAL was given up while the archive was being brought up to date (it failed and "
+                                "the database's volume is nearly full): the archive lacks the latest writes. Nothing "
+                                "was restored; free space, fix the archive (docker compose logs db), and try again")
             log(f"the archive has every write up to now (segment {segment})")
             return 0
         if time.monotonic() > deadline:
@@ -751,15 +812,15 @@ def across_given_up(chosen: dict, target: dt.datetime, given_up: dict) -> str:
     from a base backup that began before the last of them, to a moment after the first one
     was closed less PITR_ARCHIVE_SECONDS (a busy database fills a segment faster; a quiet one
     may have begun it earlier, and then the replay stops, caught by wait-recovered), needs them."""
-    if not given_up or dt.datetime.fromisoformat(chosen["begin"]).timestamp() > given_up.get("last_at", 0):
-        return ""
-    start = given_up["first_closed"] - float(value("PITR_ARCHIVE_SECONDS"))
-    if target.timestamp() < start:
-        return ""
-    return (f"the archive lacks WAL from about {dt.datetime.fromtimestamp(start, dt.timezone.utc):%Y-%m-%d %H:%M:%S} "
-            f"UTC ({given_up['count']} segments given up while the database's volume was nearly full) up to the "
-            "next base backup: choose a moment before that, or after the next base backup (./show_all.sh). "
-            "Nothing was changed")
+    began = dt.datetime.fromisoformat(chosen["begin"]).timestamp()
+    for incident in (given_up or {}).get("incidents", []):
+        start = incident["first_closed"] - float(value("PITR_ARCHIVE_SECONDS"))
+        if began <= incident["last_at"] and target.timestamp() >= start:
+            return (f"the archive lacks WAL from about "
+                    f"{dt.datetime.fromtimestamp(start, dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC ({incident['count']} "
+                    "segments given up while the database's volume was nearly full) up to the next base backup: "
+                    "choose a moment before that, or after the next base backup (./show_all.sh). Nothing was changed")
+    return ""
 
 
 def recovery_settings(target: str, timeline: int, bucket: str) -> str:

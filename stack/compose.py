@@ -16,6 +16,8 @@ from typing import Iterable, Mapping
 from . import alerts, common, envfile, paths, pins, secretfiles, settings, standins, tls
 
 PLACEHOLDER_SECRET = "placeholder-not-a-secret"
+# The secret files that may hold the point-in-time archive's keys.
+PITR_KEYS = ("pitr_s3_access_key", "pitr_s3_secret_key", "minio_root_user", "minio_root_password")
 
 
 def export_lines(pairs: Iterable[tuple[str, str]]) -> str:
@@ -63,11 +65,10 @@ def derived(values: Mapping[str, str], create: bool,
         ("STACK_NGINX_CONFIG_DIGEST", files_digest([paths.ROOT / "nginx" / "templates",
                                                     paths.ROOT / "nginx" / "15-stack-token.sh", Path(material["cert"])])),
         ("STACK_SECRETS_DIGEST", secretfiles.digest(values)),
-        # Only the archive's keys (the artifact store's unless PITR_S3_*) and the artifacts' passphrase:
-        # db restarts when they change, not for every other secret.
-        ("STACK_PITR_KEYS_DIGEST", secretfiles.digest(values, ("pitr_s3_access_key", "pitr_s3_secret_key",
-                                                               "pitr_artifact_passphrase", "minio_root_user",
-                                                               "minio_root_password"))),
+        # Only the secrets each reads: db the archive's keys (the artifact store's unless PITR_S3_*),
+        # pitr those and the artifacts' passphrase. They restart when these change, not for others.
+        ("STACK_DB_KEYS_DIGEST", secretfiles.digest(values, PITR_KEYS)),
+        ("STACK_PITR_KEYS_DIGEST", secretfiles.digest(values, (*PITR_KEYS, "pitr_artifact_passphrase"))),
         ("STACK_PROMETHEUS_CONFIG_DIGEST", files_digest([paths.ROOT / "monitoring" / "prometheus.yml", rules])),
         ("STACK_ALERTMANAGER_CONFIG", str(alertmanager)),
         ("STACK_ALERTMANAGER_CONFIG_DIGEST", files_digest([alertmanager, alerts.smtp_ca(values)])),

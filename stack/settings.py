@@ -482,10 +482,11 @@ SETTINGS: tuple[Setting, ...] = (
                                                    "eu-west-1"),
             section=BACKUPS, host=("db, pitr and bucket-init, with PITR_S3_ENDPOINT_URL",),
             doc="Region the requests to PITR_S3_ENDPOINT_URL are signed for (unused without it)."),
-    Setting("PITR_ARTIFACT_COPY_MINUTES", "15", integer(1, 1440, "minutes"), section=BACKUPS, services=("pitr",),
+    Setting("PITR_ARTIFACT_COPY_MINUTES", "15", integer(0, 1440, "minutes"), section=BACKUPS, services=("pitr",),
             doc="With PITR_S3_ENDPOINT_URL: the artifact bucket is copied there this often, encrypted and "
-                "incrementally (only what is new or changed; nothing is deleted there). The most of artifacts a "
-                "lost machine can cost."),
+                "incrementally (only new objects, told by their size; nothing is deleted there). The most of "
+                "artifacts a lost machine can cost. 0: no copy (e.g. artifacts already on a store outside, "
+                "S3_ENDPOINT_URL)."),
     Setting("PITR_ARTIFACT_PASSPHRASE", GENERATED, secret(), section=BACKUPS, services=("pitr",),
             file="pitr_artifact_passphrase",
             doc="Encrypts the artifacts' copy off the machine (names and content; rclone crypt). Without it "

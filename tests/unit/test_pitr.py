@@ -263,36 +263,68 @@ def test_artifacts_are_copied_only_off_the_machine_and_when_due(monkeypatch):
     assert pitr.artifact_copy_due({"artifacts": {"at": 1000.0}}, 1000.0 + 15 * 60)
 
 
-def test_wal_is_given_up_only_when_the_volume_is_nearly_full_and_a_cap_is_set():
-    assert pitr.must_give_up(0.05, 10) and not pitr.must_give_up(0.15, 10)
-    assert not pitr.must_give_up(0.0, 0)  # 0: never (the database stops when the volume is full)
+SEG = "000000010000000000000007"
 
 
-def test_given_up_wal_is_recorded_and_a_base_backup_is_due_at_once(tmp_path, monkeypatch):
+def test_wal_is_given_up_only_when_long_waiting_on_a_nearly_full_volume():
+    assert pitr.must_give_up(SEG, 0.05, 10, waited=600, archive_seconds=60)
+    assert not pitr.must_give_up(SEG, 0.15, 10, waited=600, archive_seconds=60)   # room left
+    assert not pitr.must_give_up(SEG, 0.05, 10, waited=300, archive_seconds=60)   # a blip, not an outage
+    assert not pitr.must_give_up(SEG, 0.0, 0, waited=10 ** 6, archive_seconds=60)   # 0: never
+    # A timeline's history (restores need it), a backup label: never.
+    assert not pitr.must_give_up("00000002.history", 0.0, 10, waited=10 ** 6, archive_seconds=60)
+    assert not pitr.must_give_up(SEG + ".00000028.backup", 0.0, 10, waited=10 ** 6, archive_seconds=60)
+
+
+def test_archive_answers_retry_unless_it_gives_a_segment_up(tmp_path, monkeypatch):
+    (tmp_path / "pg_wal").mkdir()
+    segment = tmp_path / "pg_wal" / SEG
+    segment.write_bytes(b"wal")
+    os.utime(segment, (0, 0))  # closed long ago
+    monkeypatch.setattr(pitr, "PGDATA", tmp_path)
+    monkeypatch.setenv("PITR_ARCHIVE_SECONDS", "60")
+    monkeypatch.setenv("PITR_WAL_MIN_FREE_PERCENT", "10")
+    monkeypatch.setattr(pitr, "free_fraction", lambda _p: 0.5)
+    assert pitr.give_up_or_retry(str(segment), "down") == 1 and pitr.read_given_up(tmp_path) == {}
+    monkeypatch.setattr(pitr, "free_fraction", lambda _p: 0.01)
+    assert pitr.give_up_or_retry(str(segment), "down") == 0
+    assert pitr.read_given_up(tmp_path)["incidents"][0]["first"] == SEG
+    monkeypatch.setenv("PITR_WAL_MIN_FREE_PERCENT", "0")
+    assert pitr.give_up_or_retry(str(segment), "down") == 1
+
+
+def test_given_up_wal_is_recorded_per_incident_and_a_base_backup_is_due_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("PITR_BASE_BACKUP_HOURS", "24")
-    first = pitr.record_given_up(tmp_path, "000000010000000000000007", 1000.0, 1100.0)
-    record = pitr.record_given_up(tmp_path, "000000010000000000000008", 1050.0, 1200.0)
-    assert record == pitr.read_given_up(tmp_path) == {"count": 2, "first": "000000010000000000000007",
-                                                      "first_closed": 1000.0, "last": "000000010000000000000008",
-                                                      "last_at": 1200.0}
-    assert first["count"] == 1
+    (tmp_path / "pg_wal" / "archive_status").mkdir(parents=True)
+    pitr.record_given_up(tmp_path, "000000010000000000000007", 1000.0, 1100.0, 60)
+    record = pitr.record_given_up(tmp_path, "000000010000000000000008", 1050.0, 1200.0, 60)
+    assert record == pitr.read_given_up(tmp_path) == {"incidents": [
+        {"first": "000000010000000000000007", "first_closed": 1000.0, "last": "000000010000000000000008",
+         "last_at": 1200.0, "count": 2}]}
     backup = {"id": "b", "begin": "1970-01-01T00:15:00+00:00", "end": "1970-01-01T00:15:05+00:00", "timeline": 1}
     assert "given up" in pitr.backup_due([backup], 1, at("1970-01-01 00:30:00"), record)
     later = dict(backup, begin="1970-01-01T00:25:00+00:00", end="1970-01-01T00:25:05+00:00")
     assert pitr.backup_due([later], 1, at("1970-01-01 00:30:00"), record) == ""
-    (tmp_path / "pg_wal" / "archive_status").mkdir(parents=True)
     metrics = pitr.metrics_text({"ok": True}, tmp_path, 1300.0)
     assert "mlflow_stack_pitr_wal_segments_given_up 2" in metrics
     assert "mlflow_stack_pitr_wal_last_given_up_timestamp_seconds 1200.0" in metrics
+    # Long after: another incident, which a restore between the two must tell apart.
+    again = pitr.record_given_up(tmp_path, "000000010000000000000030", 90000.0, 90100.0, 60)
+    assert len(again["incidents"]) == 2 and again["incidents"][1]["count"] == 1
 
 
 def test_a_restore_that_would_need_given_up_wal_is_refused(monkeypatch):
     monkeypatch.setenv("PITR_ARCHIVE_SECONDS", "60")
-    gap = {"count": 3, "first": "x", "first_closed": at("2026-12-06 17:00:00").timestamp(),
-           "last": "y", "last_at": at("2026-12-06 17:30:00").timestamp()}
-    before = {"id": "a", "begin": "2026-12-06T12:00:00+00:00", "end": "2026-12-06T12:00:05+00:00"}
-    after = {"id": "b", "begin": "2026-12-06T18:00:00+00:00", "end": "2026-12-06T18:00:05+00:00"}
-    assert pitr.across_given_up(before, at("2026-12-06 16:58:00"), gap) == ""
-    assert "lacks WAL from about 2026-12-06 16:59:00" in pitr.across_given_up(before, at("2026-12-06 17:10:00"), gap)
-    assert pitr.across_given_up(after, at("2026-12-06 18:10:00"), gap) == ""
-    assert pitr.across_given_up(before, at("2026-12-06 17:10:00"), {}) == ""
+    day1 = {"count": 3, "first": "x", "first_closed": at("2026-12-01 17:00:00").timestamp(),
+            "last": "y", "last_at": at("2026-12-01 17:30:00").timestamp()}
+    day3 = {"count": 1, "first": "z", "first_closed": at("2026-12-03 09:00:00").timestamp(),
+            "last": "z", "last_at": at("2026-12-03 09:20:00").timestamp()}
+    gaps = {"incidents": [day1, day3]}
+    before = {"id": "a", "begin": "2026-12-01T12:00:00+00:00", "end": "2026-12-01T12:00:05+00:00"}
+    healed = {"id": "b", "begin": "2026-12-01T18:00:00+00:00", "end": "2026-12-01T18:00:05+00:00"}
+    assert pitr.across_given_up(before, at("2026-12-01 16:58:00"), gaps) == ""
+    assert "lacks WAL from about 2026-12-01 16:59:00" in pitr.across_given_up(before, at("2026-12-01 17:10:00"), gaps)
+    # From the base backup that healed day 1: day 2 is fine, day 3's gap is not.
+    assert pitr.across_given_up(healed, at("2026-12-02 12:00:00"), gaps) == ""
+    assert "2026-12-03 08:59:00" in pitr.across_given_up(healed, at("2026-12-03 10:00:00"), gaps)
+    assert pitr.across_given_up(before, at("2026-12-01 17:10:00"), {}) == ""

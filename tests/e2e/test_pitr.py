@@ -177,16 +177,10 @@ def test_a_time_it_cannot_restore_to_is_refused_and_changes_nothing(stack, when,
     assert stack.container_ids() == ids
 
 
-def test_restore_to_a_moment_keeps_what_was_acknowledged_before_it_and_nothing_sent_after(stack):
-    run_id = make_run(stack)
-    # An artifact logged before T, read back after the restore.
-    blob = uuid.uuid4().bytes * 4096
-    path = f"/api/2.0/mlflow-artifacts/artifacts/pitr/{run_id}/blob.bin"
-    assert stack.http("PUT", path, data=blob).status_code == 200
-    before_user, after_user = f"pitr-before-{uuid.uuid4().hex[:6]}", f"pitr-after-{uuid.uuid4().hex[:6]}"
-    assert stack.http("POST", "/api/2.0/mlflow/users/create",
-                      json={"username": before_user, "password": uuid.uuid4().hex}).status_code == 200
-
+def points_around_a_moment(stack, run_id: str, after_moment=None) -> tuple[list, dt.datetime]:
+    """A client logs metric points one by one (key "pitr", step n) for 4 s, the moment T is noted,
+    it logs 4 s more (after_moment() is called then, and must answer 200); the points as
+    (step, sent, acknowledged) and T."""
     points: list[tuple[int, dt.datetime, dt.datetime]] = []
     stop = threading.Event()
     failures: list[str] = []
@@ -209,13 +203,29 @@ def test_restore_to_a_moment_keeps_what_was_acknowledged_before_it_and_nothing_s
         time.sleep(4)
         target = utc_now()
         time.sleep(4)
-        assert stack.http("POST", "/api/2.0/mlflow/users/create",
-                          json={"username": after_user, "password": uuid.uuid4().hex}).status_code == 200
-        time.sleep(1)
+        if after_moment is not None:
+            answer = after_moment()
+            assert answer.status_code == 200, answer.text[:300]
+            time.sleep(1)
     finally:
         stop.set()
         logger.join(timeout=120)
     assert not failures, failures
+    return points, target
+
+
+def test_restore_to_a_moment_keeps_what_was_acknowledged_before_it_and_nothing_sent_after(stack):
+    run_id = make_run(stack)
+    # An artifact logged before T, read back after the restore.
+    blob = uuid.uuid4().bytes * 4096
+    path = f"/api/2.0/mlflow-artifacts/artifacts/pitr/{run_id}/blob.bin"
+    assert stack.http("PUT", path, data=blob).status_code == 200
+    before_user, after_user = f"pitr-before-{uuid.uuid4().hex[:6]}", f"pitr-after-{uuid.uuid4().hex[:6]}"
+    assert stack.http("POST", "/api/2.0/mlflow/users/create",
+                      json={"username": before_user, "password": uuid.uuid4().hex}).status_code == 200
+
+    points, target = points_around_a_moment(stack, run_id, after_moment=lambda: stack.http(
+        "POST", "/api/2.0/mlflow/users/create", json={"username": after_user, "password": uuid.uuid4().hex}))
     before = [p for p in points if p[2] < target - dt.timedelta(seconds=1)]
     after = [p for p in points if p[1] > target]
     assert len(before) > 10 and len(after) > 10, (len(before), len(after))

@@ -13,7 +13,6 @@ import hashlib
 import json
 import secrets
 import subprocess
-import threading
 import time
 import uuid
 
@@ -24,7 +23,7 @@ from stack import pins
 from .conftest import free_port, new_stack, show, stack_lifetime, wait_for
 from .receivers import host_address
 from .test_external_stores import write_env
-from .test_pitr import make_run, pitr, steps_in_db, utc_now
+from .test_pitr import make_run, metrics, pitr, points_around_a_moment, steps_in_db
 
 pytestmark = pytest.mark.slow
 
@@ -98,13 +97,6 @@ def test_a_key_the_store_refuses_is_said_at_deploy(stack):
     assert "refused the credentials" in said and "PITR_S3_ACCESS_KEY and PITR_S3_SECRET_KEY" in said, said[-2000:]
 
 
-def pitr_metrics(stack) -> dict[str, float]:
-    text = stack.compose("exec", "-T", "pitr", "python3", "-c", "import os, urllib.request; print(urllib.request."
-                         "urlopen(f'http://localhost:{os.environ[\"PITR_METRICS_PORT\"]}/metrics', timeout=10)"
-                         ".read().decode())").stdout
-    return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line and line[0] != "#")}
-
-
 def test_wal_is_given_up_rather_than_fill_the_volume_and_a_base_backup_follows(stack, offsite):
     """The archive's store down with the database's volume 'nearly full' (PITR_WAL_MIN_FREE_PERCENT=99):
     the segment is given up, the database keeps its writes and takes more, the metric and
@@ -120,7 +112,7 @@ def test_wal_is_given_up_rather_than_fill_the_volume_and_a_base_backup_follows(s
                  10 * ARCHIVE_SECONDS + 180, f"PostgreSQL to be done with {segment} (given up)")
         logs = stack.compose("logs", "--no-color", "db").stdout
         assert f"GIVING UP WAL segment {segment}" in logs, logs[-3000:]
-        given_up = wait_for(lambda: pitr_metrics(stack).get("mlflow_stack_pitr_wal_last_given_up_timestamp_seconds"),
+        given_up = wait_for(lambda: metrics(stack).get("mlflow_stack_pitr_wal_last_given_up_timestamp_seconds"),
                             60, "the metric of WAL given up")
         assert stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
             "run_id": run_id, "key": "pitr", "value": 2, "timestamp": 0, "step": 2}).status_code == 200
@@ -128,7 +120,7 @@ def test_wal_is_given_up_rather_than_fill_the_volume_and_a_base_backup_follows(s
         subprocess.run(["docker", "start", offsite["name"]], check=True, capture_output=True)
     wait_for(lambda: subprocess.run(["docker", "exec", offsite["name"], "mc", "ready", "local"],
                                     capture_output=True).returncode == 0, 120, "the off-site store back")
-    newest = wait_for(lambda: (m := pitr_metrics(stack)).get("mlflow_stack_pitr_newest_base_backup_timestamp_seconds",
+    newest = wait_for(lambda: (m := metrics(stack)).get("mlflow_stack_pitr_newest_base_backup_timestamp_seconds",
                                                               0) > given_up and m, 240,
                       "a base backup after the WAL given up (the pitr service looks every minute)")
     assert steps_in_db(stack, run_id) == {1, 2}
@@ -154,28 +146,7 @@ def test_a_lost_machine_is_restored_from_the_archive_off_it(stack, offsite, stan
          f"{again['checks']} checks in {again['seconds']:.1f} s")
     copied = offsite_objects(offsite, OLD_BUCKET, "artifacts/")
     assert copied and not any(run_id in key or "model.bin" in key for key in copied), copied[:5]
-    points: list[tuple[int, dt.datetime, dt.datetime]] = []
-    stop = threading.Event()
-
-    def log_points() -> None:
-        step = 0
-        while not stop.is_set():
-            sent = utc_now()
-            if stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
-                    "run_id": run_id, "key": "pitr", "value": step, "timestamp": 0, "step": step}).status_code != 200:
-                return
-            points.append((step, sent, utc_now()))
-            step += 1
-
-    logger = threading.Thread(target=log_points)
-    logger.start()
-    try:
-        time.sleep(4)
-        target = utc_now()
-        time.sleep(4)
-    finally:
-        stop.set()
-        logger.join(timeout=120)
+    points, target = points_around_a_moment(stack, run_id)
     before = {p[0] for p in points if p[2] < target - dt.timedelta(seconds=1)}
     after = {p[0] for p in points if p[1] > target}
     assert len(before) > 10 and len(after) > 10, (len(before), len(after))

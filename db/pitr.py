@@ -426,7 +426,12 @@ def metrics_text(state: dict, pgdata: Path, now: float) -> str:
                      "database's volume from filling", sum(i["count"] for i in incidents)))
         rows.append(("pitr_wal_last_given_up_timestamp_seconds", "gauge", "when a WAL segment was last given up",
                      max(i["last_at"] for i in incidents)))
-    if off_site():
+    if state.get("newest_begin"):
+        rows.append(("pitr_newest_base_backup_begin_timestamp_seconds", "gauge", "when the newest base backup began",
+                     dt.datetime.fromisoformat(state["newest_begin"]).timestamp()))
+    if artifact_copy_due({}, 0):
+        rows.append(("pitr_artifact_copy_failing", "gauge", "1 if the last copy of the artifacts off the machine failed",
+                     1 if state.get("artifacts_error") else 0))
         rows.append(("pitr_artifact_copy_interval_seconds", "gauge", "PITR_ARTIFACT_COPY_MINUTES in seconds",
                      float(value("PITR_ARTIFACT_COPY_MINUTES")) * 60))
         if (state.get("artifacts") or {}).get("at"):
@@ -600,6 +605,7 @@ def cmd_schedule(_args: list[str]) -> int:
                 retention()
                 found = of_one_database(backups(), mine)
             write_state(ok=True, error=None, newest=found[-1]["end"] if found else None,
+                        newest_begin=found[-1]["begin"] if found else None,
                         oldest=found[0]["end"] if found else None, count=len(found))
         except Exception as exc:  # noqa: BLE001 - ours, the store's, psycopg2's (the database restarting)
             said = str(exc) if isinstance(exc, (PitrError, common.ConfigError)) else f"{type(exc).__name__}: {exc}"

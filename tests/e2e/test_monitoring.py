@@ -217,7 +217,8 @@ def test_every_metric_the_alerts_use_has_data(monitored):
     # The backup metric exists only with scheduled backups (test_backup.py's stack).
     names -= {"mlflow_stack_backup_last_good_timestamp_seconds", "mlflow_stack_backup_interval_seconds"}
     # The artifacts' copy exists only with the archive off the machine (test_pitr_offsite.py's stacks).
-    names -= {"mlflow_stack_pitr_artifacts_last_copy_timestamp_seconds", "mlflow_stack_pitr_artifact_copy_interval_seconds"}
+    names -= {"mlflow_stack_pitr_artifacts_last_copy_timestamp_seconds", "mlflow_stack_pitr_artifact_copy_interval_seconds",
+              "mlflow_stack_pitr_artifact_copy_failing"}
     # WAL given up exists only once some was (tests/unit/test_pitr.py).
     names -= {"mlflow_stack_pitr_wal_last_given_up_timestamp_seconds"}
     assert {"nginx_http_requests_total", "pg_up", "node_filesystem_avail_bytes"} <= names

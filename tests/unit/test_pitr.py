@@ -261,6 +261,10 @@ def test_artifacts_are_copied_only_off_the_machine_and_when_due(monkeypatch):
     assert pitr.artifact_copy_due({}, 1000.0)
     assert not pitr.artifact_copy_due({"artifacts": {"at": 1000.0}}, 1000.0 + 14 * 60)
     assert pitr.artifact_copy_due({"artifacts": {"at": 1000.0}}, 1000.0 + 15 * 60)
+    # A failed try waits an interval too; 0 turns copies off.
+    assert not pitr.artifact_copy_due({"artifacts_tried": 1000.0}, 1000.0 + 60)
+    monkeypatch.setenv("PITR_ARTIFACT_COPY_MINUTES", "0")
+    assert not pitr.artifact_copy_due({}, 1000.0)
 
 
 SEG = "000000010000000000000007"
@@ -305,7 +309,10 @@ def test_given_up_wal_is_recorded_per_incident_and_a_base_backup_is_due_at_once(
     assert "given up" in pitr.backup_due([backup], 1, at("1970-01-01 00:30:00"), record)
     later = dict(backup, begin="1970-01-01T00:25:00+00:00", end="1970-01-01T00:25:05+00:00")
     assert pitr.backup_due([later], 1, at("1970-01-01 00:30:00"), record) == ""
-    metrics = pitr.metrics_text({"ok": True}, tmp_path, 1300.0)
+    metrics = pitr.metrics_text({"ok": True, "newest": "1970-01-01T00:25:05+00:00",
+                                 "newest_begin": "1970-01-01T00:25:00+00:00"}, tmp_path, 1300.0)
+    # PitrWalGivenUp compares the last given up with the newest base backup's beginning.
+    assert "mlflow_stack_pitr_newest_base_backup_begin_timestamp_seconds 1500.0" in metrics
     assert "mlflow_stack_pitr_wal_segments_given_up 2" in metrics
     assert "mlflow_stack_pitr_wal_last_given_up_timestamp_seconds 1200.0" in metrics
     # Long after: another incident, which a restore between the two must tell apart.

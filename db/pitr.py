@@ -548,6 +548,21 @@ def artifact_copy_due(state: dict, now: float) -> bool:
     return off_site() and minutes > 0 and (not tried or now - tried >= minutes * 60)
 
 
+# The longest the schedule goes without listing the archive (its health's "last look").
+LIST_SECONDS = 300
+
+
+def may_be_due(state: dict, timeline: int, now: float) -> bool:
+    """Whether a base backup may be due, from the state of the last look (unit-tested): none
+    yet, a failed look, a new timeline, WAL given up since the newest began, the interval over."""
+    if not state.get("ok") or not state.get("newest") or state.get("newest_timeline") != timeline:
+        return True
+    began = dt.datetime.fromisoformat(state.get("newest_begin") or state["newest"]).timestamp()
+    if any(i["last_at"] > began for i in read_given_up(PGDATA).get("incidents", [])):
+        return True
+    return now - dt.datetime.fromisoformat(state["newest"]).timestamp() >= float(value("PITR_BASE_BACKUP_HOURS")) * 3600
+
+
 def artifact_loop() -> None:
     """The artifact copy, in a thread of its own: a long first copy holds up no base backup."""
     while True:
@@ -584,9 +599,16 @@ def cmd_schedule(_args: list[str]) -> int:
     serve_metrics()
     if off_site():
         threading.Thread(target=artifact_loop, daemon=True).start()
+    listed = 0.0
     while True:
         try:
             mine, timeline = current_system_id(), current_timeline()
+            # A minute's look costs two queries; the archive is listed only when a base backup may
+            # be due (a new timeline, WAL given up, the interval over) or every LIST_SECONDS.
+            if time.monotonic() - listed < LIST_SECONDS and not may_be_due(read_state(), timeline, time.time()):
+                time.sleep(60)
+                continue
+            listed = time.monotonic()
             found = backups()
             refused = foreign_archive(found, mine, timeline)
             if refused:
@@ -606,6 +628,7 @@ def cmd_schedule(_args: list[str]) -> int:
                 found = of_one_database(backups(), mine)
             write_state(ok=True, error=None, newest=found[-1]["end"] if found else None,
                         newest_begin=found[-1]["begin"] if found else None,
+                        newest_timeline=found[-1]["timeline"] if found else None,
                         oldest=found[0]["end"] if found else None, count=len(found))
         except Exception as exc:  # noqa: BLE001 - ours, the store's, psycopg2's (the database restarting)
             said = str(exc) if isinstance(exc, (PitrError, common.ConfigError)) else f"{type(exc).__name__}: {exc}"

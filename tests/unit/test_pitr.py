@@ -335,3 +335,18 @@ def test_a_restore_that_would_need_given_up_wal_is_refused(monkeypatch):
     assert pitr.across_given_up(healed, at("2026-12-02 12:00:00"), gaps) == ""
     assert "2026-12-03 08:59:00" in pitr.across_given_up(healed, at("2026-12-03 10:00:00"), gaps)
     assert pitr.across_given_up(before, at("2026-12-01 17:10:00"), {}) == ""
+
+def test_the_archive_is_listed_when_a_base_backup_may_be_due(tmp_path, monkeypatch):
+    monkeypatch.setenv("PITR_BASE_BACKUP_HOURS", "24")
+    monkeypatch.setattr(pitr, "PGDATA", tmp_path)
+    now = at("2026-12-07 12:00:00").timestamp()
+    state = {"ok": True, "newest": "2026-12-07T10:00:05+00:00", "newest_begin": "2026-12-07T10:00:00+00:00",
+             "newest_timeline": 1}
+    assert not pitr.may_be_due(state, 1, now)
+    assert pitr.may_be_due(state, 2, now)                                    # a restore's new timeline
+    assert pitr.may_be_due({**state, "ok": False}, 1, now)                   # a failed look
+    assert pitr.may_be_due({"ok": True}, 1, now)                             # none yet
+    assert pitr.may_be_due(state, 1, now + 23 * 3600)                        # the interval over
+    (tmp_path / "pg_wal").mkdir()
+    pitr.record_given_up(tmp_path, SEG, now - 100, now - 50, 60)
+    assert pitr.may_be_due(state, 1, now)                                    # WAL given up since

@@ -217,6 +217,13 @@ restore_to_time() {
 			die "the archive did not take the latest writes (above); nothing was restored, and the server runs again. If the archive belongs to another database (docs/backups.md), --skip-flush restores anyway, the current data kept in $BACKUP_DIR/$safety"
 		fi
 	fi
+	# Again, now that the archive is as current as it gets: WAL given up since the first plan
+	# (the safety set may have taken long) would stop the replay half-way.
+	local again
+	if ! again="$(pitr_job plan "$1")" || [ "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["backup"]["id"])' "$again")" != "$backup_id" ]; then
+		start_servers "Nothing was restored; fix the cause"
+		die "the archive changed since the restore was planned (above): nothing was restored, and the server runs again; the current data is also in $BACKUP_DIR/$safety. Run the restore again"
+	fi
 	log "Stopping the database"
 	compose stop pitr db >&2
 	log "Replacing the database's files with base backup $backup_id"
@@ -231,12 +238,15 @@ restore_to_time() {
 	compose up -d --no-deps db >&2
 	pitr_job wait-recovered \
 		|| die "the database did not recover (see above, and: docker compose logs db); the server stays stopped. $back"
-	start_servers "The database is restored to $target_iso; fix the cause"
-	if [ -n "$FROM_ARCHIVE" ] && [ "${STACK_PITR_OFF_SITE:-}" = true ]; then
+	local copy_back="python3 -m stack compose run --rm --no-deps -T -e PITR_BUCKET=$FROM_ARCHIVE pitr artifacts-restore"
+	[ -n "$FROM_ARCHIVE" ] && [ "${STACK_PITR_OFF_SITE:-}" = true ] && [ "${PITR_ARTIFACT_COPY_MINUTES:-0}" != 0 ] \
+		|| copy_back=""
+	start_servers "The database is restored to $target_iso${copy_back:+ (the artifacts are not copied back yet: after the fix, $copy_back)}; fix the cause"
+	if [ -n "$copy_back" ]; then
 		# With the server up: a large bucket takes long, and files come back as they are copied.
 		log "Copying the artifacts back from the archive's store (the server runs meanwhile)"
 		pitr_job artifacts-restore >/dev/null \
-			|| die "the database is restored and the server runs, but copying the artifacts back failed (see above): fix the cause, then copy them again (nothing is copied twice): python3 -m stack compose run --rm --no-deps -T -e PITR_BUCKET=$FROM_ARCHIVE pitr artifacts-restore"
+			|| die "the database is restored and the server runs, but copying the artifacts back failed (see above): fix the cause, then copy them again (nothing is copied twice): $copy_back"
 	fi
 	log "Restored the database to $target_iso (safety set: $BACKUP_DIR/$safety)"
 }

@@ -210,6 +210,10 @@ def current_timeline() -> int:
 
 
 SEGMENT = re.compile(r"[0-9A-F]{24}")
+# What archive_command may give up: segments, a promotion's .partial one and backup labels, which
+# recovery never asks for; never a timeline's .history, which restores need (while one is stuck,
+# nothing after it is given up either: PostgreSQL archives in order).
+GIVE_UP_NAMES = re.compile(r"[0-9A-F]{24}(\.partial|\.[0-9A-F]{8}\.backup)?")
 
 
 def archived_copy(client, name: str) -> bytes | None:
@@ -253,11 +257,13 @@ def free_fraction(path: Path) -> float:
 
 def must_give_up(name: str, free: float, min_free_percent: int, waited: float, archive_seconds: float) -> bool:
     """Give a WAL segment up (the archive fails) rather than let the volume fill: PostgreSQL
-    stops when it cannot write WAL, and every user's writes with it. Only a segment (never a
-    timeline's history, which restores need), only below the free space set, and only after
-    it has waited GIVE_UP_AFTER_TIMEOUTS archive timeouts (unit-tested)."""
-    return (bool(SEGMENT.fullmatch(name)) and min_free_percent > 0 and free * 100 < min_free_percent
-            and waited >= GIVE_UP_AFTER_TIMEOUTS * archive_seconds)
+    stops when it cannot write WAL, and every user's writes with it. Never a timeline's history
+    (restores need it), only below the free space set, and only after it has waited
+    GIVE_UP_AFTER_TIMEOUTS archive timeouts, or at once below half of it (unit-tested)."""
+    if not GIVE_UP_NAMES.fullmatch(name) or min_free_percent <= 0 or free * 100 >= min_free_percent:
+        return False
+    # Below half the free space set, at once: a burst of writes may fill the rest in minutes.
+    return waited >= GIVE_UP_AFTER_TIMEOUTS * archive_seconds or free * 200 < min_free_percent
 
 
 def read_given_up(pgdata: Path) -> dict:
@@ -285,6 +291,12 @@ def record_given_up(pgdata: Path, name: str, closed: float, now: float, archive_
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    # The rename too survives a crash (PostgreSQL syncs its own .done marks).
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return record
 
 
@@ -383,11 +395,18 @@ STATE_LOCK = threading.Lock()
 
 
 def write_state(**fields) -> None:
-    """Merge fields into the state (the schedule's and the artifact copy's threads share it)."""
-    with STATE_LOCK:
+    """Merge fields into the state, which the schedule's threads and a `pitr artifacts-copy`
+    run in the same container share: one writer at a time (a lock file), each through a
+    temporary file of its own."""
+    import fcntl
+    import tempfile
+
+    with STATE_LOCK, open(STATE.with_name(f".{STATE.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         state = {**read_state(), **fields, "at": time.time()}
-        tmp = STATE.with_name(f".{STATE.name}.tmp")
-        tmp.write_text(json.dumps(state))
+        handle, tmp = tempfile.mkstemp(dir=STATE.parent, prefix=f".{STATE.name}.")
+        with os.fdopen(handle, "w") as out:
+            out.write(json.dumps(state))
         os.replace(tmp, STATE)
 
 
@@ -497,13 +516,14 @@ def rclone_env(bucket: str = "") -> dict[str, str]:
             "RCLONE_CONFIG_SAFE_PASSWORD": obscured.stdout.strip()}
 
 
-def rclone_copy(source: str, dest: str, bucket: str = "") -> dict:
+def rclone_copy(source: str, dest: str, bucket: str = "", extra: tuple[str, ...] = ()) -> dict:
     """rclone copy SOURCE DEST; its final figures (transfers, bytes, checks, elapsed)."""
-    # Artifacts are written once: their size tells a copy from a new one, without a HEAD request per
-    # object and side (crypt keeps no hash). Objects listed page by page (no --fast-list: a bucket of
-    # millions would be held in memory). Only notices and the final figures are logged.
-    done = subprocess.run(["rclone", "copy", source, dest, "--size-only", "--use-json-log", "--stats", "100h",
-                           "--stats-log-level", "NOTICE", "--max-duration", "20h"],
+    # An object is sent when it is missing there or newer here (an artifact written again in
+    # place), told by the listings' times without a HEAD request per object and side (crypt keeps
+    # no hash). Objects listed page by page (no --fast-list: a bucket of millions would be held in
+    # memory). Only notices and the final figures are logged.
+    done = subprocess.run(["rclone", "copy", source, dest, "--update", "--use-server-modtime", *extra,
+                           "--use-json-log", "--stats", "100h", "--stats-log-level", "NOTICE", "--max-duration", "20h"],
                           env=rclone_env(bucket), capture_output=True, text=True, timeout=24 * 3600, check=False)
     stats = last_stats(done.stderr)
     if done.returncode != 0:
@@ -586,7 +606,8 @@ def cmd_artifacts_copy(_args: list[str]) -> int:
 def cmd_artifacts_restore(_args: list[str]) -> int:
     """The artifacts copied off the machine (from PITR_BUCKET's archive) into MLFLOW_BUCKET:
     what is missing or differs there; nothing is deleted."""
-    stats = rclone_copy("safe:", f"stack:{common.env('MLFLOW_BUCKET')}")
+    # What the bucket holds already (written since the restore) is left as it is.
+    stats = rclone_copy("safe:", f"stack:{common.env('MLFLOW_BUCKET')}", extra=("--ignore-existing",))
     log(f"artifacts restored from the archive off the machine: {stats['transfers']} objects, {stats['bytes']} bytes "
         f"in {stats['seconds']:.1f} s")
     print(json.dumps(stats))
@@ -663,7 +684,7 @@ def cmd_health(_args: list[str]) -> int:
 
 def state_problem(state: dict, now: float) -> str:
     """What makes the schedule unhealthy, or "" (unit-tested)."""
-    if not state:
+    if "ok" not in state:  # the artifact copy's fields alone: no look yet
         return "no look at the archive yet"
     if not state.get("ok"):
         return state.get("error", "the last look at the archive failed")
@@ -684,7 +705,7 @@ def state_problem(state: dict, now: float) -> str:
 
 def cmd_summary(_args: list[str]) -> int:
     state = read_state()
-    if not state:
+    if "ok" not in state:  # the artifact copy's fields alone: no look yet
         print("no look at the archive yet")
         return 1
     if not state.get("ok"):
@@ -697,8 +718,8 @@ def cmd_summary(_args: list[str]) -> int:
         print(f"the first base backup is being taken (for {time.time() - since:.0f} s); {waiting}" if since
               else f"no base backup yet; {waiting}")
         return 1
-    open_incidents = [i for i in read_given_up(PGDATA).get("incidents", [])
-                      if i["last_at"] > dt.datetime.fromisoformat(state["newest"]).timestamp()]
+    began = dt.datetime.fromisoformat(state.get("newest_begin") or state["newest"]).timestamp()
+    open_incidents = [i for i in read_given_up(PGDATA).get("incidents", []) if i["last_at"] > began]
     if open_incidents:
         waiting += (f"; {sum(i['count'] for i in open_incidents)} WAL segments GIVEN UP since about "
                     f"{dt.datetime.fromtimestamp(open_incidents[0]['first_closed'], dt.timezone.utc):%Y-%m-%d %H:%M} "
@@ -867,6 +888,8 @@ def cmd_restore(args: list[str]) -> int:
     target, backup_id, timeline = args
     if not PGDATA.is_dir():
         raise PitrError(f"{PGDATA} is not mounted")
+    # The record of WAL given up concerns the history restores may still go to: kept.
+    given_up = (PGDATA / GIVEN_UP).read_bytes() if (PGDATA / GIVEN_UP).exists() else None
     # The data folder is the volume's root: its content goes, the folder stays (the caller
     # took a safety copy first).
     for child in PGDATA.iterdir():
@@ -875,6 +898,9 @@ def cmd_restore(args: list[str]) -> int:
     done = barman("restore", archive_url(), SERVER_NAME, backup_id, str(PGDATA), capture=True)
     if done.returncode != 0:
         raise PitrError(f"fetching base backup {backup_id} failed: {(done.stderr or done.stdout).strip()[-800:]}")
+    if given_up is not None:
+        (PGDATA / GIVEN_UP).parent.mkdir(mode=0o700, exist_ok=True)
+        (PGDATA / GIVEN_UP).write_bytes(given_up)
     with open(PGDATA / "postgresql.auto.conf", "a", encoding="utf-8") as conf:
         conf.write(recovery_settings(target, int(timeline), value("PITR_BUCKET")))
     (PGDATA / "recovery.signal").touch()

@@ -484,7 +484,7 @@ SETTINGS: tuple[Setting, ...] = (
             doc="Region the requests to PITR_S3_ENDPOINT_URL are signed for (unused without it)."),
     Setting("PITR_ARTIFACT_COPY_MINUTES", "15", integer(0, 1440, "minutes"), section=BACKUPS, services=("pitr",),
             doc="With PITR_S3_ENDPOINT_URL: the artifact bucket is copied there this often, encrypted and "
-                "incrementally (only new objects, told by their size; nothing is deleted there). The most of "
+                "incrementally (only what is missing there or newer here; nothing is deleted there). The most of "
                 "artifacts a lost machine can cost. 0: no copy (e.g. artifacts already on a store outside, "
                 "S3_ENDPOINT_URL)."),
     Setting("PITR_ARTIFACT_PASSPHRASE", GENERATED, secret(), section=BACKUPS, services=("pitr",),

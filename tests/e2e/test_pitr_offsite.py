@@ -132,9 +132,9 @@ def test_a_lost_machine_is_restored_from_the_archive_off_it(stack, offsite, stan
     # An artifact, copied off the machine (encrypted) before the loss.
     blob = uuid.uuid4().bytes * 65536
     path = f"/api/2.0/mlflow-artifacts/artifacts/lost/{run_id}/model.bin"
-    assert stack.http("PUT", path, data=blob).status_code == 200
     # pitr copies by itself every PITR_ARTIFACT_COPY_MINUTES; this copy, now, takes what is new.
     copied_before = len(offsite_objects(offsite, OLD_BUCKET, "artifacts/"))
+    assert stack.http("PUT", path, data=blob).status_code == 200
     first = json.loads(stack.compose("exec", "-T", "pitr", "python3", "/usr/local/bin/mlflow-stack-pitr",
                                      "artifacts-copy").stdout)
     again = json.loads(stack.compose("exec", "-T", "pitr", "python3", "/usr/local/bin/mlflow-stack-pitr",

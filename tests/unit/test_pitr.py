@@ -275,9 +275,13 @@ def test_wal_is_given_up_only_when_long_waiting_on_a_nearly_full_volume():
     assert not pitr.must_give_up(SEG, 0.15, 10, waited=600, archive_seconds=60)   # room left
     assert not pitr.must_give_up(SEG, 0.05, 10, waited=300, archive_seconds=60)   # a blip, not an outage
     assert not pitr.must_give_up(SEG, 0.0, 0, waited=10 ** 6, archive_seconds=60)   # 0: never
-    # A timeline's history (restores need it), a backup label: never.
+    # Below half the free space set: at once (a burst of writes may fill the rest in minutes).
+    assert pitr.must_give_up(SEG, 0.04, 10, waited=1, archive_seconds=60)
+    # A timeline's history (restores need it): never. A backup label or a promotion's partial
+    # segment (recovery never asks for them): as a segment, or one stuck would block the rest.
     assert not pitr.must_give_up("00000002.history", 0.0, 10, waited=10 ** 6, archive_seconds=60)
-    assert not pitr.must_give_up(SEG + ".00000028.backup", 0.0, 10, waited=10 ** 6, archive_seconds=60)
+    assert pitr.must_give_up(SEG + ".00000028.backup", 0.01, 10, waited=10 ** 6, archive_seconds=60)
+    assert pitr.must_give_up(SEG + ".partial", 0.01, 10, waited=10 ** 6, archive_seconds=60)
 
 
 def test_archive_answers_retry_unless_it_gives_a_segment_up(tmp_path, monkeypatch):

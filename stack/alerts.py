@@ -133,7 +133,7 @@ def send_test(values: Mapping[str, str], compose_argv: list[str], environ: Mappi
     """Send a test alert through the running alertmanager and wait until every receiver
     took it. Returns a line per receiver; raises AlertTestError when one did not."""
     kinds = settings.alert_receivers(values)
-    if "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
+    if not settings.profile_on(values, "monitoring"):
         raise AlertTestError("the monitoring profile is off: set COMPOSE_PROFILES=monitoring (with any others) and "
                              "an ALERT_* receiver in .env, then deploy")
     if not kinds:

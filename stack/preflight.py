@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from . import alerts, compose, paths, pins, standins
+from . import alerts, compose, paths, pins, settings, standins
 
 MIN_ENGINE = (20, 10)
 # Secrets sourced from environment variables need Compose 2.23.1 or later.
@@ -297,7 +297,7 @@ def check_hooks(hooks=HOOKS) -> list[Check]:
 
 def check_alert_rules(values: Mapping[str, str]) -> list[Check]:
     """PROMETHEUS_ALERT_RULES must be a file (Compose would make a missing one a directory)."""
-    if not values.get("PROMETHEUS_ALERT_RULES") or "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
+    if not values.get("PROMETHEUS_ALERT_RULES") or not settings.profile_on(values, "monitoring"):
         return []
     path = compose.alert_rules(values)
     ok = path.is_file()
@@ -307,7 +307,7 @@ def check_alert_rules(values: Mapping[str, str]) -> list[Check]:
 
 def check_smtp_ca(values: Mapping[str, str]) -> list[Check]:
     """ALERT_SMTP_CA_FILE must be a PEM certificate (a missing file would be mounted as a directory)."""
-    if not values.get("ALERT_SMTP_CA_FILE") or "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
+    if not values.get("ALERT_SMTP_CA_FILE") or not settings.profile_on(values, "monitoring"):
         return []
     path = alerts.smtp_ca(values)
     ok = path.is_file() and _run(["openssl", "x509", "-noout", "-in", str(path)]).returncode == 0

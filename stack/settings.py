@@ -689,6 +689,11 @@ def _archive_beside_artifacts(values: Mapping[str, str]) -> list[str]:
     return []
 
 
+def profile_on(values: Mapping[str, str], name: str) -> bool:
+    """Whether COMPOSE_PROFILES chooses the optional profile `name` (monitoring, backup, gc)."""
+    return name in values.get("COMPOSE_PROFILES", "").split(",")
+
+
 def alert_receivers(values: Mapping[str, str]) -> list[str]:
     """The kinds of receiver .env sets: webhook, email."""
     return [kind for kind, key in (("webhook", "ALERT_WEBHOOK_URL"), ("email", "ALERT_EMAIL_TO")) if values.get(key)]
@@ -708,7 +713,7 @@ def _alerts_reach_someone(values: Mapping[str, str]) -> list[str]:
         errors.append("ALERT_SMTP_USERNAME is set with ALERT_SMTP_TLS=false: a login is never sent in clear "
                       "(Alertmanager refuses to); set ALERT_SMTP_TLS=true, or empty the login for a relay that "
                       "takes mail without one")
-    if alert_receivers(values) and "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
+    if alert_receivers(values) and not profile_on(values, "monitoring"):
         errors.append("ALERT_WEBHOOK_URL or ALERT_EMAIL_TO is set, but COMPOSE_PROFILES has no monitoring: the "
                       "alerts come from the monitoring profile; add monitoring to COMPOSE_PROFILES (or empty them)")
     return errors
@@ -727,7 +732,7 @@ def _outside_is_outside(values: Mapping[str, str]) -> list[str]:
 
 
 def _stores_outside_with_monitoring(values: Mapping[str, str]) -> list[str]:
-    if "monitoring" in values.get("COMPOSE_PROFILES", "").split(",") and len(own_stores(values)) < len(STORES_SETTINGS):
+    if profile_on(values, "monitoring") and len(own_stores(values)) < len(STORES_SETTINGS):
         return ["COMPOSE_PROFILES has monitoring, but POSTGRES_HOST or S3_ENDPOINT_URL names a store the stack "
                 "does not run: the monitoring profile watches the stack's own stores and volumes only (not "
                 "available with external stores yet); take monitoring out of COMPOSE_PROFILES, or the store "

@@ -127,7 +127,7 @@ for a in sorted(alerts, key=lambda a: (a["state"], a["labels"]["alertname"])):
 
 
 def monitoring(values: dict[str, str], running: set[str], compose: tuple[list[str], dict]) -> list[str]:
-    if "monitoring" not in values.get("COMPOSE_PROFILES", "").split(","):
+    if not settings.profile_on(values, "monitoring"):
         return ["  off (set COMPOSE_PROFILES=monitoring in .env, with any others, and deploy)"]
     base = f"https://{host_port(values['MLFLOW_PUBLIC_HOST'], values['HTTPS_PORT'])}{values['MLFLOW_BASE_PATH']}"
     lines = [f"  Prometheus     {base}/prometheus/ (MLflow admins)",

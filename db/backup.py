@@ -115,18 +115,31 @@ def auth_db() -> str | None:
     return name if exists == "1" else None
 
 
+def drop_database(name: str) -> None:
+    """DROP DATABASE, first without FORCE: PostgreSQL then stops an autovacuum worker in it by
+    itself, where FORCE needs the right to signal it, which a role that is not a superuser (an
+    external server's) lacks ("permission denied to terminate process", seen after a check's
+    restore). FORCE only for sessions still connected, which the stack's own role may end."""
+    try:
+        pg("dropdb", "--if-exists", name, db="postgres")
+    except BackupError as exc:
+        if "being accessed by other users" not in str(exc):
+            raise
+        pg("dropdb", "--if-exists", "--force", name, db="postgres")
+
+
 def inspect_dump(dump: Path) -> tuple[dict[str, int], str | None]:
     """Restore the dump into a scratch database: proves it restores, and counts
     exactly what it holds (the live database has moved on since the snapshot)."""
     scratch = f"mlflow_backup_check_{os.getpid()}"
-    pg("dropdb", "--if-exists", scratch, db="postgres")
+    drop_database(scratch)
     pg("createdb", scratch, db="postgres")
     try:
         with open(dump, "rb") as fh:
             pg("pg_restore", "--no-owner", "--no-acl", "--exit-on-error", "-d", scratch, stdin=fh)
         return table_counts(scratch), alembic_version(scratch)
     finally:
-        pg("dropdb", "--if-exists", "--force", scratch, db="postgres")
+        drop_database(scratch)
 
 
 # --- S3 --------------------------------------------------------------------
@@ -410,7 +423,7 @@ def _restore(set_dir: Path) -> dict:
 def restore_database(dump: Path, db: str, want: dict[str, int]) -> None:
     """Replace database `db` with the dump, then prove its row counts are the set's."""
     log(f"restoring the database {db}")
-    pg("dropdb", "--if-exists", "--force", db, db="postgres")
+    drop_database(db)
     pg("createdb", "-O", os.environ["POSTGRES_USER"], db, db="postgres")
     with open(dump, "rb") as fh:
         pg("pg_restore", "--no-owner", "--no-acl", "--exit-on-error", "-d", db, stdin=fh)

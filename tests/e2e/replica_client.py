@@ -1,11 +1,13 @@
 """Clients that keep logging while a server replica is killed (test_replicas.py).
 
-    python replica_client.py THREADS STOPFILE OUT.json
+    python replica_client.py THREADS STOPFILE OUT.json [AFTER]
 
-Each thread creates a run, then until STOPFILE exists logs metric points (PACE a second at most)
+Each thread creates a run, then logs metric points (PACE a second at most)
 (POST runs/log-metric, step 0, 1, 2, ...) and, every fifth step, a small
 artifact (PUT to the proxied artifact route), through the stack's nginx with
-the printed client settings. Plain `requests` sessions with NO retries: every
+the printed client settings, until STOPFILE exists and AFTER (0 unless given)
+of its requests begun after the thread saw it were answered with a 200: a
+count, not a time, so a slower machine logs as much after an event as a faster one. Plain `requests` sessions with NO retries: every
 answer other than 200 is recorded as the client saw it (MLflow's own client
 would hide a 502 by retrying for minutes). OUT.json: per thread the run,
 the acknowledged steps and artifacts, and every request's start, end and
@@ -35,7 +37,7 @@ def session() -> requests.Session:
     return s
 
 
-def worker(index: int, stop: Path, base: str, experiment_id: str, out: dict) -> None:
+def worker(index: int, stop: Path, after: int, base: str, experiment_id: str, out: dict) -> None:
     s = session()
     run = s.post(f"{base}/api/2.0/mlflow/runs/create", json={"experiment_id": experiment_id,
                                                                "run_name": f"replica-{index}"}, timeout=60)
@@ -44,8 +46,10 @@ def worker(index: int, stop: Path, base: str, experiment_id: str, out: dict) -> 
     artifact_base = info["artifact_uri"].split("mlflow-artifacts:", 1)[1].strip("/")
     mine = out[index] = {"run_id": info["run_id"], "artifact_uri": info["artifact_uri"], "steps": [],
                          "artifacts": [], "requests": []}
-    step, last = 0, 0.0
-    while not stop.exists():
+    step, last, stop_seen, answered_since = 0, 0.0, None, 0
+    while stop_seen is None or answered_since < after:
+        if stop_seen is None and stop.exists():
+            stop_seen = time.monotonic()
         calls = [("metric", "POST", f"{base}/api/2.0/mlflow/runs/log-metric",
                   {"json": {"run_id": info["run_id"], "key": "m", "value": step, "timestamp": 1_700_000_000_000 + step,
                             "step": step}})]
@@ -65,6 +69,8 @@ def worker(index: int, stop: Path, base: str, experiment_id: str, out: dict) -> 
             mine["requests"].append({"kind": kind, "start": started, "end": time.monotonic(), "status": status,
                                      "error": error[:300]})
             if status == 200:
+                if stop_seen is not None and started >= stop_seen:
+                    answered_since += 1
                 if kind == "metric":
                     mine["steps"].append(step)
                 else:
@@ -72,7 +78,7 @@ def worker(index: int, stop: Path, base: str, experiment_id: str, out: dict) -> 
         step += 1
 
 
-def main(threads: int, stop: Path, out_path: Path) -> None:
+def main(threads: int, stop: Path, out_path: Path, after: int) -> None:
     base = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
     s = session()
     name = f"replicas-{os.getpid()}-{int(time.time())}"
@@ -80,7 +86,7 @@ def main(threads: int, stop: Path, out_path: Path) -> None:
     created.raise_for_status()
     experiment_id = created.json()["experiment_id"]
     out: dict = {}
-    pool = [threading.Thread(target=worker, args=(i, stop, base, experiment_id, out)) for i in range(threads)]
+    pool = [threading.Thread(target=worker, args=(i, stop, after, base, experiment_id, out)) for i in range(threads)]
     for t in pool:
         t.start()
     print(f"started {threads} clients", flush=True)
@@ -90,4 +96,4 @@ def main(threads: int, stop: Path, out_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+    main(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)

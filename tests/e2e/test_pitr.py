@@ -177,10 +177,14 @@ def test_a_time_it_cannot_restore_to_is_refused_and_changes_nothing(stack, when,
     assert stack.container_ids() == ids
 
 
+POINTS_EACH_SIDE = 15
+
+
 def points_around_a_moment(stack, run_id: str, after_moment=None) -> tuple[list, dt.datetime]:
-    """A client logs metric points one by one (key "pitr", step n) for 4 s, the moment T is noted,
-    it logs 4 s more (after_moment() is called then, and must answer 200); the points as
-    (step, sent, acknowledged) and T."""
+    """A client logs metric points one by one (key "pitr", step n) until POINTS_EACH_SIDE were
+    acknowledged more than 1 s ago, the moment T is noted, it logs until POINTS_EACH_SIDE more
+    were sent after T (after_moment() is called then, and must answer 200); the points as
+    (step, sent, acknowledged) and T. Counts, not times: a slow machine logs as many."""
     points: list[tuple[int, dt.datetime, dt.datetime]] = []
     stop = threading.Event()
     failures: list[str] = []
@@ -197,12 +201,17 @@ def points_around_a_moment(stack, run_id: str, after_moment=None) -> tuple[list,
             points.append((step, sent, utc_now()))
             step += 1
 
+    def logged(condition) -> bool:
+        return bool(failures) or len([p for p in list(points) if condition(p)]) >= POINTS_EACH_SIDE
+
     logger = threading.Thread(target=log_points)
     logger.start()
     try:
-        time.sleep(4)
+        wait_for(lambda: logged(lambda p: p[2] < utc_now() - dt.timedelta(seconds=1.5)), 300,
+                 f"{POINTS_EACH_SIDE} points acknowledged before the moment", interval=0.1)
         target = utc_now()
-        time.sleep(4)
+        wait_for(lambda: logged(lambda p: p[1] > target), 300, f"{POINTS_EACH_SIDE} points sent after the moment",
+                 interval=0.1)
         if after_moment is not None:
             answer = after_moment()
             assert answer.status_code == 200, answer.text[:300]

@@ -85,7 +85,5 @@ def test_the_default_deploy_survives_a_server_crash(first_day, tmp_path):
     assert all_healthy(first_day, 2), replicas(first_day)
     memory, containers = stack_memory_mib(first_day)
     show(f"default deploy at rest: {memory:,.0f} MiB over {containers} running containers")
-    longest = kill_a_replica_while_clients_log(first_day, tmp_path, "default deploy, a replica killed")
-    # Not a timing test (the figure is printed): a bound far from the ~20 s a lone server's
-    # restart costs, so that a default deploy that waits for a restart fails here.
-    assert longest < 10, longest
+    # No metric call fails (a lone server's restart would fail them): the pause is printed, not bound.
+    kill_a_replica_while_clients_log(first_day, tmp_path, "default deploy, a replica killed")

@@ -28,6 +28,13 @@ from .conftest import assert_acknowledged_stored, server_metrics, show, wait_for
 from .test_stack import s3_client
 
 THREADS = 4
+AFTER_KILL = 50
+
+
+def replica_points(stack) -> int:
+    """The metric points replica clients logged so far (their runs are named replica-N)."""
+    return int(stack.psql("SELECT count(*) FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
+                          "WHERE m.key = 'm' AND r.name LIKE 'replica-%'"))
 
 
 def replicas(stack) -> list[dict]:
@@ -80,13 +87,17 @@ def test_a_killed_replica_costs_the_clients_nothing(replicated, tmp_path):
 
 def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
     """SIGKILL of one of two replicas while clients log; asserts that no metric call failed and
-    every acknowledged point and artifact is stored; returns the longest pause a client saw."""
+    every acknowledged point and artifact is stored; returns the longest pause a client saw.
+    After the kill each client goes on until AFTER_KILL of its requests were answered: a count,
+    so a slow machine is held to what a fast one is."""
     stop, out = tmp_path / "stop", tmp_path / "requests.json"
+    points_before = replica_points(replicated)
     client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(THREADS),
-                               str(stop), str(out)], env=replicated.client_environ(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+                               str(stop), str(out), str(AFTER_KILL)], env=replicated.client_environ(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(8)
+        wait_for(lambda: client.poll() is not None or replica_points(replicated) >= points_before + THREADS * 20,
+                 120, "the clients to log 20 points each", interval=0.5)
         victim = replicas(replicated)[0]
         # A crash, as the host sees it (`docker kill` would count as a manual stop: no restart).
         pid = int(subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", victim["ID"]], check=True,
@@ -97,10 +108,13 @@ def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
         # processes before its first one is reaped. Uploads streaming then may be cut.
         wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the killed process to be gone", interval=0.01)
         dead_at = time.monotonic()
-        time.sleep(15)
     finally:
         stop.touch()
-        stdout, stderr = client.communicate(timeout=120)
+        try:
+            stdout, stderr = client.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            pytest.fail(f"the clients did not get {AFTER_KILL} answers each within 300 s after the kill")
     assert client.returncode == 0, stderr[-4000:]
     threads = json.loads(out.read_text())
     assert len(threads) == THREADS, stdout
@@ -108,7 +122,7 @@ def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
     calls = [r for t in threads for r in t["requests"]]
     failed = [r for r in calls if r["status"] != 200]
     longest = max(r["end"] - r["start"] for r in calls)
-    after_kill = [r for r in calls if r["start"] > killed_at + 1 and r["status"] == 200]
+    after_kill = [r for r in calls if r["start"] > dead_at and r["status"] == 200]
     show(f"{what}: {len(calls)} requests from {THREADS} clients, {len(after_kill)} answered after "
          f"the kill, longest pause {longest:.2f} s; failed: "
          f"{[(r['kind'], r['status'], round(r['start'] - killed_at, 2), r['error'][:200]) for r in failed]} "
@@ -118,7 +132,7 @@ def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
     # Only an upload cut mid-body by the kill itself.
     assert all(r["kind"] == "artifact" and r["status"] == 502 and r["start"] <= dead_at and r["end"] >= killed_at
                for r in failed), [dict(r, start=r["start"] - killed_at, end=r["end"] - killed_at) for r in failed]
-    assert len(after_kill) >= THREADS * 100, "the clients did not go on logging"
+    assert len(after_kill) >= THREADS * AFTER_KILL, "the clients did not go on logging"
 
     assert_acknowledged_stored(threads, replicated.psql, s3_client(replicated), replicated.values()["MLFLOW_BUCKET"])
 
@@ -131,5 +145,7 @@ def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
 def test_genai_works_with_spans_reaching_either_replica(replicated, tmp_path):
     from .test_genai import assert_genai_works, run_genai_client
 
-    assert all_healthy(replicated, 2), replicas(replicated)
+    # The module's kill test waits for the killed replica, unless it failed before that.
+    wait_for(lambda: all_healthy(replicated, 2), 180, "both replicas healthy", interval=3,
+             detail=lambda: replicas(replicated))
     assert_genai_works(run_genai_client(replicated, tmp_path), replicated)

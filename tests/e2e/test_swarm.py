@@ -47,6 +47,8 @@ from .test_stack import s3_client
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
 
 THREADS = 3
+# Answers each client waits for after the event, before it stops.
+AFTER = 25
 # nginx's proxy_read_timeout for the writes that may be sent twice (nginx/templates).
 STALE_CALL_SECONDS = 10
 WORKERS = 2
@@ -282,7 +284,7 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
     acknowledged must be stored, and every request begun after that window must succeed."""
     stop, out = tmp_path / "stop", tmp_path / "requests.json"
     client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(THREADS),
-                               str(stop), str(out)], env=stack.client_environ(), stdout=subprocess.PIPE,
+                               str(stop), str(out), str(AFTER)], env=stack.client_environ(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(5)
@@ -290,8 +292,13 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
         window = during()
         took = time.monotonic() - started
     finally:
+        # Each client goes on until AFTER more of its requests were answered: a count, not a time.
         stop.touch()
-        stdout, stderr = client.communicate(timeout=180)
+        try:
+            stdout, stderr = client.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            pytest.fail(f"the clients did not get {AFTER} answers each within 300 s after {what}")
     assert client.returncode == 0, stderr[-4000:]
     threads = json.loads(out.read_text())
     calls = [r for t in threads for r in t["requests"]]
@@ -316,9 +323,8 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
         assert len([r for r in failed if r["kind"] == "metric"]) <= 2 * THREADS, failed
         # They recovered: every request begun after the window succeeded (above), and there were
         # such requests (a client may still have been waiting out an upload cut by the loss).
-        assert len([r for r in calls if r["start"] > replaced_at and r["status"] == 200]) >= 5, \
+        assert len([r for r in calls if r["start"] > replaced_at and r["status"] == 200]) >= THREADS * AFTER, \
             "the clients did not go on after the replica was replaced"
-    assert len(calls) >= THREADS * 50, "the clients did not go on logging"
     assert_acknowledged_stored(threads, lambda sql: psql(stack, sql), s3_client(stack), stack.values()["MLFLOW_BUCKET"])
     return threads
 

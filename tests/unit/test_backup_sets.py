@@ -102,3 +102,38 @@ def test_the_last_good_backup_is_a_metric_for_the_textfile_collector(tmp_path):
     assert "mlflow_stack_backup_interval_seconds 86400\n" in text
     assert (tmp_path / backup.METRICS_FILE).stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == [backup.METRICS_FILE]
+
+
+@pytest.mark.parametrize("plain_error, calls", [
+    (None, [("dropdb", "--if-exists", "db1")]),
+    # Sessions still connected: FORCE ends them (the stack's own role may).
+    ("dropdb failed: ERROR:  database \"db1\" is being accessed by other users",
+     [("dropdb", "--if-exists", "db1"), ("dropdb", "--if-exists", "--force", "db1")]),
+])
+def test_a_database_is_dropped_without_force_first(monkeypatch, plain_error, calls):
+    made = []
+
+    def pg(*args, db=None, **kw):
+        made.append(args)
+        if len(made) == 1 and plain_error:
+            raise backup.BackupError(plain_error)
+        return ""
+
+    monkeypatch.setattr(backup, "pg", pg)
+    backup.drop_database("db1")
+    assert made == calls
+
+
+def test_another_failure_to_drop_a_database_is_not_forced(monkeypatch):
+    """FORCE cannot end an autovacuum worker for a role that is not a superuser: it is never
+    the answer to anything but connected sessions."""
+    made = []
+
+    def pg(*args, db=None, **kw):
+        made.append(args)
+        raise backup.BackupError("dropdb failed: permission denied")
+
+    monkeypatch.setattr(backup, "pg", pg)
+    with pytest.raises(backup.BackupError, match="permission denied"):
+        backup.drop_database("db1")
+    assert made == [("dropdb", "--if-exists", "db1")]

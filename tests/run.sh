@@ -48,22 +48,43 @@ if [ "${1:-}" = --quick ]; then
 	set -- -m "not e2e and not slow" "$@"
 fi
 if [ "$#" -eq 0 ]; then
-	# The whole suite in three parts. Two side by side: the unit tests and the modules that
-	# share a deployment, in order, here; each module with a deployment of its own (marked
-	# slow: backups, the upgrade, external stores, a full disk, the first day) in a second
-	# process, whose output follows this one's. Then the swarm module alone: leaving the
-	# swarm broke name resolution in the Compose stacks running beside it (Debian's 20.10).
+	# The whole suite in three lanes side by side (a lane mostly waits on deploys and
+	# healthchecks: the swarm module alone left 73% of this machine's 2 cores idle):
+	#   here:    the modules that share a deployment;
+	#   own:     the modules with deployments of their own (marked slow), but the backups';
+	#   third:   the unit tests (but the slow ones, in "own"), the backups' module, the swarm's.
+	# The other two lanes' output follows this one's. Leaving the swarm broke name resolution
+	# in the Compose stacks running beside it (Debian's 20.10), so the swarm module stays a
+	# manager (STACK_TEST_SWARM_LEAVE=later) and this script leaves once every lane is done.
 	figures="$ROOT/.cache/test-figures.txt"
 	mkdir -p "$ROOT/.cache"
 	rm -f "$figures"
 	own_log="$ROOT/.cache/test-own-deployments.log"
-	STACK_TEST_PART=own python -m pytest -m "slow and not swarm" >"$own_log" 2>&1 &
+	third_log="$ROOT/.cache/test-unit-backups-swarm.log"
+	# Only a swarm the test made (its mark): never one this engine was in before.
+	swarm_mark="$ROOT/.cache/swarm-made-by-tests"
+	rm -f "$swarm_mark"
+	leave_swarm() {
+		if [ -f "$swarm_mark" ]; then
+			docker swarm leave --force >/dev/null 2>&1 || true
+			rm -f "$swarm_mark"
+		fi
+	}
+	trap 'leave_swarm' EXIT
+	STACK_TEST_PART=own python -m pytest -m "slow and not swarm" --ignore tests/e2e/test_backup.py \
+		>"$own_log" 2>&1 &
 	own=$!
-	STACK_TEST_PART=shared python -m pytest -m "not slow and not swarm" || status=$?
+	STACK_TEST_PART=third STACK_TEST_SWARM_LEAVE=later python -m pytest -m "e2e or not slow" tests/unit \
+		tests/e2e/test_backup.py tests/e2e/test_swarm.py >"$third_log" 2>&1 &
+	third=$!
+	STACK_TEST_PART=shared python -m pytest -m "e2e and not slow and not swarm" || status=$?
 	wait "$own" || status=$?
+	wait "$third" || status=$?
+	leave_swarm
 	echo "==> the modules with deployments of their own (run side by side with the above):"
 	cat "$own_log"
-	STACK_TEST_PART=swarm python -m pytest -m swarm || status=$?
+	echo "==> the unit tests, the backups and the swarm (run side by side with the above):"
+	cat "$third_log"
 	if [ -f "$figures" ]; then
 		echo "==> figures"
 		cat "$figures"

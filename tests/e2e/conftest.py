@@ -30,10 +30,11 @@ HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 _failures: list[str] = []
 
 
-# Runs after every other module: it makes this machine's engine a swarm manager and
-# then leaves the swarm, and leaving broke name resolution inside the Compose stacks
-# still running on Debian's 20.10 engine ("could not translate host name db", seen
-# in CI: every later module that used the shared stack failed).
+# Runs after every other module of its process: it makes this machine's engine a swarm
+# manager and then leaves the swarm, and leaving broke name resolution inside the Compose
+# stacks still running on Debian's 20.10 engine ("could not translate host name db", seen
+# in CI: every later module that used the shared stack failed). tests/run.sh, with other
+# processes side by side, has it stay a manager and leaves once they are all done.
 LAST_MODULE = "test_swarm.py"
 
 
@@ -42,7 +43,7 @@ LAST_MODULE = "test_swarm.py"
 def pytest_collection_modifyitems(session, config, items):
     # Unit tests first (quick feedback); otherwise the order pytest collected.
     # Every e2e module sets up the data it checks, so any module order works, but
-    # the swarm module goes last (LAST_MODULE; tests/run.sh runs it after the rest).
+    # the swarm module goes last (LAST_MODULE).
     items.sort(key=lambda item: (Path(str(item.fspath)).parent.name != "unit",
                                  Path(str(item.fspath)).name == LAST_MODULE))
     for item in items:
@@ -312,7 +313,7 @@ def new_stack(standins: dict[str, str], workdir: Path, project_prefix: str) -> S
         "BACKUP_DIR": str(workdir / "backups"),
         # One server replica (the default is two): smaller and quicker to deploy, for the many
         # modules that do not depend on it. The default's two are deployed by
-        # test_reachable_host.py (a first deploy as a user makes it) and test_replicas.py.
+        # test_reachable_host.py (a first deploy as a user makes it).
         "MLFLOW_REPLICAS": "1",
     }
     if "BUILD_CA_CERT" not in environ and HOST_CA.exists():

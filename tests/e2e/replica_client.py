@@ -1,4 +1,4 @@
-"""Clients that keep logging while a server replica is killed (test_replicas.py).
+"""Clients that keep logging while a server replica is killed (replicas.py).
 
     python replica_client.py THREADS STOPFILE OUT.json [AFTER]
 

@@ -2,7 +2,7 @@
 (`target`), from a client process with only the printed settings (genai_client.py):
 tracing with nested spans, feedback, trace search, an OTLP/HTTP export to /v1/traces
 (401 without a login), the prompt registry and mlflow.genai.evaluate with a code scorer.
-test_replicas.py runs the same client against two replicas."""
+test_reachable_host.py runs the same client against two replicas."""
 
 from __future__ import annotations
 

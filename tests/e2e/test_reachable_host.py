@@ -4,10 +4,12 @@ A deployment of its own whose first deploy is given no MLFLOW_PUBLIC_HOST and no
 MLFLOW_REPLICAS, as a user's would be: it prints a name or address that is not loopback,
 and a request to it over TLS, trusting the printed CA, sent from a container on a network
 of its own (not from this machine's loopback), is answered. Its ports bind to that address
-only. It runs two server replicas; one is killed (SIGKILL) while clients log: no metric
-call fails or goes unanswered, nothing acknowledged is lost, and the longest pause is
-printed (test_replicas.py has the details). (That the shared deployment, made for
-localhost, printed the loopback warning is checked in test_stack.py.)"""
+only. It runs two server replicas: nginx spreads requests over both (each replica's own
+request counters rise), MLflow 3's GenAI features work with spans reaching either, and one
+is killed (SIGKILL) while clients log: no metric call fails or goes unanswered, nothing
+acknowledged is lost, and the longest pause is printed (replicas.py has the details).
+(That the shared deployment, made for localhost, printed the loopback warning is checked
+in test_stack.py.)"""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import pytest
 from stack import common
 
 from .conftest import new_stack, show, stack_lifetime
+from .replicas import all_healthy, kill_a_replica_while_clients_log, replicas, served
 
 pytestmark = pytest.mark.slow
 
@@ -77,9 +80,25 @@ def test_the_printed_address_is_not_loopback_and_a_colleague_reaches_it(first_da
     assert seen["status"] == 200 and "Default" in seen["names"], seen
 
 
+def test_two_replicas_share_the_requests(first_day):
+    assert first_day.values()["MLFLOW_REPLICAS"] == "2"
+    assert all_healthy(first_day, 2), replicas(first_day)
+    before = [served(first_day, i) for i in (1, 2)]
+    for _ in range(40):
+        assert first_day.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1").status_code == 200
+    after = [served(first_day, i) for i in (1, 2)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    assert sum(after) - sum(before) >= 40
+
+
+def test_genai_works_with_spans_reaching_either_replica(first_day, tmp_path):
+    from .test_genai import assert_genai_works, run_genai_client
+
+    assert_genai_works(run_genai_client(first_day, tmp_path), first_day)
+
+
 def test_the_default_deploy_survives_a_server_crash(first_day, tmp_path):
     from .test_bench import stack_memory_mib
-    from .test_replicas import all_healthy, kill_a_replica_while_clients_log, replicas
 
     assert first_day.values()["MLFLOW_REPLICAS"] == "2"
     assert all_healthy(first_day, 2), replicas(first_day)

@@ -30,6 +30,7 @@ there), and the nodes pull from it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,6 +53,8 @@ AFTER = 25
 # nginx's proxy_read_timeout for the writes that may be sent twice (nginx/templates).
 STALE_CALL_SECONDS = 10
 WORKERS = 2
+# Written once this module made the engine a swarm manager: what tests/run.sh may leave.
+SWARM_MARK = ROOT / ".cache" / "swarm-made-by-tests"
 # The flags that work for docker-in-docker here (see the field notes): no --privileged;
 # SYS_PTRACE lets the node's runc enter a container running as another user (healthchecks).
 NODE_FLAGS = ["--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN", "--cap-add", "SYS_PTRACE",
@@ -102,6 +105,8 @@ def cluster(standins):
             docker("run", "-d", "--name", name, "--hostname", name, *NODE_FLAGS, "--network", network,
                    "-e", f"REGISTRY_FORWARD={port}:{prefix}-registry:5000", node_image)
         docker("swarm", "init", "--advertise-addr", gateway)
+        SWARM_MARK.parent.mkdir(exist_ok=True)
+        SWARM_MARK.write_text(prefix)
         manager = docker("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
         docker("node", "update", "--label-add", f"{swarm.DATA_LABEL}=true", manager)
         token = docker("swarm", "join-token", "-q", "worker").stdout.strip()
@@ -115,7 +120,11 @@ def cluster(standins):
     finally:
         for name in workers:
             docker("rm", "-f", "-v", name, check=False)
-        docker("swarm", "leave", "--force", check=False)
+        # Leaving breaks name resolution in Compose stacks running beside (Debian's 20.10):
+        # tests/run.sh, running modules side by side, leaves once they are all done.
+        if os.environ.get("STACK_TEST_SWARM_LEAVE") != "later":
+            docker("swarm", "leave", "--force", check=False)
+            SWARM_MARK.unlink(missing_ok=True)
         docker("rm", "-f", "-v", f"{prefix}-registry", check=False)
         docker("network", "rm", network, check=False)
         # The tags the deploy gave the images for this registry (the images stay under their own names).

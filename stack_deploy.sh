@@ -187,9 +187,9 @@ step_schema() {
 }
 
 step_up() {
-	log "Starting services and waiting until all are healthy (up to ${DEPLOY_TIMEOUT:-900} s)"
+	log "Starting services and waiting until all are healthy (up to ${DEPLOY_TIMEOUT} s)"
 	up_and_wait "Fix it and run ./stack_deploy.sh again (data volumes are kept)" \
-		--remove-orphans --wait-timeout "${DEPLOY_TIMEOUT:-900}"
+		--remove-orphans --wait-timeout "${DEPLOY_TIMEOUT}"
 	# Compose leaves the services of a profile that was turned off running.
 	local off
 	mapfile -t off < <(stack_py inactive)
@@ -208,7 +208,7 @@ step_swarm() {
 	stack_py swarm-push
 	local files upgrade_note
 	mapfile -t files < <(stack_py swarm-file)
-	log "Deploying stack $COMPOSE_PROJECT_NAME to the swarm (${files[2]}): the stores, then the jobs, then the rest; waiting until every service runs healthy (up to ${DEPLOY_TIMEOUT:-900} s each)"
+	log "Deploying stack $COMPOSE_PROJECT_NAME to the swarm (${files[2]}): the stores, then the jobs, then the rest; waiting until every service runs healthy (up to ${DEPLOY_TIMEOUT} s each)"
 	local failed="the stack did not settle on the swarm; the tasks above say why (docker service logs ${COMPOSE_PROJECT_NAME}_SERVICE for more). Fix it and run ./stack_deploy.sh --swarm again (data volumes are kept)"
 	if [ -n "$STACK_OWN_STORES" ] && ! swarm_deploy "${files[0]}"; then
 		swarm_failed "$failed"
@@ -228,9 +228,9 @@ step_swarm() {
 swarm_deploy() {
 	local file="$1"
 	shift
-	timeout "${DEPLOY_TIMEOUT:-900}" docker stack deploy --detach=true --resolve-image changed \
+	timeout "${DEPLOY_TIMEOUT}" docker stack deploy --detach=true --resolve-image changed \
 		--with-registry-auth "$@" -c "$file" "$COMPOSE_PROJECT_NAME" >&2 || return
-	_stack_python swarm-wait --timeout "${DEPLOY_TIMEOUT:-900}" "$file"
+	_stack_python swarm-wait --timeout "${DEPLOY_TIMEOUT}" "$file"
 }
 
 step_client_env() {

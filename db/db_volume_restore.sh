@@ -116,7 +116,7 @@ stop_servers() {
 		compose --profile gc stop nginx mlflow gc >&2
 		return 0
 	fi
-	timeout "${DEPLOY_TIMEOUT:-900}" docker service scale --detach=false "${SWARM_SERVERS[@]/%=*/=0}" >/dev/null \
+	timeout "${DEPLOY_TIMEOUT}" docker service scale --detach=false "${SWARM_SERVERS[@]/%=*/=0}" >/dev/null \
 		|| swarm_failed "the servers did not stop; nothing was restored. To start them again: $SWARM_FIX"
 }
 
@@ -128,8 +128,8 @@ start_servers() {
 		return 0
 	fi
 	# The migrate job runs again first: a set from an older MLflow is upgraded.
-	if ! timeout "${DEPLOY_TIMEOUT:-900}" docker service update --detach=false --force "${COMPOSE_PROJECT_NAME}_migrate" >/dev/null \
-		|| ! timeout "${DEPLOY_TIMEOUT:-900}" docker service scale --detach=false "${SWARM_SERVERS[@]}" >/dev/null \
+	if ! timeout "${DEPLOY_TIMEOUT}" docker service update --detach=false --force "${COMPOSE_PROJECT_NAME}_migrate" >/dev/null \
+		|| ! timeout "${DEPLOY_TIMEOUT}" docker service scale --detach=false "${SWARM_SERVERS[@]}" >/dev/null \
 		|| ! _stack_python swarm-check; then
 		swarm_failed "the servers did not come back (the tasks above say why; docker service logs ${COMPOSE_PROJECT_NAME}_migrate). $1 and $SWARM_FIX"
 	fi

@@ -23,7 +23,14 @@ on_error() {
 trap on_error ERR
 
 log() { printf '==> %s\n' "$*" >&2; }
+
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# DEPLOY_TIMEOUT: seconds a deploy, a restore or a swarm step waits for services to be
+# healthy, from the caller's environment (not .env); its one default.
+DEPLOY_TIMEOUT="${DEPLOY_TIMEOUT:-900}"
+[[ "$DEPLOY_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "DEPLOY_TIMEOUT must be a whole number of seconds, got '$DEPLOY_TIMEOUT'"
+export DEPLOY_TIMEOUT
+
 # usage_error MESSAGE: a wrong command line. Every script alike (and the Python side,
 # argparse): the usage on stderr, the error, exit status 2; other failures exit 1.
 usage_error() { usage >&2; printf 'error: %s\n' "$*" >&2; exit 2; }

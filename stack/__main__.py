@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_swarm_file)
     p = sub.add_parser("swarm-wait")
     p.add_argument("file")
-    # Required: its one default is DEPLOY_TIMEOUT's, in stack_deploy.sh.
+    # Required: its one default is DEPLOY_TIMEOUT's, in scripts/lib.sh.
     p.add_argument("--timeout", type=int, required=True)
     p.set_defaults(func=cmd_swarm_wait)
     p = sub.add_parser("swarm-check")

@@ -52,6 +52,14 @@ def test_one_command_line_convention(script, tmp_path):
     assert version.returncode == 0 and version.stdout == f"{Path(script).name} {(ROOT / 'VERSION').read_text()}"
 
 
+@pytest.mark.parametrize("script", ["stack_deploy.sh", "db/db_volume_restore.sh"])
+def test_a_deploy_timeout_that_is_no_number_is_named(script, tmp_path):
+    args = ["--dry-run"] if script == "stack_deploy.sh" else []
+    bad = run(script, *args, env_file=tmp_path / ".env", extra={"DEPLOY_TIMEOUT": "15m"})
+    assert bad.returncode == 1 and "DEPLOY_TIMEOUT must be a whole number of seconds, got '15m'" in bad.stderr, bad
+    assert not (tmp_path / ".env").exists()
+
+
 def test_a_deploy_over_another_release_says_so(tmp_path):
     env = tmp_path / ".env"
     project = f"mlflowunit{uuid.uuid4().hex[:8]}"

@@ -81,7 +81,7 @@ def cloud_env() -> dict[str, str]:
 
 
 def cloud_args() -> list[str]:
-    return ["--cloud-provider", "aws-s3", "--endpoint-url", common.env("S3_INTERNAL_ENDPOINT", "http://minio:9000")]
+    return ["--cloud-provider", "aws-s3", "--endpoint-url", common.env("S3_INTERNAL_ENDPOINT", common.OWN_S3_ENDPOINT)]
 
 
 def barman(tool: str, *args: str, capture: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess:

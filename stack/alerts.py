@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Mapping, Optional
 
-from . import paths, settings
+from . import common, paths, settings
 
 # Where the service finds its secrets (docker-compose.yml's secrets of the same names).
 SECRETS = Path("/run/secrets")
@@ -28,7 +28,7 @@ SECRETS = Path("/run/secrets")
 SMTP_CA = "/etc/alertmanager/smtp-ca.pem"
 RECEIVER = "stack"
 TEST_ALERT = "StackTestAlert"
-PORT = 9093
+PORT = common.port("alertmanager")
 CONFIG_NAME = "alertmanager.yml"
 # Failed requests to a receiver after which --test-alert stops waiting for it.
 FAILURES_TO_GIVE_UP = 3

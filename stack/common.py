@@ -82,7 +82,7 @@ def postgres_params(environ: Optional[Mapping[str, str]] = None) -> dict[str, st
     role = _environ(environ).get("POSTGRES_ROLE")
     return {
         "host": env("POSTGRES_HOST", "db", environ),
-        "port": env("POSTGRES_PORT", "5432", environ),
+        "port": env("POSTGRES_PORT", str(port("db")), environ),
         "user": role or env("POSTGRES_USER", environ=environ),
         "password": secret("POSTGRES_ROLE_PASSWORD" if role else "POSTGRES_PASSWORD", environ),
         "dbname": env("POSTGRES_DB", environ=environ),
@@ -118,7 +118,7 @@ def s3_client(environ: Optional[Mapping[str, str]] = None, endpoint: Optional[st
 
     return boto3.client(
         "s3",
-        endpoint_url=endpoint or env("S3_INTERNAL_ENDPOINT", "http://minio:9000", environ),
+        endpoint_url=endpoint or env("S3_INTERNAL_ENDPOINT", OWN_S3_ENDPOINT, environ),
         aws_access_key_id=secret("AWS_ACCESS_KEY_ID", environ),
         aws_secret_access_key=secret("AWS_SECRET_ACCESS_KEY", environ),
         region_name=env("S3_REGION", "us-east-1", environ),
@@ -168,11 +168,42 @@ ARTIFACTS_PREFIX = "artifacts"
 # alert BackupTooOld). Removed by a deploy that turns scheduled backups off.
 BACKUP_METRICS_FILE = "mlflow-stack-backup.prom"
 
+# --- Topology: where each service listens inside the stack's networks ----------
+# One home for the internal ports and the MLflow image's user: Python reads them here;
+# docker-compose.yml, monitoring/prometheus.yml and the Dockerfiles cannot import them,
+# so tests/unit/test_topology.py checks that they name the same; docs/configuration.md
+# shows them (generated, beside the settings table). None is published: only nginx is.
+TOPOLOGY: dict[str, tuple[int, str]] = {
+    # name: (port, what listens there)
+    "mlflow": (5000, "the MLflow server (nginx's upstream, MLFLOW_INTERNAL_URL)"),
+    "mlflow-metrics": (9101, "the server workers' Prometheus metrics (MLFLOW_METRICS_PORT; Prometheus only)"),
+    "db": (5432, "PostgreSQL"),
+    "minio": (9000, "the S3 store's API"),
+    "pitr-metrics": (9102, "the point-in-time archive's metrics (PITR_METRICS_PORT)"),
+    "prometheus": (9090, "Prometheus (profile monitoring; through nginx for admins)"),
+    "alertmanager": (9093, "Alertmanager (profile monitoring)"),
+    "nginx-exporter": (9113, "nginx's request metrics (profile monitoring)"),
+    "nginx-exporter-syslog": (5140, "nginx's per-request lines, over syslog (UDP)"),
+    "postgres-exporter": (9187, "PostgreSQL's metrics (profile monitoring)"),
+    "node-exporter": (9100, "the volumes' free space, the backup job's metrics (profile monitoring)"),
+}
+# The MLflow image's user and group (mlflow/Dockerfile), which owns its tmpfs mounts.
+IMAGE_UID = 10001
+
+
+def port(name: str) -> int:
+    return TOPOLOGY[name][0]
+
+
+# The stack's own S3 store, as the services reach it.
+OWN_S3_ENDPOINT = f"http://minio:{port('minio')}"
+
+
 # nginx sends one line per request over syslog to the nginx-exporter service
 # (profile monitoring, mlflow/nginx_metrics.py), which Prometheus scrapes.
 NGINX_EXPORTER = "nginx-exporter"
-NGINX_EXPORTER_SYSLOG_PORT = 5140
-NGINX_EXPORTER_METRICS_PORT = 9113
+NGINX_EXPORTER_SYSLOG_PORT = port("nginx-exporter-syslog")
+NGINX_EXPORTER_METRICS_PORT = port("nginx-exporter")
 NGINX_METRICS_TAG = "nginx_metrics"
 
 # MinIO's error code (with a 507) for an object or part it has no room for: the

@@ -120,7 +120,7 @@ def stores(values: Mapping[str, str]) -> list[tuple[str, str]]:
         # What a PostgreSQL outside must allow (the stack's own gets POSTGRES_MAX_CONNECTIONS).
         ("STACK_CONNECTIONS_NEEDED", str(settings.connections_needed(values))),
         ("STACK_POSTGRES_HOST", "db" if "db" in own else values["POSTGRES_HOST"]),
-        ("STACK_POSTGRES_PORT", "5432" if "db" in own else values["POSTGRES_PORT"]),
+        ("STACK_POSTGRES_PORT", str(common.port("db")) if "db" in own else values["POSTGRES_PORT"]),
         # The server's and gc's login: the stack's own role, or POSTGRES_USER on a server outside.
         ("STACK_POSTGRES_SERVER_ROLE", common.SERVER_ROLE if "db" in own else values["POSTGRES_USER"]),
         ("STACK_POSTGRES_SERVER_PASSWORD_NAME", "postgres_server_password" if "db" in own else "postgres_password"),
@@ -128,7 +128,7 @@ def stores(values: Mapping[str, str]) -> list[tuple[str, str]]:
         # The point-in-time archive's bucket, made by bucket-init: only for the stack's own
         # PostgreSQL (a server outside has its provider's point-in-time recovery).
         ("STACK_PITR_BUCKET", values["PITR_BUCKET"] if "db" in own else ""),
-        ("STACK_S3_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
+        ("STACK_S3_ENDPOINT", common.OWN_S3_ENDPOINT if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
         # The archive's store: the artifacts' (its keys), or the one off the machine.
         *archive_store(values, own),
         ("STACK_BACKEND_INTERNAL", "true" if len(own) == len(settings.STORES_SETTINGS)
@@ -146,7 +146,7 @@ def archive_store(values: Mapping[str, str], own: list[str]) -> list[tuple[str, 
                 ("STACK_PITR_ACCESS_KEY_NAME", "pitr_s3_access_key"),
                 ("STACK_PITR_SECRET_KEY_NAME", "pitr_s3_secret_key")]
     return [("STACK_PITR_OFF_SITE", ""),
-            ("STACK_PITR_ENDPOINT", "http://minio:9000" if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
+            ("STACK_PITR_ENDPOINT", common.OWN_S3_ENDPOINT if "minio" in own else values["S3_ENDPOINT_URL"].rstrip("/")),
             ("STACK_PITR_REGION", values["S3_REGION"]),
             ("STACK_PITR_ACCESS_KEY_NAME", "minio_root_user"),
             ("STACK_PITR_SECRET_KEY_NAME", "minio_root_password")]

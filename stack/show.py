@@ -135,8 +135,8 @@ def monitoring(values: dict[str, str], running: set[str], compose: tuple[list[st
     if "prometheus" not in running:
         return lines + ["  alerts         unavailable: the prometheus service is not running"]
     argv, env = compose
-    code, out = _run([*argv, "exec", "-T", "prometheus", "wget", "-qO-", "http://127.0.0.1:9090/api/v1/alerts"],
-                     env=env)
+    alerts_url = f"http://127.0.0.1:{common.port('prometheus')}/api/v1/alerts"
+    code, out = _run([*argv, "exec", "-T", "prometheus", "wget", "-qO-", alerts_url], env=env)
     if code != 0:
         return lines + ["  alerts         unavailable (Prometheus did not answer)"]
     code, shown = _run([sys.executable, "-c", _ALERTS], stdin=out)

@@ -147,10 +147,11 @@ restore_live() {
 		mapfile -t SWARM_SERVERS <<<"$servers"
 		[ -n "${SWARM_SERVERS[0]}" ] || die "the swarm stack file names no server service; run ./stack_deploy.sh --swarm here first"
 	fi
-	local counts runs safety=""
+	local counts exports safety=""
 	counts="$(backup_job -- counts)"
-	runs="$(python3 -c 'import json,sys; c=json.loads(sys.argv[1]); print(c.get("runs", 0) + max(c.get("experiments", 0) - 1, 0))' "$counts")"
-	if [ "$runs" -gt 0 ]; then
+	exports="$(stack_py holds-data "$counts")"
+	eval "$exports"
+	if [ "$STACK_HOLDS_DATA" = yes ]; then
 		confirm "The stack holds data; replace it with $NAME? (a safety backup is taken first)" \
 			|| die "nothing changed"
 	fi
@@ -192,10 +193,11 @@ restore_to_time() {
 	require_stores_running
 	servers_deployed || die "the stack is not deployed: run ./stack_deploy.sh first, then restore"
 	log "Finding the base backup a restore to $1 starts from"
-	local plan target target_iso backup_id timeline safety=""
+	local plan exports safety=""
 	plan="$(pitr_job plan "$1")" || die "nothing was changed"
-	{ read -r target; read -r target_iso; read -r backup_id; read -r timeline; } < <(python3 -c \
-		'import json,sys; p=json.loads(sys.argv[1]); print(p["target"]); print(p["target_iso"]); print(p["backup"]["id"]); print(p["timeline"])' "$plan")
+	exports="$(stack_py restore-plan "$plan")"
+	eval "$exports"
+	local target="$PLAN_TARGET" target_iso="$PLAN_TARGET_ISO" backup_id="$PLAN_BACKUP_ID" timeline="$PLAN_TIMELINE"
 	confirm "Replace the database with its state at $target_iso (from base backup $backup_id)? Every run, metric, model and account change since, by every user, goes back too; a safety backup is taken first" \
 		|| die "nothing changed"
 	stop_servers
@@ -220,7 +222,8 @@ restore_to_time() {
 	# Again, now that the archive is as current as it gets: WAL given up since the first plan
 	# (the safety set may have taken long) would stop the replay half-way.
 	local again
-	if ! again="$(pitr_job plan "$1")" || [ "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["backup"]["id"])' "$again")" != "$backup_id" ]; then
+	if ! again="$(pitr_job plan "$1")" || ! exports="$(stack_py restore-plan "$again")" || ! eval "$exports" \
+		|| [ "$PLAN_BACKUP_ID" != "$backup_id" ]; then
 		start_servers "Nothing was restored; fix the cause"
 		die "the archive changed since the restore was planned (above): nothing was restored, and the server runs again; the current data is also in $BACKUP_DIR/$safety. Run the restore again"
 	fi

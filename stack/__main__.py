@@ -29,6 +29,10 @@
   swarm-backup-env                        export lines for a backup of the swarm stack (its images, MLflow version)
   swarm-servers                           STACK_SERVICE=REPLICAS of the server tier in the deployed stack file
                                           (what a restore stops and starts again)
+  holds-data COUNTS                       export STACK_HOLDS_DATA=yes or no: whether the table counts (JSON,
+                                          the backup job's `counts`) hold a run or an experiment besides Default
+  restore-plan PLAN                       export lines of a point-in-time plan (JSON, db/pitr.py's `plan`):
+                                          PLAN_TARGET, PLAN_TARGET_ISO, PLAN_BACKUP_ID, PLAN_TIMELINE
   users ...                               ./stack_users.sh
 """
 
@@ -426,6 +430,26 @@ def cmd_swarm_servers(_args) -> int:
     return 0
 
 
+def holds_data(counts: dict) -> bool:
+    """Whether a database holds what a user made: a run, or an experiment besides the Default one
+    MLflow creates (a restore over it asks first and takes a safety set)."""
+    return counts.get("runs", 0) > 0 or counts.get("experiments", 0) > 1
+
+
+def cmd_holds_data(args) -> int:
+    print(compose.export_lines([("STACK_HOLDS_DATA", "yes" if holds_data(json.loads(args.counts)) else "no")]),
+          end="")
+    return 0
+
+
+def cmd_restore_plan(args) -> int:
+    plan = json.loads(args.plan)
+    print(compose.export_lines([("PLAN_TARGET", plan["target"]), ("PLAN_TARGET_ISO", plan["target_iso"]),
+                                ("PLAN_BACKUP_ID", plan["backup"]["id"]), ("PLAN_TIMELINE", plan["timeline"])]),
+          end="")
+    return 0
+
+
 def cmd_swarm_backup_env(_args) -> int:
     """What a backup set records of the swarm stack: each service's image, and the MLflow
     version in the server's image (asked of the image here: its tasks may run on other nodes)."""
@@ -497,6 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_swarm_check)
     sub.add_parser("swarm-backup-env").set_defaults(func=cmd_swarm_backup_env)
     sub.add_parser("swarm-servers").set_defaults(func=cmd_swarm_servers)
+    p = sub.add_parser("holds-data")
+    p.add_argument("counts")
+    p.set_defaults(func=cmd_holds_data)
+    p = sub.add_parser("restore-plan")
+    p.add_argument("plan")
+    p.set_defaults(func=cmd_restore_plan)
     sub.add_parser("swarm-running").set_defaults(func=cmd_swarm_running)
     sub.add_parser("swarm-prune").set_defaults(func=cmd_swarm_prune)
     sub.add_parser("swarm-worker").set_defaults(func=cmd_swarm_worker)

@@ -191,3 +191,31 @@ def test_shell_never_parses_env():
             code = line.split("#", 1)[0]
             assert not re.search(r"\b(grep|sed|awk|cut|read)\b.*(STACK_ENV_FILE|env_file|\.env\b)", code), (script, line)
             assert not re.search(r"^\s*(\.|source)\s+\S*(STACK_ENV_FILE|\.env\b)", code), (script, line)
+
+
+@pytest.mark.parametrize("counts, holds", [
+    ({}, "no"), ({"experiments": 1, "runs": 0}, "no"), ({"experiments": 2, "runs": 0}, "yes"),
+    ({"experiments": 1, "runs": 1}, "yes"),
+])
+def test_whether_a_database_holds_data_reaches_shell_as_an_export(counts, holds):
+    import json
+
+    out = subprocess.run(["python3", "-m", "stack", "holds-data", json.dumps(counts)], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out == f"export STACK_HOLDS_DATA={holds}\n"
+
+
+def test_a_restore_plan_reaches_shell_as_quoted_exports():
+    import json
+
+    plan = {"target": "2026-12-07 10:00:00+00", "target_iso": "2026-12-07T10:00:00+00:00",
+            "backup": {"id": "20261207T0900"}, "timeline": 2}
+    out = subprocess.run(["python3", "-m", "stack", "restore-plan", json.dumps(plan)], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    shown = subprocess.run(["bash", "-c", f'{out}\nprintf "%s|" "$PLAN_TARGET" "$PLAN_TARGET_ISO" "$PLAN_BACKUP_ID" '
+                                          '"$PLAN_TIMELINE"'], capture_output=True, text=True, check=True).stdout
+    assert shown == "2026-12-07 10:00:00+00|2026-12-07T10:00:00+00:00|20261207T0900|2|"
+
+
+def test_the_restore_script_parses_no_json():
+    assert "python3 -c" not in (ROOT / "db" / "db_volume_restore.sh").read_text()

@@ -62,3 +62,11 @@ def test_the_compose_file_gives_the_images_user_its_tmpfs(tmp_path):
     text = (ROOT / "docker-compose.yml").read_text()
     owners = set(re.findall(r"uid=(\d+),gid=(\d+)", text))
     assert owners == {(str(common.IMAGE_UID), str(common.IMAGE_UID))}, owners
+
+
+def test_alertmanager_finds_the_smtp_ca_where_its_configuration_says(tmp_path):
+    from stack import alerts
+
+    services = compose_config(tmp_path, "--profile", "*")["services"]
+    mounted = {v["target"] for v in services["alertmanager"]["volumes"]}
+    assert alerts.SMTP_CA in mounted, mounted

@@ -83,8 +83,8 @@ def outside(standins):
                "-e", "MINIO_ROOT_PASSWORD=" + stores["secret_key"], "-p", f"{gateway}:{stores['s3_port']}:9000",
                image(standins, "MINIO_IMAGE"), "server", "/data", "--address", ":9000")
         wait_for(lambda: docker("exec", f"{name}-pg", "pg_isready", "-h", "127.0.0.1", "-U", "postgres",
-                                check=False).returncode == 0, 90, "the outside PostgreSQL")
-        wait_for(lambda: docker("exec", f"{name}-s3", "mc", "ready", "local", check=False).returncode == 0, 90,
+                                check=False).returncode == 0, 180, "the outside PostgreSQL")
+        wait_for(lambda: docker("exec", f"{name}-s3", "mc", "ready", "local", check=False).returncode == 0, 180,
                  "the outside S3 store")
         # As on a managed service: a role that owns its database and may create databases, no superuser.
         admin_psql(stores, f"CREATE ROLE {ROLE} LOGIN CREATEDB PASSWORD '{stores['password']}'")

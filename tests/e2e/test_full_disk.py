@@ -165,7 +165,7 @@ def test_the_nearly_full_volume_fires_the_disk_alerts(small):
         # A ratio within a hair of the threshold may cross it between scrape and evaluation.
         unsure = {mount for mount, ratio in ratios.items() if abs(ratio - 0.10) < 0.002}
         return (named ^ low) <= unsure and "/volumes/minio" in named and len(ratios) >= 3
-    wait_for(agree, 60, "VolumeNearlyFull to name exactly the volumes below 10% free", interval=5,
+    wait_for(agree, 180, "VolumeNearlyFull to name exactly the volumes below 10% free", interval=5,
              detail=lambda: api(small, "alerts")["alerts"])
 
 

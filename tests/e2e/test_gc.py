@@ -78,7 +78,7 @@ class LockHolder:
             [*argv, "exec", "-T", "db", "psql", "-U", stack.values()["POSTGRES_USER"], "-d", "postgres",
              "-c", f"SELECT pg_advisory_lock({MAINTENANCE_LOCK})", "-c", "SELECT pg_sleep(600)"],
             env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: self._holders() == "1", 30, "the psql session to hold the maintenance lock", interval=0.5)
+        wait_for(lambda: self._holders() == "1", 180, "the psql session to hold the maintenance lock", interval=0.5)
 
     def _holders(self) -> str:
         return self.stack.psql(f"SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "

@@ -88,7 +88,7 @@ def test_an_archive_that_fails_is_reported_and_catches_up_when_back(stack):
     unhealthy; back up, the archive takes them all and nothing was lost."""
     run_id = make_run(stack)
     # A segment the archive timeout just closed may be on its way.
-    wait_for(lambda: not metrics(stack)["mlflow_stack_pitr_wal_segments_waiting"], 60, "no segment waiting")
+    wait_for(lambda: not metrics(stack)["mlflow_stack_pitr_wal_segments_waiting"], 180, "no segment waiting")
     stack.compose("stop", "minio")
     try:
         assert stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
@@ -144,10 +144,10 @@ def test_a_segment_of_another_history_is_never_overwritten(stack):
             stack.psql("SELECT txid_current()")
             return stack.psql("SELECT pg_walfile_name(pg_switch_wal())") >= segment
 
-        wait_for(closed, 60, f"{segment} to be closed", interval=1)
+        wait_for(closed, 180, f"{segment} to be closed", interval=1)
         said = f"already holds a different {segment}"
         wait_for(lambda: said in stack.compose("logs", "db").stdout,
-                 60, "the db's log to say the archive holds another history")
+                 180, "the db's log to say the archive holds another history")
         assert metrics(stack)["mlflow_stack_pitr_wal_segments_waiting"] >= 1
         assert (stack.psql("SELECT last_archived_wal FROM pg_stat_archiver") or "") < segment
     finally:

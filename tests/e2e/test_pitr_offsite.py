@@ -113,7 +113,7 @@ def test_wal_is_given_up_rather_than_fill_the_volume_and_a_base_backup_follows(s
         logs = stack.compose("logs", "--no-color", "db").stdout
         assert f"GIVING UP WAL segment {segment}" in logs, logs[-3000:]
         given_up = wait_for(lambda: metrics(stack).get("mlflow_stack_pitr_wal_last_given_up_timestamp_seconds"),
-                            60, "the metric of WAL given up")
+                            180, "the metric of WAL given up")
         assert stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
             "run_id": run_id, "key": "pitr", "value": 2, "timestamp": 0, "step": 2}).status_code == 200
     finally:

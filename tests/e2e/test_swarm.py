@@ -111,11 +111,11 @@ def cluster(standins):
         docker("node", "update", "--label-add", f"{swarm.DATA_LABEL}=true", manager)
         token = docker("swarm", "join-token", "-q", "worker").stdout.strip()
         for name in workers:
-            wait_for(lambda: docker("exec", name, "docker", "info", check=False).returncode == 0, 60,
+            wait_for(lambda: docker("exec", name, "docker", "info", check=False).returncode == 0, 180,
                      f"{name}'s dockerd to start")
             docker("exec", name, "docker", "swarm", "join", "--token", token, f"{gateway}:2377")
         wait_for(lambda: docker("node", "ls", "--format", "{{.Status}}").stdout.split() == ["Ready"] * (WORKERS + 1),
-                 60, "every node to be ready")
+                 180, "every node to be ready")
         yield Cluster(prefix, f"127.0.0.1:{port}", workers, manager)
     finally:
         for name in workers:

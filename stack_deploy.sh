@@ -49,6 +49,7 @@ while [ $# -gt 0 ]; do
 		*) usage_error "unknown option: $1" ;;
 	esac
 done
+require_deploy_timeout
 case "$VARIANT" in ""|pip|conda) ;; *) usage_error "--variant $VARIANT: use pip or conda" ;; esac
 export ASSUME_YES
 

@@ -122,8 +122,11 @@ def drop_database(name: str) -> None:
     restore). FORCE only for sessions still connected, which the stack's own role may end."""
     try:
         pg("dropdb", "--if-exists", name, db="postgres")
-    except BackupError as exc:
-        if "being accessed by other users" not in str(exc):
+    except BackupError:
+        # Asked, not read from the message (a server may answer in another language).
+        sessions = psql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                        f"AND datname = '{name}'", db="postgres")
+        if sessions in ("", "0"):
             raise
         pg("dropdb", "--if-exists", "--force", name, db="postgres")
 

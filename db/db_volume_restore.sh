@@ -57,6 +57,7 @@ while [ $# -gt 0 ]; do
 		*) [ -z "$SET" ] || usage_error "one set at a time"; SET="$1"; shift ;;
 	esac
 done
+require_deploy_timeout
 export ASSUME_YES
 if [ -n "$TO_TIME" ]; then
 	[ -z "$SET" ] || usage_error "a set or --to-time, not both"

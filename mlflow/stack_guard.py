@@ -481,7 +481,7 @@ def whole_small_answers(send):
     so headers and body can leave a few milliseconds apart. A server process killed in
     between leaves nginx with headers it has already passed on (so it can neither answer
     502 nor send the request to another replica) and the client with a cut connection and
-    no answer: seen once in 1,353 calls while a replica was killed (test_replicas). Held
+    no answer: seen once in 1,353 calls while a replica was killed (the e2e replica test). Held
     here, the two writes follow each other at once; a streamed answer's first part is sent
     as soon as it comes."""
     held = None

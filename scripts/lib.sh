@@ -26,10 +26,13 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # DEPLOY_TIMEOUT: seconds a deploy, a restore or a swarm step waits for services to be
-# healthy, from the caller's environment (not .env); its one default.
+# healthy, from the caller's environment (not .env); its one default. The scripts that
+# wait check it (require_deploy_timeout) once their command line is read.
 DEPLOY_TIMEOUT="${DEPLOY_TIMEOUT:-900}"
-[[ "$DEPLOY_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "DEPLOY_TIMEOUT must be a whole number of seconds, got '$DEPLOY_TIMEOUT'"
 export DEPLOY_TIMEOUT
+require_deploy_timeout() {
+	[[ "$DEPLOY_TIMEOUT" =~ ^[1-9][0-9]*$ ]] || die "DEPLOY_TIMEOUT must be a whole number of seconds, got '$DEPLOY_TIMEOUT'"
+}
 
 # usage_error MESSAGE: a wrong command line. Every script alike (and the Python side,
 # argparse): the usage on stderr, the error, exit status 2; other failures exit 1.

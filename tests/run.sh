@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: unit and static checks, then the end-to-end suite on a
-# local Docker engine. Usage: tests/run.sh [--quick] [pytest args...]
+# The whole test suite: unit and static checks and the end-to-end suite on a
+# local Docker engine, side by side (the unit tests' output follows the shared
+# deployment's). Usage: tests/run.sh [--quick] [pytest args...]
 #
 # --quick: the unit and static checks without the slow ones (about 2 minutes,
 # no Docker; one needs nginx, as .ci/run installs it), for your own loop:
@@ -61,16 +62,31 @@ if [ "$#" -eq 0 ]; then
 	rm -f "$figures"
 	own_log="$ROOT/.cache/test-own-deployments.log"
 	third_log="$ROOT/.cache/test-unit-backups-swarm.log"
-	# Only a swarm the test made (its mark): never one this engine was in before.
+	# Only a swarm the test made (its mark): never one this engine was in before. A mark left by
+	# an interrupted run is such a swarm: left before this run's test makes its own.
 	swarm_mark="$ROOT/.cache/swarm-made-by-tests"
-	rm -f "$swarm_mark"
 	leave_swarm() {
 		if [ -f "$swarm_mark" ]; then
 			docker swarm leave --force >/dev/null 2>&1 || true
 			rm -f "$swarm_mark"
 		fi
 	}
-	trap 'leave_swarm' EXIT
+	leave_swarm
+	own="" third=""
+	# Interrupted: the lanes in the background end first (they ignore SIGINT), then the swarm goes.
+	# shellcheck disable=SC2329  # called by the EXIT trap
+	stop_lanes() {
+		local pid
+		for pid in $own $third; do
+			kill "$pid" 2>/dev/null || true
+		done
+		for pid in $own $third; do
+			wait "$pid" 2>/dev/null || true
+		done
+		leave_swarm
+	}
+	trap 'stop_lanes' EXIT
+	trap 'exit 130' INT TERM
 	STACK_TEST_PART=own python -m pytest -m "slow and not swarm" --ignore tests/e2e/test_backup.py \
 		>"$own_log" 2>&1 &
 	own=$!
@@ -80,6 +96,7 @@ if [ "$#" -eq 0 ]; then
 	STACK_TEST_PART=shared python -m pytest -m "e2e and not slow and not swarm" || status=$?
 	wait "$own" || status=$?
 	wait "$third" || status=$?
+	own="" third=""
 	leave_swarm
 	echo "==> the modules with deployments of their own (run side by side with the above):"
 	cat "$own_log"

@@ -6,8 +6,9 @@ Each thread creates a run, then logs metric points (PACE a second at most)
 (POST runs/log-metric, step 0, 1, 2, ...) and, every fifth step, a small
 artifact (PUT to the proxied artifact route), through the stack's nginx with
 the printed client settings, until STOPFILE exists and AFTER (0 unless given)
-of its requests begun after the thread saw it were answered with a 200: a
-count, not a time, so a slower machine logs as much after an event as a faster one. Plain `requests` sessions with NO retries: every
+of its requests begun after the thread saw it were answered with a 200 (a
+count, not a time, so a slower machine logs as much after an event as a faster
+one), or GIVE_UP_SECONDS passed since. Plain `requests` sessions with NO retries: every
 answer other than 200 is recorded as the client saw it (MLflow's own client
 would hide a 502 by retrying for minutes). OUT.json: per thread the run,
 the acknowledged steps and artifacts, and every request's start, end and
@@ -27,6 +28,9 @@ import requests
 from requests.adapters import HTTPAdapter
 
 PACE = 20
+# After STOPFILE, a thread that does not get its AFTER answers stops this long after (its
+# records then show why).
+GIVE_UP_SECONDS = 240
 
 
 def session() -> requests.Session:
@@ -47,7 +51,7 @@ def worker(index: int, stop: Path, after: int, base: str, experiment_id: str, ou
     mine = out[index] = {"run_id": info["run_id"], "artifact_uri": info["artifact_uri"], "steps": [],
                          "artifacts": [], "requests": []}
     step, last, stop_seen, answered_since = 0, 0.0, None, 0
-    while stop_seen is None or answered_since < after:
+    while stop_seen is None or (answered_since < after and time.monotonic() < stop_seen + GIVE_UP_SECONDS):
         if stop_seen is None and stop.exists():
             stop_seen = time.monotonic()
         calls = [("metric", "POST", f"{base}/api/2.0/mlflow/runs/log-metric",

@@ -55,17 +55,37 @@ def served(stack, index: int) -> float:
                if line.startswith("mlflow_http_request_total{"))
 
 
-def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
-    """SIGKILL of one of two replicas while clients log; asserts that no metric call failed and
-    every acknowledged point and artifact is stored; returns the longest pause a client saw.
-    After the kill each client goes on until AFTER_KILL of its requests were answered: a count,
-    so a slow machine is held to what a fast one is."""
+def clients_logging(stack, tmp_path, threads: int, after: int, during) -> tuple:
+    """replica_client.py's clients (`threads` of them, no retries of their own) log while
+    during(client) runs; then each goes on until `after` more of its requests were answered (a
+    count: a slow machine is held to what a fast one is), or gives up 240 s after (the records
+    then show why). Returns during()'s result and the clients' records."""
     stop, out = tmp_path / "stop", tmp_path / "requests.json"
-    points_before = replica_points(replicated)
-    client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(THREADS),
-                               str(stop), str(out), str(AFTER_KILL)], env=replicated.client_environ(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(threads),
+                               str(stop), str(out), str(after)], env=stack.client_environ(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     try:
+        result = during(client)
+    finally:
+        stop.touch()
+        try:
+            stdout, stderr = client.communicate(timeout=360)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            pytest.fail("the clients did not stop within 360 s")
+    assert client.returncode == 0, stderr[-4000:]
+    records = json.loads(out.read_text())
+    assert len(records) == threads, stdout
+    return result, records
+
+
+def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
+    """SIGKILL of one of two replicas while clients log, until the restart policy has brought it
+    back and each client has AFTER_KILL more answers; asserts that no metric call failed and
+    every acknowledged point and artifact is stored; returns the longest pause a client saw."""
+    points_before = replica_points(replicated)
+
+    def kill(client):
         wait_for(lambda: client.poll() is not None or replica_points(replicated) >= points_before + THREADS * 20,
                  120, "the clients to log 20 points each", interval=0.5)
         victim = replicas(replicated)[0]
@@ -78,17 +98,12 @@ def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
         # processes before its first one is reaped. Uploads streaming then may be cut.
         wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the killed process to be gone", interval=0.01)
         dead_at = time.monotonic()
-    finally:
-        stop.touch()
-        try:
-            stdout, stderr = client.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            client.kill()
-            pytest.fail(f"the clients did not get {AFTER_KILL} answers each within 300 s after the kill")
-    assert client.returncode == 0, stderr[-4000:]
-    threads = json.loads(out.read_text())
-    assert len(threads) == THREADS, stdout
+        # The restart policy brings the killed replica back, while the clients log.
+        wait_for(lambda: all_healthy(replicated, 2), 180, "the killed replica to be healthy again", interval=3,
+                 detail=lambda: replicas(replicated))
+        return killed_at, dead_at
 
+    (killed_at, dead_at), threads = clients_logging(replicated, tmp_path, THREADS, AFTER_KILL, kill)
     calls = [r for t in threads for r in t["requests"]]
     failed = [r for r in calls if r["status"] != 200]
     longest = max(r["end"] - r["start"] for r in calls)
@@ -102,11 +117,7 @@ def kill_a_replica_while_clients_log(replicated, tmp_path, what: str) -> float:
     # Only an upload cut mid-body by the kill itself.
     assert all(r["kind"] == "artifact" and r["status"] == 502 and r["start"] <= dead_at and r["end"] >= killed_at
                for r in failed), [dict(r, start=r["start"] - killed_at, end=r["end"] - killed_at) for r in failed]
+    # Each client went on after the replica was back (it gives up after 240 s otherwise).
     assert len(after_kill) >= THREADS * AFTER_KILL, "the clients did not go on logging"
-
     assert_acknowledged_stored(threads, replicated.psql, s3_client(replicated), replicated.values()["MLFLOW_BUCKET"])
-
-    # The restart policy brings the killed replica back.
-    wait_for(lambda: all_healthy(replicated, 2), 180, "the killed replica to be healthy again", interval=3,
-             detail=lambda: replicas(replicated))
     return longest

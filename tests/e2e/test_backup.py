@@ -35,7 +35,7 @@ def stack(standins, tmp_path_factory):
     alternative, sharing the stack and having every other module re-create its
     data lazily, saves that deploy but is no cheaper: every set, restore and cold
     copy here would then carry the other modules' data (test_stack.py leaves a
-    1 GiB artifact; this module makes about nine sets and two restores), and the
+    320 MiB artifact; this module makes about nine sets and two restores), and the
     counts here could only be lower bounds. Here they are exact: the stack holds
     this module's data and nothing else.
     """

@@ -180,11 +180,12 @@ def test_a_time_it_cannot_restore_to_is_refused_and_changes_nothing(stack, when,
 POINTS_EACH_SIDE = 15
 
 
-def points_around_a_moment(stack, run_id: str, after_moment=None) -> tuple[list, dt.datetime]:
+def points_around_a_moment(stack, run_id: str, after_moment=None, span_after: float = 0.0) -> tuple[list, dt.datetime]:
     """A client logs metric points one by one (key "pitr", step n) until POINTS_EACH_SIDE were
-    acknowledged more than 1 s ago, the moment T is noted, it logs until POINTS_EACH_SIDE more
-    were sent after T (after_moment() is called then, and must answer 200); the points as
-    (step, sent, acknowledged) and T. Counts, not times: a slow machine logs as many."""
+    acknowledged more than 1.5 s ago, the moment T is noted, it logs until POINTS_EACH_SIDE more
+    were sent after T and one after T + span_after (after_moment() is called then, and must
+    answer 200); the points as (step, sent, acknowledged) and T. Counts, not times: a slow
+    machine logs as many, a fast one as long."""
     points: list[tuple[int, dt.datetime, dt.datetime]] = []
     stop = threading.Event()
     failures: list[str] = []
@@ -193,8 +194,12 @@ def points_around_a_moment(stack, run_id: str, after_moment=None) -> tuple[list,
         step = 0
         while not stop.is_set():
             sent = utc_now()
-            answer = stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
-                "run_id": run_id, "key": "pitr", "value": step, "timestamp": 0, "step": step})
+            try:
+                answer = stack.http("POST", "/api/2.0/mlflow/runs/log-metric", json={
+                    "run_id": run_id, "key": "pitr", "value": step, "timestamp": 0, "step": step})
+            except Exception as exc:  # noqa: BLE001 - said by the test, not lost with the thread
+                failures.append(f"{type(exc).__name__}: {exc}"[:200])
+                return
             if answer.status_code != 200:
                 failures.append(answer.text[:200])
                 return
@@ -210,8 +215,9 @@ def points_around_a_moment(stack, run_id: str, after_moment=None) -> tuple[list,
         wait_for(lambda: logged(lambda p: p[2] < utc_now() - dt.timedelta(seconds=1.5)), 300,
                  f"{POINTS_EACH_SIDE} points acknowledged before the moment", interval=0.1)
         target = utc_now()
-        wait_for(lambda: logged(lambda p: p[1] > target), 300, f"{POINTS_EACH_SIDE} points sent after the moment",
-                 interval=0.1)
+        later = target + dt.timedelta(seconds=span_after)
+        wait_for(lambda: logged(lambda p: p[1] > target) and (failures or any(p[1] > later for p in list(points))),
+                 300, f"{POINTS_EACH_SIDE} points sent after the moment, one {span_after:g} s after it", interval=0.1)
         if after_moment is not None:
             answer = after_moment()
             assert answer.status_code == 200, answer.text[:300]
@@ -233,7 +239,8 @@ def test_restore_to_a_moment_keeps_what_was_acknowledged_before_it_and_nothing_s
     assert stack.http("POST", "/api/2.0/mlflow/users/create",
                       json={"username": before_user, "password": uuid.uuid4().hex}).status_code == 200
 
-    points, target = points_around_a_moment(stack, run_id, after_moment=lambda: stack.http(
+    # One sent after the second restore's moment (T + 2 s), below.
+    points, target = points_around_a_moment(stack, run_id, span_after=3, after_moment=lambda: stack.http(
         "POST", "/api/2.0/mlflow/users/create", json={"username": after_user, "password": uuid.uuid4().hex}))
     before = [p for p in points if p[2] < target - dt.timedelta(seconds=1)]
     after = [p for p in points if p[1] > target]

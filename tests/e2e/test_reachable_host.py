@@ -22,7 +22,7 @@ import pytest
 
 from stack import common
 
-from .conftest import new_stack, show, stack_lifetime
+from .conftest import new_stack, show, stack_lifetime, wait_for
 from .replicas import all_healthy, kill_a_replica_while_clients_log, replicas, served
 
 pytestmark = pytest.mark.slow
@@ -94,6 +94,9 @@ def test_two_replicas_share_the_requests(first_day):
 def test_genai_works_with_spans_reaching_either_replica(first_day, tmp_path):
     from .test_genai import assert_genai_works, run_genai_client
 
+    # Both replicas serve (another test of this module kills one; it waits for its return).
+    wait_for(lambda: all_healthy(first_day, 2), 180, "both replicas healthy", interval=3,
+             detail=lambda: replicas(first_day))
     assert_genai_works(run_genai_client(first_day, tmp_path), first_day)
 
 

@@ -43,6 +43,7 @@ import pytest
 from stack import swarm
 
 from .conftest import ROOT, assert_acknowledged_stored, free_port, new_stack, wait_for
+from .replicas import clients_logging
 from .test_stack import s3_client
 
 pytestmark = [pytest.mark.swarm, pytest.mark.slow]
@@ -291,25 +292,14 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
     the node was lost and its replica not yet replaced; the swarm's DNS and overlay may name a
     task that no longer, or not yet, answers (in CI, once: two 10 s timeouts). Everything
     acknowledged must be stored, and every request begun after that window must succeed."""
-    stop, out = tmp_path / "stop", tmp_path / "requests.json"
-    client = subprocess.Popen([sys.executable, str(Path(__file__).parent / "replica_client.py"), str(THREADS),
-                               str(stop), str(out), str(AFTER)], env=stack.client_environ(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    try:
+    def run(_client):
         time.sleep(5)
         started = time.monotonic()
         window = during()
-        took = time.monotonic() - started
-    finally:
-        # Each client goes on until AFTER more of its requests were answered: a count, not a time.
-        stop.touch()
-        try:
-            stdout, stderr = client.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            client.kill()
-            pytest.fail(f"the clients did not get {AFTER} answers each within 300 s after {what}")
-    assert client.returncode == 0, stderr[-4000:]
-    threads = json.loads(out.read_text())
+        return window, time.monotonic() - started
+
+    # Each client goes on until AFTER more of its requests were answered: a count, not a time.
+    (window, took), threads = clients_logging(stack, tmp_path, THREADS, AFTER, run)
     calls = [r for t in threads for r in t["requests"]]
     failed = [r for r in calls if r["status"] != 200]
     answered = [r for r in calls if r["status"] == 200]
@@ -334,6 +324,7 @@ def logging_clients(stack, tmp_path, during, capsys, what: str) -> list[dict]:
         # such requests (a client may still have been waiting out an upload cut by the loss).
         assert len([r for r in calls if r["start"] > replaced_at and r["status"] == 200]) >= THREADS * AFTER, \
             "the clients did not go on after the replica was replaced"
+    assert len(answered) >= THREADS * AFTER, "the clients did not go on logging"
     assert_acknowledged_stored(threads, lambda sql: psql(stack, sql), s3_client(stack), stack.values()["MLFLOW_BUCKET"])
     return threads
 

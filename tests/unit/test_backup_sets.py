@@ -104,19 +104,20 @@ def test_the_last_good_backup_is_a_metric_for_the_textfile_collector(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [backup.METRICS_FILE]
 
 
-@pytest.mark.parametrize("plain_error, calls", [
-    (None, [("dropdb", "--if-exists", "db1")]),
+@pytest.mark.parametrize("fails, sessions, calls", [
+    (False, "0", [("dropdb", "--if-exists", "db1")]),
     # Sessions still connected: FORCE ends them (the stack's own role may).
-    ("dropdb failed: ERROR:  database \"db1\" is being accessed by other users",
-     [("dropdb", "--if-exists", "db1"), ("dropdb", "--if-exists", "--force", "db1")]),
+    (True, "2", [("dropdb", "--if-exists", "db1"), ("psql",), ("dropdb", "--if-exists", "--force", "db1")]),
 ])
-def test_a_database_is_dropped_without_force_first(monkeypatch, plain_error, calls):
+def test_a_database_is_dropped_without_force_first(monkeypatch, fails, sessions, calls):
     made = []
 
     def pg(*args, db=None, **kw):
-        made.append(args)
-        if len(made) == 1 and plain_error:
-            raise backup.BackupError(plain_error)
+        made.append(args[:1] if args[0] == "psql" else args)
+        if args[0] == "psql":
+            return sessions
+        if len(made) == 1 and fails:
+            raise backup.BackupError("dropdb failed: ERROR:  la base de données « db1 » est utilisée")
         return ""
 
     monkeypatch.setattr(backup, "pg", pg)
@@ -125,15 +126,17 @@ def test_a_database_is_dropped_without_force_first(monkeypatch, plain_error, cal
 
 
 def test_another_failure_to_drop_a_database_is_not_forced(monkeypatch):
-    """FORCE cannot end an autovacuum worker for a role that is not a superuser: it is never
-    the answer to anything but connected sessions."""
+    """FORCE cannot end an autovacuum worker for a role that is not a superuser: it is used
+    only for client sessions still connected."""
     made = []
 
     def pg(*args, db=None, **kw):
-        made.append(args)
+        made.append(args[:1] if args[0] == "psql" else args)
+        if args[0] == "psql":
+            return "0"
         raise backup.BackupError("dropdb failed: permission denied")
 
     monkeypatch.setattr(backup, "pg", pg)
     with pytest.raises(backup.BackupError, match="permission denied"):
         backup.drop_database("db1")
-    assert made == [("dropdb", "--if-exists", "db1")]
+    assert made == [("dropdb", "--if-exists", "db1"), ("psql",)]

@@ -13,6 +13,7 @@ def test_generated_files_match_the_settings_table():
     regenerate them with `python3 -m stack.settings write` after changing the table."""
     assert (ROOT / ".env.example").read_text() == settings.example_text()
     assert settings.settings_table() in (ROOT / settings.TABLE_PAGE).read_text()
+    assert settings.topology_table() in (ROOT / settings.TABLE_PAGE).read_text()
 
 
 def test_every_default_and_rule_round_trips():

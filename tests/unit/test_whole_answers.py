@@ -5,7 +5,7 @@ moment later, as a Flask answer can leave through a thread; it is killed in betw
 
 Without the server's guard, nginx has already passed the headers on, so it can neither answer
 502 nor send the call to the other server: the client's connection is cut and it gets no
-answer (test_replicas saw this once in ~1,600 calls). Through the guard
+answer (the e2e replica test saw this once in ~1,600 calls). Through the guard
 (mlflow/stack_guard.py, whole_small_answers) the headers wait for the body, nginx sees the
 server die before any answer and sends the call to the other one: the client gets a 200."""
 

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: unit and static checks and the end-to-end suite on a
-# local Docker engine, side by side (the unit tests' output follows the shared
-# deployment's). Usage: tests/run.sh [--quick] [pytest args...]
+# The whole test suite: unit and static checks, then the end-to-end suite on a
+# local Docker engine. Usage: tests/run.sh [--quick] [pytest args...]
 #
 # --quick: the unit and static checks without the slow ones (about 2 minutes,
 # no Docker; one needs nginx, as .ci/run installs it), for your own loop:
@@ -49,19 +48,17 @@ if [ "${1:-}" = --quick ]; then
 	set -- -m "not e2e and not slow" "$@"
 fi
 if [ "$#" -eq 0 ]; then
-	# The whole suite in three lanes side by side (a lane mostly waits on deploys and
-	# healthchecks: the swarm module alone left 73% of this machine's 2 cores idle):
-	#   here:    the modules that share a deployment;
-	#   own:     the modules with deployments of their own (marked slow), but the backups';
-	#   third:   the unit tests (but the slow ones, in "own"), the backups' module, the swarm's.
-	# The other two lanes' output follows this one's. Leaving the swarm broke name resolution
-	# in the Compose stacks running beside it (Debian's 20.10), so the swarm module stays a
-	# manager (STACK_TEST_SWARM_LEAVE=later) and this script leaves once every lane is done.
+	# The whole suite in two lanes side by side (each waits much of its time on deploys and
+	# healthchecks; a third lane, tried, only saturated this machine's 2 cores and took longer):
+	#   here:    the unit tests, the modules that share a deployment, then the swarm's;
+	#   own:     the modules with deployments of their own (marked slow); its output follows.
+	# Leaving the swarm broke name resolution in the Compose stacks running beside it (Debian's
+	# 20.10), so the swarm module stays a manager (STACK_TEST_SWARM_LEAVE=later) and this script
+	# leaves once both lanes are done.
 	figures="$ROOT/.cache/test-figures.txt"
 	mkdir -p "$ROOT/.cache"
 	rm -f "$figures"
 	own_log="$ROOT/.cache/test-own-deployments.log"
-	third_log="$ROOT/.cache/test-unit-backups-swarm.log"
 	# Only a swarm the test made (its mark): never one this engine was in before. A mark left by
 	# an interrupted run is such a swarm: left before this run's test makes its own.
 	swarm_mark="$ROOT/.cache/swarm-made-by-tests"
@@ -72,36 +69,26 @@ if [ "$#" -eq 0 ]; then
 		fi
 	}
 	leave_swarm
-	own="" third=""
-	# Interrupted: the lanes in the background end first (they ignore SIGINT), then the swarm goes.
+	own=""
+	# Interrupted: the lane in the background ends first (it ignores SIGINT), then the swarm goes.
 	# shellcheck disable=SC2329  # called by the EXIT trap
 	stop_lanes() {
-		local pid
-		for pid in $own $third; do
-			kill "$pid" 2>/dev/null || true
-		done
-		for pid in $own $third; do
-			wait "$pid" 2>/dev/null || true
-		done
+		if [ -n "$own" ]; then
+			kill "$own" 2>/dev/null || true
+			wait "$own" 2>/dev/null || true
+		fi
 		leave_swarm
 	}
 	trap 'stop_lanes' EXIT
 	trap 'exit 130' INT TERM
-	STACK_TEST_PART=own python -m pytest -m "slow and not swarm" --ignore tests/e2e/test_backup.py \
-		>"$own_log" 2>&1 &
+	STACK_TEST_PART=own python -m pytest -m "slow and not swarm" >"$own_log" 2>&1 &
 	own=$!
-	STACK_TEST_PART=third STACK_TEST_SWARM_LEAVE=later python -m pytest -m "e2e or not slow" tests/unit \
-		tests/e2e/test_backup.py tests/e2e/test_swarm.py >"$third_log" 2>&1 &
-	third=$!
-	STACK_TEST_PART=shared python -m pytest -m "e2e and not slow and not swarm" || status=$?
+	STACK_TEST_PART=shared STACK_TEST_SWARM_LEAVE=later python -m pytest -m "not slow or swarm" || status=$?
 	wait "$own" || status=$?
-	wait "$third" || status=$?
-	own="" third=""
+	own=""
 	leave_swarm
 	echo "==> the modules with deployments of their own (run side by side with the above):"
 	cat "$own_log"
-	echo "==> the unit tests, the backups and the swarm (run side by side with the above):"
-	cat "$third_log"
 	if [ -f "$figures" ]; then
 		echo "==> figures"
 		cat "$figures"

@@ -84,8 +84,9 @@ def test_two_replicas_share_the_requests(first_day):
     assert first_day.values()["MLFLOW_REPLICAS"] == "2"
     assert all_healthy(first_day, 2), replicas(first_day)
     before = [served(first_day, i) for i in (1, 2)]
+    printed = first_day.client_env["MLFLOW_TRACKING_URI"].rstrip("/")  # its ports are on that address only
     for _ in range(40):
-        assert first_day.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1").status_code == 200
+        assert first_day.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1", base=printed).status_code == 200
     after = [served(first_day, i) for i in (1, 2)]
     assert all(a > b for a, b in zip(after, before)), (before, after)
     assert sum(after) - sum(before) >= 40

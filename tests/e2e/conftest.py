@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -62,7 +63,14 @@ def show(text: str) -> None:
         fh.write(text.strip("\n") + "\n\n")
 
 
+def _interrupted(signum, _frame):
+    # tests/run.sh ends its background lane with SIGTERM (SIGINT is ignored there): as a
+    # KeyboardInterrupt, the fixtures still remove their stacks.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_sessionstart(session):
+    signal.signal(signal.SIGTERM, _interrupted)
     # tests/run.sh runs parts of the suite side by side and prints the figures itself.
     if not os.environ.get("STACK_TEST_PART"):
         FIGURES.unlink(missing_ok=True)

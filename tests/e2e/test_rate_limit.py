@@ -79,15 +79,17 @@ def test_one_busy_login_does_not_hold_back_another(limited):
     rate = int(LIMITS["API_RATE_PER_LOGIN"])
     for _ in range(3):
         codes, took = together(limited, BURST)
-        # nginx lets through the burst (a second's worth) plus the rate over the time they took.
+        assert set(codes) <= {200, 429}, codes
+        # nginx lets through the burst (a second's worth) plus the rate over the time they took
+        # (from the first one's start to the last one's answer: an upper bound).
         allowed = rate + rate * took + 2
-        if len(codes) > allowed:
+        assert codes.count(200) <= allowed, (took, codes)
+        if codes.count(429) or len(codes) > allowed:
             break
         time.sleep(2)  # the allowance refills; on a machine this busy, the requests did not come together
     else:
-        pytest.fail(f"{BURST} requests released together took {took:.1f} s to reach nginx: nothing to test")
-    assert set(codes) <= {200, 429}, codes
-    assert codes.count(200) <= allowed, (took, codes)
+        pytest.fail(f"{BURST} requests released together took {took:.1f} s to be answered: nothing to test")
+    # Held back: more came than the limit allows, and some were refused.
     assert codes.count(429) >= 1, (took, codes)
     # Same address, another login, at once: its own allowance (a burst's worth, at once).
     other = [limited.http("GET", PATH, auth=(name, password)).status_code for _ in range(rate)]

@@ -28,17 +28,13 @@ this process's environment, never on a command line, so that neither
 
 from __future__ import annotations
 
-import asyncio
 import os
-import random
 import shutil
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from stack import common, settings
@@ -233,55 +229,6 @@ def s3_relay_target(environ=None) -> tuple[int, str, int] | None:
     return port, env("S3_RELAY_HOST", "nginx", environ=environ), port
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-
-
-# A relay target that takes longer than this to accept is taken to be gone.
-RELAY_CONNECT_SECONDS = 2
-
-
-async def _connect_any(host: str, port: int):
-    """A connection to one of the name's addresses, in random order, each given
-    RELAY_CONNECT_SECONDS: on a swarm the name resolves to nginx on every node,
-    and one on a node that was lost stays listed for a while (no reset comes back)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    random.shuffle(infos)
-    last: Exception = OSError(f"{host} has no address")
-    for family, _type, _proto, _name, address in infos:
-        try:
-            return await asyncio.wait_for(asyncio.open_connection(address[0], address[1], family=family),
-                                          RELAY_CONNECT_SECONDS)
-        except (OSError, asyncio.TimeoutError) as exc:
-            last = exc
-    raise OSError(str(last))
-
-
-async def _relay(listen_port: int, target_host: str, target_port: int) -> None:
-    async def handle(client_r, client_w):
-        try:
-            up_r, up_w = await _connect_any(target_host, target_port)
-        except OSError:
-            client_w.close()
-            return
-        for w in (client_w, up_w):
-            sock = w.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.gather(_pipe(client_r, up_w), _pipe(up_r, client_w))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
-    async with server:
-        await server.serve_forever()
-
-
 def cmd_metrics(args: list[str]) -> int:
     """Serve the workers' Prometheus metrics on the internal port, to Prometheus only.
 
@@ -333,6 +280,8 @@ def cmd_nginx_metrics(_args: list[str]) -> int:
 
 
 def cmd_nginx_metrics_health(_args: list[str]) -> int:
+    import urllib.request
+
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{common.NGINX_EXPORTER_METRICS_PORT}/metrics", timeout=4):
             return 0
@@ -342,8 +291,9 @@ def cmd_nginx_metrics_health(_args: list[str]) -> int:
 
 
 def cmd_forward(args: list[str]) -> int:
-    listen_port, target_host, target_port = int(args[0]), args[1], int(args[2])
-    asyncio.run(_relay(listen_port, target_host, target_port))
+    import relay
+
+    relay.serve(int(args[0]), args[1], int(args[2]))
     return 0
 
 
@@ -949,6 +899,10 @@ def database_answers(timeout: int = 3) -> str | None:
 
 
 def cmd_healthcheck(_args: list[str]) -> int:
+    # Imported here, as asyncio is in relay.py: a healthcheck runs every few seconds in each replica.
+    import urllib.error
+    import urllib.request
+
     try:
         # 3 + 2 + 2 s at most: within the healthcheck's timeout (docker-compose.yml), so the reason is kept.
         with urllib.request.urlopen(f"http://127.0.0.1:{server_port()}{base_path()}/health", timeout=3) as r:

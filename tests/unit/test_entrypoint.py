@@ -12,6 +12,9 @@ from stack.paths import ROOT
 _spec = importlib.util.spec_from_file_location("entrypoint", ROOT / "mlflow" / "entrypoint.py")
 ep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ep)
+_spec = importlib.util.spec_from_file_location("relay", ROOT / "mlflow" / "relay.py")
+relay = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(relay)
 
 
 @pytest.fixture
@@ -313,10 +316,10 @@ def test_the_relay_skips_an_address_that_does_not_answer(monkeypatch):
             return await real_open(host, port, **kw)
 
         monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", both)
-        monkeypatch.setattr(ep.asyncio, "open_connection", open_connection)
-        monkeypatch.setattr(ep.random, "shuffle", lambda items: None)  # the dead one first
+        monkeypatch.setattr(relay.asyncio, "open_connection", open_connection)
+        monkeypatch.setattr(relay.random, "shuffle", lambda items: None)  # the dead one first
         started = time.monotonic()
-        reader, writer = await ep._connect_any("nginx", port)
+        reader, writer = await relay._connect_any("nginx", port)
         got = await reader.read()
         writer.close()
         server.close()
@@ -324,7 +327,7 @@ def test_the_relay_skips_an_address_that_does_not_answer(monkeypatch):
 
     got, took = asyncio.run(scenario())
     assert got == b"live"
-    assert took >= ep.RELAY_CONNECT_SECONDS  # it waited for the silent one, then went on
+    assert took >= relay.RELAY_CONNECT_SECONDS  # it waited for the silent one, then went on
 
 
 # --- check-stores: what a store outside the stack says, and what the user is told --

@@ -90,6 +90,34 @@ def pytest_runtest_makereport(item, call):
         _failures.append(item.nodeid)
 
 
+# The shared deployments (session fixtures) are removed right after the last test that uses
+# them, not at the session's end: the modules after it (the swarm's, last in its lane) then
+# run without two idle stacks beside them. Modules that bring their own `stack` do not count.
+SHARED = ("stack", "prefixed_stack")
+_last_user: dict[str, str] = {}
+_removers: dict[str, object] = {}
+
+
+def pytest_collection_finish(session):
+    for item in session.items:  # the final selection, in the order it runs
+        info = getattr(item, "_fixtureinfo", None)
+        names = set(getattr(item, "fixturenames", ()))
+        if "target" in names:  # asks for either deployment at run time
+            names |= set(SHARED)
+        for name in SHARED:
+            defs = info.name2fixturedefs.get(name, ()) if info else ()
+            if name in names and (not defs or defs[-1].func.__module__ == __name__):
+                _last_user[name] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    for name, nodeid in _last_user.items():
+        if nodeid == item.nodeid and name in _removers:
+            _removers.pop(name)()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -347,14 +375,34 @@ def stack_lifetime(the_stack: Stack, deploy: bool = True):
         the_stack.script("stack_remove.sh", "--purge", "--yes", check=False)
 
 
+def shared(name: str, the_stack: Stack):
+    """A session fixture's body: the deployment, removed after its last user (SHARED) or at the
+    session's end, whichever comes first."""
+    lifetime = stack_lifetime(the_stack)
+    deployed = lifetime.__enter__()
+    removed = False
+
+    def remove():
+        nonlocal removed
+        if not removed:
+            removed = True
+            lifetime.__exit__(*sys.exc_info())
+
+    _removers[name] = remove
+    try:
+        yield deployed
+    finally:
+        _removers.pop(name, None)
+        remove()
+
+
 @pytest.fixture(scope="session")
 def stack(standins, tmp_path_factory):
     """The shared deployment. Modules that use it only add data under names of their
     own and never delete anything, so they can share it in any order; a module that
     wipes data (test_backup.py) or needs another version (test_upgrade.py) brings
     its own stack (new_stack + stack_lifetime)."""
-    with stack_lifetime(new_stack(standins, tmp_path_factory.mktemp("stack"), "mlflowe2e")) as the_stack:
-        yield the_stack
+    yield from shared("stack", new_stack(standins, tmp_path_factory.mktemp("stack"), "mlflowe2e"))
 
 
 BASE_PATH = "/mlflow"
@@ -366,8 +414,7 @@ def prefixed_stack(standins, tmp_path_factory):
     (input guard, auth, nginx's artifact rules, the UI) runs under the prefix too."""
     the_stack = new_stack(standins, tmp_path_factory.mktemp("prefixed"), "mlflowbp")
     the_stack.environ["MLFLOW_BASE_PATH"] = BASE_PATH
-    with stack_lifetime(the_stack) as deployed:
-        yield deployed
+    yield from shared("prefixed_stack", the_stack)
 
 
 @pytest.fixture(scope="module", params=["at the root", "under MLFLOW_BASE_PATH"])

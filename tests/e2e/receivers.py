@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import email
 import email.policy
+import fcntl
 import json
 import secrets
 import socket
+import struct
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,9 +20,23 @@ from pki import make_ca, make_server
 
 
 def host_address() -> str:
-    """This machine as containers on any bridge network reach it."""
-    return subprocess.run(["docker", "network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    """This machine as containers on any bridge network reach it: the address of Docker's
+    default bridge (the host's side), from its IPAM gateway or, where the engine leaves that
+    field empty (seen on Debian's 20.10 on a fresh machine), from the bridge interface itself."""
+    def inspect(template: str) -> str:
+        return subprocess.run(["docker", "network", "inspect", "bridge", "--format", template],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    gateway = inspect("{{range .IPAM.Config}}{{.Gateway}}{{end}}")
+    if gateway:
+        return gateway
+    name = inspect('{{index .Options "com.docker.network.bridge.name"}}') or "docker0"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:  # SIOCGIFADDR: the interface's IPv4 address
+            answer = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+        except OSError as exc:
+            raise AssertionError(f"no IPv4 address on Docker's bridge {name}: {exc}") from exc
+    return socket.inet_ntoa(answer[20:24])
 
 
 class Webhook:

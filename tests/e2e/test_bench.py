@@ -54,3 +54,16 @@ def test_comparison_with_a_plain_server_prints_a_table(stack):
     # + the server CPU per 1000 metrics at each concurrency where cgroups are readable.
     assert len(rows) in (13, 16), result.stdout
     show(result.stdout)
+
+
+def test_the_ui_first_load_prints_where_its_time_goes(stack):
+    """bench/ui_load.py, one load in Chromium (docs/performance.md has the full run's figures)."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "ui_load.py"), "--loads", "1"],
+                            capture_output=True, text=True, env=stack.client_environ(), timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = dict((name.strip(), float(value)) for name, value in
+                   re.findall(r"^  (.+?)\s+(\d+)$", result.stdout, re.M))
+    # The app loaded its scripts compressed, ran them and showed the experiment's row.
+    assert figures["rows shown ms"] > 0 and figures["DOMContentLoaded ms"] > 0, result.stdout
+    assert figures["scripts and styles"] >= 1 and 0 < figures["on the wire KiB"] < figures["unpacked KiB"], result.stdout
+    show(result.stdout)

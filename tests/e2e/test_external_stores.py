@@ -17,12 +17,9 @@ restore round-trip through them; a cold copy is refused with the reason; and
 
 from __future__ import annotations
 
-import fcntl
 import json
 import re
 import secrets
-import socket
-import struct
 import subprocess
 import uuid
 from pathlib import Path
@@ -32,6 +29,7 @@ import pytest
 from stack import envfile, pins
 
 from .conftest import free_port, new_stack, stack_lifetime, wait_for
+from .receivers import host_address
 
 pytestmark = pytest.mark.slow
 
@@ -49,27 +47,10 @@ def image(standins: dict[str, str], var: str) -> str:
     return standins.get(var) or pins.image_pins()[var]
 
 
-def bridge_gateway() -> str:
-    """The host's address on Docker's default bridge: its IPAM gateway, or, where the engine
-    leaves that field empty (seen on Debian's 20.10 on a fresh machine), the bridge's own address."""
-    gateway = docker("network", "inspect", "bridge", "--format",
-                     "{{range .IPAM.Config}}{{.Gateway}}{{end}}").stdout.strip()
-    if gateway:
-        return gateway
-    name = docker("network", "inspect", "bridge", "--format",
-                  '{{index .Options "com.docker.network.bridge.name"}}').stdout.strip() or "docker0"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:  # SIOCGIFADDR: the interface's IPv4 address
-            answer = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
-        except OSError as exc:
-            raise AssertionError(f"no IPv4 address on Docker's bridge {name}: {exc}") from exc
-    return socket.inet_ntoa(answer[20:24])
-
-
 @pytest.fixture(scope="module")
 def outside(standins):
     """A PostgreSQL server and an S3 store the stack does not run, on the host's docker0 address."""
-    gateway = bridge_gateway()
+    gateway = host_address()
     name = f"mlflowext{uuid.uuid4().hex[:8]}"
     stores = {
         "name": name, "gateway": gateway, "pg_port": free_port(), "s3_port": free_port(),

@@ -319,10 +319,10 @@ def cmd_server(_args: list[str]) -> int:
     subprocess.Popen(  # noqa: S603 - fixed argv, no shell
         [sys.executable, __file__, "metrics", env("MLFLOW_METRICS_PORT")], close_fds=True
     )
-    relay = s3_relay_target()
-    if relay:
+    relay_target = s3_relay_target()
+    if relay_target:
         subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-            [sys.executable, __file__, "forward", *map(str, relay)], close_fds=True
+            [sys.executable, __file__, "forward", *map(str, relay_target)], close_fds=True
         )
     argv = server_argv()
     print(f"entrypoint: starting {' '.join(argv)}", flush=True)
@@ -899,7 +899,8 @@ def database_answers(timeout: int = 3) -> str | None:
 
 
 def cmd_healthcheck(_args: list[str]) -> int:
-    # Imported here, as asyncio is in relay.py: a healthcheck runs every few seconds in each replica.
+    # Imported here, not at the top: most other subcommands (e.g. gc-health, every 30 s) need
+    # neither; asyncio is in relay.py for the same reason.
     import urllib.error
     import urllib.request
 
@@ -912,10 +913,10 @@ def cmd_healthcheck(_args: list[str]) -> int:
     except (urllib.error.URLError, OSError) as exc:
         print(f"the server does not answer /health: {exc}")
         return 1
-    relay = s3_relay_target()
-    if relay:
+    relay_target = s3_relay_target()
+    if relay_target:
         try:
-            socket.create_connection(("127.0.0.1", relay[0]), timeout=2).close()
+            socket.create_connection(("127.0.0.1", relay_target[0]), timeout=2).close()
         except OSError:
             print("the S3 relay does not accept connections")
             return 1

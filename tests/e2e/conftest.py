@@ -90,11 +90,12 @@ def pytest_runtest_makereport(item, call):
         _failures.append(item.nodeid)
 
 
-# The shared deployments (session fixtures) are removed right after the last test that uses
-# them, not at the session's end: the modules after it (the swarm's, last in its lane) then
-# run without two idle stacks beside them. Modules that bring their own `stack` do not count.
+# The shared deployments (session fixtures) are removed once the module of the last test that
+# uses them is done (its module fixtures may still redeploy them in their teardown), not at the
+# session's end: the modules after it (the swarm's, last in its lane) then run without two idle
+# stacks beside them. Modules that bring their own `stack` do not count.
 SHARED = ("stack", "prefixed_stack")
-_last_user: dict[str, str] = {}
+_last_module: dict[str, str] = {}
 _removers: dict[str, object] = {}
 
 
@@ -107,14 +108,18 @@ def pytest_collection_finish(session):
         for name in SHARED:
             defs = info.name2fixturedefs.get(name, ()) if info else ()
             if name in names and (not defs or defs[-1].func.__module__ == __name__):
-                _last_user[name] = item.nodeid
+                _last_module[name] = str(item.path)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    yield
-    for name, nodeid in _last_user.items():
-        if nodeid == item.nodeid and name in _removers:
+    outcome = yield
+    if outcome.excinfo is not None:  # a module fixture's teardown failed: the stack's logs are wanted
+        _failures.append(item.nodeid)
+    if nextitem is not None and nextitem.path == item.path:
+        return  # the module's fixtures are still up
+    for name, module in _last_module.items():
+        if module == str(item.path) and name in _removers:
             _removers.pop(name)()
 
 

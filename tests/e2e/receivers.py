@@ -27,9 +27,9 @@ def host_address() -> str:
         return subprocess.run(["docker", "network", "inspect", "bridge", "--format", template],
                               capture_output=True, text=True, check=True).stdout.strip()
 
-    gateway = inspect("{{range .IPAM.Config}}{{.Gateway}}{{end}}")
-    if gateway:
-        return gateway
+    for gateway in inspect("{{range .IPAM.Config}}{{.Gateway}} {{end}}").split():
+        if "." in gateway:  # the IPv4 one (an IPv6 bridge lists its own too)
+            return gateway
     name = inspect('{{index .Options "com.docker.network.bridge.name"}}') or "docker0"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:  # SIOCGIFADDR: the interface's IPv4 address

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from stack.paths import ROOT
 
 from .conftest import show
@@ -56,6 +58,7 @@ def test_comparison_with_a_plain_server_prints_a_table(stack):
     show(result.stdout)
 
 
+@pytest.mark.browser
 def test_the_ui_first_load_prints_where_its_time_goes(stack):
     """bench/ui_load.py, one load in Chromium (docs/performance.md has the full run's figures)."""
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "ui_load.py"), "--loads", "1"],

@@ -262,7 +262,7 @@ def test_the_server_exposes_prometheus_metrics_from_every_worker(environ):
 
 
 def test_only_the_server_command_resets_the_metrics_and_starts_their_port():
-    """The healthcheck runs every 10 s: it must not wipe the workers' counters."""
+    """The healthcheck runs every few seconds: it must not wipe the workers' counters."""
     import inspect
 
     assert "metrics_dir()" in inspect.getsource(ep.cmd_server)

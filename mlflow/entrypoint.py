@@ -576,10 +576,11 @@ def ensure_auth_database() -> None:
     store = SqlAlchemyStore()
     store.init_db(auth_database_uri())
     import stack_logins
+    import stack_tokens
     from sqlalchemy import text
 
     with store.engine.begin() as conn:
-        for statement in stack_logins.SCHEMA:
+        for statement in stack_logins.SCHEMA + stack_tokens.SCHEMA:
             conn.execute(text(statement))
     print(f"migrate: user database {name} is current", flush=True)
 

@@ -39,6 +39,12 @@ LOGIN_CHECK = "/_stack/login"
 # The throttle's counts, for MLflow admins (./stack_users.sh failures | unlock NAME).
 LOGIN_FAILURES = "/api/2.0/stack/login-failures"
 LOGIN_UNLOCK = "/api/2.0/stack/login-failures/clear"
+# Access tokens (mlflow/stack_tokens.py): a user's own, an admin's for anyone.
+TOKENS = "/api/2.0/stack/tokens"
+TOKENS_CREATE = "/api/2.0/stack/tokens/create"
+TOKENS_REVOKE = "/api/2.0/stack/tokens/revoke"
+# What a token may not do: become its account for good.
+PASSWORD_ONLY = ("/api/2.0/mlflow/users/update-password", "/ajax-api/2.0/mlflow/users/update-password")
 # MLflow's own answer to a wrong login (make_basic_auth_response).
 NOT_AUTHENTICATED = (b"You are not authenticated. Please see https://www.mlflow.org/docs/latest/auth/"
                      b"index.html#authenticating-to-mlflow on how to authenticate.")
@@ -279,9 +285,11 @@ class Guard:
     """ASGI middleware: buffer JSON write bodies, validate, then hand them on untouched."""
 
     def __init__(self, app, auth: bool, max_body: int, base_path: str = "", logins: "Logins | None" = None,
-                 nginx_token: str | None = None):
+                 nginx_token: str | None = None, tokens: "TokenOwners | None" = None):
         self.app = app
         self.auth = auth
+        # Access tokens (None: authentication is off).
+        self.tokens = tokens if auth else None
         # Failed logins throttled, and logins checked before a body is read (None: MLflow checks them).
         self.logins = logins if auth else None
         # Only nginx may call (STACK_NGINX_TOKEN), and the container's own healthcheck.
@@ -313,12 +321,25 @@ class Guard:
             path = path[len(self.base_path):] if path.startswith(self.base_path + "/") else ""
             if scope["method"] in ("GET", "PUT") and path.startswith(STREAMED_ARTIFACTS):
                 scope = unprefixed(scope, path, self.base_path)
+        if self.tokens is not None and headers.get("authorization", "")[:7].lower() == "bearer ":
+            # MLFLOW_TRACKING_TOKEN: the token becomes the password of its account,
+            # where MLflow's own login check (and the throttle) read it.
+            owner = await self.tokens.owner(headers["authorization"][7:].strip())
+            if owner is None:
+                return await _status(send, 401, b"Unknown, expired or revoked token.\n")
+            scope = with_basic_login(scope, owner, headers["authorization"][7:].strip())
+            headers = joined_headers(scope)
         if path == ADMIN_CHECK:
             return await self.admin_check(scope, headers, send)
         if path == LOGIN_CHECK:
             return await self.login_check(scope, headers, send)
         if path in (LOGIN_FAILURES, LOGIN_UNLOCK):
             return await self.login_failures(scope, headers, receive, send, path)
+        if path in (TOKENS, TOKENS_CREATE, TOKENS_REVOKE):
+            return await self.token_call(scope, headers, receive, send, path)
+        if path in PASSWORD_ONLY and self.tokens is not None and by_token(headers.get("authorization", "")):
+            return await _error(send, Invalid("a token cannot change a password: log in with the password",
+                                              403, "PERMISSION_DENIED"))
         try:
             check_target(scope.get("path", ""), scope.get("query_string", b""))
         except Invalid as exc:
@@ -432,14 +453,8 @@ class Guard:
             rows = await asyncio.to_thread(self.logins.throttle.recent)
             return await _json(send, {"failures": rows})
         if path == LOGIN_UNLOCK and scope["method"] == "POST":
-            body = b""
-            while len(body) <= 65536:
-                message = await receive()
-                body += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
             try:
-                account = json.loads(body or b"{}")["username"]
+                account = (await small_json(receive))["username"]
                 assert isinstance(account, str) and account
             except (ValueError, KeyError, TypeError, AssertionError):
                 return await _error(send, Invalid('send {"username": NAME}'))
@@ -447,6 +462,57 @@ class Guard:
             self.logins.forget_holds(account)
             return await _json(send, {"cleared": cleared})
         return await _error(send, Invalid("GET the failures, or POST to .../clear", 405, "BAD_REQUEST"))
+
+    async def token_call(self, scope, headers, receive, send, path: str) -> None:
+        """Access tokens: GET lists the caller's (an admin's: everyone's, or ?username=),
+        POST .../create {"name", "expires", "username" (admins only)} makes one and
+        shows it once, POST .../revoke {"id"} revokes one. With the password only."""
+        import stack_tokens
+
+        if self.tokens is None:
+            return await _error(send, Invalid("authentication is off: there are no tokens", 404,
+                                              "ENDPOINT_NOT_FOUND"))
+        header = headers.get("authorization", "")
+        login = await self.logins.verify(scope, headers, header)
+        if login is None or not login.ok:
+            return await (_refused(send, login) if login is not None else _status(send, 401, NOT_AUTHENTICATED))
+        caller = basic_credentials(header)[0]
+        if by_token(header):
+            return await _error(send, Invalid("tokens are made and revoked with the password, not with a token",
+                                              403, "PERMISSION_DENIED"))
+        admin = bool(login.user.is_admin)
+        try:
+            if path == TOKENS and scope["method"] == "GET":
+                query = urllib.parse.parse_qs(scope.get("query_string", b"").decode())
+                whose = query.get("username", [None])[0] if admin else caller
+                rows = await asyncio.to_thread(self.tokens.store.list, whose)
+                return await _json(send, {"tokens": rows})
+            if scope["method"] != "POST" or path == TOKENS:
+                return await _error(send, Invalid("GET the tokens, or POST to .../create or .../revoke", 405,
+                                                  "BAD_REQUEST"))
+            try:
+                body = await small_json(receive)
+                assert isinstance(body, dict)
+            except (ValueError, TypeError, AssertionError):
+                return await _error(send, Invalid("send a JSON object"))
+            if path == TOKENS_CREATE:
+                owner = body.get("username") or caller
+                if owner != caller and not admin:
+                    return await _error(send, Invalid("only an MLflow admin may make a token for another account",
+                                                      403, "PERMISSION_DENIED"))
+                made = await asyncio.to_thread(self.tokens.create, owner, str(body.get("name", "")),
+                                               str(body.get("expires", "")), caller)
+                print(f"stack guard: {caller!r} made the token {made['id']} ({made['name']!r}) of {owner!r}, "
+                      f"expiring {made['expires_at']}", file=sys.stderr, flush=True)
+                return await _json(send, made)
+            revoked = await asyncio.to_thread(self.tokens.store.revoke, str(body.get("id", "")),
+                                              None if admin else caller)
+            self.tokens.forget(revoked["id"])
+            print(f"stack guard: {caller!r} revoked the token {revoked['id']} of {revoked['username']!r}",
+                  file=sys.stderr, flush=True)
+            return await _json(send, revoked)
+        except stack_tokens.TokenError as exc:
+            return await _error(send, Invalid(str(exc)))
 
     async def login_check(self, scope, headers, send) -> None:
         """nginx's auth_request before it reads a large request body: 204 for a good
@@ -559,6 +625,91 @@ def login_header(path: str, headers: dict[str, str]) -> str:
     if path.startswith("/gateway/") and headers.get(GATEWAY_LOGIN, "").strip():
         return headers[GATEWAY_LOGIN]
     return headers.get("authorization", "")
+
+
+def with_basic_login(scope: dict, username: str, password: str) -> dict:
+    """The request with its Authorization header replaced by a Basic login."""
+    encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"]
+    return {**scope, "headers": headers + [(b"authorization", f"Basic {encoded}".encode())]}
+
+
+def by_token(header: str) -> bool:
+    """Whether a Basic login's password is an access token."""
+    import stack_tokens
+
+    credentials = basic_credentials(header)
+    return credentials is not None and stack_tokens.parse(credentials[1]) is not None
+
+
+async def small_json(receive, limit: int = 65536):
+    """A small request body, parsed (ValueError when it is not JSON or over `limit`)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise ValueError("body too large")
+        if not message.get("more_body"):
+            break
+    return json.loads(body or b"{}")
+
+
+class TokenOwners:
+    """The guard's side of access tokens: who a bearer token belongs to (remembered
+    for MLFLOW_AUTH_CACHE_SECONDS, as MLflow remembers a checked login), and the
+    store's commands."""
+
+    def __init__(self, store, ttl: float):
+        self.store = store
+        self.ttl = ttl
+        self._owners: dict[str, tuple[str | None, float]] = {}
+
+    async def owner(self, token: str) -> str | None:
+        import stack_tokens
+
+        token_id = stack_tokens.parse(token)
+        if token_id is None:
+            return None
+        now = time.monotonic()
+        known = self._owners.get(token_id)
+        if known is not None and known[1] > now:
+            return known[0]
+        owner = await asyncio.to_thread(self.store.owner, token)
+        if len(self._owners) > 10_000:
+            self._owners = {k: v for k, v in self._owners.items() if v[1] > now}
+        # An unknown id is remembered too: made-up tokens cost no query each.
+        self._owners[token_id] = (owner, now + self.ttl)
+        return owner
+
+    def forget(self, token_id: str) -> None:
+        self._owners.pop(token_id, None)
+
+    def create(self, username: str, name: str, expires: str, created_by: str) -> dict:
+        from mlflow.server import auth
+
+        user = auth.store.get_user(username)
+        return self.store.create(username, int(user.id), name, expires, created_by)
+
+
+def tokens_as_passwords(tokens) -> None:
+    """MLflow's password check (`store.authenticate_user`, under its login cache, on
+    its Flask and FastAPI routes alike) takes an account's token in place of its password."""
+    import stack_tokens
+    from mlflow.server import auth
+
+    def make(check):
+        def authenticate_user(username: str, password: str, *args, **kwargs) -> bool:
+            if stack_tokens.parse(password) is None:
+                return check(username, password, *args, **kwargs)
+            try:
+                user = auth.store.get_user(username)
+            except Exception:  # noqa: BLE001 - MLflow's MlflowException: no such account
+                return False
+            return tokens.verify(username, int(user.id), password)
+        return authenticate_user
+
+    replace_once(auth.store, "authenticate_user", make)
 
 
 def basic_credentials(header: str) -> tuple[str, str] | None:
@@ -1097,9 +1248,10 @@ def create_app():
     global NGINX_TOKEN
     NGINX_TOKEN = common.secret("STACK_NGINX_TOKEN")
     auth = os.environ.get("MLFLOW_STACK_AUTH", "true") == "true"
-    logins = None
+    logins = tokens = None
     if auth:
         import stack_logins
+        import stack_tokens
         from mlflow.server import auth as auth_module
         from mlflow.server.auth import create_app as create_auth_app
 
@@ -1108,6 +1260,9 @@ def create_app():
         admin_flag_from_login_cache()
         logins = Logins(stack_logins.Throttle(auth_module.store.engine, int(os.environ["LOGIN_FREE_FAILURES"]),
                                               int(os.environ["LOGIN_LOCK_MAX_SECONDS"])))
+        store = stack_tokens.Tokens(auth_module.store.engine)
+        tokens_as_passwords(store)
+        tokens = TokenOwners(store, float(os.environ["MLFLOW_AUTH_CACHE_SECONDS"]))
     else:
         # Built here, not MLflow's module-level app: that one may have copied the
         # routes before artifact_downloads_by_nginx() changed one.
@@ -1115,5 +1270,5 @@ def create_app():
 
         inner = create_fastapi_app()
     return Guard(FlaskCallsDirect(inner), auth, int(os.environ["MLFLOW_API_MAX_BODY_MB"]) << 20,
-                 os.environ.get("MLFLOW_BASE_PATH", ""), logins, NGINX_TOKEN)
+                 os.environ.get("MLFLOW_BASE_PATH", ""), logins, NGINX_TOKEN, tokens)
 

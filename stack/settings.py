@@ -76,6 +76,10 @@ PROFILES = ("backup", "gc", "monitoring")
 LOGIN_ADDRESS_FACTOR = 10
 LOGIN_KNOWN_FACTOR = 4
 LOGIN_KNOWN_DAYS = 30
+# Access tokens (mlflow/stack_tokens.py, ./stack_users.sh token): how long one lives
+# unless its maker says otherwise, and at most.
+TOKEN_DEFAULT_DAYS = 90
+TOKEN_MAX_DAYS = 365
 
 # Each of a server worker's three stores (tracking, model registry, basic-auth
 # users) keeps up to POOL_SIZE connections open, and opens MAX_OVERFLOW more on

@@ -5,8 +5,12 @@
     ./stack_users.sh grant NAME EXPERIMENT READ|USE|EDIT|MANAGE|DENY
     ./stack_users.sh delete NAME
     ./stack_users.sh list
+    ./stack_users.sh token create NAME [--user ACCOUNT] [--expires 90d]
+    ./stack_users.sh token list [--user ACCOUNT]
+    ./stack_users.sh token revoke ID
 
-Without --password-stdin a strong password is generated and printed once.
+Without --password-stdin a strong password is generated and printed once; so is a
+token (mlflow/stack_tokens.py: stored as a digest only).
 """
 
 from __future__ import annotations
@@ -142,10 +146,33 @@ def run(values: dict[str, str], args) -> int:
         cleared = api.call("POST", "2.0/stack/login-failures/clear", {"username": args.name})["cleared"]
         print(f"users: forgot {cleared} count(s) of failed logins of {args.name}; a server worker that "
               "answered a hold of it may answer it until it ends (LOGIN_LOCK_MAX_SECONDS at most)")
+    elif args.action == "token":
+        token_command(api, values, args)
     elif args.action == "list":
         for user in sorted(api.call("GET", "2.0/mlflow/users/list").get("users", []), key=lambda u: u["username"]):
             print(f"{user['username']}{'  (admin)' if user.get('is_admin') else ''}")
     return 0
+
+
+def token_command(api: Api, values: dict[str, str], args) -> None:
+    if args.token_action == "create":
+        made = api.call("POST", "2.0/stack/tokens/create", {"name": args.name, "expires": args.expires,
+                                                             "username": args.user or values["MLFLOW_ADMIN_USERNAME"]})
+        print(f"users: made the token {made['id']} ({made['name']}) of {made['username']}, expiring "
+              f"{made['expires_at']}; it is shown once, here:", file=sys.stderr)
+        print(f"MLFLOW_TRACKING_TOKEN={made['token']}")
+    elif args.token_action == "list":
+        rows = api.call("GET", "2.0/stack/tokens", query={"username": args.user} if args.user else None)["tokens"]
+        if not rows:
+            print("users: no tokens")
+        for row in rows:
+            print(f"{row['id']}  {row['username']:16} {row['name']:20} {row['state']:8} expires {row['expires_at']}"
+                  f"  last used {row['last_used_at'] or 'never'}  made by {row['created_by']} {row['created_at']}")
+    else:
+        revoked = api.call("POST", "2.0/stack/tokens/revoke", {"id": args.id})
+        print(f"users: revoked the token {revoked['id']} ({revoked['name']}) of {revoked['username']}; a server "
+              f"worker that checked it recently may take it for MLFLOW_AUTH_CACHE_SECONDS "
+              f"({values.get('MLFLOW_AUTH_CACHE_SECONDS', '?')} s) more")
 
 
 PROG = "./stack_users.sh"
@@ -155,7 +182,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("users", prog=PROG, description="Manage the accounts of the stack's MLflow server, as "
                        "its admin (credentials from .env).")
     actions = p.add_subparsers(dest="action", required=True,
-                               metavar="add|passwd|grant|delete|list|failures|unlock")
+                               metavar="add|passwd|grant|delete|list|failures|unlock|token")
     actions.add_parser("list", help="the accounts, admins marked")
     actions.add_parser("failures", help="failed logins of the last hour: accounts, addresses, holds")
     a = actions.add_parser("unlock", help="forget an account's failed logins, so that its owner may log in again")
@@ -173,3 +200,15 @@ def add_parser(sub) -> None:
     a.add_argument("permission", help=" | ".join(PERMISSIONS))
     a = actions.add_parser("delete")
     a.add_argument("name")
+    t = actions.add_parser("token", help="access tokens for scripts and CI (MLFLOW_TRACKING_TOKEN)")
+    kinds = t.add_subparsers(dest="token_action", required=True, metavar="create|list|revoke")
+    a = kinds.add_parser("create", help="make a token, shown once")
+    a.add_argument("name", help="what it is for, e.g. ci-nightly (one live token per name and account)")
+    a.add_argument("--user", help="the account it acts as (default: the admin's)")
+    a.add_argument("--expires", default=f"{settings.TOKEN_DEFAULT_DAYS}d",
+                   help=f"lifetime: 90d, 12h, 30m ... (default {settings.TOKEN_DEFAULT_DAYS}d, "
+                        f"at most {settings.TOKEN_MAX_DAYS}d)")
+    a = kinds.add_parser("list", help="tokens with their state and last use")
+    a.add_argument("--user", help="one account's only")
+    a = kinds.add_parser("revoke", help="stop a token (by the id list shows)")
+    a.add_argument("id")

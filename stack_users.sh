@@ -12,7 +12,7 @@ Usage: ./stack_users.sh add NAME [--admin] [--password-stdin]
        ./stack_users.sh list
        ./stack_users.sh failures
        ./stack_users.sh unlock NAME
-       ./stack_users.sh token create NAME [--user ACCOUNT] [--expires 90d]
+       ./stack_users.sh token create NAME --user ACCOUNT [--expires 90d]
        ./stack_users.sh token list [--user ACCOUNT]
        ./stack_users.sh token revoke ID
 
@@ -24,7 +24,7 @@ MANAGE on their own. failures lists the failed logins of the last hour (by
 account, address and both) and how long each holds a login; unlock NAME
 forgets an account's, when its owner is held out (docs/security.md).
 token create makes an access token for a script or CI (MLFLOW_TRACKING_TOKEN;
-printed once, stored as a digest only) acting as ACCOUNT (default: the admin);
+printed once, stored as a digest only) acting as ACCOUNT;
 token list shows tokens with their last use; token revoke stops one.
 USAGE
 }

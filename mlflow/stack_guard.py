@@ -686,9 +686,13 @@ class TokenOwners:
         self._owners.pop(token_id, None)
 
     def create(self, username: str, name: str, expires: str, created_by: str) -> dict:
+        import stack_tokens
         from mlflow.server import auth
 
-        user = auth.store.get_user(username)
+        try:
+            user = auth.store.get_user(username)
+        except Exception:  # noqa: BLE001 - MLflow's MlflowException: no such account
+            raise stack_tokens.TokenError(f"there is no account {username!r}") from None
         return self.store.create(username, int(user.id), name, expires, created_by)
 
 

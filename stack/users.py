@@ -5,7 +5,7 @@
     ./stack_users.sh grant NAME EXPERIMENT READ|USE|EDIT|MANAGE|DENY
     ./stack_users.sh delete NAME
     ./stack_users.sh list
-    ./stack_users.sh token create NAME [--user ACCOUNT] [--expires 90d]
+    ./stack_users.sh token create NAME --user ACCOUNT [--expires 90d]
     ./stack_users.sh token list [--user ACCOUNT]
     ./stack_users.sh token revoke ID
 
@@ -157,7 +157,7 @@ def run(values: dict[str, str], args) -> int:
 def token_command(api: Api, values: dict[str, str], args) -> None:
     if args.token_action == "create":
         made = api.call("POST", "2.0/stack/tokens/create", {"name": args.name, "expires": args.expires,
-                                                             "username": args.user or values["MLFLOW_ADMIN_USERNAME"]})
+                                                             "username": args.user})
         print(f"users: made the token {made['id']} ({made['name']}) of {made['username']}, expiring "
               f"{made['expires_at']}; it is shown once, here:", file=sys.stderr)
         print(f"MLFLOW_TRACKING_TOKEN={made['token']}")
@@ -204,7 +204,8 @@ def add_parser(sub) -> None:
     kinds = t.add_subparsers(dest="token_action", required=True, metavar="create|list|revoke")
     a = kinds.add_parser("create", help="make a token, shown once")
     a.add_argument("name", help="what it is for, e.g. ci-nightly (one live token per name and account)")
-    a.add_argument("--user", help="the account it acts as (default: the admin's)")
+    a.add_argument("--user", required=True, help="the account it acts as, with that account's permissions "
+                   "(give a script an account of its own, not the admin's)")
     a.add_argument("--expires", default=f"{settings.TOKEN_DEFAULT_DAYS}d",
                    help=f"lifetime: 90d, 12h, 30m ... (default {settings.TOKEN_DEFAULT_DAYS}d, "
                         f"at most {settings.TOKEN_MAX_DAYS}d)")

@@ -143,6 +143,8 @@ def test_a_deleted_accounts_token_does_not_pass_to_its_namesake(stack):
     stack.script("stack_users.sh", "delete", user)
     stack.script("stack_users.sh", "add", user)
     assert bearer(stack, token).status_code == 401
+    nobody = stack.script("stack_users.sh", "token", "create", "ci", "--user", f"no{user}", check=False)
+    assert nobody.returncode != 0 and f"there is no account 'no{user}'" in nobody.stderr, nobody.stderr
     # Kept as its digest only.
     stored = stack.psql("SELECT string_agg(id || ' ' || digest, ',') FROM stack_tokens", "_auth")
     assert hashlib.sha256(token.encode()).hexdigest() in stored and token.split("_", 3)[3] not in stored

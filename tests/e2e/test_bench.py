@@ -58,6 +58,24 @@ def test_comparison_with_a_plain_server_prints_a_table(stack):
     show(result.stdout)
 
 
+def test_searching_many_runs_prints_where_its_time_goes(stack):
+    """A short `bench/search.py` (docs/performance.md's figures come from 100,000 runs): it seeds
+    runs through MLflow's tables, times searches through the stack, and removes what it seeded."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "search.py"), "--runs", "2000", "--queries", "3"],
+                            capture_output=True, text=True, timeout=900, check=False,
+                            env=stack.client_environ({"STACK_ENV_FILE": stack.environ["STACK_ENV_FILE"],
+                                                      "COMPOSE_PROJECT_NAME": stack.project}))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = re.findall(r"^  (.+?)\s+p50\s+(\d+) ms  p95\s+(\d+) ms  \((\d+) runs returned\)$", result.stdout, re.M)
+    assert len(rows) == 3 and all(int(found) == 100 for *_, found in rows), result.stdout
+    assert re.search(r"the main statement in PostgreSQL: \d+ ms", result.stdout), result.stdout
+    experiment = re.search(r"into experiment (\d+)", result.stdout).group(1)
+    # Found by the searches while they were there; gone afterwards, the experiment deleted.
+    assert stack.psql(f"SELECT count(*) FROM runs WHERE experiment_id = {experiment}") == "0"
+    assert stack.psql(f"SELECT lifecycle_stage FROM experiments WHERE experiment_id = {experiment}") == "deleted"
+    show(result.stdout)
+
+
 @pytest.mark.browser
 def test_the_ui_first_load_prints_where_its_time_goes(stack):
     """bench/ui_load.py, one load in Chromium (docs/performance.md has the full run's figures)."""

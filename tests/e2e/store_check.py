@@ -7,6 +7,8 @@ store against MLflow's own on the stack's PostgreSQL. Prints one JSON line.
 - Two threads sending batches to one run of the stack's store at once (the same
   keys, different points): no error, every point stored once, and the latest
   values as MLflow's own store leaves for the same points.
+- Searches: the stack's two-step search and MLflow's own, on the same runs (with
+  metrics, params and tags, some missing, ties in start time), page by page.
 """
 
 import json
@@ -94,8 +96,42 @@ def main():
     reference = new_run(stock, "reference")
     stock.log_batch(reference, shared, [], [])
     concurrent_same = state(light, together, ["c", "d"]) == state(stock, reference, ["c", "d"])
+    searches = compare_searches(light, rng)
     print(json.dumps({"same": same, "points": len(sent), "concurrent_same": concurrent_same, "errors": errors,
-                      "ways": ways}))
+                      "ways": ways, "searches": searches}))
+
+
+def compare_searches(light, rng):
+    """{query: [pages, runs]} where both searches agreed; raises where they did not."""
+    from mlflow.entities import Param, RunTag, ViewType
+
+    exp = light.create_experiment(f"store-check-search-{random.randrange(1 << 30)}")
+    for n in range(45):
+        run_id = light.create_run(exp, "check", 1000 + rng.randrange(15), [], f"r{n}").info.run_id
+        light.log_batch(run_id, [Metric(k, rng.choice([0.1, 0.5, rng.random()]), 1, 0) for k in ("m0", "m1")
+                                 if rng.random() < 0.85],
+                        [Param(k, str(rng.randrange(9))) for k in ("p0", "p1") if rng.random() < 0.85],
+                        [RunTag("team", rng.choice("ab"))] if rng.random() < 0.7 else [])
+        if rng.random() < 0.1:
+            light.delete_run(run_id)
+    agreed = {}
+    for filter_string, order_by in (("", []), ("metrics.m0 > 0.3", ["params.p0 DESC"]),
+                                    ("params.p1 LIKE '1%' and tags.team = 'a'", ["metrics.m1 DESC"]),
+                                    ("params.p0 IS NULL", ["attributes.run_name"])):
+        for view in (ViewType.ACTIVE_ONLY, ViewType.ALL):
+            pages = {}
+            for name, search in (("stack", light._search_runs),
+                                 ("mlflow", lambda *a: SqlAlchemyStore._search_runs(light, *a))):
+                got, token = [], None
+                while True:
+                    runs, token = search([exp], filter_string, view, 4, order_by, token)
+                    got.append([(r.info.run_id, r.data.metrics, r.data.params, r.data.tags) for r in runs])
+                    if not token:
+                        break
+                pages[name] = got
+            assert pages["stack"] == pages["mlflow"], (filter_string, order_by, view)
+            agreed[f"{filter_string} | {order_by} | {view}"] = [len(pages["stack"]), sum(map(len, pages["stack"]))]
+    return agreed
 
 
 main()

@@ -275,6 +275,8 @@ def test_the_stacks_tracking_store_leaves_what_mlflows_own_leaves_on_postgresql(
     assert result["same"] and result["points"] > 500, result
     assert result["concurrent_same"], result
     assert result["ways"]["copy"] >= 10 and result["ways"]["mlflow"] >= 10, result
+    # Both searches agreed on every page (store_check raises otherwise), and found runs.
+    assert len(result["searches"]) == 8 and all(runs > 0 for _, runs in result["searches"].values()), result
 
 
 def test_secrets_are_not_in_inspect_top_or_logs(stack, logged):

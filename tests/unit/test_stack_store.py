@@ -140,3 +140,80 @@ def test_copy_text_escapes_what_copy_reads_specially_and_leaves_odd_types_to_the
     # here): the whole call takes the INSERT instead.
     for odd in ({"step": 4.0}, {"timestamp": 3.5}, {"value": True}, {"value": "1.5"}):
         assert ss.copy_lines([row, {**row, **odd}]) is None, odd
+
+
+def _seeded(store, rng_seed: int) -> str:
+    """An experiment of 60 runs with metrics, params and tags, some missing, start times with
+    ties, a few runs deleted: the same in every store it is made in (by run name)."""
+    from mlflow.entities import Param, RunTag, ViewType  # noqa: F401
+
+    rng = random.Random(rng_seed)
+    exp = store.create_experiment("search")
+    for n in range(60):
+        run = store.create_run(exp, "u", 1000 + rng.randrange(20), [RunTag("mlflow.runName", f"r{n:02d}")], f"r{n:02d}")
+        run_id = run.info.run_id
+        metrics = [Metric(k, rng.choice([0.1, 0.5, 0.9, rng.random()]), 1, 0) for k in ("m0", "m1") if rng.random() < 0.85]
+        params = [Param(k, str(rng.randrange(12))) for k in ("p0", "p1") if rng.random() < 0.85]
+        tags = [RunTag("team", rng.choice(["a", "b"]))] if rng.random() < 0.7 else []
+        store.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+        if rng.random() < 0.1:
+            store.delete_run(run_id)
+    return exp
+
+
+@pytest.fixture(scope="module")
+def searchable(tmp_path_factory):
+    """The stack's store (SQLite) with a seeded experiment, for the searches that read it."""
+    path = tmp_path_factory.mktemp("search")
+    light = ss.build(f"sqlite:///{path / 'light.db'}", str(path / "a"))
+    yield light, _seeded(light, 11)
+    light.engine.dispose()
+
+
+def _pages(search, exp, filter_string, order_by, max_results, view):
+    names, token, pages = [], None, 0
+    while True:
+        runs, token = search([exp], filter_string, view, max_results, order_by, token)
+        pages += 1
+        names += [(r.info.run_id, r.info.run_name, r.info.lifecycle_stage, r.data.metrics, r.data.params, r.data.tags,
+                   r.inputs.dataset_inputs, r.outputs.model_outputs) for r in runs]
+        if not token:
+            return names, pages
+
+
+@pytest.mark.parametrize("filter_string,order_by", [
+    ("", []),
+    ("metrics.m0 > 0.3", ["params.p0 DESC"]),
+    ("params.p1 LIKE '1%'", ["metrics.m1 DESC", "attributes.start_time ASC"]),
+    ("tags.team = 'a' and metrics.m1 <= 0.5", ["params.p1", "metrics.m0 DESC"]),
+    ("attributes.run_name LIKE 'r1%'", ["tags.team DESC"]),
+    ("params.p0 IS NULL", []),
+    ("params.p0 != '3'", ["attributes.run_name DESC"]),
+])
+@pytest.mark.parametrize("max_results", [1, 7, 100])
+def test_searches_return_what_mlflows_own_returns_page_by_page(searchable, filter_string, order_by, max_results):
+    """The stack's two-step search (ids first) against MLflow's own on the same runs (ties in
+    the order are broken by run id, so the same store): the same runs, in the same order, with
+    the same data, over the same pages; deleted runs too."""
+    from mlflow.entities import ViewType
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    light, exp = searchable
+
+    def mlflows_own(*args):
+        return SqlAlchemyStore._search_runs(light, *args)
+
+    for view in (ViewType.ACTIVE_ONLY, ViewType.ALL):
+        expected = _pages(mlflows_own, exp, filter_string, order_by, max_results, view)
+        assert _pages(light._search_runs, exp, filter_string, order_by, max_results, view) == expected
+        assert expected[0], "the search found nothing: not a comparison"
+
+
+def test_a_dataset_filter_or_no_page_size_is_mlflows_own_search(searchable):
+    from mlflow.entities import ViewType
+
+    light, exp = searchable
+    assert light._page_of_run_ids([exp], "datasets.name = 'x'", ViewType.ACTIVE_ONLY, 10, [], None) is None
+    assert light._page_of_run_ids([exp], "", ViewType.ACTIVE_ONLY, None, [], None) is None
+    ids, offset = light._page_of_run_ids([exp], "", ViewType.ACTIVE_ONLY, 10, [], None)
+    assert len(ids) == 11 and offset == 0

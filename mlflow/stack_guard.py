@@ -43,8 +43,10 @@ LOGIN_UNLOCK = "/api/2.0/stack/login-failures/clear"
 TOKENS = "/api/2.0/stack/tokens"
 TOKENS_CREATE = "/api/2.0/stack/tokens/create"
 TOKENS_REVOKE = "/api/2.0/stack/tokens/revoke"
-# What a token may not do: become its account for good.
-PASSWORD_ONLY = ("/api/2.0/mlflow/users/update-password", "/ajax-api/2.0/mlflow/users/update-password")
+# What a token may not do: change accounts (an admin's token could otherwise make itself
+# an admin account with a password of its own: a leaked token would become an account).
+PASSWORD_ONLY = tuple(f"{prefix}/2.0/mlflow/users/{action}" for prefix in ("/api", "/ajax-api")
+                      for action in ("create", "create-ui", "update-password", "update-admin", "delete"))
 # MLflow's own answer to a wrong login (make_basic_auth_response).
 NOT_AUTHENTICATED = (b"You are not authenticated. Please see https://www.mlflow.org/docs/latest/auth/"
                      b"index.html#authenticating-to-mlflow on how to authenticate.")
@@ -321,13 +323,24 @@ class Guard:
             path = path[len(self.base_path):] if path.startswith(self.base_path + "/") else ""
             if scope["method"] in ("GET", "PUT") and path.startswith(STREAMED_ARTIFACTS):
                 scope = unprefixed(scope, path, self.base_path)
-        if self.tokens is not None and headers.get("authorization", "")[:7].lower() == "bearer ":
-            # MLFLOW_TRACKING_TOKEN: the token becomes the password of its account,
-            # where MLflow's own login check (and the throttle) read it.
-            owner = await self.tokens.owner(headers["authorization"][7:].strip())
-            if owner is None:
-                return await _status(send, 401, b"Unknown, expired or revoked token.\n")
-            scope = with_basic_login(scope, owner, headers["authorization"][7:].strip())
+        if self.tokens is not None:
+            # MLFLOW_TRACKING_TOKEN: a token becomes the password of its account, where
+            # MLflow's own login check (and the throttle) read it. Only a token's shape: on
+            # the gateway's routes Authorization is the provider's key, sent on to it, so
+            # there a token goes in X-MLflow-Authorization (MLflow's login header there).
+            for name in (GATEWAY_LOGIN,) + (() if path.startswith("/gateway/") else ("authorization",)):
+                token = bearer_token(headers.get(name, ""))
+                if token is None:
+                    continue
+                try:
+                    owner = await self.tokens.owner(token)
+                except Exception as exc:  # noqa: BLE001 - the users' database: said, not a 500
+                    print(f"stack guard: tokens cannot be checked ({type(exc).__name__}: {str(exc)[:300]})",
+                          file=sys.stderr, flush=True)
+                    return await _status(send, 503, b"Tokens cannot be checked now; try again shortly.\n")
+                if owner is None:
+                    return await _status(send, 401, b"Unknown, expired or revoked token.\n")
+                scope = with_basic_login(scope, owner, token, name)
             headers = joined_headers(scope)
         if path == ADMIN_CHECK:
             return await self.admin_check(scope, headers, send)
@@ -337,9 +350,10 @@ class Guard:
             return await self.login_failures(scope, headers, receive, send, path)
         if path in (TOKENS, TOKENS_CREATE, TOKENS_REVOKE):
             return await self.token_call(scope, headers, receive, send, path)
-        if path in PASSWORD_ONLY and self.tokens is not None and by_token(headers.get("authorization", "")):
-            return await _error(send, Invalid("a token cannot change a password: log in with the password",
-                                              403, "PERMISSION_DENIED"))
+        if path in PASSWORD_ONLY and scope["method"] != "GET" and self.tokens is not None \
+                and by_token(headers.get("authorization", "")):
+            return await _error(send, Invalid("a token cannot change accounts (passwords, admins, new or deleted "
+                                              "accounts): log in with the password", 403, "PERMISSION_DENIED"))
         try:
             check_target(scope.get("path", ""), scope.get("query_string", b""))
         except Invalid as exc:
@@ -453,6 +467,10 @@ class Guard:
             rows = await asyncio.to_thread(self.logins.throttle.recent)
             return await _json(send, {"failures": rows})
         if path == LOGIN_UNLOCK and scope["method"] == "POST":
+            if not headers.get("content-type", "").lower().startswith("application/json"):
+                # A browser sends that cross-site only after asking (CORS), unlike a form.
+                return await _error(send, Invalid('send {"username": NAME} (Content-Type: application/json)', 415,
+                                                  "BAD_REQUEST"))
             try:
                 account = (await small_json(receive))["username"]
                 assert isinstance(account, str) and account
@@ -490,6 +508,10 @@ class Guard:
             if scope["method"] != "POST" or path == TOKENS:
                 return await _error(send, Invalid("GET the tokens, or POST to .../create or .../revoke", 405,
                                                   "BAD_REQUEST"))
+            if not headers.get("content-type", "").lower().startswith("application/json"):
+                # A browser sends that cross-site only after asking (CORS), unlike a form.
+                return await _error(send, Invalid("send a JSON object (Content-Type: application/json)", 415,
+                                                  "BAD_REQUEST"))
             try:
                 body = await small_json(receive)
                 assert isinstance(body, dict)
@@ -508,6 +530,7 @@ class Guard:
             revoked = await asyncio.to_thread(self.tokens.store.revoke, str(body.get("id", "")),
                                               None if admin else caller)
             self.tokens.forget(revoked["id"])
+            self.tokens.forget_logins(revoked["username"])
             print(f"stack guard: {caller!r} revoked the token {revoked['id']} of {revoked['username']!r}",
                   file=sys.stderr, flush=True)
             return await _json(send, revoked)
@@ -627,11 +650,21 @@ def login_header(path: str, headers: dict[str, str]) -> str:
     return headers.get("authorization", "")
 
 
-def with_basic_login(scope: dict, username: str, password: str) -> dict:
-    """The request with its Authorization header replaced by a Basic login."""
+def with_basic_login(scope: dict, username: str, password: str, header: str = "authorization") -> dict:
+    """The request with one login header replaced by a Basic login."""
     encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"]
-    return {**scope, "headers": headers + [(b"authorization", f"Basic {encoded}".encode())]}
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != header.encode()]
+    return {**scope, "headers": headers + [(header.encode(), f"Basic {encoded}".encode())]}
+
+
+def bearer_token(header: str) -> str | None:
+    """The access token in a `Bearer` header, when it has a token's shape (another bearer
+    credential, e.g. a provider's key on the gateway's routes, is left alone)."""
+    import stack_tokens
+
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    return value if scheme.lower() == "bearer" and stack_tokens.parse(value) is not None else None
 
 
 def by_token(header: str) -> bool:
@@ -678,20 +711,32 @@ class TokenOwners:
         owner = await asyncio.to_thread(self.store.owner, token)
         if len(self._owners) > 10_000:
             self._owners = {k: v for k, v in self._owners.items() if v[1] > now}
-        # An unknown id is remembered too: made-up tokens cost no query each.
-        self._owners[token_id] = (owner, now + self.ttl)
+        # An unknown id is remembered too (up to a bound): a made-up token costs one query.
+        if len(self._owners) <= 10_000:
+            self._owners[token_id] = (owner, now + self.ttl)
         return owner
 
     def forget(self, token_id: str) -> None:
         self._owners.pop(token_id, None)
 
+    @staticmethod
+    def forget_logins(username: str) -> None:
+        """This worker's cached logins of an account (a token of it was revoked here): its
+        other workers drop theirs within MLFLOW_AUTH_CACHE_SECONDS."""
+        from mlflow.server import auth
+
+        invalidate = getattr(auth, "_invalidate_user_auth_cache", None)
+        if invalidate is not None:
+            invalidate(username)
+
     def create(self, username: str, name: str, expires: str, created_by: str) -> dict:
         import stack_tokens
+        from mlflow.exceptions import MlflowException
         from mlflow.server import auth
 
         try:
             user = auth.store.get_user(username)
-        except Exception:  # noqa: BLE001 - MLflow's MlflowException: no such account
+        except MlflowException:
             raise stack_tokens.TokenError(f"there is no account {username!r}") from None
         return self.store.create(username, int(user.id), name, expires, created_by)
 
@@ -700,6 +745,7 @@ def tokens_as_passwords(tokens) -> None:
     """MLflow's password check (`store.authenticate_user`, under its login cache, on
     its Flask and FastAPI routes alike) takes an account's token in place of its password."""
     import stack_tokens
+    from mlflow.exceptions import MlflowException
     from mlflow.server import auth
 
     def make(check):
@@ -708,7 +754,7 @@ def tokens_as_passwords(tokens) -> None:
                 return check(username, password, *args, **kwargs)
             try:
                 user = auth.store.get_user(username)
-            except Exception:  # noqa: BLE001 - MLflow's MlflowException: no such account
+            except MlflowException:  # no such account
                 return False
             return tokens.verify(username, int(user.id), password)
         return authenticate_user

@@ -23,7 +23,7 @@ CPU instead of 22.5.
 Searches (`search_runs`) first find the page's run ids, then load those runs. MLflow
 selects whole runs with DISTINCT (a dataset filter's join can repeat a run), so the
 database sorted every matching run with all its columns before it could keep the first
-100: 330 of 355 ms at 100,000 runs (docs/performance.md). Here the ids are found by the
+100: most of the statement's time (docs/performance.md). Here the ids are found by the
 same filters and the same order, on narrow rows and without DISTINCT where no join can
 repeat a run (metric, param and tag filters and sort keys join on their primary key);
 then just those runs are loaded, as MLflow loads them (its eager options, inputs and
@@ -136,6 +136,20 @@ def _copy_to_postgresql(session, ordered: list[dict], newest: list[dict]) -> boo
     return True
 
 
+# Tables keyed by (key, run_uuid): a subquery of one of them on one key holds a run once.
+ONE_ROW_PER_RUN = ("latest_metrics", "params", "tags")
+
+
+def one_row_per_run(joined) -> bool:
+    """Whether a subquery MLflow joins to the runs (a filter's, a sort key's) can hold a run
+    at most once, so that the ids need no DISTINCT: one of those tables, on one key."""
+    select = getattr(joined, "element", None)
+    froms = select.get_final_froms() if select is not None else []
+    if len(froms) != 1 or getattr(froms[0], "name", None) not in ONE_ROW_PER_RUN:
+        return False
+    return select.whereclause is not None and f"{froms[0].name}.key = " in str(select.whereclause)
+
+
 # What the two-step search takes from MLflow (mlflow/internals.py checks them too): without
 # any of them, MLflow's own search.
 SEARCH_INTERNALS = {
@@ -228,7 +242,7 @@ def store_class():
                 cases, ordering, sorting_joins = _get_orderby_clauses(order_by, session)
                 attribute_filters, joined_filters, dataset_filters = _get_sqlalchemy_filter_clauses(
                     parsed, session, self._get_dialect())
-                if dataset_filters:
+                if dataset_filters or not all(map(one_row_per_run, [*joined_filters, *sorting_joins])):
                     return None
                 statement = select(SqlRun.run_uuid, *cases)
                 for joined in joined_filters:

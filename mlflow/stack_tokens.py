@@ -24,7 +24,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-# One home: the settings' table names them in its documentation of the token commands.
+# One home: stack/settings.py (the users tool's help reads them too).
 from stack.settings import TOKEN_DEFAULT_DAYS, TOKEN_MAX_DAYS
 
 PREFIX = "mlflow_stack_"
@@ -110,8 +110,11 @@ class Tokens:
     def _row(self, conn, token_id: str) -> Live | None:
         from sqlalchemy import text
 
-        row = conn.execute(text("SELECT username, user_id, digest, expires_at, revoked_at, last_used_at "
-                                "FROM stack_tokens WHERE id = :id"), {"id": token_id}).first()
+        # Joined with MLflow's accounts (the same database): a deleted account's tokens are
+        # unknown, not a failed login of a namesake made later.
+        row = conn.execute(text("SELECT t.username, t.user_id, t.digest, t.expires_at, t.revoked_at, t.last_used_at "
+                                "FROM stack_tokens t JOIN users u ON u.id = t.user_id AND u.username = t.username "
+                                "WHERE t.id = :id"), {"id": token_id}).first()
         if row is None:
             return None
         return Live(row[0], int(row[1]), row[2], _time(row[3]), _time(row[4]), _time(row[5]))
@@ -175,21 +178,29 @@ class Tokens:
         """Tokens (of one account, or all), newest first, revoked ones included."""
         from sqlalchemy import text
 
-        where, params = ("WHERE username = :username", {"username": username}) if username else ("", {})
+        where, params = ("WHERE t.username = :username", {"username": username}) if username else ("", {})
         with self.engine.begin() as conn:
             rows = conn.execute(text(
-                "SELECT id, username, name, created_at, created_by, expires_at, last_used_at, revoked_at "
-                f"FROM stack_tokens {where} ORDER BY created_at DESC"), params).all()
+                "SELECT t.id, t.username, t.name, t.created_at, t.created_by, t.expires_at, t.last_used_at, "
+                "t.revoked_at, u.id FROM stack_tokens t LEFT JOIN users u ON u.id = t.user_id "
+                f"AND u.username = t.username {where} ORDER BY t.created_at DESC"), params).all()
         at = now()
 
         def shown(value):
             value = _time(value)
             return value.isoformat(timespec="seconds") if value else None
 
+        def state(expires, revoked, account) -> str:
+            if account is None:
+                return "account-deleted"
+            # An expired token whose name was taken again is marked revoked when it expired.
+            if revoked is not None and _time(revoked) < _time(expires):
+                return "revoked"
+            return "expired" if _time(expires) <= at else "live"
+
         return [{"id": r[0], "username": r[1], "name": r[2], "created_at": shown(r[3]), "created_by": r[4],
                  "expires_at": shown(r[5]), "last_used_at": shown(r[6]), "revoked_at": shown(r[7]),
-                 "state": "revoked" if r[7] is not None else "expired" if _time(r[5]) <= at else "live"}
-                for r in rows]
+                 "state": state(r[5], r[7], r[8])} for r in rows]
 
     def revoke(self, token_id: str, username: str | None) -> dict:
         """Revoke a token (of `username`'s, or anyone's for None: an admin); its row."""

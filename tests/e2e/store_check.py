@@ -119,6 +119,8 @@ def compare_searches(light, rng):
                                     ("params.p1 LIKE '1%' and tags.team = 'a'", ["metrics.m1 DESC"]),
                                     ("params.p0 IS NULL", ["attributes.run_name"])):
         for view in (ViewType.ACTIVE_ONLY, ViewType.ALL):
+            # The stack's own path (not a fall-back to MLflow's, which would compare it with itself).
+            assert light._page_of_run_ids([exp], filter_string, view, 4, order_by, None) is not None
             pages = {}
             for name, search in (("stack", light._search_runs),
                                  ("mlflow", lambda *a: SqlAlchemyStore._search_runs(light, *a))):

@@ -103,9 +103,17 @@ def test_a_script_with_a_token_logs_and_reads_back_as_its_account(stack):
     # A token cannot become its account: no password change, no new tokens.
     changed = bearer(stack, ci_token, "PATCH", "/api/2.0/mlflow/users/update-password",
                      json={"username": user, "password": "x" * 20, "current_password": ci_token})
-    assert changed.status_code == 403 and "cannot change a password" in changed.json()["message"]
+    assert changed.status_code == 403 and "cannot change accounts" in changed.json()["message"]
     minted = bearer(stack, ci_token, "POST", "/api/2.0/stack/tokens/create", json={"name": "more"})
     assert minted.status_code == 403
+    # Nor can an admin's token make an account (it would outlive the token).
+    admin_token = made_token(stack.script("stack_users.sh", "token", "create", "admin-ci", "--user",
+                                          values["MLFLOW_ADMIN_USERNAME"], "--expires", "1h"))
+    assert bearer(stack, admin_token).status_code == 200
+    made = bearer(stack, admin_token, "POST", "/api/2.0/mlflow/users/create",
+                  json={"username": f"x{user}", "password": "p" * 20})
+    assert made.status_code == 403 and stack.psql(f"SELECT count(*) FROM users WHERE username = 'x{user}'",
+                                                   "_auth") == "0"
     assert stack.http("GET", "/api/2.0/mlflow/experiments/search?max_results=1",
                       auth=(user, password)).status_code == 200, "the password changed"
     # A made-up token is refused.

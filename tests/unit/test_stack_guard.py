@@ -1234,7 +1234,8 @@ def test_admins_see_and_clear_failed_logins_others_do_not(monkeypatch):
     logins.remember_hold("bo", "10.0.0.1", 60)
     app = guard.Guard(inner, auth=True, max_body=1 << 20, base_path="/mlflow", logins=logins)
     call = lambda path, who, method="GET", payload=b"": _scoped_call(  # noqa: E731
-        app, "/mlflow" + path, payload, [("authorization", _basic(*who))] if who else [], method=method)[0]
+        app, "/mlflow" + path, payload, ([("authorization", _basic(*who))] if who else [])
+        + [("content-type", "application/json")], method=method)[0]
     listed = call(guard.LOGIN_FAILURES, ("root", "pw"))
     assert listed[0]["status"] == 200 and json.loads(listed[1]["body"])["failures"][0]["subject"] == "bo"
     assert call(guard.LOGIN_FAILURES, ("ann", "pw"))[0]["status"] == 403
@@ -1242,6 +1243,10 @@ def test_admins_see_and_clear_failed_logins_others_do_not(monkeypatch):
     assert call(guard.LOGIN_FAILURES, ("root", "wrong"))[0]["status"] == 401
     assert call(guard.LOGIN_UNLOCK, ("ann", "pw"), "POST", b'{"username": "bo"}')[0]["status"] == 403 and not cleared
     assert call(guard.LOGIN_UNLOCK, ("root", "pw"), "POST", b'{"user": "bo"}')[0]["status"] == 400
+    # JSON only: a cross-site form cannot clear counts with an admin's remembered login.
+    form = _scoped_call(app, "/mlflow" + guard.LOGIN_UNLOCK, b"username=bo", [("authorization", _basic("root", "pw")),
+                        ("content-type", "application/x-www-form-urlencoded")], method="POST")[0]
+    assert form[0]["status"] == 415 and not cleared
     done = call(guard.LOGIN_UNLOCK, ("root", "pw"), "POST", b'{"username": "bo"}')
     assert done[0]["status"] == 200 and json.loads(done[1]["body"]) == {"cleared": 2} and cleared == ["bo"]
     assert ("bo", "10.0.0.1") not in logins._holds

@@ -145,7 +145,7 @@ def test_copy_text_escapes_what_copy_reads_specially_and_leaves_odd_types_to_the
 def _seeded(store, rng_seed: int) -> str:
     """An experiment of 60 runs with metrics, params and tags, some missing, start times with
     ties, a few runs deleted: the same in every store it is made in (by run name)."""
-    from mlflow.entities import Param, RunTag, ViewType  # noqa: F401
+    from mlflow.entities import Param, RunTag
 
     rng = random.Random(rng_seed)
     exp = store.create_experiment("search")
@@ -203,10 +203,27 @@ def test_searches_return_what_mlflows_own_returns_page_by_page(searchable, filte
     def mlflows_own(*args):
         return SqlAlchemyStore._search_runs(light, *args)
 
-    for view in (ViewType.ACTIVE_ONLY, ViewType.ALL):
+    for view in (ViewType.ACTIVE_ONLY, ViewType.ALL, ViewType.DELETED_ONLY):
+        # The stack's own path, not a fall-back to MLflow's (which would compare MLflow with itself).
+        assert light._page_of_run_ids([exp], filter_string, view, max_results, order_by, None) is not None
         expected = _pages(mlflows_own, exp, filter_string, order_by, max_results, view)
         assert _pages(light._search_runs, exp, filter_string, order_by, max_results, view) == expected
-        assert expected[0], "the search found nothing: not a comparison"
+        assert expected[0] or view == ViewType.DELETED_ONLY, "the search found nothing: not a comparison"
+
+
+def test_a_join_that_could_repeat_a_run_is_mlflows_own_search(searchable):
+    """The ids go without DISTINCT only where every joined subquery holds a run at most once:
+    latest_metrics, params or tags on one key (their primary key is (key, run_uuid))."""
+    from mlflow.entities import ViewType
+    from mlflow.store.tracking.dbmodels.models import SqlMetric, SqlParam, SqlTag
+    from sqlalchemy import select
+
+    light, exp = searchable
+    assert ss.one_row_per_run(select(SqlParam).where(SqlParam.key == "p0").subquery())
+    assert ss.one_row_per_run(select(SqlTag).where(SqlTag.key == "team", SqlTag.value == "a").subquery())
+    assert not ss.one_row_per_run(select(SqlTag).where(SqlTag.value == "a").subquery())  # any key
+    assert not ss.one_row_per_run(select(SqlMetric).where(SqlMetric.key == "m0").subquery())  # every point
+    assert light._page_of_run_ids([exp], "metrics.m0 > 0.3", ViewType.ALL, 10, ["params.p0"], None) is not None
 
 
 def test_a_dataset_filter_or_no_page_size_is_mlflows_own_search(searchable):

@@ -27,6 +27,9 @@ def tokens():
     # One connection: the guard reads it from worker threads.
     engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
     with engine.begin() as conn:
+        # MLflow's accounts (its users table, in the same database), as the tokens' owners.
+        conn.execute(text("CREATE TABLE users (id integer PRIMARY KEY, username varchar(255) UNIQUE)"))
+        conn.execute(text("INSERT INTO users VALUES (1, 'admin'), (7, 'ann'), (9, 'bob')"))
         for statement in stack_tokens.SCHEMA:
             conn.execute(text(statement))
     return stack_tokens.Tokens(engine)
@@ -52,8 +55,14 @@ def test_only_the_exact_token_of_that_account_passes(tokens):
     assert not tokens.verify("ann", 7, wrong_secret)
     assert tokens.owner(wrong_secret) == "ann"  # the secret is checked with the login, and counted there
     assert not tokens.verify("bob", 7, made)
-    # An account deleted and made again under the same name gets a new id: not its tokens.
+    # An account deleted and made again under the same name gets a new id: not its tokens,
+    # which are unknown then (not a failed login of the new account).
     assert not tokens.verify("ann", 8, made)
+    with tokens.engine.begin() as conn:
+        conn.execute(text("DELETE FROM users WHERE id = 7"))
+        conn.execute(text("INSERT INTO users VALUES (8, 'ann')"))
+    assert tokens.owner(made) is None and not tokens.verify("ann", 8, made) and not tokens.verify("ann", 7, made)
+    assert tokens.list("ann")[0]["state"] == "account-deleted"
     assert not tokens.verify("ann", 7, made[:-1])
     assert tokens.owner(f"{stack_tokens.PREFIX}{'0' * 16}_{'A' * 43}") is None
 
@@ -70,8 +79,9 @@ def test_revoked_and_expired_tokens_stop_working(tokens, monkeypatch):
     assert tokens.verify("ann", 7, live["token"])
     states = {row["name"]: row["state"] for row in tokens.list("ann")}
     assert states == {"a": "live", "b": "revoked", "c": "expired"}
-    # An expired token's name is free again; a live one's is not, nor another account's token for ann.
+    # An expired token's name is free again (the old one still listed as expired); a live one's is not.
     tokens.create("ann", 7, "c", "1d", "ann")
+    assert sorted(row["state"] for row in tokens.list("ann") if row["name"] == "c") == ["expired", "live"]
     with pytest.raises(stack_tokens.TokenError, match="already has a token named 'a'"):
         tokens.create("ann", 7, "a", "1d", "ann")
     with pytest.raises(stack_tokens.TokenError, match="no token"):
@@ -176,13 +186,38 @@ def test_a_bearer_token_becomes_its_accounts_login(tokens):
     sent = _call(app, "/api/2.0/mlflow/experiments/search", b"{}",
                  [("authorization", f"Bearer {stack_tokens.PREFIX}{'1' * 16}_{'A' * 43}")])
     assert sent[0]["status"] == 401 and len(seen) == 1
-    sent = _call(app, "/api/2.0/mlflow/experiments/search", b"{}", [("authorization", "Bearer not-a-token")])
-    assert sent[0]["status"] == 401 and len(seen) == 1
+    # Another bearer credential is MLflow's to answer (it refuses it), untouched.
+    sent = _call(app, "/api/2.0/mlflow/experiments/search", b"{}",
+                 [("authorization", "Bearer not-a-token"), ("content-type", "application/json")])
+    assert sent[0]["status"] == 200 and seen[-1] == "Bearer not-a-token"
+
+
+def test_on_the_gateways_routes_the_providers_key_is_left_alone(tokens):
+    """There Authorization is the provider's key (MLflow sends it on): a token goes in
+    X-MLflow-Authorization, MLflow's login header there, and only that one is rewritten."""
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append(dict(scope["headers"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    logins = _Logins({("ann", "pw-of-ann")})
+    app = guard.Guard(inner, auth=True, max_body=1 << 20, logins=logins, tokens=_Owners(tokens, ttl=30))
+    made = tokens.create("ann", 7, "agent", "1d", "ann")["token"]
+    logins.good.add(("ann", made))
+    provider = f"Bearer {stack_tokens.PREFIX}{'2' * 16}_{'B' * 43}"  # even one shaped like a token
+    sent = _call(app, "/gateway/openai/v1/chat/completions", b"{}",
+                 [("authorization", provider), ("x-mlflow-authorization", f"Bearer {made}"),
+                  ("content-type", "application/json")])
+    assert sent[0]["status"] == 200
+    assert seen[-1][b"authorization"].decode() == provider
+    assert seen[-1][b"x-mlflow-authorization"].decode() == _basic("ann", made)
 
 
 def test_tokens_are_made_listed_and_revoked_with_the_password_only(tokens):
     app = _app(tokens, [])
-    ann = [("authorization", _basic("ann", "pw-of-ann"))]
+    ann = [("authorization", _basic("ann", "pw-of-ann")), ("content-type", "application/json")]
 
     def answer(sent):
         return sent[0]["status"], json.loads(sent[1]["body"])
@@ -192,16 +227,22 @@ def test_tokens_are_made_listed_and_revoked_with_the_password_only(tokens):
     # Not for another account (only an admin may), and not with a token.
     status, body = answer(_call(app, guard.TOKENS_CREATE, b'{"name": "x", "username": "admin"}', ann))
     assert status == 403 and "admin" in body["message"]
-    with_token = [("authorization", _basic("ann", made["token"]))]
+    with_token = [("authorization", _basic("ann", made["token"])), ("content-type", "application/json")]
     app.logins.good.add(("ann", made["token"]))
     for path, payload in ((guard.TOKENS_CREATE, b'{"name": "y"}'), (guard.TOKENS_REVOKE, b"{}")):
         status, body = answer(_call(app, path, payload, with_token))
         assert status == 403 and "password" in body["message"]
-    status, body = answer(_call(app, "/api/2.0/mlflow/users/update-password", b'{"username": "ann"}', with_token))
-    assert status == 403 and "cannot change a password" in body["message"]
+    for action in ("update-password", "create", "update-admin", "delete"):
+        for prefix in ("/api", "/ajax-api"):
+            status, body = answer(_call(app, f"{prefix}/2.0/mlflow/users/{action}", b'{"username": "ann"}',
+                                        with_token))
+            assert status == 403 and "cannot change accounts" in body["message"], (prefix, action)
+    # Not from a cross-site form either: JSON only (a browser asks before sending that).
+    status, body = answer(_call(app, guard.TOKENS_CREATE, b'{"name": "x"}', [ann[0], ("content-type", "text/plain")]))
+    assert status == 415
     status, body = answer(_call(app, guard.TOKENS, method="GET", headers=ann))
     assert status == 200 and [t["name"] for t in body["tokens"]] == ["laptop"]
-    admin = [("authorization", _basic("admin", "pw-of-admin"))]
+    admin = [("authorization", _basic("admin", "pw-of-admin")), ("content-type", "application/json")]
     status, made_for_ann = answer(_call(app, guard.TOKENS_CREATE, b'{"name": "svc", "username": "ann"}', admin))
     assert status == 200 and made_for_ann["username"] == "ann"
     status, body = answer(_call(app, guard.TOKENS_REVOKE, json.dumps({"id": made["id"]}).encode(), ann))
@@ -209,3 +250,10 @@ def test_tokens_are_made_listed_and_revoked_with_the_password_only(tokens):
     status, body = answer(_call(app, guard.TOKENS_CREATE, b'{"name": "bad name"}', ann))
     assert status == 400 and "token name" in body["message"]
     assert _call(app, guard.TOKENS, method="GET")[0]["status"] == 401
+
+
+def test_nginx_keys_a_tokens_requests_by_its_id():
+    """nginx's rate-limit key finds a token's id by the token's shape: the same prefix."""
+    template = (ROOT / "nginx" / "templates" / "mlflow.conf.template").read_text()
+    assert f"^Bearer\\s+{stack_tokens.PREFIX}(?<id>[0-9a-f]{{16}})_" in template
+    assert stack_tokens.parse(f"{stack_tokens.PREFIX}{'a' * 16}_{'A' * 43}") == "a" * 16

@@ -324,23 +324,9 @@ class Guard:
             if scope["method"] in ("GET", "PUT") and path.startswith(STREAMED_ARTIFACTS):
                 scope = unprefixed(scope, path, self.base_path)
         if self.tokens is not None:
-            # MLFLOW_TRACKING_TOKEN: a token becomes the password of its account, where
-            # MLflow's own login check (and the throttle) read it. Only a token's shape: on
-            # the gateway's routes Authorization is the provider's key, sent on to it, so
-            # there a token goes in X-MLflow-Authorization (MLflow's login header there).
-            for name in (GATEWAY_LOGIN,) + (() if path.startswith("/gateway/") else ("authorization",)):
-                token = bearer_token(headers.get(name, ""))
-                if token is None:
-                    continue
-                try:
-                    owner = await self.tokens.owner(token)
-                except Exception as exc:  # noqa: BLE001 - the users' database: said, not a 500
-                    print(f"stack guard: tokens cannot be checked ({type(exc).__name__}: {str(exc)[:300]})",
-                          file=sys.stderr, flush=True)
-                    return await _status(send, 503, b"Tokens cannot be checked now; try again shortly.\n")
-                if owner is None:
-                    return await _status(send, 401, b"Unknown, expired or revoked token.\n")
-                scope = with_basic_login(scope, owner, token, name)
+            scope, refused = await self.token_logins(scope, headers, path)
+            if refused is not None:
+                return await _status(send, *refused)
             headers = joined_headers(scope)
         if path == ADMIN_CHECK:
             return await self.admin_check(scope, headers, send)
@@ -467,6 +453,10 @@ class Guard:
             rows = await asyncio.to_thread(self.logins.throttle.recent)
             return await _json(send, {"failures": rows})
         if path == LOGIN_UNLOCK and scope["method"] == "POST":
+            if by_token(headers.get("authorization", "")):
+                # The throttle guards the passwords, which a token cannot become.
+                return await _error(send, Invalid("failed logins are cleared with the password, not with a token",
+                                                  403, "PERMISSION_DENIED"))
             if not headers.get("content-type", "").lower().startswith("application/json"):
                 # A browser sends that cross-site only after asking (CORS), unlike a form.
                 return await _error(send, Invalid('send {"username": NAME} (Content-Type: application/json)', 415,
@@ -480,6 +470,43 @@ class Guard:
             self.logins.forget_holds(account)
             return await _json(send, {"cleared": cleared})
         return await _error(send, Invalid("GET the failures, or POST to .../clear", 405, "BAD_REQUEST"))
+
+    async def token_logins(self, scope, headers, path: str):
+        """(the request with its access tokens as Basic logins, None), or (None, (status,
+        body)) to answer. MLFLOW_TRACKING_TOKEN: a token becomes the password of its account,
+        where MLflow's own login check (and the throttle) read it. Only token-shaped values
+        are touched. On the gateway's routes Authorization is the provider's key, which MLflow
+        sends on, and its login header is X-MLflow-Authorization: a token found in
+        Authorization there (an OpenAI-style client's API key) moves to it, which MLflow
+        strips before it calls the provider. A token of a deleted account, or sent as
+        another account's password, is refused uncounted (it is no one's wrong password)."""
+        gateway = path.startswith("/gateway/")
+        names = ([GATEWAY_LOGIN] if gateway or path == LOGIN_CHECK else []) + ["authorization"]
+        for name in names:
+            value = headers.get(name, "")
+            token, claimed = bearer_token(value), None
+            if token is None:
+                credentials = basic_credentials(value)
+                if credentials is None or not by_token(value):
+                    continue
+                claimed, token = credentials
+            if gateway and name == "authorization" and claimed is None and headers.get(GATEWAY_LOGIN, "").strip():
+                continue  # the provider's key; the login is in X-MLflow-Authorization
+            try:
+                owner = await self.tokens.owner(token)
+            except Exception as exc:  # noqa: BLE001 - the users' database: said, not a 500
+                print(f"stack guard: tokens cannot be checked ({type(exc).__name__}: {str(exc)[:300]})",
+                      file=sys.stderr, flush=True)
+                return None, (503, b"Tokens cannot be checked now; try again shortly.\n")
+            if owner is None or claimed not in (None, owner):
+                return None, (401, b"Unknown, expired or revoked token.\n")
+            if claimed is not None:
+                continue  # a Basic login already: MLflow checks it
+            if gateway and name == "authorization":
+                scope = with_basic_login(without_header(scope, "authorization"), owner, token, GATEWAY_LOGIN)
+            else:
+                scope = with_basic_login(scope, owner, token, name)
+        return scope, None
 
     async def token_call(self, scope, headers, receive, send, path: str) -> None:
         """Access tokens: GET lists the caller's (an admin's: everyone's, or ?username=),
@@ -650,11 +677,15 @@ def login_header(path: str, headers: dict[str, str]) -> str:
     return headers.get("authorization", "")
 
 
+def without_header(scope: dict, header: str) -> dict:
+    return {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != header.encode()]}
+
+
 def with_basic_login(scope: dict, username: str, password: str, header: str = "authorization") -> dict:
     """The request with one login header replaced by a Basic login."""
     encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != header.encode()]
-    return {**scope, "headers": headers + [(header.encode(), f"Basic {encoded}".encode())]}
+    return {**scope, "headers": without_header(scope, header)["headers"]
+            + [(header.encode(), f"Basic {encoded}".encode())]}
 
 
 def bearer_token(header: str) -> str | None:

@@ -143,11 +143,20 @@ ONE_ROW_PER_RUN = ("latest_metrics", "params", "tags")
 def one_row_per_run(joined) -> bool:
     """Whether a subquery MLflow joins to the runs (a filter's, a sort key's) can hold a run
     at most once, so that the ids need no DISTINCT: one of those tables, on one key."""
+    from sqlalchemy.sql import operators
+    from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList
+
     select = getattr(joined, "element", None)
     froms = select.get_final_froms() if select is not None else []
     if len(froms) != 1 or getattr(froms[0], "name", None) not in ONE_ROW_PER_RUN:
         return False
-    return select.whereclause is not None and f"{froms[0].name}.key = " in str(select.whereclause)
+    where = select.whereclause
+    terms = list(where.clauses) if isinstance(where, BooleanClauseList) and where.operator is operators.and_ \
+        else [where]
+    # One of the terms ANDed together: key = a value.
+    return any(isinstance(t, BinaryExpression) and t.operator is operators.eq
+               and getattr(t.left, "name", None) == "key" and getattr(t.left, "table", None) is froms[0]
+               for t in terms)
 
 
 # What the two-step search takes from MLflow (mlflow/internals.py checks them too): without

@@ -166,7 +166,7 @@ def token_command(api: Api, values: dict[str, str], args) -> None:
         if not rows:
             print("users: no tokens")
         for row in rows:
-            print(f"{row['id']}  {row['username']:16} {row['name']:20} {row['state']:8} expires {row['expires_at']}"
+            print(f"{row['id']}  {row['username']:16} {row['name']:20} {row['state']:15} expires {row['expires_at']}"
                   f"  last used {row['last_used_at'] or 'never'}  made by {row['created_by']} {row['created_at']}")
     else:
         revoked = api.call("POST", "2.0/stack/tokens/revoke", {"id": args.id})

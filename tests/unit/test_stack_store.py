@@ -222,6 +222,7 @@ def test_a_join_that_could_repeat_a_run_is_mlflows_own_search(searchable):
     assert ss.one_row_per_run(select(SqlParam).where(SqlParam.key == "p0").subquery())
     assert ss.one_row_per_run(select(SqlTag).where(SqlTag.key == "team", SqlTag.value == "a").subquery())
     assert not ss.one_row_per_run(select(SqlTag).where(SqlTag.value == "a").subquery())  # any key
+    assert not ss.one_row_per_run(select(SqlTag).where((SqlTag.key == "a") | (SqlTag.key == "b")).subquery())
     assert not ss.one_row_per_run(select(SqlMetric).where(SqlMetric.key == "m0").subquery())  # every point
     assert light._page_of_run_ids([exp], "metrics.m0 > 0.3", ViewType.ALL, 10, ["params.p0"], None) is not None
 

@@ -213,6 +213,39 @@ def test_on_the_gateways_routes_the_providers_key_is_left_alone(tokens):
     assert sent[0]["status"] == 200
     assert seen[-1][b"authorization"].decode() == provider
     assert seen[-1][b"x-mlflow-authorization"].decode() == _basic("ann", made)
+    # An OpenAI-style client with the token as its API key (in Authorization, no login header),
+    # under a base path too: the token moves to MLflow's login header, which MLflow strips
+    # before it calls the provider.
+    for app_, prefix in ((app, ""), (guard.Guard(inner, auth=True, max_body=1 << 20, base_path="/mlflow",
+                                                 logins=logins, tokens=_Owners(tokens, ttl=30)), "/mlflow")):
+        sent = _call(app_, f"{prefix}/gateway/mlflow/v1/chat/completions", b"{}",
+                     [("authorization", f"Bearer {made}"), ("content-type", "application/json")])
+        assert sent[0]["status"] == 200
+        assert b"authorization" not in seen[-1] and seen[-1][b"x-mlflow-authorization"].decode() == _basic("ann", made)
+
+
+def test_a_token_as_another_or_a_deleted_accounts_password_is_refused_uncounted(tokens):
+    """Not a wrong password of that account (the throttle would count it against a namesake)."""
+    seen = []
+    app = _app(tokens, seen)
+    made = tokens.create("ann", 7, "ci", "1d", "ann")["token"]
+    asked = []
+    real = app.logins.verify
+
+    async def counting(scope, headers, header):
+        asked.append(header)
+        return await real(scope, headers, header)
+
+    app.logins.verify = counting
+    sent = _call(app, "/api/2.0/mlflow/experiments/search", b"{}",
+                 [("authorization", _basic("bob", made)), ("content-type", "application/json")])
+    assert sent[0]["status"] == 401 and not asked and not seen
+    with tokens.engine.begin() as conn:
+        conn.execute(text("DELETE FROM users WHERE id = 7"))
+    app.tokens.forget(stack_tokens.parse(made))
+    sent = _call(app, "/api/2.0/mlflow/experiments/search", b"{}",
+                 [("authorization", _basic("ann", made)), ("content-type", "application/json")])
+    assert sent[0]["status"] == 401 and not asked and not seen
 
 
 def test_tokens_are_made_listed_and_revoked_with_the_password_only(tokens):
@@ -237,6 +270,11 @@ def test_tokens_are_made_listed_and_revoked_with_the_password_only(tokens):
             status, body = answer(_call(app, f"{prefix}/2.0/mlflow/users/{action}", b'{"username": "ann"}',
                                         with_token))
             assert status == 403 and "cannot change accounts" in body["message"], (prefix, action)
+    admin_token = tokens.create("admin", 1, "ci", "1d", "admin")["token"]
+    app.logins.good.add(("admin", admin_token))
+    status, body = answer(_call(app, guard.LOGIN_UNLOCK, b'{"username": "ann"}',
+                                [("authorization", _basic("admin", admin_token)), ("content-type", "application/json")]))
+    assert status == 403 and "with the password" in body["message"]
     # Not from a cross-site form either: JSON only (a browser asks before sending that).
     status, body = answer(_call(app, guard.TOKENS_CREATE, b'{"name": "x"}', [ann[0], ("content-type", "text/plain")]))
     assert status == 415

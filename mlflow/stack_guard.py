@@ -874,6 +874,7 @@ class Logins:
         none (MLflow answers). Should the throttle's database fail, the login is checked
         unthrottled (and said so), never refused for it."""
         import stack_logins
+        import stack_tokens
         from mlflow.server import auth
 
         credentials = basic_credentials(header)
@@ -883,6 +884,12 @@ class Logins:
         user = self.cached(username, password)
         if user is not None:
             return stack_logins.Verdict(True, user=user)
+        if stack_tokens.parse(password) is not None:
+            # An access token is checked as a token only, never as a password, and costs a
+            # query, not a hash: a refused one (revoked, expired: a CI job not yet told) is not
+            # a guess at the account's password, and is not counted against it or its address.
+            user = await asyncio.to_thread(auth._authenticate_cached, username, password)
+            return stack_logins.Verdict(user is not None, user=user)
         address = client_address(scope, headers)
         now = time.monotonic()
         until = self._holds.get((username, address), 0)

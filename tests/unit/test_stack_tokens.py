@@ -295,3 +295,42 @@ def test_nginx_keys_a_tokens_requests_by_its_id():
     template = (ROOT / "nginx" / "templates" / "mlflow.conf.template").read_text()
     assert f"^Bearer\\s+{stack_tokens.PREFIX}(?<id>[0-9a-f]{{16}})_" in template
     assert stack_tokens.parse(f"{stack_tokens.PREFIX}{'a' * 16}_{'A' * 43}") == "a" * 16
+
+
+def test_a_refused_token_is_not_counted_as_a_failed_login():
+    """A CI job still sending a revoked token must not get its account held: a token-shaped
+    password is checked as a token only (no throttle), a password as a password (throttled)."""
+    import types
+
+    import stack_logins
+
+    class Throttle:
+        def __init__(self):
+            self.checked = []
+
+        def check(self, username, address, authenticate):
+            self.checked.append(username)
+            return stack_logins.Verdict(authenticate() is not None, failures=1)
+
+    throttle = Throttle()
+    logins = guard.Logins(throttle)
+    fake_auth = types.SimpleNamespace(_USER_AUTH_CACHE=None, _authenticate_cached=lambda u, p: None)
+    import mlflow.server
+
+    real = getattr(mlflow.server, "auth", None)
+    sys.modules["mlflow.server.auth"], saved = fake_auth, sys.modules.get("mlflow.server.auth")
+    mlflow.server.auth = fake_auth
+    try:
+        scope = {"client": ("10.0.0.2", 4000)}
+        token = f"{stack_tokens.PREFIX}{'3' * 16}_{'C' * 43}"
+        verdict = asyncio.run(logins.verify(scope, {}, _basic("ann", token)))
+        assert not verdict.ok and throttle.checked == []
+        verdict = asyncio.run(logins.verify(scope, {}, _basic("ann", "a-wrong-password")))
+        assert not verdict.ok and throttle.checked == ["ann"]
+    finally:
+        if saved is not None:
+            sys.modules["mlflow.server.auth"] = saved
+        else:
+            sys.modules.pop("mlflow.server.auth", None)
+        if real is not None:
+            mlflow.server.auth = real

@@ -457,8 +457,7 @@ class Guard:
                 # The throttle guards the passwords, which a token cannot become.
                 return await _error(send, Invalid("failed logins are cleared with the password, not with a token",
                                                   403, "PERMISSION_DENIED"))
-            if not headers.get("content-type", "").lower().startswith("application/json"):
-                # A browser sends that cross-site only after asking (CORS), unlike a form.
+            if not json_body(headers):
                 return await _error(send, Invalid('send {"username": NAME} (Content-Type: application/json)', 415,
                                                   "BAD_REQUEST"))
             try:
@@ -535,8 +534,7 @@ class Guard:
             if scope["method"] != "POST" or path == TOKENS:
                 return await _error(send, Invalid("GET the tokens, or POST to .../create or .../revoke", 405,
                                                   "BAD_REQUEST"))
-            if not headers.get("content-type", "").lower().startswith("application/json"):
-                # A browser sends that cross-site only after asking (CORS), unlike a form.
+            if not json_body(headers):
                 return await _error(send, Invalid("send a JSON object (Content-Type: application/json)", 415,
                                                   "BAD_REQUEST"))
             try:
@@ -704,6 +702,12 @@ def by_token(header: str) -> bool:
 
     credentials = basic_credentials(header)
     return credentials is not None and stack_tokens.parse(credentials[1]) is not None
+
+
+def json_body(headers: dict[str, str]) -> bool:
+    """Whether a request says its body is JSON: a browser sends that cross-site only after
+    asking (CORS), unlike a form, so the stack's own POST endpoints take nothing else."""
+    return headers.get("content-type", "").lower().startswith("application/json")
 
 
 async def small_json(receive, limit: int = 65536):
